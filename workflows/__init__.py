@@ -1,0 +1,1 @@
+"""raydistill workflows: thin Ray drivers, one module per CLI verb (*when and where*)."""

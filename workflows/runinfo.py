@@ -1,0 +1,58 @@
+"""Stage records in the run directory: how ``pipeline`` knows a stage is done for the same inputs.
+
+``<run_dir>/stages/<stage>.json`` holds the stage's content key and its outputs. A stage is skipped when
+its record exists with the same key and every output path it lists still exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from tasks.config import PipelineConfig
+
+
+def _record_path(cfg: PipelineConfig, stage: str) -> Path:
+    return Path(cfg.run_dir) / "stages" / f"{stage}.json"
+
+
+def read_stage(cfg: PipelineConfig, stage: str) -> dict | None:
+    """The record a finished stage left, or None."""
+    p = _record_path(cfg, stage)
+    if not p.exists():
+        return None
+    return json.loads(p.read_text())
+
+
+def stage_done(cfg: PipelineConfig, stage: str, key: str) -> dict | None:
+    """The record if ``stage`` finished with content key ``key`` and its outputs still exist."""
+    rec = read_stage(cfg, stage)
+    if not rec or rec.get("key") != key:
+        return None
+    for path in rec.get("paths", []):
+        if "://" not in path and not Path(path).exists():
+            return None
+    return rec
+
+
+def record_stage(cfg: PipelineConfig, stage: str, key: str, outputs: dict, paths: list[str] = ()) -> dict:
+    """Atomically write a stage record."""
+    p = _record_path(cfg, stage)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    rec = {"stage": stage, "key": key, "finished_at": time.time(), "paths": [str(x) for x in paths],
+           "outputs": outputs}
+    tmp = p.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(rec, indent=2, default=str))
+    os.replace(tmp, p)
+    return rec
+
+
+def require_stage(cfg: PipelineConfig, stage: str, needed_by: str) -> dict:
+    """The record of an upstream stage, or a clear error telling the user what to run first."""
+    rec = read_stage(cfg, stage)
+    if rec is None:
+        raise SystemExit(f"raydistill {needed_by}: no finished '{stage}' stage in {cfg.run_dir}; "
+                         f"run `raydistill {stage}` (or `raydistill pipeline`) with the same config first")
+    return rec
