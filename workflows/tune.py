@@ -1,0 +1,143 @@
+"""Search alpha, T, lr and the KD loss over one teacher cache with Ray Tune (ASHA).
+
+    raydistill tune --config smollm2-shakespeare tune.num_samples=8 tune.steps=40
+
+Train V2 pattern: every trial runs ``tune_trial`` (a driver function, no CPUs of its own) which builds a
+``TorchTrainer`` through ``workflows.train.train_driver``; ``TuneReportCallback`` forwards the workers'
+held-out evaluations to Tune so ASHA can stop weak trials early. Every trial reads the same cache and is an
+MLflow child run of one parent run. The best trial's hyperparameters go to ``<run_dir>/tune/best.json``;
+``pipeline`` trains the final student with them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+
+from cluster.ray_init import init_ray
+from tasks.config import PipelineConfig, from_dict, section_key, to_dict
+from workflows import runinfo, tracking
+
+METRIC, MODE = "heldout_loss", "min"
+TUNED_FIELDS = ("alpha", "temperature", "lr", "loss")
+
+
+def stage_key(cfg: PipelineConfig) -> str:
+    return section_key(cfg, "teacher", "corpus", "cache", "student", "train", "tune")
+
+
+def param_space(cfg: PipelineConfig) -> dict:
+    t = cfg.tune
+    return {
+        "alpha": tune.choice(t.alpha),
+        "temperature": tune.choice(t.temperature),
+        "lr": tune.loguniform(*t.lr) if t.lr[0] < t.lr[1] else t.lr[0],
+        "loss": tune.choice(t.loss),
+    }
+
+
+def apply_params(cfg: PipelineConfig, params: dict) -> PipelineConfig:
+    """A copy of ``cfg`` with the tuned fields of ``params`` set on ``cfg.train`` (validated again)."""
+    data = to_dict(cfg)
+    data["train"].update({k: params[k] for k in TUNED_FIELDS if k in params})
+    return from_dict(data)
+
+
+def tune_trial(config: dict) -> None:
+    """One trial: a driver function that launches a distributed training run (Train V2 + Tune)."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from workflows import train
+
+    base = from_dict(config["base"])
+    cfg = apply_params(base, config)
+    trial_id = tune.get_context().get_trial_id()
+    tracking.setup(cfg)
+    with tracking.start_run(cfg, run_name=f"trial-{trial_id}", parent_run_id=config["parent_run_id"],
+                            tags={"raydistill.stage": "tune", "raydistill.trial_id": trial_id}) as run:
+        tracking.mlflow.log_params({k: config[k] for k in TUNED_FIELDS})
+        result = train.train_driver(
+            cfg,
+            run_name=f"trial-{trial_id}",
+            storage_path=str(Path(cfg.run_dir, "tune", "ray").resolve()),
+            callbacks=[TuneReportCallback()],
+            steps=cfg.tune.steps,
+            output_dir=str(Path(cfg.run_dir, "tune", "trials", trial_id)),
+            mlflow_run_id=run.info.run_id,
+        )
+        final = {k: v for k, v in (result.get("metrics") or {}).items() if isinstance(v, (int, float))}
+        if final:
+            tracking.mlflow.log_metrics({f"final_{k}": float(v) for k, v in final.items()})
+
+
+def run(cfg: PipelineConfig, args=None) -> dict:
+    key = stage_key(cfg)
+    done = runinfo.stage_done(cfg, "tune", key)
+    if done:
+        print(f"[tune] already done for these inputs: best {done['outputs']['params']}")
+        return done["outputs"]
+    runinfo.require_stage(cfg, "cache", "tune")
+    init_ray(cfg.cluster)
+    from workflows import train
+
+    train.prepare_student(cfg)  # the init student is built once; every trial loads it
+
+    out_dir = Path(cfg.run_dir, "tune")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    evals_per_trial = max(1, cfg.tune.steps // cfg.train.eval_every)
+    cpus_per_trial = cfg.train.num_workers * cfg.train.cpus_per_worker
+    concurrent = max(1, int(ray.cluster_resources().get("CPU", 1)) // cpus_per_trial)
+
+    tracking.setup(cfg)
+    with tracking.start_run(cfg, run_name="tune", tags={"raydistill.stage": "tune",
+                                                        "raydistill.stage_key": key}) as parent:
+        tracking.mlflow.log_params(tracking.flat_params(to_dict(cfg.tune), "tune."))
+        space = {**param_space(cfg), "base": to_dict(cfg), "parent_run_id": parent.info.run_id}
+        tuner = tune.Tuner(
+            tune.with_resources(tune_trial, {"CPU": 0, "memory": 1e6}),
+            param_space=space,
+            tune_config=tune.TuneConfig(
+                metric=METRIC, mode=MODE, num_samples=cfg.tune.num_samples,
+                max_concurrent_trials=concurrent,
+                scheduler=ASHAScheduler(max_t=evals_per_trial, grace_period=min(cfg.tune.grace_period,
+                                                                                  evals_per_trial)),
+                search_alg=None,
+            ),
+            run_config=tune.RunConfig(name="search", storage_path=str(out_dir.resolve() / "ray"), verbose=1),
+        )
+        _seed_search(cfg.tune.seed)
+        grid = tuner.fit()
+        if grid.errors and len(grid.errors) == len(grid):
+            raise RuntimeError(f"every tune trial failed; first error: {grid.errors[0]}")
+        best = grid.get_best_result(metric=METRIC, mode=MODE)
+        params = {k: best.config[k] for k in TUNED_FIELDS}
+        metrics = {k: v for k, v in (best.metrics or {}).items()
+                   if k in (METRIC, "top1_agreement", "ce", "kd", "step") and isinstance(v, (int, float))}
+        trials = [{"params": {k: r.config[k] for k in TUNED_FIELDS},
+                   METRIC: (r.metrics or {}).get(METRIC), "error": str(r.error) if r.error else None}
+                  for r in grid]
+        tracking.mlflow.log_params({f"best.{k}": v for k, v in params.items()})
+        tracking.mlflow.log_metrics({f"best_{k}": float(v) for k, v in metrics.items()})
+        parent_id = parent.info.run_id
+
+    outputs = {"params": params, "metrics": metrics, "trials": trials, "mlflow_parent_run_id": parent_id}
+    (out_dir / "best.json").write_text(json.dumps(outputs, indent=2, default=str))
+    print(f"[tune] {len(trials)} trials; best {params} → {METRIC}={metrics.get(METRIC)}")
+    runinfo.record_stage(cfg, "tune", key, outputs, paths=[out_dir / "best.json"])
+    return outputs
+
+
+def _seed_search(seed: int) -> None:
+    """Random search draws from Python's and numpy's RNG on the driver: seed both for repeatable trials."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    os.environ.setdefault("PYTHONHASHSEED", str(seed))
