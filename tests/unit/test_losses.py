@@ -1,0 +1,228 @@
+"""KD losses against F.kl_div, hand-computed values and each other (dense vs sparse, chunked vs not)."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tasks.losses import LOSSES, distillation_loss, divergence, sparse_buckets
+
+
+def dense(logprobs):
+    return SimpleNamespace(logprobs=logprobs)
+
+
+def sparse(ids, probs, tail):
+    return SimpleNamespace(ids=ids, probs=probs, tail=tail)
+
+
+def _logps(n=6, v=11, seed=0, scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    return (F.log_softmax(torch.randn(n, v, generator=g) * scale, -1),
+            F.log_softmax(torch.randn(n, v, generator=g) * scale, -1))
+
+
+def _full_as_sparse(log_p, pad_slots=0, seed=0):
+    """Every vocabulary id stored (K = V, shuffled), plus ``pad_slots`` zero-probability slots repeating id 0."""
+    n, v = log_p.shape
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(v, generator=g) for _ in range(n)])
+    probs = log_p.exp().gather(-1, ids)
+    if pad_slots:
+        ids = torch.cat([ids, torch.zeros(n, pad_slots, dtype=torch.long)], -1)
+        probs = torch.cat([probs, torch.zeros(n, pad_slots)], -1)
+    return ids, probs, torch.zeros(n)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_identical_distributions_give_zero(loss):
+    log_p, _ = _logps()
+    assert torch.allclose(divergence(log_p, log_p, loss), torch.zeros(len(log_p)), atol=1e-6)
+    logits = log_p + 3.0  # logits differ from log-probs by a constant per row: same distribution
+    lp_s, lq_s = sparse_buckets(logits, *_full_as_sparse(log_p, pad_slots=2))
+    assert torch.allclose(divergence(lp_s, lq_s, loss), torch.zeros(len(log_p)), atol=1e-5)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_different_distributions_give_positive(loss):
+    log_p, log_q = _logps()
+    assert (divergence(log_p, log_q, loss) > 1e-3).all()
+
+
+def test_forward_and_reverse_kl_match_f_kl_div():
+    log_p, log_q = _logps()
+    fwd = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
+    rev = F.kl_div(log_p, log_q, reduction="none", log_target=True).sum(-1)
+    assert torch.allclose(divergence(log_p, log_q, "forward_kl"), fwd, atol=1e-6)
+    assert torch.allclose(divergence(log_p, log_q, "reverse_kl"), rev, atol=1e-6)
+    assert not torch.allclose(fwd, rev, atol=1e-3)  # the two directions really differ on these inputs
+
+
+def test_jsd_beta_limits_and_symmetry():
+    log_p, log_q = _logps()
+    fwd, rev = divergence(log_p, log_q, "forward_kl"), divergence(log_p, log_q, "reverse_kl")
+    assert torch.allclose(divergence(log_p, log_q, "jsd", beta=0.0), fwd)
+    assert torch.allclose(divergence(log_p, log_q, "jsd", beta=1.0), rev)
+    eps = 1e-4  # the mixture formula vanishes at the ends; its slopes there are the two KLs
+    assert torch.allclose(divergence(log_p, log_q, "jsd", beta=eps) / eps, fwd, rtol=2e-2)
+    assert torch.allclose(divergence(log_p, log_q, "jsd", beta=1 - eps) / eps, rev, rtol=2e-2)
+    half = divergence(log_p, log_q, "jsd", beta=0.5)
+    assert torch.allclose(half, divergence(log_q, log_p, "jsd", beta=0.5), atol=1e-6)
+    assert (half <= math.log(2) + 1e-6).all()
+
+
+def test_hand_computed_values():
+    p, q = torch.tensor([[0.5, 0.5]]), torch.tensor([[0.9, 0.1]])
+    lp, lq = p.log(), q.log()
+    m = 0.5 * (p + q)
+    jsd = 0.5 * (p * (p / m).log()).sum() + 0.5 * (q * (q / m).log()).sum()
+    m_skew = 0.1 * p + 0.9 * q
+    m_rskew = 0.9 * p + 0.1 * q
+    expected = {
+        "forward_kl": 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1),
+        "reverse_kl": 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5),
+        "jsd": float(jsd),
+        "skew_kl": float((p * (p / m_skew).log()).sum()),
+        "skew_reverse_kl": float((q * (q / m_rskew).log()).sum()),
+        "tvd": 0.4,
+    }
+    for loss, value in expected.items():
+        got = divergence(lp, lq, loss, beta=0.5, skew=0.1)
+        assert got.item() == pytest.approx(value, rel=1e-5), loss
+
+
+def test_skew_limits():
+    log_p, log_q = _logps()
+    assert torch.allclose(divergence(log_p, log_q, "skew_kl", skew=0.0), divergence(log_p, log_q, "forward_kl"))
+    assert torch.allclose(divergence(log_p, log_q, "skew_reverse_kl", skew=0.0),
+                          divergence(log_p, log_q, "reverse_kl"))
+    assert torch.allclose(divergence(log_p, log_q, "skew_kl", skew=1.0), torch.zeros(len(log_p)))
+    # skewing makes the divergence smaller than the plain KL
+    assert (divergence(log_p, log_q, "skew_kl", skew=0.3) < divergence(log_p, log_q, "forward_kl")).all()
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_sparse_with_all_ids_equals_dense(loss):
+    log_p, log_q = _logps()
+    logits = log_q * 1.0 + 0.7
+    want = divergence(log_p, F.log_softmax(logits, -1), loss, beta=0.3, skew=0.2)
+    lp_s, lq_s = sparse_buckets(logits, *_full_as_sparse(log_p, pad_slots=3))
+    assert torch.allclose(divergence(lp_s, lq_s, loss, beta=0.3, skew=0.2), want, atol=1e-5)
+
+
+def test_sparse_tail_bucket_hand_computed():
+    # teacher stores id 0 (p=.5) and puts .5 on the rest; student q = [.2, .3, .5] → coarsened [.2, .8]
+    logits = torch.tensor([[0.2, 0.3, 0.5]]).log()
+    log_p, log_q = sparse_buckets(logits, torch.tensor([[0, 2]]), torch.tensor([[0.5, 0.0]]), torch.tensor([0.5]))
+    kl = divergence(log_p, log_q, "forward_kl").item()
+    assert kl == pytest.approx(0.5 * math.log(0.5 / 0.2) + 0.5 * math.log(0.5 / 0.8), rel=1e-5)
+
+
+def test_sampled_targets_give_unbiased_forward_kl_gradient():
+    torch.manual_seed(0)
+    v, n_draws, reps = 7, 20, 4000
+    p = F.softmax(torch.randn(v) * 1.5, -1)
+    logits = torch.randn(1, v, requires_grad=True)
+    exact = torch.autograd.grad(divergence(p.log()[None], F.log_softmax(logits, -1)).sum(), logits)[0]
+    counts = torch.distributions.Multinomial(n_draws, probs=p).sample((reps,))  # (reps, V)
+    ids = torch.arange(v).expand(reps, v)
+    lp, lq = sparse_buckets(logits.expand(reps, v), ids, counts / n_draws, torch.zeros(reps))
+    mean_grad = torch.autograd.grad(divergence(lp, lq).mean(), logits)[0]
+    assert torch.allclose(mean_grad, exact, atol=0.01)
+
+
+def _batch(b=2, l=5, v=13, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(b, l, v, generator=g) * 2
+    labels = torch.randint(0, v, (b, l), generator=g)
+    teacher = F.log_softmax(torch.randn(b, l, v, generator=g) * 2, -1)
+    return logits, labels, teacher
+
+
+def test_temperature_squared_scaling_and_alpha():
+    logits, labels, teacher = _batch()
+    t = 3.0
+    out = distillation_loss(logits, labels, dense(teacher), alpha=0.0, temperature=t)
+    kd = F.kl_div(F.log_softmax(logits / t, -1), teacher, reduction="none", log_target=True).sum(-1).mean()
+    assert out["kd"].item() == pytest.approx(kd.item(), rel=1e-5)
+    assert out["total"].item() == pytest.approx(t * t * kd.item(), rel=1e-5)
+    ce_only = distillation_loss(logits, labels, dense(teacher), alpha=1.0, temperature=t)
+    assert ce_only["total"].item() == pytest.approx(F.cross_entropy(logits.reshape(-1, 13), labels.reshape(-1)).item(),
+                                                    rel=1e-5)
+    mix = distillation_loss(logits, labels, dense(teacher), alpha=0.25, temperature=t)
+    assert mix["total"].item() == pytest.approx(0.25 * ce_only["ce"].item() + 0.75 * t * t * kd.item(), rel=1e-5)
+
+
+def test_padding_tokens_are_ignored():
+    logits, labels, teacher = _batch()
+    labels[0, 3:] = -100
+    out = distillation_loss(logits, labels, dense(teacher), alpha=0.5, temperature=2.0)
+    assert out["tokens"].item() == 7
+    changed = logits.clone()
+    changed[0, 3:] = torch.randn_like(changed[0, 3:]) * 10
+    again = distillation_loss(changed, labels, dense(teacher), alpha=0.5, temperature=2.0)
+    assert again["total"].item() == pytest.approx(out["total"].item(), rel=1e-6)
+    keep = labels != -100
+    subset = distillation_loss(logits[keep][None], labels[keep][None], dense(teacher[keep][None]), alpha=0.5,
+                               temperature=2.0)
+    assert subset["total"].item() == pytest.approx(out["total"].item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_chunked_equals_unchunked_values_and_gradients(loss):
+    logits, labels, teacher = _batch()
+    ids, probs, tail = _full_as_sparse(teacher.reshape(-1, 13)[:, :], pad_slots=1)
+    probs[:, :4] = 0.0  # drop some ids into the tail bucket
+    tail = 1 - probs.sum(-1)
+    targets = sparse(ids.reshape(2, 5, -1), probs.reshape(2, 5, -1), tail.reshape(2, 5))
+    grads = []
+    for chunk in (3, 10_000):
+        x = logits.clone().requires_grad_(True)
+        out = distillation_loss(x, labels, targets, alpha=0.3, temperature=2.0, loss=loss, chunk_tokens=chunk)
+        out["total"].backward()
+        assert torch.isfinite(x.grad).all()
+        grads.append((out["total"].detach(), x.grad))
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-6)
+    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-6)
+
+
+def test_sampled_targets_with_empty_tail_have_finite_reverse_kl_gradients():
+    logits, labels, _ = _batch()
+    ids = torch.randint(0, 13, (2, 5, 3))
+    ids[..., 1] = (ids[..., 0] + 1) % 13
+    ids[..., 2] = (ids[..., 0] + 2) % 13
+    probs = torch.tensor([0.75, 0.25, 0.0]).expand(2, 5, 3)  # last slot is padding
+    for loss in LOSSES:
+        x = logits.clone().requires_grad_(True)
+        out = distillation_loss(x, labels, sparse(ids, probs, torch.zeros(2, 5)), alpha=0.0, temperature=1.0,
+                                loss=loss)
+        out["total"].backward()
+        assert torch.isfinite(out["total"]) and torch.isfinite(x.grad).all(), loss
+
+
+def test_teacher_vocabulary_smaller_than_padded_student_vocabulary():
+    logits, labels, teacher = _batch()
+    short = teacher[..., :11] - torch.logsumexp(teacher[..., :11], -1, keepdim=True)
+    padded = torch.cat([short, torch.full((2, 5, 2), -math.inf)], -1)
+    a = distillation_loss(logits, labels, dense(short), alpha=0.0, temperature=1.0)
+    b = distillation_loss(logits, labels, dense(padded), alpha=0.0, temperature=1.0)
+    assert a["total"].item() == pytest.approx(b["total"].item(), rel=1e-6)
+
+
+def test_bad_input_raises_clear_errors():
+    logits, labels, teacher = _batch()
+    with pytest.raises(ValueError, match="unknown KD loss"):
+        distillation_loss(logits, labels, dense(teacher), alpha=0.5, temperature=1.0, loss="kl")
+    with pytest.raises(ValueError, match="larger than the student"):
+        distillation_loss(logits[..., :5], labels.clamp(max=4), dense(teacher), alpha=0.5, temperature=1.0)
+    with pytest.raises(ValueError, match="ids must be in"):
+        distillation_loss(logits, labels, sparse(torch.full((2, 5, 1), 13), torch.ones(2, 5, 1), torch.zeros(2, 5)),
+                          alpha=0.5, temperature=1.0)
+    with pytest.raises(ValueError, match="disagree"):
+        distillation_loss(logits, labels[:, :4], dense(teacher), alpha=0.5, temperature=1.0)
+    with pytest.raises(TypeError, match="SparseTargets"):
+        distillation_loss(logits, labels, object(), alpha=0.5, temperature=1.0)
