@@ -1,0 +1,53 @@
+"""End to end: the whole pipeline on the tiny preset, for real (Ray, DeepSpeed, Tune, MLflow sqlite, Serve HTTP)."""
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+
+from tasks.config import load_config
+
+pytestmark = [pytest.mark.e2e, pytest.mark.integration]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tiny_pipeline_end_to_end_then_rerun_is_free(tmp_path, ray_cluster, capsys):
+    from workflows import pipeline
+
+    cfg = load_config("tiny", [f"run_dir={tmp_path / 'run'}", f"serve.port={_free_port()}"])
+    summary = pipeline.run(cfg)
+
+    rows = {r["model"]: r for r in summary["rows"]}
+    assert set(rows) == {"teacher", "student fp32", "student int8"}
+    assert rows["student int8"]["size_mb"] < rows["student fp32"]["size_mb"]
+    for r in rows.values():
+        assert r["heldout_loss"] > 0 and r["perplexity"] > 1
+    assert summary["cache"]["teacher_forwards"] > 0
+    assert summary["tuned"] and set(summary["tuned"]) == {"alpha", "temperature", "lr", "loss"}
+    assert summary["promoted"] is True and summary["champion"] is not None
+    assert isinstance(summary["served"]["text"], str)
+    assert len(summary["served"]["token_logprobs"]) > 0
+    out = capsys.readouterr().out
+    assert "raydistill summary" in out and "student int8" in out
+
+    # the champion alias really is in the registry
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(cfg.tracking_uri)
+    champion = client.get_model_version_by_alias(cfg.registry.model_name, "champion")
+    assert str(champion.version) == str(summary["champion"])
+    assert json.loads(Path(cfg.run_dir, "summary.json").read_text())["champion"] == summary["champion"]
+
+    # second run: every stage is skipped, the cache runs zero teacher forward passes
+    again = pipeline.run(cfg)
+    assert again["cache"]["teacher_forwards"] == 0
+    assert again["cache"]["shards_computed"] == 0
+    assert again["champion"] == summary["champion"]
+    versions = client.search_model_versions(f"name='{cfg.registry.model_name}'")
+    assert len(versions) == 1, "a rerun must not register a second version"
