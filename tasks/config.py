@@ -114,6 +114,9 @@ class CacheConfig:
     """CPUs (= torch threads) per teacher actor."""
     seed: int = 0
     """Seed of the sampling (per shard it is mixed with the shard key: reruns draw the same)."""
+    sampled_logprobs: bool = True
+    """``sampled``: also store each sampled id's T=1 log-prob (~15 bytes/token), so training may use a
+    temperature other than ``temperature``; false = smallest cache, targets only at ``temperature``."""
 
     def __post_init__(self):
         _positive(self, "num_samples", "top_k", "batch_size", "num_actors", "cpus_per_actor")
@@ -194,6 +197,8 @@ class TrainConfig:
     """Skew λ of skew KL / skew reverse KL."""
     eval_every: int = 20
     """Steps between held-out evaluations."""
+    eval_windows: int | None = None
+    """Held-out windows per evaluation (``null``: all of them)."""
     checkpoint_every: int = 20
     """Steps between checkpoints."""
     max_failures: int = 1
@@ -210,6 +215,8 @@ class TrainConfig:
             raise ConfigError("train.temperature and train.lr must be > 0")
         if not 0.0 <= self.beta <= 1.0 or not 0.0 <= self.skew <= 1.0:
             raise ConfigError("train.beta and train.skew must be in [0, 1]")
+        if self.eval_windows is not None and self.eval_windows <= 0:
+            raise ConfigError("train.eval_windows must be > 0 or null")
 
 
 @dataclass
@@ -244,7 +251,20 @@ class QuantizeConfig:
     """Post-training quantization of the student."""
 
     method: Literal["dynamic_int8"] = "dynamic_int8"
-    """``dynamic_int8``: int8 weights, activations quantized on the fly (torch.ao)."""
+    """``dynamic_int8``: int8 weights (per output channel), activations quantized on the fly (torch.ao)."""
+    eval_max_windows: int | None = None
+    """Held-out windows scored for fp32 vs int8 (``null`` = all)."""
+    eval_batch_size: int = 8
+    """Windows per forward pass in the held-out scoring."""
+    bench_tokens: int = 16
+    """Greedy tokens generated (batch 1) to time decoding latency of fp32 vs int8; 0 skips it."""
+
+    def __post_init__(self):
+        _positive(self, "eval_batch_size")
+        if self.eval_max_windows is not None and self.eval_max_windows <= 0:
+            raise ConfigError("quantize.eval_max_windows must be > 0 or null")
+        if self.bench_tokens < 0:
+            raise ConfigError("quantize.bench_tokens must be >= 0")
 
 
 @dataclass
@@ -257,6 +277,8 @@ class GateConfig:
     """Lowest allowed share of held-out positions where student and teacher argmax agree."""
     require_better_than_champion: bool = False
     """Also require a lower held-out loss than the current champion."""
+    max_kl_to_teacher: float | None = None
+    """Highest allowed mean KL(teacher ‖ student) on the held-out split; ``null`` = not checked."""
 
 
 @dataclass
@@ -289,12 +311,23 @@ class ServeConfig:
     """How long a batch waits to fill."""
     max_tokens_limit: int = 256
     """Largest ``max_tokens`` a request may ask for."""
+    max_prompt_tokens: int = 1024
+    """Longest prompt (in tokens) a request may send; longer ones get HTTP 400."""
+    max_logprobs: int = 20
+    """Largest ``logprobs`` (alternatives per position) a request may ask for."""
+    num_cpus: float = 1.0
+    """CPUs reserved for the Serve replica (= torch threads, at least 1)."""
     alias_poll_s: float = 10.0
     """How often the deployment checks whether the alias moved (and swaps models)."""
     keep_serving: bool = False
     """``pipeline``: keep the app running after the demo request."""
     prompt: str = "ROMEO.\nBut soft, what light"
     """``pipeline``: the demo request's prompt."""
+
+    def __post_init__(self):
+        _positive(self, "port", "max_batch_size", "max_tokens_limit", "max_prompt_tokens", "num_cpus")
+        if self.batch_wait_timeout_s < 0 or self.alias_poll_s < 0 or self.max_logprobs < 0:
+            raise ConfigError("serve.batch_wait_timeout_s, serve.alias_poll_s and serve.max_logprobs must be >= 0")
 
 
 @dataclass

@@ -1,0 +1,156 @@
+"""quantize → register → load by alias → promote through the gate → rollback, on a sqlite MLflow under tmp_path,
+with a real teacher cache (``tiny_cached``) and a student built from the tiny teacher."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tasks.config import ConfigError, GateConfig, load_config
+from tasks.quantize import load_quantized
+from workflows import promote, quantize, register, runinfo, tracking
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def cfg(tiny_cached, tmp_path_factory):
+    """A run dir with the cache of ``tiny_cached`` and a finished 'train' stage (student = teacher layer 0)."""
+    from tasks.students import build_student, save_student
+    from tasks.teacher import load_teacher, load_tokenizer
+
+    run_dir = tmp_path_factory.mktemp("registry") / "run"
+    cfg = load_config("tiny", [f"run_dir={run_dir}", f"cache.dir={tiny_cached.cache_dir}"])
+    teacher, _ = load_teacher(cfg.teacher)
+    student_dir = cfg.stage_dir("train") / "student"
+    save_student(build_student(cfg.student, teacher), load_tokenizer(cfg.teacher), student_dir)
+    runinfo.record_stage(cfg, "train", "test-train-key", {"student_dir": str(student_dir)}, paths=[student_dir])
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def registered(cfg):
+    report = quantize.run(cfg, None)
+    return report, register.run(cfg, None)
+
+
+def test_quantize_report_and_resume(cfg, registered):
+    report, _ = registered
+    saved = json.loads(Path(cfg.run_dir, "quantize", "report.json").read_text())
+    assert saved["fp32"] == report["fp32"] and saved["int8"] == report["int8"]
+    fp32, int8, teacher = report["fp32"], report["int8"], report["teacher"]
+    for m in (fp32, int8):
+        assert m["heldout_loss"] > 0 and 0 <= m["top1_agreement"] <= 1 and m["kl_to_teacher"] >= 0
+        assert m["tokens_per_s"] > 0 and m["decode_ms_per_token"] > 0
+    assert teacher["heldout_loss"] > 0 and teacher["top1_agreement"] == 1.0
+    assert report["ratios"]["size"] < 0.6
+    assert abs(int8["heldout_loss"] - fp32["heldout_loss"]) < 0.1
+    before = runinfo.read_stage(cfg, "quantize")["finished_at"]
+    assert quantize.run(cfg, None)["int8"] == int8  # same inputs: not redone
+    assert runinfo.read_stage(cfg, "quantize")["finished_at"] == before
+
+
+def test_register_lineage_and_idempotence(cfg, registered, tiny_cached):
+    from tasks.teacher import teacher_identity
+
+    report, reg = registered
+    client = tracking.client(cfg)
+    name = cfg.registry.model_name
+    mv = client.get_model_version(name, str(reg["version"]))
+    tags = mv.tags
+    assert tags["teacher.weights_sha256"] == teacher_identity(cfg.teacher)["weights_sha256"]
+    assert tags["cache.key"] == runinfo.read_stage(tiny_cached, "cache")["key"]
+    assert tags["train.stage_key"] == "test-train-key"
+    assert tags["quantize.stage_key"] == runinfo.read_stage(cfg, "quantize")["key"]
+    assert tags["raydistill.config_sha256"] == register.config_hash(cfg)
+    assert float(tags["metric.int8.heldout_loss"]) == pytest.approx(report["int8"]["heldout_loss"])
+    assert client.get_model_version_by_alias(name, "challenger").version == mv.version
+    run = client.get_run(mv.run_id)
+    assert run.data.params["train.lr"] == str(cfg.train.lr)
+    assert run.data.metrics["int8.kl_to_teacher"] == pytest.approx(report["int8"]["kl_to_teacher"])
+    assert json.loads(Path(cfg.run_dir, "register", "version.json").read_text())["version"] == reg["version"]
+    again = register.run(cfg, None)
+    assert again["version"] == reg["version"]
+    assert len(client.search_model_versions(f"name = '{name}'")) == 1
+
+
+def test_load_registered_by_alias_round_trip(cfg, registered):
+    _, reg = registered
+    name = cfg.registry.model_name
+    model, tokenizer, info = register.load_registered(cfg.tracking_uri, f"models:/{name}@challenger")
+    assert info["version"] == reg["version"] and info["alias"] == "challenger"
+    local = load_quantized(Path(cfg.run_dir, "quantize", "int8"))
+    ids = torch.tensor([tokenizer("ROMEO.\nBut soft, what light", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, local(input_ids=ids).logits)
+    with pytest.raises(LookupError, match="nosuchalias"):
+        register.load_registered(cfg.tracking_uri, f"models:/{name}@nosuchalias")
+    with pytest.raises(ValueError, match="models:/"):
+        register.load_registered(cfg.tracking_uri, "runs:/abc/student")
+
+
+def test_pyfunc_from_code_loads_without_pickle(cfg, registered, tmp_path):
+    import mlflow
+
+    from tasks.generate import complete
+
+    tracking.setup(cfg)
+    uri = f"models:/{cfg.registry.model_name}@challenger"
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp_path)))
+    files = [p.name for p in local.rglob("*") if p.is_file()]
+    assert "mlflow_model.py" in files and "model.safetensors" in files
+    assert not [f for f in files if f.endswith((".pkl", ".pickle", ".bin", ".pt"))]
+    out = mlflow.pyfunc.load_model(uri).predict(["ROMEO."], params={"max_tokens": 3, "temperature": 0.0})
+    model, tokenizer, _ = register.load_registered(cfg.tracking_uri, uri)
+    assert out[0]["text"] == complete(model, tokenizer, ["ROMEO."], max_tokens=3)[0]["text"]
+
+
+def test_promote_gate_then_rollback(cfg, registered):
+    _, reg = registered
+    client, name, v1 = tracking.client(cfg), cfg.registry.model_name, reg["version"]
+    strict = load_config("tiny", [f"run_dir={cfg.run_dir}", f"cache.dir={cfg.cache_dir}",
+                                  "registry.gate.max_heldout_loss=0.01"])
+    failed = promote.run(strict, None)
+    assert not failed["promoted"] and "heldout_loss" in failed["reason"]
+    assert promote._alias_version(client, name, "champion") is None
+    assert client.get_model_version(name, str(v1)).tags["gate.passed"] == "false"
+
+    assert promote.run(cfg, None)["champion_version"] == v1
+    assert client.get_model_version(name, str(v1)).tags["gate.passed"] == "true"
+    assert promote.run(cfg, None)["reason"] == "already @champion"
+
+    # a second version (another quantize config → another stage key), promoted by number
+    cfg2 = load_config("tiny", [f"run_dir={cfg.run_dir}", f"cache.dir={cfg.cache_dir}", "quantize.eval_max_windows=2"])
+    quantize.run(cfg2, None)
+    v2 = register.run(cfg2, None)["version"]
+    assert v2 == v1 + 1
+    assert promote.run(cfg2, type("Args", (), {"version": v2, "rollback": False}))["champion_version"] == v2
+    assert int(client.get_model_version_by_alias(name, "previous").version) == v1
+
+    back = promote.run(cfg2, type("Args", (), {"version": None, "rollback": True}))
+    assert back["champion_version"] == v1 and back["rolled_back_from"] == v2
+    assert int(client.get_model_version_by_alias(name, "champion").version) == v1
+    assert promote._alias_version(client, name, "previous") is None
+    with pytest.raises(ConfigError, match="no previous champion"):
+        promote.run(cfg2, type("Args", (), {"version": None, "rollback": True}))
+    with pytest.raises(ConfigError, match="no version 99"):
+        promote.run(cfg2, type("Args", (), {"version": 99, "rollback": False}))
+
+
+@pytest.mark.parametrize("metrics,champion,gate,ok", [
+    ({"heldout_loss": 3.0, "top1_agreement": 0.5}, None, GateConfig(), True),
+    ({"heldout_loss": 9.0, "top1_agreement": 0.5}, None, GateConfig(), False),
+    ({"heldout_loss": 3.0, "top1_agreement": 0.05}, None, GateConfig(), False),
+    ({"heldout_loss": 3.0}, None, GateConfig(), False),
+    ({"heldout_loss": 3.0, "top1_agreement": 0.5, "kl_to_teacher": 2.0}, None,
+     GateConfig(max_kl_to_teacher=1.0), False),
+    ({"heldout_loss": 3.0, "top1_agreement": 0.5}, {"heldout_loss": 2.9},
+     GateConfig(require_better_than_champion=True), False),
+    ({"heldout_loss": 3.0, "top1_agreement": 0.5}, {"heldout_loss": 3.1},
+     GateConfig(require_better_than_champion=True), True),
+])
+def test_check_gate(metrics, champion, gate, ok):
+    passed, reasons = promote.check_gate(metrics, gate, champion)
+    assert passed is ok and reasons
+    assert any(r.startswith("FAILED") or "missing" in r for r in reasons) is (not ok)

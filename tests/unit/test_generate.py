@@ -1,0 +1,126 @@
+"""Batched completion: greedy is deterministic and matches a plain forward; logprobs are the model's; stops at
+EOS; seeded sampling repeats; request bodies are validated."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from tasks.generate import RequestError, complete, encode_prompts, parse_completion_request
+
+PROMPTS = ["ROMEO.\nBut soft, what light", "Hi", "To be, or not to be, that is the question"]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_tokenizer):
+    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, tie_word_embeddings=False,  # tied: greedy repeats 1 token
+                         bos_token_id=tiny_tokenizer.bos_token_id, eos_token_id=tiny_tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_greedy_is_deterministic_and_matches_manual_forward(model, tiny_tokenizer):
+    out = complete(model, tiny_tokenizer, PROMPTS, max_tokens=6, temperature=0.0, logprobs=3)
+    again = complete(model, tiny_tokenizer, PROMPTS, max_tokens=6, temperature=0.0, logprobs=3)
+    assert out == again
+    for prompt, ids, o in zip(PROMPTS, encode_prompts(tiny_tokenizer, PROMPTS), out):
+        assert o["finish_reason"] == "length" and len(o["token_ids"]) == 6
+        full = torch.tensor([ids + o["token_ids"]])
+        with torch.no_grad():
+            logp = model(input_ids=full).logits[0].log_softmax(-1)
+        for step, tok in enumerate(o["token_ids"]):
+            row = logp[len(ids) - 1 + step]
+            assert tok == int(row.argmax())
+            assert o["token_logprobs"][step] == pytest.approx(float(row[tok]), abs=1e-4)
+            top = row.topk(3)
+            assert list(o["top_logprobs"][step].values()) == pytest.approx(top.values.tolist(), abs=1e-4)
+            assert list(o["top_logprobs"][step]) == [tiny_tokenizer.decode([t]) for t in top.indices.tolist()]
+        assert o["tokens"] == [tiny_tokenizer.decode([t]) for t in o["token_ids"]]
+        assert o["text"] == tiny_tokenizer.decode(o["token_ids"])
+        assert o["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 6, "total_tokens": len(ids) + 6}
+
+
+def test_left_padded_batch_equals_one_by_one(model, tiny_tokenizer):
+    batch = complete(model, tiny_tokenizer, PROMPTS, max_tokens=5, temperature=0.0, logprobs=0)
+    for prompt, b in zip(PROMPTS, batch):
+        (single,) = complete(model, tiny_tokenizer, [prompt], max_tokens=5, temperature=0.0, logprobs=0)
+        assert single["token_ids"] == b["token_ids"]
+        assert single["token_logprobs"] == pytest.approx(b["token_logprobs"], abs=1e-4)
+        assert b["top_logprobs"] == [{}] * 5
+
+
+def test_stops_at_eos_without_returning_it(model, tiny_tokenizer):
+    (free,) = complete(model, tiny_tokenizer, [PROMPTS[0]], max_tokens=6, temperature=0.0)
+    assert free["top_logprobs"] is None and len(free["token_logprobs"]) == 6
+    ids = free["token_ids"]
+    k = max(i for i, t in enumerate(ids) if t not in ids[:i])  # the last position with a new token
+    assert k >= 2
+    old = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = [old, ids[k]]  # pretend that greedy token is an end token
+    try:
+        (stopped,) = complete(model, tiny_tokenizer, [PROMPTS[0]], max_tokens=6, temperature=0.0)
+    finally:
+        model.generation_config.eos_token_id = old
+    assert stopped["finish_reason"] == "stop"
+    assert stopped["token_ids"] == ids[:k] and stopped["usage"]["completion_tokens"] == k
+
+
+def test_sampling_is_seeded_per_prompt(model, tiny_tokenizer):
+    kw = dict(max_tokens=8, temperature=1.0, logprobs=1)
+    a = complete(model, tiny_tokenizer, [PROMPTS[0], PROMPTS[1]], seed=[7, 7], **kw)
+    b = complete(model, tiny_tokenizer, [PROMPTS[0]], seed=7, **kw)
+    c = complete(model, tiny_tokenizer, [PROMPTS[0]], seed=8, **kw)
+    greedy = complete(model, tiny_tokenizer, [PROMPTS[0]], max_tokens=8, temperature=0.0)
+    assert a[0]["token_ids"] == b[0]["token_ids"]  # same seed, different batch company: same draw
+    assert c[0]["token_ids"] != b[0]["token_ids"]
+    assert b[0]["token_ids"] != greedy[0]["token_ids"]
+    cold = complete(model, tiny_tokenizer, [PROMPTS[0]], max_tokens=8, temperature=1e-4, seed=3)
+    assert cold[0]["token_ids"] == greedy[0]["token_ids"]
+
+
+def test_per_prompt_settings(model, tiny_tokenizer):
+    out = complete(model, tiny_tokenizer, PROMPTS[:2], max_tokens=[2, 4], temperature=[0.0, 0.5],
+                   logprobs=[None, 2], seed=[None, 1])
+    assert [len(o["token_ids"]) for o in out] == [2, 4]
+    assert out[0]["top_logprobs"] is None and all(len(d) <= 2 for d in out[1]["top_logprobs"])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(max_tokens=0), "max_tokens"), (dict(temperature=-0.1), "temperature"),
+    (dict(logprobs=10**9), "logprobs"), (dict(max_tokens=[1]), "2 prompts"),
+])
+def test_complete_rejects_bad_arguments(model, tiny_tokenizer, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        complete(model, tiny_tokenizer, PROMPTS[:2], **kwargs)
+    with pytest.raises(ValueError, match="empty"):
+        complete(model, tiny_tokenizer, ["ok", ""])
+
+
+LIMITS = dict(max_tokens_limit=32, max_prompts=4, max_prompt_chars=100)
+
+
+def test_parse_request_defaults_and_lists():
+    r = parse_completion_request({"prompt": "hi"}, **LIMITS)
+    assert (r.prompts, r.max_tokens, r.temperature, r.logprobs, r.seed) == (("hi",), 16, 1.0, None, None)
+    r = parse_completion_request({"prompt": ["a", "b"], "max_tokens": 32, "temperature": 0, "logprobs": 2,
+                                  "seed": 3, "user": "ignored", "stream": False, "n": 1}, **LIMITS)
+    assert (r.prompts, r.max_tokens, r.temperature, r.logprobs, r.seed) == (("a", "b"), 32, 0.0, 2, 3)
+
+
+@pytest.mark.parametrize("body,param", [
+    (["not", "an", "object"], None), ({}, "prompt"), ({"prompt": 3}, "prompt"), ({"prompt": ["a", 1]}, "prompt"),
+    ({"prompt": []}, "prompt"), ({"prompt": ["a"] * 5}, "prompt"), ({"prompt": ""}, "prompt"),
+    ({"prompt": "x" * 101}, "prompt"), ({"prompt": "a", "max_tokens": 33}, "max_tokens"),
+    ({"prompt": "a", "max_tokens": 0}, "max_tokens"), ({"prompt": "a", "max_tokens": "8"}, "max_tokens"),
+    ({"prompt": "a", "max_tokens": True}, "max_tokens"), ({"prompt": "a", "temperature": -1}, "temperature"),
+    ({"prompt": "a", "temperature": "hot"}, "temperature"), ({"prompt": "a", "logprobs": 21}, "logprobs"),
+    ({"prompt": "a", "logprobs": 1.5}, "logprobs"), ({"prompt": "a", "seed": -1}, "seed"),
+    ({"prompt": "a", "stream": True}, "stream"), ({"prompt": "a", "n": 2}, "n"),
+    ({"prompt": "a", "stop": "\n"}, "stop"),
+    ({"prompt": "a", "model": 5}, "model"),
+])
+def test_parse_request_rejects(body, param):
+    with pytest.raises(RequestError) as e:
+        parse_completion_request(body, **LIMITS)
+    assert e.value.param == param and str(e.value)

@@ -1,0 +1,247 @@
+"""Register the quantized student in the MLflow model registry, with lineage, as ``@challenger``.
+
+    raydistill register --config tiny
+
+One MLflow run (params = the flattened config, metrics = teacher / student fp32 / student int8 on the held-out
+split, artifacts = the quantize report, train metrics, the resolved config) logs the int8 student as a
+"models from code" pyfunc (``workflows/mlflow_model.py`` + the safetensors directory + ``tasks/`` as code; no
+pickle) and registers it as a new version of ``registry.model_name``. The version carries lineage tags (teacher
+identity and weights hash, cache key, config hash, stage keys, metrics) and gets the alias ``@challenger``;
+``raydistill promote`` moves ``@champion`` through the quality gate. Rerunning with the same inputs finds the
+version by its ``raydistill.stage_key`` tag instead of creating a second one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import yaml
+
+from tasks.config import PipelineConfig, dump_yaml, section_key, to_dict
+from workflows import runinfo, tracking
+
+KEY_TAG = "raydistill.stage_key"
+MODEL_ARTIFACT = "student"
+REQUIREMENTS = ("torch", "transformers", "tokenizers", "safetensors", "mlflow")
+METRIC_GROUPS = ("teacher", "fp32", "int8")
+
+
+def stage_key(cfg: PipelineConfig) -> str:
+    quantize = runinfo.read_stage(cfg, "quantize")
+    return section_key(cfg, extra={"quantize": quantize and quantize["key"], "model": cfg.registry.model_name,
+                                   "experiment": cfg.registry.experiment, "tracking_uri": cfg.tracking_uri})
+
+
+def config_hash(cfg: PipelineConfig) -> str:
+    """sha256 of the resolved config without ``run_dir`` (where a run lives is not what it is)."""
+    data = {k: v for k, v in to_dict(cfg).items() if k != "run_dir"}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def find_version(client, name: str, key: str):
+    """The model version of ``name`` registered with stage key ``key``, or None."""
+    found = client.search_model_versions(f"name = '{name}' and tags.`{KEY_TAG}` = '{key}'")
+    return max(found, key=lambda v: int(v.version)) if found else None
+
+
+def _cache_key(manifest: dict) -> str | None:
+    """The cache's content key as ``workflows.cache`` computes it: sha256 of its shard keys in corpus order."""
+    keys = [e.get("key") for e in manifest.get("shards") or []]
+    if not keys or not all(keys):
+        return None
+    return hashlib.sha256("".join(keys).encode()).hexdigest()
+
+
+def _cache_lineage(cfg: PipelineConfig) -> dict:
+    """Teacher identity and cache key, as the cache stage recorded them."""
+    rec = runinfo.read_stage(cfg, "cache") or {}
+    out = rec.get("outputs") or {}
+    from tasks.softtargets import open_cache
+
+    try:
+        manifest = open_cache(cfg.cache_dir).manifest  # local or object store
+    except FileNotFoundError:
+        manifest = {}
+    teacher = manifest.get("teacher") or out.get("teacher") or {}
+    if not teacher.get("weights_sha256"):
+        from tasks.teacher import teacher_identity
+
+        teacher = teacher_identity(cfg.teacher)
+    return {"teacher.source": str(teacher.get("source", cfg.teacher.source)),
+            "teacher.weights_sha256": str(teacher.get("weights_sha256")),
+            "teacher.architecture": json.dumps(teacher.get("architecture"), sort_keys=True)[:5000],
+            "cache.key": _cache_key(manifest) or str(out.get("cache_key") or rec.get("key")),
+            "cache.format": str(manifest.get("format", cfg.cache.format)),
+            "cache.stage_key": str(rec.get("key"))}
+
+
+def lineage_tags(cfg: PipelineConfig, key: str, report: dict) -> dict:
+    stages = {s: (runinfo.read_stage(cfg, s) or {}).get("key") for s in ("train", "tune", "quantize")}
+    tags = {KEY_TAG: key, "raydistill.config_sha256": config_hash(cfg),
+            "raydistill.quantization": str(report.get("method")), **_cache_lineage(cfg)}
+    tags.update({f"{s}.stage_key": str(k) for s, k in stages.items()})
+    for group in METRIC_GROUPS:
+        for name, value in (report.get(group) or {}).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                tags[f"metric.{group}.{name}"] = repr(float(value))
+    return tags
+
+
+def _requirements() -> list[str]:
+    return [f"{p}=={importlib.metadata.version(p)}" for p in REQUIREMENTS]
+
+
+def _signature():
+    """Input: a list of prompts; params: the generation settings (MLflow drops params a signature lacks)."""
+    from mlflow.models import infer_signature
+
+    from workflows.mlflow_model import PARAM_DEFAULTS
+
+    return infer_signature(["ROMEO.\nBut soft"], params=PARAM_DEFAULTS)
+
+
+def _log_run(cfg: PipelineConfig, key: str, report: dict, int8_dir: Path) -> tuple[str, object]:
+    """One MLflow run with params, metrics, artifacts and the logged pyfunc model; ``(run_id, model_info)``."""
+    import mlflow
+
+    with tracking.start_run(cfg, run_name="register", tags={"raydistill.stage": "register", KEY_TAG: key}) as run:
+        params = tracking.flat_params(to_dict(cfg))
+        items = sorted(params.items())
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per call
+            mlflow.log_params(dict(items[i:i + 100]))
+        metrics = {f"{g}.{k}": float(v) for g in METRIC_GROUPS for k, v in (report.get(g) or {}).items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        mlflow.log_metrics(metrics)
+        mlflow.log_dict(report, "quantize/report.json")
+        mlflow.log_text(dump_yaml(cfg), "config.yaml")
+        train_metrics = Path(cfg.stage_dir("train"), "metrics.json")
+        if train_metrics.exists():
+            mlflow.log_artifact(str(train_metrics), "train")
+        with warnings.catch_warnings():  # no input example on purpose: it would run the model at log time
+            warnings.filterwarnings("ignore", message=".*input example", category=UserWarning)
+            info = _log_model(int8_dir)
+        return run.info.run_id, info
+
+
+def _log_model(int8_dir: Path):
+    import mlflow
+
+    return mlflow.pyfunc.log_model(
+        name=MODEL_ARTIFACT,
+        python_model=str(Path(__file__).with_name("mlflow_model.py")),
+        artifacts={"model": str(int8_dir)},
+        code_paths=[str(Path(__file__).resolve().parent.parent / "tasks")],
+        pip_requirements=_requirements(),
+        signature=_signature(),
+    )
+
+
+def run(cfg: PipelineConfig, args=None) -> dict:
+    quantize = runinfo.require_stage(cfg, "quantize", "register")
+    key = stage_key(cfg)
+    client = tracking.client(cfg)
+    name = cfg.registry.model_name
+    mv = find_version(client, name, key)
+    if mv is not None:
+        print(f"[register] already registered for these inputs: {name} version {mv.version}")
+    else:
+        int8_dir = Path(quantize["outputs"].get("int8_dir") or cfg.stage_dir("quantize") / "int8")
+        report = json.loads(Path(cfg.stage_dir("quantize"), "report.json").read_text())
+        run_id, info = _log_run(cfg, key, report, int8_dir)
+        _ensure_registered_model(client, name)
+        mv = client.create_model_version(name, source=info.model_uri, run_id=run_id,
+                                         tags=lineage_tags(cfg, key, report), model_id=info.model_id,
+                                         description=f"int8 student distilled from {cfg.teacher.source}")
+        print(f"[register] {name} version {mv.version} (run {run_id})")
+    client.set_registered_model_alias(name, "challenger", mv.version)
+    outputs = {"name": name, "version": int(mv.version), "run_id": mv.run_id, "alias": "challenger",
+               "model_uri": f"models:/{name}/{mv.version}", "tracking_uri": cfg.tracking_uri,
+               "stage_key": key, "tags": dict(client.get_model_version(name, mv.version).tags)}
+    out = Path(cfg.stage_dir("register"), "version.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(outputs, indent=2))
+    os.replace(tmp, out)
+    runinfo.record_stage(cfg, "register", key, outputs, paths=[out])
+    return outputs
+
+
+def _ensure_registered_model(client, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        try:
+            client.create_registered_model(name, description="raydistill students (int8, safetensors)")
+        except MlflowException:  # created concurrently
+            client.get_registered_model(name)
+
+
+# -------------------------------------------------------------------------------------------------------
+# loading a registered version (Serve, tests): artifacts → tasks.quantize.load_quantized, no pickle
+# -------------------------------------------------------------------------------------------------------
+
+def parse_model_uri(model_uri: str) -> tuple[str, str | None, str | None]:
+    """``models:/name@alias`` → ``(name, alias, None)``; ``models:/name/3`` → ``(name, None, "3")``."""
+    if not model_uri.startswith("models:/"):
+        raise ValueError(f"{model_uri!r} is not a registry URI (models:/name@alias or models:/name/version)")
+    rest = model_uri[len("models:/"):]
+    if "@" in rest:
+        name, alias = rest.rsplit("@", 1)
+        if name and alias:
+            return name, alias, None
+    elif "/" in rest:
+        name, version = rest.rsplit("/", 1)
+        if name and version.isdigit():
+            return name, None, version
+    raise ValueError(f"{model_uri!r}: expected models:/name@alias or models:/name/<version number>")
+
+
+def resolve_version(tracking_uri: str, model_uri: str):
+    """The ``ModelVersion`` a registry URI points at now (clear error if the alias or version is unknown)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    name, alias, version = parse_model_uri(model_uri)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+    except MlflowException as e:
+        raise LookupError(f"{model_uri} not found in {tracking_uri}: {e.message}") from None
+
+
+def load_registered(tracking_uri: str, model_uri: str):
+    """``(model, tokenizer, info)`` for ``models:/name@alias`` or ``models:/name/N``: downloads the version's
+    artifacts and rebuilds the int8 student with ``tasks.quantize.load_quantized``."""
+    import mlflow
+    from transformers import AutoTokenizer
+
+    from tasks.quantize import load_quantized
+
+    from mlflow.tracking import MlflowClient
+
+    mv = resolve_version(tracking_uri, model_uri)
+    # the version's storage location (file://, s3://, …): no models:/ resolution through global MLflow state
+    location = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri).get_model_version_download_uri(
+        mv.name, mv.version)
+    tmp = tempfile.mkdtemp(prefix="raydistill-model-")
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=tmp,
+                                                         tracking_uri=tracking_uri))
+        mlmodel = yaml.safe_load((local / "MLmodel").read_text())
+        model_dir = local / mlmodel["flavors"]["python_function"]["artifacts"]["model"]["path"]
+        model, tokenizer = load_quantized(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _, alias, _ = parse_model_uri(model_uri)
+    info = {"name": mv.name, "version": int(mv.version), "alias": alias, "run_id": mv.run_id,
+            "model_uri": f"models:/{mv.name}/{mv.version}", "tags": dict(mv.tags)}
+    return model, tokenizer, info
