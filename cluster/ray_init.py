@@ -34,5 +34,7 @@ def init_ray(cluster: ClusterConfig | None = None) -> None:
     if address:
         ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
     else:
-        ray.init(num_cpus=cluster.num_cpus, include_dashboard=False, runtime_env={"env_vars": env_vars},
-                 log_to_driver=True)
+        # The dashboard serves the State API, which Ray Train's placement-group cleaner needs to free the
+        # resources of a run whose controller was killed (e.g. a trial stopped early by ASHA).
+        ray.init(num_cpus=cluster.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 runtime_env={"env_vars": env_vars}, log_to_driver=True)

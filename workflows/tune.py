@@ -48,17 +48,20 @@ def apply_params(cfg: PipelineConfig, params: dict) -> PipelineConfig:
     return from_dict(data)
 
 
-def tune_trial(config: dict) -> None:
-    """One trial: a driver function that launches a distributed training run (Train V2 + Tune)."""
+def tune_trial(config: dict, base: dict, parent_run_id: str) -> None:
+    """One trial: a driver function that launches a distributed training run (Train V2 + Tune).
+
+    ``config`` holds the sampled hyperparameters; ``base`` (the whole pipeline config) and the MLflow
+    parent run come through ``tune.with_parameters`` so they stay out of the trial table.
+    """
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from workflows import train
 
-    base = from_dict(config["base"])
-    cfg = apply_params(base, config)
+    cfg = apply_params(from_dict(base), config)
     trial_id = tune.get_context().get_trial_id()
     tracking.setup(cfg)
-    with tracking.start_run(cfg, run_name=f"trial-{trial_id}", parent_run_id=config["parent_run_id"],
+    with tracking.start_run(cfg, run_name=f"trial-{trial_id}", parent_run_id=parent_run_id,
                             tags={"raydistill.stage": "tune", "raydistill.trial_id": trial_id}) as run:
         tracking.mlflow.log_params({k: config[k] for k in TUNED_FIELDS})
         result = train.train_driver(
@@ -89,7 +92,9 @@ def run(cfg: PipelineConfig, args=None) -> dict:
 
     out_dir = Path(cfg.run_dir, "tune")
     out_dir.mkdir(parents=True, exist_ok=True)
-    evals_per_trial = max(1, cfg.tune.steps // cfg.train.eval_every)
+    # Train reports at every eval and at the last step. ASHA's max_t sits one past that: a trial that
+    # reaches its budget finishes on its own (a trial stopped by Tune kills its Train run mid-export).
+    reports_per_trial = cfg.tune.steps // cfg.train.eval_every + 1
     cpus_per_trial = cfg.train.num_workers * cfg.train.cpus_per_worker
     concurrent = max(1, int(ray.cluster_resources().get("CPU", 1)) // cpus_per_trial)
 
@@ -97,15 +102,15 @@ def run(cfg: PipelineConfig, args=None) -> dict:
     with tracking.start_run(cfg, run_name="tune", tags={"raydistill.stage": "tune",
                                                         "raydistill.stage_key": key}) as parent:
         tracking.mlflow.log_params(tracking.flat_params(to_dict(cfg.tune), "tune."))
-        space = {**param_space(cfg), "base": to_dict(cfg), "parent_run_id": parent.info.run_id}
+        trainable = tune.with_parameters(tune_trial, base=to_dict(cfg), parent_run_id=parent.info.run_id)
         tuner = tune.Tuner(
-            tune.with_resources(tune_trial, {"CPU": 0, "memory": 1e6}),
-            param_space=space,
+            tune.with_resources(trainable, {"CPU": 0, "memory": 1e6}),
+            param_space=param_space(cfg),
             tune_config=tune.TuneConfig(
                 metric=METRIC, mode=MODE, num_samples=cfg.tune.num_samples,
                 max_concurrent_trials=concurrent,
-                scheduler=ASHAScheduler(max_t=evals_per_trial, grace_period=min(cfg.tune.grace_period,
-                                                                                  evals_per_trial)),
+                scheduler=ASHAScheduler(max_t=reports_per_trial + 1,
+                                        grace_period=min(cfg.tune.grace_period, reports_per_trial)),
                 search_alg=None,
             ),
             run_config=tune.RunConfig(name="search", storage_path=str(out_dir.resolve() / "ray"), verbose=1),
