@@ -1,0 +1,95 @@
+"""tasks.teacher: tokenizer cache, identities, tiny/HF teachers (the 20 s GGUF model load is marked slow)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+from tasks.config import ConfigError, TeacherConfig, TinyModelConfig
+from tasks.teacher import (identity_key_fields, load_teacher, load_tokenizer, smollm2_gguf, teacher_identity,
+                           tokenizer_hash)
+
+TINY = TinyModelConfig(num_layers=1, hidden_size=16, num_heads=2, num_kv_heads=1, intermediate_size=32, seed=3)
+
+
+def test_gguf_tokenizer_is_converted_once_and_cached(tmp_path, monkeypatch, tiny_tokenizer):
+    monkeypatch.setenv("RAYDISTILL_HOME", str(tmp_path))
+    first = load_tokenizer(TeacherConfig(source="smollm2"))
+    cached = list((tmp_path / "tokenizers").iterdir())
+    assert len(cached) == 1 and (cached[0] / "tokenizer.json").is_file()
+    assert not [p for p in (tmp_path / "tokenizers").iterdir() if p.name.startswith(".")]  # no temp dirs left
+    second = load_tokenizer(TeacherConfig(source="tiny"))
+    assert tokenizer_hash(first) == tokenizer_hash(second) == tokenizer_hash(tiny_tokenizer)
+    assert len(second) == 49152 and second.eos_token_id is not None
+    text = "But soft, what light through yonder window breaks?"
+    assert first(text)["input_ids"] == second(text)["input_ids"]
+
+
+def test_gguf_identity_hashes_the_weights_without_loading():
+    ident = teacher_identity(TeacherConfig(source="smollm2"))
+    with open(smollm2_gguf(), "rb") as f:
+        assert ident["weights_sha256"] == hashlib.sha256(f.read()).hexdigest()
+    assert ident["kind"] == "gguf" and ident["architecture"]["block_count"] == 30
+    assert ident["architecture"]["vocab_size"] == 49152
+    by_path = teacher_identity(TeacherConfig(source=str(smollm2_gguf())))
+    assert identity_key_fields(by_path) == identity_key_fields(ident)  # same weights, same cache
+
+
+def test_tiny_teacher_is_seeded_and_leaves_the_global_rng_alone(tiny_tokenizer):
+    cfg = TeacherConfig(source="tiny", tiny=TINY)
+    state = torch.random.get_rng_state()
+    a, ident = load_teacher(cfg)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    b, _ = load_teacher(cfg)
+    assert not a.training and a.config.vocab_size == len(tiny_tokenizer) and a.config.tie_word_embeddings
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    other = teacher_identity(TeacherConfig(source="tiny", tiny=TinyModelConfig(**{**vars(TINY), "seed": 4})))
+    assert other["weights_sha256"] != ident["weights_sha256"]
+    assert teacher_identity(cfg) == ident
+
+
+def test_hf_directory_teacher(tmp_path, tiny_tokenizer):
+    model, _ = load_teacher(TeacherConfig(source="tiny", tiny=TINY))
+    model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    cfg = TeacherConfig(source=str(tmp_path / "m"))
+    loaded, ident = load_teacher(cfg)
+    x = torch.tensor([[1, 2, 3, 4]])
+    with torch.inference_mode():
+        assert torch.allclose(loaded(x).logits, model(x).logits, atol=1e-5)
+    assert ident["kind"] == "hf" and ident["architecture"]["hidden_size"] == 16
+    assert tokenizer_hash(load_tokenizer(cfg)) == tokenizer_hash(tiny_tokenizer)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2)
+    model.save_pretrained(tmp_path / "m")
+    assert teacher_identity(cfg)["weights_sha256"] != ident["weights_sha256"]
+
+
+def test_bad_sources_are_clear_errors(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        teacher_identity(TeacherConfig(source=str(tmp_path / "nope")))
+    (tmp_path / "d").mkdir()
+    with pytest.raises(ConfigError, match="neither a .gguf"):
+        teacher_identity(TeacherConfig(source=str(tmp_path / "d")))
+    (tmp_path / "d" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ConfigError, match="no weight files"):
+        teacher_identity(TeacherConfig(source=str(tmp_path / "d")))
+    (tmp_path / "fake.gguf").write_bytes(b"NOPE" + bytes(20))
+    with pytest.raises(ConfigError, match="not a GGUF"):
+        teacher_identity(TeacherConfig(source=str(tmp_path / "fake.gguf")))
+    with pytest.raises(ConfigError, match="teacher.tokenizer"):
+        load_tokenizer(TeacherConfig(source="tiny", tokenizer=str(tmp_path / "missing")))
+
+
+@pytest.mark.slow
+def test_smollm2_teacher_predicts_shakespeare(tiny_tokenizer):
+    """The real teacher (~20 s to de-quantize): low NLL on text it has surely seen."""
+    model, ident = load_teacher(TeacherConfig(source="smollm2"))
+    ids = tiny_tokenizer("To be, or not to be, that is the question:", return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        logits = model(ids).logits
+    nll = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
+    assert logits.shape[-1] == 49152 and float(nll) < 4.0

@@ -1,0 +1,227 @@
+"""Run the teacher once over the corpus and store its soft targets (resumable, shard by shard).
+
+    raydistill cache --config tiny                  # compute (a rerun performs 0 teacher forwards)
+    raydistill cache inspect --config tiny          # describe the cache and verify every checksum
+
+Driver (this process): tokenizer + shards + keys; shards already committed with the same key are skipped.
+Workers: ``cache.num_actors`` ``TeacherActor``s, each loading the teacher once and committing its shards
+itself (file write + atomic rename); the driver records each entry in the manifest as it arrives, so a
+killed run resumes where it stopped. Actors restart and retry their task if their process dies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import time
+import uuid
+
+import ray
+from tqdm import tqdm
+
+from cluster.ray_init import init_ray
+from tasks.cachestore import Store
+from tasks.config import PipelineConfig
+from tasks.corpus import build_shards
+from tasks.softtargets import (MANIFEST, SHARD_DIR, CacheCorruptError, add_entry, entry_from_file, format_params,
+                               new_manifest, open_cache, shard_file, shard_key, write_manifest)
+from tasks.teacher import load_tokenizer, teacher_identity, tokenizer_hash
+from workflows.runinfo import record_stage
+
+ACTOR_PREFIX = "raydistill-cache-"
+MAX_RESTARTS = 3
+
+
+@ray.remote(concurrency_groups={"control": 1}, max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS)
+class TeacherActor:
+    """Holds one teacher (loaded once) and encodes + commits whole shards."""
+
+    def __init__(self, teacher_cfg, threads: int):
+        import torch
+
+        from tasks.teacher import load_teacher
+
+        torch.set_num_threads(threads)
+        self.model, _ = load_teacher(teacher_cfg)
+
+    @ray.method(concurrency_group="control")
+    def pid(self) -> int:
+        """The actor's process id (its own thread group: answers while a shard is being computed)."""
+        return os.getpid()
+
+    def compute(self, cache_dir: str, name: str, split: str, key: str, tokens, cache_cfg) -> tuple[dict, int, float]:
+        """Encode and commit one shard; returns (manifest entry, teacher forwards performed, seconds)."""
+        from tasks.softtargets import commit_shard
+        from tasks.targetcodec import encode_shard
+
+        t0 = time.perf_counter()
+        fields, stats, forwards = encode_shard(self.model, tokens, split, cache_cfg.format,
+                                               format_params(cache_cfg), cache_cfg.temperature,
+                                               cache_cfg.batch_size, key)
+        entry = commit_shard(cache_dir, name, split, key, tokens, fields, stats, cache_cfg.format)
+        return entry, forwards, time.perf_counter() - t0
+
+
+def plan(cfg: PipelineConfig) -> tuple[dict, list]:
+    """(manifest skeleton, [(ShardSpec, key)]) for ``cfg``: everything the driver knows before the teacher runs."""
+    tok = load_tokenizer(cfg.teacher)
+    identity, tok_hash = teacher_identity(cfg.teacher), tokenizer_hash(tok)
+    specs = build_shards(cfg.corpus, tok)
+    params = format_params(cfg.cache)
+    keyed = [(s, shard_key(identity, tok_hash, s.content_hash, cfg.cache.format, params, cfg.cache.temperature))
+             for s in specs]
+    manifest = new_manifest(identity, tok_hash, cfg.cache, cfg.corpus)
+    manifest["planned_shards"] = len(keyed)
+    return manifest, keyed
+
+
+def _reuse(store: Store, cache_dir: str, manifest: dict, keyed: list) -> list:
+    """Put already-committed shards into ``manifest``; return the (spec, key) pairs still to compute."""
+    old = {}
+    if store.exists(MANIFEST):
+        try:
+            old = {e["key"]: e for e in open_cache(cache_dir).shards()}
+        except (CacheCorruptError, ValueError) as e:
+            print(f"cache: ignoring unreadable manifest ({e}); shard files are re-adopted by key")
+    todo = []
+    for spec, key in keyed:
+        rel = shard_file(spec.name, key)
+        if not store.exists(rel):
+            todo.append((spec, key))
+            continue
+        try:
+            if key in old and old[key]["file"] == rel:
+                if hashlib.sha256(store.read(rel)).hexdigest() != old[key]["sha256"]:
+                    raise CacheCorruptError(f"shard {spec.name}: sha256 mismatch in {rel}")
+                add_entry(manifest, old[key])
+            else:  # committed, but the run died before the manifest listed it: adopt the file
+                add_entry(manifest, entry_from_file(cache_dir, rel, key))
+        except CacheCorruptError as e:
+            print(f"cache: {e}; recomputing it")
+            store.remove(rel)
+            todo.append((spec, key))
+    return todo
+
+
+def _compute(cfg: PipelineConfig, todo: list, manifest: dict) -> tuple[int, float]:
+    """Run the actor pool over ``todo``; records entries as they finish.
+
+    Returns (teacher forwards, actor seconds spent encoding + committing: throughput without start-up)."""
+    n_actors = min(cfg.cache.num_actors, len(todo))
+    run_id = uuid.uuid4().hex[:8]
+    actors = [TeacherActor.options(num_cpus=cfg.cache.cpus_per_actor, name=f"{ACTOR_PREFIX}{run_id}-{i}")
+              .remote(cfg.teacher, cfg.cache.cpus_per_actor) for i in range(n_actors)]
+    queue, pending, forwards, busy = list(todo), {}, 0, 0.0
+
+    def submit(actor):
+        spec, key = queue.pop(0)
+        ref = actor.compute.remote(cfg.cache_dir, spec.name, spec.split, key, spec.tokens, cfg.cache)
+        pending[ref] = actor
+
+    try:
+        for actor in actors:  # one shard in flight per actor: its threads are all busy with it
+            if queue:
+                submit(actor)
+        bar = tqdm(total=len(todo), unit="shard", desc="cache", dynamic_ncols=True)
+        t0, tokens = time.time(), 0
+        while pending:
+            [ref], _ = ray.wait(list(pending), num_returns=1)
+            actor = pending.pop(ref)
+            entry, n, seconds = ray.get(ref)
+            forwards, busy = forwards + n, busy + seconds
+            tokens += entry["tokens"]
+            add_entry(manifest, entry)
+            write_manifest(cfg.cache_dir, manifest)
+            bar.set_postfix(tok_s=f"{tokens / max(time.time() - t0, 1e-9):.0f}")
+            bar.update(1)
+            if queue:
+                submit(actor)
+        bar.close()
+    finally:
+        for actor in actors:
+            ray.kill(actor, no_restart=True)
+    return forwards, busy
+
+
+def _collect_garbage(store: Store, manifest: dict) -> int:
+    """Remove shard files no entry refers to (results of older configs): the cache dir holds one cache."""
+    keep = {e["file"].rsplit("/", 1)[1] for e in manifest["shards"]}
+    stale = [n for n in store.listdir(SHARD_DIR) if n.endswith(".st") and not n.startswith(".") and n not in keep]
+    for name in stale:
+        store.remove(f"{SHARD_DIR}/{name}")
+    return len(stale)
+
+
+def run(cfg: PipelineConfig, args: argparse.Namespace | None) -> dict:
+    """Compute (or complete) the cache; ``raydistill cache inspect`` describes and verifies it instead."""
+    if args is not None and getattr(args, "cache_action", "run") == "inspect":
+        return inspect(cfg)
+    t0 = time.time()
+    init_ray(cfg.cluster)
+    manifest, keyed = plan(cfg)
+    store = Store(cfg.cache_dir)
+    store.clean_temps(("", SHARD_DIR))
+    todo = _reuse(store, cfg.cache_dir, manifest, keyed)
+    print(f"cache: {len(keyed) - len(todo)}/{len(keyed)} shards cached, computing {len(todo)}")
+    write_manifest(cfg.cache_dir, manifest)
+    forwards, busy = _compute(cfg, todo, manifest) if todo else (0, 0.0)
+    order = {spec.name: i for i, (spec, _) in enumerate(keyed)}
+    manifest["shards"].sort(key=lambda e: order[e["name"]])
+    manifest["complete"] = True
+    write_manifest(cfg.cache_dir, manifest)
+    _collect_garbage(store, manifest)
+    totals, wall = manifest["totals"], time.time() - t0
+    cache_key = hashlib.sha256("".join(key for _, key in keyed).encode()).hexdigest()
+    print(f"cache: {totals['tokens']} tokens, {totals['bytes_per_token']:.1f} bytes/token, {wall:.1f} s, "
+          f"{forwards} teacher forwards; teacher held-out NLL {totals['teacher_heldout_nll']}")
+    outputs = {"teacher_forwards": forwards, "shards_computed": len(todo), "shards_total": len(keyed),
+               "tokens": totals["tokens"], "bytes": totals["bytes"], "bytes_per_token": totals["bytes_per_token"],
+               "teacher_heldout_nll": totals["teacher_heldout_nll"],
+               "teacher_heldout_top1_acc": totals["teacher_heldout_top1_acc"], "wall_s": wall, "actor_s": busy,
+               "computed_tokens": sum(spec.tokens.shape[0] * cfg.corpus.seq_len for spec, _ in todo),
+               "cache_dir": cfg.cache_dir, "cache_key": cache_key}
+    record_stage(cfg, "cache", cache_key, outputs, paths=[store.url(MANIFEST)])
+    return outputs
+
+
+def inspect(cfg: PipelineConfig) -> dict:
+    """Print what the cache holds and verify every shard's checksum (exit 1 naming the first bad shard)."""
+    cache = open_cache(cfg.cache_dir)
+    m, t = cache.manifest, cache.totals
+    print(f"cache {Store(cfg.cache_dir).url('')}: format={m['format']} params={m['params']} "
+          f"temperature={m['temperature']} version={m['format_version']} complete={m.get('complete')}")
+    print(f"  teacher: {m['teacher']['source']} ({m['teacher']['kind']}) weights sha256 "
+          f"{m['teacher']['weights_sha256'][:16]}… dtype={m['teacher']['dtype']}")
+    print(f"  tokenizer sha256 {m['tokenizer_hash'][:16]}…  vocab={m['vocab_size']}  seq_len={m['seq_len']}")
+    print(f"  shards: {len(cache.shards('train'))} train + {len(cache.shards('heldout'))} heldout "
+          f"(planned {m.get('planned_shards')}); tokens {t.get('tokens')}; bytes {t.get('bytes')}; "
+          f"bytes/token {t.get('bytes_per_token')}")
+    print(f"  teacher held-out NLL {t.get('teacher_heldout_nll')}  top-1 acc {t.get('teacher_heldout_top1_acc')}")
+    try:
+        names = cache.verify()
+    except CacheCorruptError as e:
+        raise SystemExit(f"raydistill cache inspect: {e}") from None
+    print(f"  verified {len(names)} shards: all checksums ok")
+    return {"verified": len(names), **t}
+
+
+class _OverridesAndAction(argparse.Action):
+    """``cli`` declares ``overrides`` as ``nargs='*'``, which swallows any later positional: take the cache
+    sub-action (``inspect``) out of that list instead."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        actions = [v for v in values if v in ("inspect", "run")]
+        if len(actions) > 1:
+            parser.error("give at most one of: run, inspect")
+        namespace.cache_action = actions[0] if actions else "run"
+        setattr(namespace, self.dest, [v for v in values if v not in ("inspect", "run")])
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``raydistill cache [run|inspect] --config X [a.b=c ...]``."""
+    parser.set_defaults(cache_action="run")
+    for action in parser._actions:  # argparse has no public way to retarget an existing positional
+        if action.dest == "overrides":
+            action.__class__ = _OverridesAndAction
+            action.metavar = "[run|inspect] a.b=c"
