@@ -155,7 +155,7 @@ def _collect_garbage(store: Store, manifest: dict) -> int:
 
 def run(cfg: PipelineConfig, args: argparse.Namespace | None) -> dict:
     """Compute (or complete) the cache; ``raydistill cache inspect`` describes and verifies it instead."""
-    if args is not None and getattr(args, "cache_action", "run") == "inspect":
+    if args is not None and getattr(args, "action", "run") == "inspect":
         return inspect(cfg)
     t0 = time.time()
     init_ray(cfg.cluster)
@@ -206,22 +206,5 @@ def inspect(cfg: PipelineConfig) -> dict:
     return {"verified": len(names), **t}
 
 
-class _OverridesAndAction(argparse.Action):
-    """``cli`` declares ``overrides`` as ``nargs='*'``, which swallows any later positional: take the cache
-    sub-action (``inspect``) out of that list instead."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        actions = [v for v in values if v in ("inspect", "run")]
-        if len(actions) > 1:
-            parser.error("give at most one of: run, inspect")
-        namespace.cache_action = actions[0] if actions else "run"
-        setattr(namespace, self.dest, [v for v in values if v not in ("inspect", "run")])
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``raydistill cache [run|inspect] --config X [a.b=c ...]``."""
-    parser.set_defaults(cache_action="run")
-    for action in parser._actions:  # argparse has no public way to retarget an existing positional
-        if action.dest == "overrides":
-            action.__class__ = _OverridesAndAction
-            action.metavar = "[run|inspect] a.b=c"
+# ``raydistill cache [run|inspect] --config X [a.b=c ...]``: the CLI takes the first word as the action.
+ACTIONS = ("run", "inspect")

@@ -45,9 +45,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _split_action(parser, args, extras: list[str]) -> None:
+    """Overrides may come before or after options; a verb with ``ACTIONS`` takes one bare word as its action."""
+    actions = getattr(importlib.import_module(VERBS[args.verb][0]), "ACTIONS", ())
+    words = [w for w in [*args.overrides, *extras] if "=" not in w]
+    args.overrides = [w for w in [*args.overrides, *extras] if "=" in w]
+    args.action = actions[0] if actions else None
+    if len(words) == 1 and words[0] in actions:
+        args.action = words[0]
+    elif words:
+        hint = f"; actions of '{args.verb}': {', '.join(actions)}" if actions else ""
+        parser.error(f"unexpected argument(s) {' '.join(words)}: overrides look like a.b=c{hint}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    _split_action(parser, args, extras)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
