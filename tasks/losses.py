@@ -6,10 +6,12 @@ Every divergence ``D(p_teacher, q_student)`` is computed over *buckets*:
 
 - dense targets: the buckets are the V vocabulary ids (teacher log-probs ``[N, V]``);
 - sparse targets (``sampled`` / ``topk`` caches): the K stored ids plus one *tail bucket* holding the mass on
-  every id that is not stored. The teacher's tail is ``tail``; the student's tail is ``1 - Σ_k q(id_k)``,
-  computed in log space as ``logsumexp(logits over the other ids) - logsumexp(all logits)`` (exact, no
-  cancellation). Padding slots (probability 0) are left out of both sides. The coarsened divergence is exact
-  for K = V and, by the data-processing inequality, a lower bound of the full one otherwise.
+  every id that is not stored. The teacher's tail is ``tail``; the student's tail is ``1 − Σ_k q(id_k)``
+  (float64; summed directly over the other ids where it is small, so there is no cancellation). Padding
+  slots (probability 0) are left out of both sides. The coarsened divergence is exact for K = V and, by the
+  data-processing inequality, a lower bound of the full one otherwise. With ``sampled`` targets the value
+  of forward KL carries the constant offset H(p) − H(p̂) (the empirical distribution has lower entropy);
+  its gradient is unbiased.
 
 Divergences (``p`` teacher, ``q`` student, all at temperature T):
 
@@ -38,6 +40,8 @@ PROB_FLOOR = 1e-10
 """Smallest teacher probability used inside ``log p`` for reverse KL (sparse targets hold exact zeros)."""
 CHUNK_TOKENS = 1024
 """Tokens per chunk of the loss: at most a ``[CHUNK_TOKENS, V]`` float32 softmax is alive at a time."""
+EXACT_TAIL = 1e-3
+"""Below this student tail mass, ``1 − Σ q(ids)`` is replaced by the direct sum over the other ids."""
 _NEG = -1e30
 """Finite stand-in for log 0: ``0 * (log 0 - x)`` terms must not turn into NaN in backward."""
 
@@ -91,27 +95,33 @@ def divergence(log_p: torch.Tensor, log_q: torch.Tensor, loss: str = "forward_kl
     raise ValueError(f"unknown KD loss {loss!r}; choose one of {', '.join(LOSSES)}")
 
 
-def sparse_buckets(student_logits: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor, tail: torch.Tensor):
+def sparse_buckets(student_logprobs: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor, tail: torch.Tensor):
     """Teacher and student log-probs over the K stored ids plus the tail bucket.
 
+    The student's tail is ``1 − Σ q(ids)`` in float64; where that leaves less than ``EXACT_TAIL`` (cancellation
+    would cost precision) it is instead summed directly over the ids that are not stored.
+
     Args:
-        student_logits (torch.Tensor): ``(N, V)`` student logits (already divided by T).
-        ids (torch.Tensor): ``(N, K)`` long, teacher token ids (padding slots have prob 0).
+        student_logprobs (torch.Tensor): ``(N, V)`` student log-softmax (at temperature T).
+        ids (torch.Tensor): ``(N, K)`` long, teacher token ids; real ids in a row are distinct, padding slots
+            (probability 0) may repeat any id.
         probs (torch.Tensor): ``(N, K)`` teacher probabilities on ``ids``.
         tail (torch.Tensor): ``(N,)`` teacher mass on every id not in ``ids``.
     Returns:
-        tuple[torch.Tensor, torch.Tensor]: ``log_p, log_q`` of shape ``(N, K + 1)``; padding slots have
-        ``log_p = log_q = log 0`` so they contribute nothing. Real ids in a row must be distinct.
+        tuple[torch.Tensor, torch.Tensor]: ``log_p, log_q`` of shape ``(N, K + 1)`` (last column: the tail);
+        padding slots hold log 0 on both sides so they contribute nothing.
     """
-    logits = student_logits.float()
     real = probs > 0
-    lse = torch.logsumexp(logits, dim=-1, keepdim=True)                        # (N, 1)
-    log_q_ids = logits.gather(-1, ids) - lse                                   # (N, K)
-    # (N, V) True on ids held by a real slot (scatter_add: a padding slot may repeat a real id)
-    stored = torch.zeros_like(logits).scatter_add_(-1, ids, real.float()) > 0
-    log_q_tail = torch.logsumexp(logits.masked_fill(stored, _NEG), dim=-1, keepdim=True) - lse
+    log_q_ids = student_logprobs.gather(-1, ids)                                       # (N, K)
+    q_tail = 1.0 - torch.where(real, log_q_ids.double().exp(), 0.0).sum(-1)             # (N,) float64
+    rows = (q_tail < EXACT_TAIL).nonzero().squeeze(-1)
+    if rows.numel():
+        lp = student_logprobs[rows]                                                    # (n, V)
+        stored = torch.zeros_like(lp).scatter_add_(-1, ids[rows], real[rows].to(lp.dtype)) > 0
+        q_tail = q_tail.index_put((rows,), lp.exp().masked_fill(stored, 0.0).sum(-1).double())
     log0 = torch.full_like(log_q_ids, _NEG)
-    log_q = torch.cat([torch.where(real, log_q_ids, log0), log_q_tail], dim=-1)
+    log_q = torch.cat([torch.where(real, log_q_ids, log0),
+                       q_tail.clamp(min=1e-30).log().to(log_q_ids.dtype).unsqueeze(-1)], dim=-1)
     log_p = torch.cat([torch.where(real, probs.float().log(), log0),
                        tail.float().clamp(min=0.0).log().unsqueeze(-1)], dim=-1)
     return log_p.clamp(min=_NEG), log_q.clamp(min=_NEG)
@@ -122,11 +132,11 @@ def _kd_chunk(logits, labels, target_parts, *, temperature, loss, beta, skew, ig
     logits = logits.float()
     real = labels != ignore_index
     ce_sum = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
-    scaled = logits / temperature
+    log_q = F.log_softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)
     if len(target_parts) == 1:                                                 # dense teacher log-probs
-        log_p, log_q = target_parts[0].float(), F.log_softmax(scaled, dim=-1)
+        log_p = target_parts[0].float()
     else:
-        log_p, log_q = sparse_buckets(scaled, *target_parts)
+        log_p, log_q = sparse_buckets(log_q, *target_parts)
     kd = divergence(log_p, log_q, loss, beta=beta, skew=skew)
     return ce_sum, torch.where(real, kd, torch.zeros_like(kd)).sum()
 
@@ -164,8 +174,9 @@ def distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor, target
         alpha (float): CE weight α ∈ [0, 1].
         temperature (float): T > 0; KD is multiplied by T² so its gradient scale does not depend on T.
         loss (str): KD divergence, one of :data:`LOSSES`.
-        chunk_tokens (int): tokens per chunk; each chunk's softmax is recomputed in backward (activation
-            checkpointing) so only one ``(chunk_tokens, V)`` float32 block is kept at a time.
+        chunk_tokens (int): tokens per chunk. With more than one chunk, each chunk's softmax is recomputed in
+            backward (activation checkpointing) so only one chunk's ``(chunk_tokens, V)`` float32 blocks are
+            kept at a time; a batch that fits in one chunk is not recomputed.
     Returns:
         dict: ``total``, ``ce``, ``kd`` (scalars; ``kd`` without the T² and (1−α) factors) and ``tokens``.
     """
@@ -182,10 +193,12 @@ def distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor, target
     parts = _target_parts(targets, flat_labels.numel(), vocab)
     kw = dict(temperature=temperature, loss=loss, beta=beta, skew=skew, ignore_index=ignore_index)
     ce_sum = kd_sum = logits.new_zeros((), dtype=torch.float32)
-    for s in range(0, flat_labels.numel(), chunk_tokens):
+    n = flat_labels.numel()
+    recompute = n > chunk_tokens and torch.is_grad_enabled() and logits.requires_grad
+    for s in range(0, n, chunk_tokens):
         sl = slice(s, s + chunk_tokens)
         args = (logits[sl], flat_labels[sl], tuple(p[sl] for p in parts))
-        if torch.is_grad_enabled() and logits.requires_grad:
+        if recompute:
             ce, kd = checkpoint(lambda lg, lb, tp: _kd_chunk(lg, lb, tp, **kw), *args, use_reentrant=False)
         else:
             ce, kd = _kd_chunk(*args, **kw)

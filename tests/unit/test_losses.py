@@ -42,8 +42,7 @@ def _full_as_sparse(log_p, pad_slots=0, seed=0):
 def test_identical_distributions_give_zero(loss):
     log_p, _ = _logps()
     assert torch.allclose(divergence(log_p, log_p, loss), torch.zeros(len(log_p)), atol=1e-6)
-    logits = log_p + 3.0  # logits differ from log-probs by a constant per row: same distribution
-    lp_s, lq_s = sparse_buckets(logits, *_full_as_sparse(log_p, pad_slots=2))
+    lp_s, lq_s = sparse_buckets(log_p, *_full_as_sparse(log_p, pad_slots=2))
     assert torch.allclose(divergence(lp_s, lq_s, loss), torch.zeros(len(log_p)), atol=1e-5)
 
 
@@ -108,18 +107,25 @@ def test_skew_limits():
 @pytest.mark.parametrize("loss", LOSSES)
 def test_sparse_with_all_ids_equals_dense(loss):
     log_p, log_q = _logps()
-    logits = log_q * 1.0 + 0.7
-    want = divergence(log_p, F.log_softmax(logits, -1), loss, beta=0.3, skew=0.2)
-    lp_s, lq_s = sparse_buckets(logits, *_full_as_sparse(log_p, pad_slots=3))
+    want = divergence(log_p, log_q, loss, beta=0.3, skew=0.2)
+    lp_s, lq_s = sparse_buckets(log_q, *_full_as_sparse(log_p, pad_slots=3))
     assert torch.allclose(divergence(lp_s, lq_s, loss, beta=0.3, skew=0.2), want, atol=1e-5)
 
 
 def test_sparse_tail_bucket_hand_computed():
     # teacher stores id 0 (p=.5) and puts .5 on the rest; student q = [.2, .3, .5] → coarsened [.2, .8]
-    logits = torch.tensor([[0.2, 0.3, 0.5]]).log()
-    log_p, log_q = sparse_buckets(logits, torch.tensor([[0, 2]]), torch.tensor([[0.5, 0.0]]), torch.tensor([0.5]))
+    log_q = torch.tensor([[0.2, 0.3, 0.5]]).log()
+    log_p, log_q = sparse_buckets(log_q, torch.tensor([[0, 2]]), torch.tensor([[0.5, 0.0]]), torch.tensor([0.5]))
     kl = divergence(log_p, log_q, "forward_kl").item()
     assert kl == pytest.approx(0.5 * math.log(0.5 / 0.2) + 0.5 * math.log(0.5 / 0.8), rel=1e-5)
+
+
+def test_small_student_tail_is_summed_exactly():
+    # the student puts 1e-6 outside the stored ids: 1 − Σ q would lose it to float32 rounding
+    q = torch.tensor([[0.6, 0.4 - 1e-6, 0.5e-6, 0.5e-6]], dtype=torch.float64)
+    log_p, log_q = sparse_buckets(q.log().float(), torch.tensor([[0, 1]]), torch.tensor([[0.5, 0.4]]),
+                                  torch.tensor([0.1]))
+    assert log_q[0, -1].exp().item() == pytest.approx(1e-6, rel=1e-3)
 
 
 def test_sampled_targets_give_unbiased_forward_kl_gradient():
@@ -130,7 +136,7 @@ def test_sampled_targets_give_unbiased_forward_kl_gradient():
     exact = torch.autograd.grad(divergence(p.log()[None], F.log_softmax(logits, -1)).sum(), logits)[0]
     counts = torch.distributions.Multinomial(n_draws, probs=p).sample((reps,))  # (reps, V)
     ids = torch.arange(v).expand(reps, v)
-    lp, lq = sparse_buckets(logits.expand(reps, v), ids, counts / n_draws, torch.zeros(reps))
+    lp, lq = sparse_buckets(F.log_softmax(logits, -1).expand(reps, v), ids, counts / n_draws, torch.zeros(reps))
     mean_grad = torch.autograd.grad(divergence(lp, lq).mean(), logits)[0]
     assert torch.allclose(mean_grad, exact, atol=0.01)
 
@@ -161,7 +167,7 @@ def test_padding_tokens_are_ignored():
     logits, labels, teacher = _batch()
     labels[0, 3:] = -100
     out = distillation_loss(logits, labels, dense(teacher), alpha=0.5, temperature=2.0)
-    assert out["tokens"].item() == 7
+    assert out["tokens"].item() == 8
     changed = logits.clone()
     changed[0, 3:] = torch.randn_like(changed[0, 3:]) * 10
     again = distillation_loss(changed, labels, dense(teacher), alpha=0.5, temperature=2.0)

@@ -1,0 +1,114 @@
+"""Per-worker streaming of cache shards into training micro-batches, with a resumable position.
+
+    python -m pytest tests/unit/test_data.py
+
+Each epoch the train shards are put in a seeded order (``seed``, ``epoch``); worker ``rank`` of ``world_size``
+takes every ``world_size``-th shard of that order, so workers read disjoint shards and every shard is read once
+per epoch. A worker holds one shard at a time (two while a micro-batch straddles a shard boundary). The stream
+is endless (epoch after epoch): training runs for a number of steps, and every worker yields the same number
+of micro-batches per step, so ranks never wait on each other for data.
+
+After each micro-batch the stream reports a :class:`DataPosition` (epoch, shard index in this worker's list,
+window offset) of the next unread window; starting a new stream at that position continues exactly there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+
+from tasks.targetcodec import at_temperature, cat_targets
+
+
+@dataclass(frozen=True)
+class DataPosition:
+    """Where a worker's stream continues: ``epoch``, ``shard`` (index into that epoch's worker list), ``window``."""
+
+    epoch: int = 0
+    shard: int = 0
+    window: int = 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "DataPosition":
+        return cls(**{k: int(v) for k, v in (d or {}).items()})
+
+
+@dataclass
+class Batch:
+    """One micro-batch: ``input_ids``/``labels`` Long ``[B, L]``; ``targets`` the teacher distribution over
+    ``labels`` at the training temperature (``SparseTargets`` ``[B, L, K]`` or ``DenseTargets`` ``[B, L, V]``)."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    targets: Any
+
+    @property
+    def tokens(self) -> int:
+        return self.labels.numel()
+
+
+def epoch_shards(entries: list, epoch: int, rank: int, world_size: int, seed: int) -> list:
+    """This worker's shards for ``epoch``: every ``world_size``-th of a seeded permutation of ``entries``."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    order = list(range(len(entries)))
+    random.Random(f"{seed}:{epoch}").shuffle(order)
+    return [entries[i] for i in order[rank::world_size]]
+
+
+def _make_batch(pieces: list[tuple[Any, int, int]], temperature: float) -> Batch:
+    tokens = torch.cat([shard.tokens[a:b] for shard, a, b in pieces])
+    cached = [shard.targets(slice(a, b)) for shard, a, b in pieces]
+    targets = at_temperature(cached[0] if len(cached) == 1 else cat_targets(cached), temperature)
+    return Batch(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), targets)
+
+
+def train_batches(cache, *, rank: int, world_size: int, micro_batch_size: int, temperature: float,
+                  seed: int = 0, start: DataPosition = DataPosition()) -> Iterator[tuple[Batch, DataPosition]]:
+    """Endless ``(batch, position_after)`` pairs from this worker's train shards (see the module doc).
+
+    Args:
+        cache: an opened cache (``tasks.softtargets.Cache``): ``shards("train")`` entries and ``read(entry)``.
+        rank, world_size: this worker and the number of workers.
+        micro_batch_size: windows per batch; a batch may take windows from two consecutive shards.
+        temperature: training temperature T the targets are converted to.
+        seed: seed of the per-epoch shard order (same on every worker).
+        start: position to continue from (``DataPosition()`` = the beginning).
+    """
+    entries = cache.shards("train")
+    if len(entries) < world_size:
+        raise ValueError(f"the cache has {len(entries)} train shards but training uses {world_size} workers; "
+                         "every worker needs at least one shard (use fewer workers, smaller "
+                         "corpus.windows_per_shard or a larger corpus)")
+    if micro_batch_size <= 0:
+        raise ValueError(f"micro_batch_size must be > 0, got {micro_batch_size}")
+    epoch, index, window = start.epoch, start.shard, start.window
+    pieces, have = [], 0
+    while True:
+        shards = epoch_shards(entries, epoch, rank, world_size, seed)
+        while index < len(shards):
+            shard = cache.read(shards[index])
+            n = shard.tokens.shape[0]
+            while window < n:
+                take = min(micro_batch_size - have, n - window)
+                pieces.append((shard, window, window + take))
+                have, window = have + take, window + take
+                if have == micro_batch_size:
+                    after = DataPosition(epoch, index, window) if window < n else DataPosition(epoch, index + 1, 0)
+                    yield _make_batch(pieces, temperature), after
+                    pieces, have = [], 0
+            index, window = index + 1, 0
+        epoch, index = epoch + 1, 0
+
+
+def heldout_shards(cache, *, rank: int = 0, world_size: int = 1) -> Iterator:
+    """Read held-out shards, one at a time; worker ``rank`` gets every ``world_size``-th (corpus order)."""
+    for entry in cache.shards("heldout")[rank::world_size]:
+        yield cache.read(entry)

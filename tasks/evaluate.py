@@ -1,0 +1,156 @@
+"""Held-out evaluation of a (student) model against the cached teacher.
+
+    python -m pytest tests/unit/test_evaluate.py
+
+``evaluate(model, shards)`` takes *already-read* held-out shards (``Cache.read(entry)`` objects, or anything
+with the same fields) and returns plain floats:
+
+- ``heldout_loss``: mean cross-entropy of the true next token, nats/token; ``perplexity`` = exp of it;
+- ``top1_agreement``: share of positions where the model's argmax equals the teacher's (``teacher_top1``);
+- ``ece``: expected calibration error of the model's top-1 prediction (15 equal-width confidence bins,
+  accuracy against the true next token);
+- ``kl_to_teacher``: mean forward KL(teacher ‖ model) on the cached targets, both at the cache temperature
+  (over the stored ids + tail bucket for ``sampled``/``topk`` caches, see :mod:`tasks.losses`);
+- ``tokens``, ``tokens_per_s`` (forward passes only).
+
+A shard-like item needs ``tokens`` (``[W, L+1]`` ids; the model reads ``tokens[:, :-1]``, labels are
+``tokens[:, 1:]``); optional ``teacher_top1`` (``[W, L]``) and ``targets(window_slice)`` (cached targets of
+those windows, ``tasks.targetcodec.CachedTargets``). A metric whose teacher field is missing is ``None``.
+
+For distributed evaluation, each rank calls :func:`evaluate_sums` on its own shards, the sums are added
+across ranks (``all_reduce``) and :func:`finalize` turns them into the metrics.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+
+from tasks.losses import divergence, sparse_buckets
+from tasks.students import forward_logits
+from tasks.targetcodec import DenseTargets, at_temperature
+
+ECE_BINS = 15
+SUM_KEYS = ("nll", "tokens", "agree", "agree_tokens", "kl", "kl_tokens", "seconds")
+
+
+def _empty_sums() -> torch.Tensor:
+    """Additive statistics: ``SUM_KEYS`` then per-bin count, confidence sum and correct count."""
+    return torch.zeros(len(SUM_KEYS) + 3 * ECE_BINS, dtype=torch.float64)
+
+
+def _kl_rows(logits: torch.Tensor, cached) -> torch.Tensor:
+    """Forward KL per position ``(w*L,)``: ``logits`` ``(w, L, V)`` vs cached targets at the cache temperature."""
+    t = cached.cache_temperature
+    targets = at_temperature(cached, t)
+    log_q = F.log_softmax(logits.float().reshape(-1, logits.shape[-1]) / t, dim=-1)
+    if isinstance(targets, DenseTargets):
+        log_p = targets.logprobs.reshape(log_q.shape[0], -1)
+        if log_p.shape[-1] < log_q.shape[-1]:
+            log_p = F.pad(log_p, (0, log_q.shape[-1] - log_p.shape[-1]), value=-math.inf)
+        return divergence(log_p, log_q, "forward_kl")
+    n = log_q.shape[0]
+    log_p, log_q = sparse_buckets(log_q, targets.ids.reshape(n, -1), targets.probs.reshape(n, -1),
+                                  targets.tail.reshape(n))
+    return divergence(log_p, log_q, "forward_kl")
+
+
+@torch.no_grad()
+def evaluate_sums(model, shards: Iterable, *, max_windows: int | None = None, teacher_targets: bool = True,
+                  batch_size: int = 8) -> torch.Tensor:
+    """Additive evaluation statistics over the windows of ``shards`` (see :func:`finalize`)."""
+    was_training = getattr(model, "training", False)
+    model.eval()
+    sums, seen = _empty_sums(), 0
+    bins = sums[len(SUM_KEYS):].view(3, ECE_BINS)
+    try:
+        for shard in shards:
+            tokens = torch.as_tensor(shard.tokens).long()
+            top1 = getattr(shard, "teacher_top1", None)
+            for a in range(0, tokens.shape[0], batch_size):
+                if max_windows is not None and seen >= max_windows:
+                    return sums
+                b = min(a + batch_size, tokens.shape[0])
+                if max_windows is not None:
+                    b = min(b, a + max_windows - seen)
+                seen += b - a
+                x, y = tokens[a:b, :-1], tokens[a:b, 1:]
+                t0 = time.perf_counter()
+                logits = forward_logits(model, x).float()
+                sums[SUM_KEYS.index("seconds")] += time.perf_counter() - t0
+                flat, labels = logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
+                sums[0] += F.cross_entropy(flat, labels, reduction="sum").item()
+                sums[1] += labels.numel()
+                conf, pred = F.softmax(flat, dim=-1).max(dim=-1)
+                if top1 is not None:
+                    sums[2] += (pred == torch.as_tensor(top1[a:b]).reshape(-1).long()).sum().item()
+                    sums[3] += labels.numel()
+                if teacher_targets and hasattr(shard, "targets"):
+                    sums[4] += _kl_rows(logits, shard.targets(slice(a, b))).double().sum().item()
+                    sums[5] += labels.numel()
+                which = (conf.double() * ECE_BINS).long().clamp(max=ECE_BINS - 1)
+                bins[0] += torch.bincount(which, minlength=ECE_BINS).double()
+                bins[1] += torch.bincount(which, weights=conf.double(), minlength=ECE_BINS)
+                bins[2] += torch.bincount(which, weights=(pred == labels).double(), minlength=ECE_BINS)
+        return sums
+    finally:
+        model.train(was_training)
+
+
+def finalize(sums: torch.Tensor) -> dict:
+    """Metrics from (possibly all-reduced) :func:`evaluate_sums` statistics."""
+    s = dict(zip(SUM_KEYS, sums[:len(SUM_KEYS)].tolist()))
+    if s["tokens"] == 0:
+        raise ValueError("evaluate: no held-out windows to evaluate (empty shards or max_windows=0)")
+    count, conf, correct = sums[len(SUM_KEYS):].view(3, ECE_BINS)
+    loss = s["nll"] / s["tokens"]
+    return {
+        "heldout_loss": loss,
+        "perplexity": math.exp(min(loss, 700.0)),
+        "top1_agreement": s["agree"] / s["agree_tokens"] if s["agree_tokens"] else None,
+        "ece": float((conf - correct).abs().sum() / s["tokens"]),
+        "kl_to_teacher": s["kl"] / s["kl_tokens"] if s["kl_tokens"] else None,
+        "tokens": int(s["tokens"]),
+        "tokens_per_s": s["tokens"] / s["seconds"] if s["seconds"] > 0 else None,
+    }
+
+
+def evaluate(model, shards: Iterable, *, max_windows: int | None = None, teacher_targets: bool = True,
+             batch_size: int = 8) -> dict:
+    """Held-out metrics of ``model`` (any causal LM returning ``.logits``) on shard-like items.
+
+    Args:
+        model: a Hugging Face causal LM (plain, PEFT or quantized); it is put in eval mode for the call.
+        shards: iterable of read shards (``tokens [W, L+1]``, optional ``teacher_top1``, ``targets(slice)``).
+        max_windows: stop after this many windows (None: all).
+        teacher_targets: compute ``kl_to_teacher`` from the cached targets (reading them costs time).
+        batch_size: windows per forward pass.
+    Returns:
+        dict: ``heldout_loss, perplexity, top1_agreement, ece, kl_to_teacher, tokens, tokens_per_s``.
+    """
+    return finalize(evaluate_sums(model, shards, max_windows=max_windows, teacher_targets=teacher_targets,
+                                  batch_size=batch_size))
+
+
+def model_size_bytes(model) -> int:
+    """Bytes of a model's weights and buffers (shared tensors counted once; int8 packed weights included)."""
+    seen, total = set(), 0
+
+    def add(value):
+        nonlocal total
+        if isinstance(value, torch.Tensor):
+            key = (value.data_ptr(), value.nbytes) if not value.is_quantized else id(value)
+            if key not in seen:
+                seen.add(key)
+                total += value.numel() * value.element_size()
+        elif isinstance(value, (tuple, list)):
+            for v in value:
+                add(v)
+
+    for value in model.state_dict().values():
+        add(value)
+    return total

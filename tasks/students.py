@@ -1,0 +1,190 @@
+"""Build, save and load student models.
+
+    python -m pytest tests/unit/test_students.py
+
+``init: layers`` (DistilBERT-style): a model of the teacher's architecture with ``len(layers)`` decoder layers;
+embeddings, final norm, lm_head (tied or not) and the listed decoder layers are copied from the teacher. The
+student is constructed fresh from a config, so every attention module's ``layer_idx`` is its *new* position
+(the KV cache indexes layers by it). ``init: config``: a freshly initialised model of the teacher's
+architecture with ``student.overrides`` applied. Either may be wrapped in a PEFT adapter.
+
+Saved layout (an ordinary Hugging Face directory, safetensors only)::
+
+    out_dir/config.json, model.safetensors, tokenizer files   full weights (LoRA / IA3 merged in)
+    out_dir/adapter/                                          prefix / prompt tuning adapter (PEFT format)
+    out_dir/student.json                                      {"peft": method, "adapter": "adapter" | null}
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from tasks.config import ConfigError, PeftConfig, StudentConfig
+
+META_FILE = "student.json"
+ADAPTER_DIR = "adapter"
+
+
+def resolve_layers(layers: list[int], num_layers: int) -> list[int]:
+    """Teacher layer indices with negatives resolved; errors on out-of-range, duplicate or empty lists."""
+    if not layers:
+        raise ConfigError("student.layers must list at least one teacher layer")
+    out = []
+    for i in layers:
+        if not -num_layers <= i < num_layers:
+            raise ConfigError(f"student.layers: teacher layer {i} does not exist (the teacher has {num_layers} "
+                              f"layers: valid indices are {-num_layers}..{num_layers - 1})")
+        out.append(i % num_layers)
+    if len(set(out)) != len(out):
+        raise ConfigError(f"student.layers {layers} name the same teacher layer twice ({out})")
+    return out
+
+
+def _student_config(teacher_config, num_layers: int, layer_ids: list[int] | None = None, overrides=None):
+    """A copy of the teacher's HF config with ``num_layers`` layers (per-layer lists sliced) and overrides."""
+    cfg = copy.deepcopy(teacher_config)
+    if getattr(cfg, "quantization_config", None) is not None:  # e.g. a GGUF teacher: the student is plain fp32
+        del cfg.quantization_config
+    for key, value in (overrides or {}).items():
+        if not hasattr(cfg, key):
+            close = difflib.get_close_matches(key, list(cfg.to_dict()), n=3)
+            raise ConfigError(f"student.overrides: {type(cfg).__name__} has no field {key!r}"
+                              + (f"; did you mean {', '.join(close)}?" if close else ""))
+        setattr(cfg, key, value)
+    old_layers = teacher_config.num_hidden_layers
+    num_layers = int((overrides or {}).get("num_hidden_layers", num_layers))
+    cfg.num_hidden_layers = num_layers
+    if isinstance(getattr(cfg, "layer_types", None), list) and len(cfg.layer_types) == old_layers:
+        ids = layer_ids if layer_ids is not None else list(range(num_layers))
+        cfg.layer_types = [teacher_config.layer_types[i % old_layers] for i in ids]
+    cfg.dtype = torch.float32
+    return cfg
+
+
+def copy_layers(teacher: PreTrainedModel, layers: list[int]) -> PreTrainedModel:
+    """A student with the teacher's embeddings, final norm, lm_head and decoder ``layers`` (float32)."""
+    n_teacher = teacher.config.num_hidden_layers
+    ids = resolve_layers(layers, n_teacher)
+    student = AutoModelForCausalLM.from_config(_student_config(teacher.config, len(ids), ids),
+                                               dtype=torch.float32)
+    src = teacher.state_dict()
+    state = {}
+    for name in student.state_dict():
+        parts = name.split(".")
+        if "layers" in parts:  # model.layers.<new>.… ← model.layers.<old>.…
+            at = parts.index("layers") + 1
+            parts[at] = str(ids[int(parts[at])])
+        state[name] = src[".".join(parts)].detach().to(torch.float32)
+    student.load_state_dict(state, strict=True)
+    return student
+
+
+def build_student(student_cfg: StudentConfig, teacher_model: PreTrainedModel, *, seed: int = 0):
+    """The student before training: ``init: layers`` or ``init: config``, then the PEFT adapter if any."""
+    if student_cfg.init == "layers":
+        model = copy_layers(teacher_model, student_cfg.layers)
+    elif student_cfg.init == "config":
+        n = teacher_model.config.num_hidden_layers
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(
+            _student_config(teacher_model.config, n, overrides=student_cfg.overrides), dtype=torch.float32)
+    else:
+        raise ConfigError(f"student.init must be 'layers' or 'config', got {student_cfg.init!r}")
+    return wrap_peft(model, student_cfg.peft)
+
+
+def wrap_peft(model: PreTrainedModel, peft_cfg: PeftConfig):
+    """Wrap ``model`` in a PEFT adapter (``peft.method``); ``none`` returns it unchanged."""
+    if peft_cfg.method == "none":
+        return model
+    import peft
+
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [m for m in peft_cfg.target_modules if m not in names]
+    if peft_cfg.method in ("lora", "ia3") and missing:
+        raise ConfigError(f"student.peft.target_modules {missing} are not modules of this model "
+                          f"(linear layers it has: {sorted(n for n in names if n.endswith('proj'))})")
+    task = peft.TaskType.CAUSAL_LM
+    if peft_cfg.method == "lora":
+        pc = peft.LoraConfig(task_type=task, r=peft_cfg.r, lora_alpha=peft_cfg.lora_alpha,
+                             target_modules=list(peft_cfg.target_modules), lora_dropout=0.0)
+    elif peft_cfg.method == "ia3":
+        ff = [m for m in peft_cfg.target_modules if m in ("down_proj", "fc2", "c_proj", "w2")]
+        pc = peft.IA3Config(task_type=task, target_modules=list(peft_cfg.target_modules), feedforward_modules=ff)
+    elif peft_cfg.method == "prefix":
+        pc = peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=peft_cfg.num_virtual_tokens)
+    elif peft_cfg.method == "prompt":
+        pc = peft.PromptTuningConfig(task_type=task, num_virtual_tokens=peft_cfg.num_virtual_tokens)
+    else:
+        raise ConfigError(f"student.peft.method {peft_cfg.method!r} is not one of none, lora, ia3, prefix, prompt")
+    return peft.get_peft_model(model, pc)
+
+
+def peft_method(model) -> str:
+    """``none`` for a plain model, else the PEFT type in lower case (``lora``, ``ia3``, ``prefix``, ``prompt``)."""
+    pc = getattr(model, "peft_config", None)
+    if not pc:
+        return "none"
+    kind = str(next(iter(pc.values())).peft_type.value).lower()
+    return {"prefix_tuning": "prefix", "prompt_tuning": "prompt"}.get(kind, kind)
+
+
+def forward_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """Logits ``(B, L, V)`` for ``input_ids`` ``(B, L)``; drops the virtual-token positions prompt tuning prepends."""
+    logits = model(input_ids=input_ids, use_cache=False).logits
+    return logits[:, -input_ids.shape[1]:]
+
+
+def save_student(model, tokenizer, out_dir: str | Path) -> Path:
+    """Write ``model`` (plain or PEFT) and ``tokenizer`` as a Hugging Face directory with safetensors."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    method = peft_method(model)
+    adapter = None
+    if method in ("lora", "ia3"):
+        base = copy.deepcopy(model).merge_and_unload()  # a copy: the caller's model keeps its adapter
+    elif method != "none":
+        base = model.get_base_model()
+        model.save_pretrained(out / ADAPTER_DIR, safe_serialization=True)
+        adapter = ADAPTER_DIR
+    else:
+        base = model
+    base.save_pretrained(out, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    (out / META_FILE).write_text(json.dumps({"peft": method, "adapter": adapter}, indent=2))
+    for stray in out.glob("*.bin"):
+        raise RuntimeError(f"refusing a pickle weight file in a student directory: {stray}")
+    return out
+
+
+def load_student(path: str | Path, *, dtype: torch.dtype = torch.float32):
+    """Load what :func:`save_student` wrote (or any HF causal-LM dir); prefix/prompt adapters are re-attached."""
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path} is not a student directory (no config.json)")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    meta = json.loads((path / META_FILE).read_text()) if (path / META_FILE).exists() else {}
+    if meta.get("adapter"):
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, path / meta["adapter"], is_trainable=False)
+    return model.eval()
+
+
+def count_parameters(model) -> dict:
+    """``{"total": …, "trainable": …}`` parameter counts (tied weights counted once)."""
+    seen, total, trainable = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return {"total": total, "trainable": trainable}

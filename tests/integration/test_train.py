@@ -1,0 +1,296 @@
+"""Training: ZeRO checkpoints round-trip exactly (in-process), then real Ray Train runs on the tiny cache.
+
+Default suite: in-process DeepSpeed checks on a one-process gloo group (checkpoint round-trip for ZeRO 1/2/3
+and 3+offload, the lr schedule reaching the optimizer; no Ray), a refused mismatched cache, and two
+TorchTrainer runs (ZeRO-2, 2 workers: ``raydistill train``; then the same run name continues from its
+checkpoint). Slow: ZeRO-1, ZeRO-3 and ZeRO-3+offload+LoRA end to end, and a worker killed mid-run that Ray
+Train restarts from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+from tasks.config import TrainConfig, load_config
+
+pytestmark = pytest.mark.integration
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def _gloo_group():
+    import torch.distributed as dist
+
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    yield
+    if created:
+        dist.destroy_process_group()
+
+
+@pytest.fixture
+def process_group(_gloo_group, monkeypatch):
+    """A one-process gloo group for in-process DeepSpeed (Ray Train sets one up in real workers).
+
+    LOCAL_RANK is set per test only: a Ray cluster started later in this process must not inherit it.
+    """
+    monkeypatch.setenv("LOCAL_RANK", "0")  # DeepSpeed asserts on it
+
+
+def _engine(stage: int, seed: int = 0, weights: Path | None = None, optim: dict | None = None, offload=False):
+    import deepspeed
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from workflows.checkpoint import load_optimizer_tensors, load_weights
+    from workflows.train import deepspeed_config
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    if weights:
+        load_weights(model, weights)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    tc = TrainConfig(zero_stage=stage, offload=offload, micro_batch_size=2, grad_clip=1.0)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(tc, 1))
+    if optim is not None:
+        load_optimizer_tensors(engine, optim)
+    return engine
+
+
+def _step(engine, seed):
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(seed))
+    engine.backward(engine(input_ids=ids, labels=ids).loss)
+    engine.step()
+
+
+def _weights(engine, stage, path):
+    from safetensors.torch import load_file
+
+    from workflows.checkpoint import save_weights
+
+    save_weights(engine, stage, 0, path)
+    return load_file(str(path))
+
+
+@pytest.mark.parametrize("stage,offload", [(1, False), (2, False), (3, False), (3, True)])
+def test_zero_checkpoint_round_trip_is_exact(stage, offload, tmp_path, process_group):
+    from workflows.checkpoint import optimizer_tensors
+
+    a = _engine(stage, offload=offload)
+    for s in range(3):
+        _step(a, s)
+    _weights(a, stage, tmp_path / "ckpt.safetensors")
+    optim = optimizer_tensors(a)
+    assert {k.split(".", 1)[1] for k in optim} == {"step", "exp_avg", "exp_avg_sq"}
+    _step(a, 3)
+    want = _weights(a, stage, tmp_path / "a.safetensors")
+
+    b = _engine(stage, seed=1, weights=tmp_path / "ckpt.safetensors", optim=optim, offload=offload)  # all overwritten
+    _step(b, 3)
+    got = _weights(b, stage, tmp_path / "b.safetensors")
+    assert got.keys() == want.keys() and "model.embed_tokens.weight" in got
+    for k in want:
+        assert torch.allclose(got[k], want[k], atol=1e-6), k
+
+    fresh_moments = _engine(stage, seed=1, weights=tmp_path / "ckpt.safetensors", offload=offload)  # no AdamW state
+    _step(fresh_moments, 3)
+    differ = _weights(fresh_moments, stage, tmp_path / "c.safetensors")
+    assert not all(torch.allclose(differ[k], want[k], atol=1e-6) for k in want)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_learning_rate_set_on_param_groups_reaches_the_optimizer(stage, tmp_path, process_group):
+    """The loop sets the schedule's lr on ``engine.optimizer.param_groups``: lr 0 must freeze the weights."""
+    engine = _engine(stage)
+    before = _weights(engine, stage, tmp_path / "before.safetensors")
+    for group in engine.optimizer.param_groups:
+        group["lr"] = 0.0
+    _step(engine, 0)
+    after = _weights(engine, stage, tmp_path / "after.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    for group in engine.optimizer.param_groups:
+        group["lr"] = 1e-2
+    _step(engine, 1)
+    moved = _weights(engine, stage, tmp_path / "moved.safetensors")
+    assert not all(torch.equal(before[k], moved[k]) for k in before)
+
+
+def test_deepspeed_config_and_lr_schedule():
+    from workflows.train import deepspeed_config, lr_at, report_steps
+
+    tc = TrainConfig(zero_stage=3, offload=True, micro_batch_size=3, grad_accum=2, grad_clip=0.5, lr=1e-3,
+                     warmup_steps=2)
+    ds = deepspeed_config(tc, world_size=2)
+    assert ds["train_batch_size"] == 12 and ds["gradient_accumulation_steps"] == 2
+    assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] is False
+    assert deepspeed_config(TrainConfig(zero_stage=1, offload=True), 1)["zero_optimization"]["offload_optimizer"]
+    assert [lr_at(s, tc, 10) for s in (1, 2)] == [5e-4, 1e-3]
+    assert lr_at(10, tc, 10) == pytest.approx(1e-4)
+    assert lr_at(3, tc, 10) > lr_at(6, tc, 10) > lr_at(9, tc, 10)
+    assert report_steps(TrainConfig(eval_every=3, checkpoint_every=3), 4) == [3, 4]
+    assert report_steps(TrainConfig(eval_every=20, checkpoint_every=20), 15) == [15]
+    assert report_steps(TrainConfig(eval_every=2, checkpoint_every=3), 7) == [2, 3, 4, 6, 7]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_cached, tmp_path_factory):
+    """One ZeRO-2 run on the tiny cache (2 workers, 6 steps, checkpoints every 3), via the `train` verb."""
+    from workflows import train
+
+    cfg = load_config("tiny", [f"run_dir={tiny_cached.run_dir}"])
+    outputs = train.run(cfg)
+    return cfg, outputs
+
+
+def test_train_saves_a_loadable_student_that_beats_its_init(trained):
+    from mlflow.tracking import MlflowClient
+
+    from tasks.evaluate import evaluate
+    from tasks.softtargets import open_cache
+    from tasks.students import load_student
+    from workflows import runinfo, train
+
+    cfg, out = trained
+    student_dir = Path(out["student_dir"])
+    assert (student_dir / "model.safetensors").exists() and (student_dir / "tokenizer.json").exists()
+    assert not [p for p in student_dir.rglob("*") if p.suffix in (".bin", ".pt", ".pkl")]
+    metrics = json.loads(Path(out["metrics_path"]).read_text())
+    assert metrics["step"] == cfg.train.steps
+    assert metrics["heldout_loss"] < metrics["init"]["heldout_loss"]
+
+    cache = open_cache(cfg.cache_dir)
+    shards = [cache.read(e) for e in cache.shards("heldout")]
+    trained_m = evaluate(load_student(student_dir), shards)
+    init_m = evaluate(load_student(Path(cfg.run_dir, "train", "init")), shards)
+    assert trained_m["heldout_loss"] == pytest.approx(metrics["heldout_loss"], rel=1e-4)  # the saved weights
+    assert trained_m["heldout_loss"] < init_m["heldout_loss"]
+
+    history = MlflowClient(cfg.tracking_uri).get_metric_history(out["mlflow_run_id"], "loss")
+    assert sorted(m.step for m in history) == list(range(1, cfg.train.steps + 1))
+    assert runinfo.stage_done(cfg, "train", train.stage_key(cfg))
+    assert train.run(cfg)["student_dir"] == out["student_dir"]  # done: skipped, no new Train run
+
+
+def test_same_run_name_continues_from_the_checkpoint(trained, capfd):
+    """A second run under the same name and storage resumes at the last checkpoint (step 6) and goes on."""
+    from mlflow.tracking import MlflowClient
+
+    from workflows import train
+
+    cfg, out = trained
+    result = train.train_driver(cfg, run_name=f"train-{train.stage_key(cfg)[:12]}",
+                                storage_path=str(Path(cfg.run_dir, "train", "ray").resolve()), steps=8,
+                                output_dir=str(Path(cfg.run_dir, "resumed")), mlflow_run_id=out["mlflow_run_id"])
+    assert result["steps"] == 8
+    logs = capfd.readouterr()
+    text = logs.out + logs.err
+    assert "resuming at step 6" in text and "step 7/8" in text and "step 1/8" not in text
+    client = MlflowClient(cfg.tracking_uri)
+    history = client.get_metric_history(out["mlflow_run_id"], "loss")
+    assert sorted(m.step for m in history) == list(range(1, 9))  # each step once, numbering continued
+    assert len(client.get_metric_history(out["mlflow_run_id"], "init_heldout_loss")) == 1  # no fresh start
+    assert (Path(cfg.run_dir, "resumed", "student", "model.safetensors")).exists()
+
+
+def test_a_cache_built_for_another_config_is_refused(tiny_cached, tmp_path):
+    from tasks.softtargets import CacheMismatchError
+    from workflows import train
+
+    cfg = load_config("tiny", [f"run_dir={tmp_path / 'run'}", f"cache.dir={tiny_cached.cache_dir}",
+                               "cache.num_samples=8"])
+    with pytest.raises(CacheMismatchError, match="num_samples"):
+        train.train_driver(cfg, run_name="mismatch", storage_path=str(tmp_path / "ray"))
+    assert not (tmp_path / "ray").exists()  # refused before any Train run
+
+
+def _side_cfg(tiny_cached, tmp_path, *overrides):
+    """The tiny preset in its own run dir, reading the module's shared cache."""
+    return load_config("tiny", [f"run_dir={tmp_path / 'run'}", f"cache.dir={tiny_cached.cache_dir}", *overrides])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [["train.zero_stage=1"], ["train.zero_stage=3"],
+                                       ["train.zero_stage=3", "train.offload=true", "student.peft.method=lora"]],
+                         ids=["zero1", "zero3", "zero3-offload-lora"])
+def test_other_zero_stages_and_lora_train_and_export(overrides, tiny_cached, tmp_path):
+    from safetensors.torch import load_file
+
+    from tasks.students import load_student, peft_method
+    from workflows import train
+
+    cfg = _side_cfg(tiny_cached, tmp_path, "train.steps=4", "train.eval_every=2", "train.checkpoint_every=2",
+                    *overrides)
+    out = train.train_driver(cfg, run_name="side", storage_path=str(tmp_path / "ray"))
+    m = out["metrics"]
+    assert m["step"] == 4 and m["heldout_loss"] < m["init"]["heldout_loss"]
+    student = load_student(out["student_dir"])
+    assert peft_method(student) == "none"  # LoRA is merged into the exported weights
+    init = load_file(str(Path(cfg.run_dir, "train", "init", "model.safetensors")))
+    trained = load_file(str(Path(out["student_dir"], "model.safetensors")))
+    assert not torch.equal(init["model.layers.0.self_attn.q_proj.weight"],
+                           trained["model.layers.0.self_attn.q_proj.weight"])
+    if cfg.student.peft.method == "lora":  # only adapter-covered weights moved
+        assert torch.equal(init["model.layers.0.mlp.up_proj.weight"], trained["model.layers.0.mlp.up_proj.weight"])
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_run_restarts_from_the_last_checkpoint(tiny_cached, tmp_path, capfd):
+    """SIGKILL one Ray Train worker after the step-4 checkpoint: the run restarts there and finishes."""
+    import signal
+    import threading
+    import time
+
+    import psutil
+    from mlflow.tracking import MlflowClient
+
+    from workflows import tracking, train
+
+    cfg = _side_cfg(tiny_cached, tmp_path, "train.steps=24", "train.eval_every=2", "train.checkpoint_every=2",
+                    "train.max_failures=1")
+    tracking.setup(cfg)
+    with tracking.start_run(cfg, "killed") as run:
+        run_id = run.info.run_id
+    results, errors = [], []
+
+    def go():
+        try:
+            results.append(train.train_driver(cfg, run_name="killed", storage_path=str(tmp_path / "ray"),
+                                              mlflow_run_id=run_id))
+        except Exception as e:  # surfaced by the asserts below
+            errors.append(e)
+
+    thread = threading.Thread(target=go)
+    thread.start()
+    deadline, victim = time.time() + 300, None
+    while victim is None and time.time() < deadline and thread.is_alive():
+        steps = [json.loads(p.read_text())["step"] for p in (tmp_path / "ray").rglob("state.json")]
+        if steps and max(steps) >= 4:
+            me = os.getpid()
+            workers = [p for p in psutil.process_iter(["cmdline"])
+                       if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])
+                       and me in {a.pid for a in p.parents()}]
+            victim = workers[0] if workers else None
+        time.sleep(0.1)
+    assert victim is not None, "no checkpoint at step 4 or no Ray Train worker process found"
+    os.kill(victim.pid, signal.SIGKILL)
+    thread.join(timeout=600)
+    assert not errors, errors
+    assert results and results[0]["steps"] == 24
+    text = "".join(capfd.readouterr())
+    assert "resuming at step" in text
+    history = MlflowClient(cfg.tracking_uri).get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(1, 25))

@@ -1,0 +1,131 @@
+"""Students: layer copies reproduce the teacher, KV cache works after renumbering, PEFT trains/saves/loads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from tasks.config import ConfigError, PeftConfig, StudentConfig
+from tasks.students import (build_student, count_parameters, forward_logits, load_student, peft_method,
+                            resolve_layers, save_student)
+
+VOCAB = 97
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+def test_resolve_layers_validates():
+    assert resolve_layers([0, -1], 4) == [0, 3]
+    with pytest.raises(ConfigError, match="does not exist"):
+        resolve_layers([4], 4)
+    with pytest.raises(ConfigError, match="twice"):
+        resolve_layers([1, -3], 4)
+    with pytest.raises(ConfigError, match="at least one"):
+        resolve_layers([], 4)
+
+
+def test_layer_subset_copies_the_listed_teacher_layers(teacher):
+    student = build_student(StudentConfig(init="layers", layers=[0, -1]), teacher)
+    assert student.config.num_hidden_layers == 2
+    t, s = teacher.state_dict(), student.state_dict()
+    for new, old in enumerate([0, 3]):
+        for name in ("self_attn.q_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight"):
+            assert torch.equal(s[f"model.layers.{new}.{name}"], t[f"model.layers.{old}.{name}"])
+    assert not torch.equal(s["model.layers.1.self_attn.q_proj.weight"], t["model.layers.1.self_attn.q_proj.weight"])
+    assert torch.equal(s["model.embed_tokens.weight"], t["model.embed_tokens.weight"])
+    assert torch.equal(s["model.norm.weight"], t["model.norm.weight"])
+    assert student.lm_head.weight.data_ptr() == student.model.embed_tokens.weight.data_ptr()  # still tied
+    assert [layer.self_attn.layer_idx for layer in student.model.layers] == [0, 1]
+
+
+def test_all_layers_student_has_the_teachers_logits(teacher, ids):
+    student = build_student(StudentConfig(init="layers", layers=[0, 1, 2, 3]), teacher).eval()
+    with torch.no_grad():
+        assert torch.allclose(student(ids).logits, teacher(ids).logits, atol=1e-5)
+
+
+def test_kv_cache_decoding_matches_full_forward(teacher, ids):
+    student = build_student(StudentConfig(init="layers", layers=[1, 3]), teacher).eval()
+    with torch.no_grad():
+        full = student(ids).logits
+        out = student(ids[:, :8], use_cache=True)
+        past, steps = out.cache, [out.logits]
+        for j in range(8, 12):
+            out = student(ids[:, j:j + 1], cache=past, use_cache=True)
+            past = out.cache
+            steps.append(out.logits)
+    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
+
+
+def test_config_init_applies_overrides_and_rejects_unknown(teacher):
+    student = build_student(StudentConfig(init="config", overrides={"num_hidden_layers": 1,
+                                                                    "intermediate_size": 48}), teacher)
+    assert student.config.num_hidden_layers == 1 and len(student.model.layers) == 1
+    assert student.model.layers[0].mlp.up_proj.out_features == 48
+    with pytest.raises(ConfigError, match="num_hiden_layers"):
+        build_student(StudentConfig(init="config", overrides={"num_hiden_layers": 1}), teacher)
+
+
+def _train_one_step(model, ids):
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    logits = forward_logits(model, ids)
+    assert logits.shape == (*ids.shape, VOCAB)
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+    loss.backward()
+    opt.step()
+    return any(not torch.equal(b, p) for b, p in zip(before, params))
+
+
+@pytest.mark.parametrize("method", ["none", "lora", "ia3", "prefix", "prompt"])
+def test_peft_students_train_save_and_load(method, teacher, ids, tmp_path):
+    torch.manual_seed(0)
+    student = build_student(StudentConfig(layers=[0, 2], peft=PeftConfig(method=method, num_virtual_tokens=3)),
+                            teacher)
+    assert peft_method(student) == method
+    counts = count_parameters(student)
+    assert (counts["trainable"] < counts["total"]) == (method != "none")
+    student.train()
+    assert _train_one_step(student, ids)
+    student.eval()
+    with torch.no_grad():
+        want = forward_logits(student, ids)
+    out = save_student(student, None, tmp_path / "s")
+    assert (out / "model.safetensors").exists() and not list(out.rglob("*.bin"))
+    assert peft_method(student) == method  # saving did not strip the adapter off the caller's model
+    loaded = load_student(out)
+    assert peft_method(loaded) == ("none" if method in ("none", "lora", "ia3") else method)
+    with torch.no_grad():
+        assert torch.allclose(forward_logits(loaded, ids), want, atol=1e-5)
+
+
+def test_student_of_a_quantized_teacher_is_plain_and_resaves(teacher, ids, tmp_path):
+    """A GGUF teacher's config carries a quantization_config; the fp32 student must not inherit it."""
+    import copy
+
+    gguf_like = copy.deepcopy(teacher)
+    gguf_like.config.quantization_config = {"quant_method": "gguf", "gguf_file": "x.gguf", "dequantize": False}
+    first = save_student(build_student(StudentConfig(layers=[0]), gguf_like), None, tmp_path / "a")
+    assert "quantization_config" not in (first / "config.json").read_text()
+    again = save_student(load_student(first), None, tmp_path / "b")  # what the training export does
+    with torch.no_grad():
+        assert torch.equal(load_student(again)(ids).logits, load_student(first)(ids).logits)
+
+
+def test_load_student_rejects_a_non_model_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_student(tmp_path)
