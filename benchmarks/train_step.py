@@ -2,9 +2,11 @@
 
     python benchmarks/train_step.py --teacher smollm2 --tokens 8192 --steps 3 --threads 1
 
-One process, plain AdamW (no Ray, no DeepSpeed): the per-step compute a worker pays. ``cached`` uses targets
-encoded exactly as the cache stores them (``--format``, re-tempered to T by ``at_temperature``), computed once
-before timing; ``online`` runs the teacher forward inside every step and distills from its full softmax.
+One process, plain AdamW (no Ray, no DeepSpeed): the per-step compute a worker pays. Both KD modes go through
+``tasks.online.training_loss``, the objective the training workers run. ``cached`` uses targets encoded exactly
+as the cache stores them (``--format``, re-tempered to T by ``at_temperature``), computed once before timing;
+``online`` runs the teacher forward inside every step (``tasks.online.teacher_outputs``: inference mode, full
+softmax at T), plus hidden-state matching with ``--hidden-loss mse|cosine`` (projections stepped as in training).
 Prints one JSON object: ``ce_step_s``, ``cached_kd_step_s``, ``online_kd_step_s``, ``cached_over_ce``,
 ``online_over_cached`` (+ the setup).
 """
@@ -22,12 +24,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tasks.config import CorpusConfig, StudentConfig, TeacherConfig  # noqa: E402
+from tasks.config import CorpusConfig, StudentConfig, TeacherConfig, TrainConfig  # noqa: E402
 from tasks.corpus import build_shards  # noqa: E402
-from tasks.losses import distillation_loss  # noqa: E402
-from tasks.students import build_student, forward_logits  # noqa: E402
-from tasks.targetcodec import (CachedTargets, DenseTargets, at_temperature, decode_rows,  # noqa: E402
-                               encode_sampled, encode_topk)
+from tasks.data import Batch  # noqa: E402
+from tasks.online import online_teacher, resolve_layer_map, step_projections, training_loss  # noqa: E402
+from tasks.students import build_student, forward_logits, resolve_layers  # noqa: E402
+from tasks.targetcodec import (CachedTargets, at_temperature, decode_rows, encode_sampled,  # noqa: E402
+                               encode_topk)
 from tasks.teacher import load_teacher, load_tokenizer  # noqa: E402
 
 
@@ -43,6 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--format", choices=("sampled", "topk"), default="sampled")
     p.add_argument("--num-samples", type=int, default=50)
     p.add_argument("--temperature", type=float, default=2.0)
+    p.add_argument("--hidden-loss", choices=("none", "mse", "cosine"), default="none",
+                   help="online mode: hidden-state matching on the copied layers")
     p.add_argument("--threads", type=int, default=1)
     return p.parse_args(argv)
 
@@ -78,26 +83,35 @@ def main(argv=None) -> dict:
     with torch.no_grad():
         cached = [_cached_targets(teacher(input_ids=b[:, :-1]).logits.float(), args) for b in batches]
 
+    online_cfg = TrainConfig(alpha=0.5, temperature=args.temperature, teacher_mode="online",
+                             hidden_loss=args.hidden_loss)
+    cached_cfg = TrainConfig(alpha=0.5, temperature=args.temperature)
+    copied = resolve_layers(args.layers, teacher.config.num_hidden_layers)
+    layer_map = resolve_layer_map(None, copied=copied, n_student=len(copied),
+                                  n_teacher=teacher.config.num_hidden_layers)
+
     def run(mode: str) -> list[float]:
         torch.manual_seed(0)
         student = build_student(StudentConfig(layers=args.layers), teacher).train()
         opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
+        online = online_teacher(teacher, student, online_cfg, layer_map) if mode == "online" else None
+        heads = online.projections if online is not None else None
+        heads_opt = torch.optim.AdamW(heads.parameters(), lr=1e-4) if heads is not None else None
         times = []
         for b, targets in zip(batches, cached):
             t0 = time.perf_counter()
             x, y = b[:, :-1], b[:, 1:]
-            logits = forward_logits(student, x)
             if mode == "ce":
+                logits = forward_logits(student, x)
                 loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
             else:
-                if mode == "online":
-                    with torch.no_grad():
-                        t_logits = teacher(input_ids=x).logits.float()
-                    targets = DenseTargets(torch.log_softmax(t_logits / args.temperature, dim=-1))
-                loss = distillation_loss(logits, y, targets, alpha=0.5, temperature=args.temperature)["total"]
+                tc = online_cfg if mode == "online" else cached_cfg
+                loss = training_loss(student, Batch(x, y, targets if mode == "cached" else None), tc, online)["total"]
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if heads is not None:
+                step_projections(heads, heads_opt, lr=1e-4, grad_clip=1.0)
             times.append(time.perf_counter() - t0)
         return times[1:]  # the first step warms up allocators and kernels
 
@@ -108,7 +122,7 @@ def main(argv=None) -> dict:
     result["online_over_cached"] = round(result["online_kd_step_s"] / result["cached_kd_step_s"], 3)
     result["setup"] = {"teacher": args.teacher, "layers": args.layers, "seq_len": args.seq_len,
                        "micro_batch": args.micro_batch, "format": args.format, "threads": args.threads,
-                       "steps": args.steps, "temperature": args.temperature,
+                       "steps": args.steps, "temperature": args.temperature, "hidden_loss": args.hidden_loss,
                        "vocab": int(teacher.config.vocab_size)}
     print(json.dumps(result))
     return result

@@ -579,6 +579,7 @@ def resolve_paths(cfg: PipelineConfig) -> PipelineConfig:
     data["cache"]["dir"] = absolute(data["cache"]["dir"])
     data["teacher"]["source"] = absolute(data["teacher"]["source"], _BUILTIN_SOURCES["teacher.source"])
     data["teacher"]["tokenizer"] = absolute(data["teacher"]["tokenizer"])
+    data["student"]["tokenizer"] = absolute(data["student"]["tokenizer"])
     data["corpus"]["path"] = absolute(data["corpus"]["path"], _BUILTIN_SOURCES["corpus.path"])
     return from_dict(data)
 

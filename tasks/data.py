@@ -10,18 +10,26 @@ of micro-batches per step, so ranks never wait on each other for data.
 
 After each micro-batch the stream reports a :class:`DataPosition` (epoch, shard index in this worker's list,
 window offset) of the next unread window; starting a new stream at that position continues exactly there.
+With ``targets=False`` (online teacher) the same windows come without cached targets.
+
+Vocabulary. A student with fewer embedding rows than the teacher (the teacher's extra rows are padding: the
+tokenizers agree on every shared id, :func:`tasks.students.check_vocab`) gets the teacher distribution
+*conditioned on the ids it has*: :func:`restrict_vocab` drops the teacher's mass on ids ≥ the student's rows and
+renormalises the rest (for ``topk`` the tail bucket keeps whatever padding mass it held: it cannot be split).
+A student with more rows than the teacher needs nothing here: its extra rows get teacher mass 0 in the loss.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
 
-from tasks.targetcodec import at_temperature, cat_targets
+from tasks.targetcodec import CachedTargets, at_temperature, cat_targets
 
 
 @dataclass(frozen=True)
@@ -63,15 +71,49 @@ def epoch_shards(entries: list, epoch: int, rank: int, world_size: int, seed: in
     return [entries[i] for i in order[rank::world_size]]
 
 
-def _make_batch(pieces: list[tuple[Any, int, int]], temperature: float) -> Batch:
+def restrict_vocab(cached: CachedTargets, vocab_size: int) -> CachedTargets:
+    """The cached teacher distribution conditioned on ids ``< vocab_size`` (see the module doc).
+
+    ``full``: log-probs ``[..., V']`` cut to ``[..., vocab_size]`` and renormalised. ``sampled``: draws of dropped
+    ids removed (id 0, count 0), the remaining counts rescaled to sum to N per row. ``topk``: dropped ids get
+    log-prob −inf (their slots move to the front so the last slot stays the smallest kept log-prob, which
+    ``at_temperature`` uses to re-temper the tail); ``at_temperature`` renormalises top-k + tail jointly.
+    Targets whose vocabulary is not larger are returned unchanged.
+    """
+    if cached.format == "full":
+        if cached.logprobs.shape[-1] <= vocab_size:
+            return cached
+        return dataclasses.replace(cached, logprobs=torch.log_softmax(cached.logprobs[..., :vocab_size], dim=-1),
+                                   vocab_size=vocab_size)
+    keep = cached.ids < vocab_size
+    if bool(keep.all()) and (cached.vocab_size is None or cached.vocab_size <= vocab_size):
+        return cached
+    ids, lp = torch.where(keep, cached.ids, 0), cached.logprobs
+    if lp is not None:
+        lp = torch.where(keep, lp, -math.inf)
+    if cached.format == "sampled":
+        counts = torch.where(keep, cached.counts, 0.0)
+        counts = counts * (float(cached.num_samples) / counts.sum(-1, keepdim=True).clamp(min=1e-12))
+        return dataclasses.replace(cached, ids=ids, logprobs=lp, counts=counts, vocab_size=vocab_size)
+    order = torch.sort(torch.where(keep, lp, math.inf), dim=-1, descending=True, stable=True).indices
+    return dataclasses.replace(cached, ids=ids.gather(-1, order), logprobs=lp.gather(-1, order),
+                               vocab_size=vocab_size)
+
+
+def _make_batch(pieces: list[tuple[Any, int, int]], temperature: float, targets: bool,
+                vocab_size: int | None) -> Batch:
     tokens = torch.cat([shard.tokens[a:b] for shard, a, b in pieces])
-    cached = [shard.targets(slice(a, b)) for shard, a, b in pieces]
-    targets = at_temperature(cached[0] if len(cached) == 1 else cat_targets(cached), temperature)
-    return Batch(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), targets)
+    out = None
+    if targets:
+        cached = [shard.targets(slice(a, b)) for shard, a, b in pieces]
+        cached = cached[0] if len(cached) == 1 else cat_targets(cached)
+        out = at_temperature(cached if vocab_size is None else restrict_vocab(cached, vocab_size), temperature)
+    return Batch(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), out)
 
 
 def train_batches(cache, *, rank: int, world_size: int, micro_batch_size: int, temperature: float,
-                  seed: int = 0, start: DataPosition = DataPosition()) -> Iterator[tuple[Batch, DataPosition]]:
+                  seed: int = 0, start: DataPosition = DataPosition(), targets: bool = True,
+                  vocab_size: int | None = None) -> Iterator[tuple[Batch, DataPosition]]:
     """Endless ``(batch, position_after)`` pairs from this worker's train shards (see the module doc).
 
     Args:
@@ -81,6 +123,8 @@ def train_batches(cache, *, rank: int, world_size: int, micro_batch_size: int, t
         temperature: training temperature T the targets are converted to.
         seed: seed of the per-epoch shard order (same on every worker).
         start: position to continue from (``DataPosition()`` = the beginning).
+        targets: decode the cached targets (False: ``Batch.targets`` is None, for an online teacher).
+        vocab_size: the student's vocabulary (logit rows); targets on more ids are :func:`restrict_vocab`-ed.
     """
     entries = cache.shards("train")
     if len(entries) < world_size:
@@ -102,13 +146,30 @@ def train_batches(cache, *, rank: int, world_size: int, micro_batch_size: int, t
                 have, window = have + take, window + take
                 if have == micro_batch_size:
                     after = DataPosition(epoch, index, window) if window < n else DataPosition(epoch, index + 1, 0)
-                    yield _make_batch(pieces, temperature), after
+                    yield _make_batch(pieces, temperature, targets, vocab_size), after
                     pieces, have = [], 0
             index, window = index + 1, 0
         epoch, index = epoch + 1, 0
 
 
-def heldout_shards(cache, *, rank: int = 0, world_size: int = 1) -> Iterator:
-    """Read held-out shards, one at a time; worker ``rank`` gets every ``world_size``-th (corpus order)."""
+class _VocabView:
+    """A read shard whose ``targets(window_slice)`` are :func:`restrict_vocab`-ed; other fields pass through."""
+
+    def __init__(self, shard, vocab_size: int):
+        self._shard, self._vocab_size = shard, vocab_size
+
+    def __getattr__(self, name):
+        return getattr(self._shard, name)
+
+    def targets(self, window_slice: slice = slice(None)) -> CachedTargets:
+        return restrict_vocab(self._shard.targets(window_slice), self._vocab_size)
+
+
+def heldout_shards(cache, *, rank: int = 0, world_size: int = 1, vocab_size: int | None = None) -> Iterator:
+    """Read held-out shards, one at a time; worker ``rank`` gets every ``world_size``-th (corpus order).
+
+    With ``vocab_size`` smaller than the cache's, each shard's targets are restricted to it (:func:`restrict_vocab`).
+    """
     for entry in cache.shards("heldout")[rank::world_size]:
-        yield cache.read(entry)
+        shard = cache.read(entry)
+        yield shard if vocab_size is None or (shard.vocab_size or 0) <= vocab_size else _VocabView(shard, vocab_size)

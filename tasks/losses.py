@@ -24,6 +24,10 @@ Divergences (``p`` teacher, ``q`` student, all at temperature T):
 - ``skew_kl``: DistiLLM skew KL, KL(p ‖ λ·p + (1−λ)·q) (λ = 0: forward KL).
 - ``skew_reverse_kl``: DistiLLM skew reverse KL, KL(q ‖ (1−λ)·p + λ·q) (λ = 0: reverse KL).
 - ``tvd``: total variation, ½ Σ |p − q|.
+
+Hidden-state matching (:func:`hidden_state_loss`, online teacher only): a learned linear projection of a
+student layer's output against a teacher layer's output, ``mse`` (mean over tokens and teacher dims) or
+``cosine`` (mean over tokens of 1 − cos, in [0, 2]); averaged over the layer pairs.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 LOSSES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
+HIDDEN_LOSSES = ("mse", "cosine")
 PROB_FLOOR = 1e-10
 """Smallest teacher probability used inside ``log p`` for reverse KL (sparse targets hold exact zeros)."""
 CHUNK_TOKENS = 1024
@@ -146,7 +151,8 @@ def _target_parts(targets: Any, n: int, vocab: int) -> tuple[torch.Tensor, ...]:
     if hasattr(targets, "logprobs"):
         lp = targets.logprobs.reshape(n, -1)
         if lp.shape[-1] > vocab:
-            raise ValueError(f"teacher vocabulary ({lp.shape[-1]}) is larger than the student's ({vocab})")
+            raise ValueError(f"teacher vocabulary ({lp.shape[-1]}) is larger than the student's ({vocab}); "
+                             "restrict the targets to the student's ids first (tasks.data.restrict_vocab)")
         if lp.shape[-1] < vocab:  # student vocab padded (e.g. to a multiple of 64): teacher mass 0 there
             lp = F.pad(lp, (0, vocab - lp.shape[-1]), value=_NEG)
         return (lp,)
@@ -156,7 +162,8 @@ def _target_parts(targets: Any, n: int, vocab: int) -> tuple[torch.Tensor, ...]:
     ids = targets.ids.reshape(n, -1).long()
     if ids.numel() and (int(ids.max()) >= vocab or int(ids.min()) < 0):
         raise ValueError(f"teacher target ids must be in [0, {vocab}) (the student's vocabulary), "
-                         f"got range [{int(ids.min())}, {int(ids.max())}]")
+                         f"got range [{int(ids.min())}, {int(ids.max())}] (tasks.data.restrict_vocab drops the "
+                         "teacher's extra ids)")
     return ids, targets.probs.reshape(n, -1), targets.tail.reshape(n)
 
 
@@ -208,3 +215,41 @@ def distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor, target
     ce, kd = ce_sum / denom, kd_sum / denom
     total = alpha * ce + (1.0 - alpha) * temperature ** 2 * kd
     return {"total": total, "ce": ce, "kd": kd, "tokens": tokens}
+
+
+def hidden_state_loss(student_states: list[torch.Tensor], teacher_states: list[torch.Tensor],
+                      projections: torch.nn.ModuleList, kind: str = "mse",
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over layer pairs of the distance between projected student and teacher hidden states.
+
+    Args:
+        student_states (list[torch.Tensor]): per pair ``(B, L, D_s)`` student layer outputs.
+        teacher_states (list[torch.Tensor]): per pair ``(B, L, D_t)`` teacher layer outputs (constant).
+        projections (torch.nn.ModuleList): per pair a module ``D_s → D_t`` (a ``Linear``), trained with the student.
+        kind (str): ``mse`` — mean over real tokens and the D_t dims of ``(proj(s) − t)²``; ``cosine`` — mean over
+            real tokens of ``1 − cos(proj(s), t)`` (in [0, 2]).
+        mask (torch.Tensor | None): ``(B, L)`` bool, True on the tokens that count (default: all).
+    Returns:
+        torch.Tensor: scalar, float32.
+    """
+    if kind not in HIDDEN_LOSSES:
+        raise ValueError(f"unknown hidden-state loss {kind!r}; choose one of {', '.join(HIDDEN_LOSSES)}")
+    if not len(student_states) == len(teacher_states) == len(projections) > 0:
+        raise ValueError(f"need one projection per (student, teacher) state pair, got {len(student_states)} "
+                         f"student states, {len(teacher_states)} teacher states, {len(projections)} projections")
+    per_pair = []
+    for s, t, proj in zip(student_states, teacher_states, projections):
+        if s.shape[:-1] != t.shape[:-1]:
+            raise ValueError(f"student state {tuple(s.shape)} and teacher state {tuple(t.shape)} disagree on "
+                             "(batch, length)")
+        p, t = proj(s.float()), t.float()
+        if kind == "mse":
+            per_token = (p - t).pow(2).mean(-1)                                        # (B, L)
+        else:
+            per_token = 1.0 - F.cosine_similarity(p, t, dim=-1, eps=1e-8)             # (B, L)
+        if mask is None:
+            per_pair.append(per_token.mean())
+        else:
+            m = mask.to(per_token.dtype)
+            per_pair.append((per_token * m).sum() / m.sum().clamp(min=1.0))
+    return torch.stack(per_pair).mean()

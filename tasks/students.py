@@ -5,8 +5,12 @@
 ``init: layers`` (DistilBERT-style): a model of the teacher's architecture with ``len(layers)`` decoder layers;
 embeddings, final norm, lm_head (tied or not) and the listed decoder layers are copied from the teacher. The
 student is constructed fresh from a config, so every attention module's ``layer_idx`` is its *new* position
-(the KV cache indexes layers by it). ``init: config``: a freshly initialised model of the teacher's
+(the KV cache indexes layers by it). ``overrides: {vocab_size: N}`` cuts the embedding rows to N or pads them
+(new rows: the mean embedding). ``init: config``: a freshly initialised model of the teacher's
 architecture with ``student.overrides`` applied. Either may be wrapped in a PEFT adapter.
+
+Vocabulary: the student's tokenizer (``student.tokenizer``, default the teacher's) must agree with the teacher's
+on every shared id; embedding rows past the tokenizer on either side are padding (:func:`check_vocab`).
 
 Saved layout (an ordinary Hugging Face directory, safetensors only)::
 
@@ -18,6 +22,7 @@ Saved layout (an ordinary Hugging Face directory, safetensors only)::
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import json
 from pathlib import Path
@@ -25,7 +30,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from tasks.config import ConfigError, PeftConfig, StudentConfig
+from tasks.config import ConfigError, PeftConfig, StudentConfig, TeacherConfig
 
 META_FILE = "student.json"
 ADAPTER_DIR = "adapter"
@@ -67,20 +72,29 @@ def _student_config(teacher_config, num_layers: int, layer_ids: list[int] | None
     return cfg
 
 
-def copy_layers(teacher: PreTrainedModel, layers: list[int]) -> PreTrainedModel:
-    """A student with the teacher's embeddings, final norm, lm_head and decoder ``layers`` (float32)."""
+def copy_layers(teacher: PreTrainedModel, layers: list[int], vocab_size: int | None = None) -> PreTrainedModel:
+    """A student with the teacher's embeddings, final norm, lm_head and decoder ``layers`` (float32).
+
+    ``vocab_size``: embedding/lm_head rows of the student (default: the teacher's); rows past the teacher's are
+    initialised to the mean of the copied rows.
+    """
     n_teacher = teacher.config.num_hidden_layers
     ids = resolve_layers(layers, n_teacher)
-    student = AutoModelForCausalLM.from_config(_student_config(teacher.config, len(ids), ids),
+    overrides = {"vocab_size": vocab_size} if vocab_size else None
+    student = AutoModelForCausalLM.from_config(_student_config(teacher.config, len(ids), ids, overrides),
                                                dtype=torch.float32)
     src = teacher.state_dict()
     state = {}
-    for name in student.state_dict():
+    for name, like in student.state_dict().items():
         parts = name.split(".")
         if "layers" in parts:  # model.layers.<new>.… ← model.layers.<old>.…
             at = parts.index("layers") + 1
             parts[at] = str(ids[int(parts[at])])
-        state[name] = src[".".join(parts)].detach().to(torch.float32)
+        t = src[".".join(parts)].detach().to(torch.float32)
+        if t.shape != like.shape and t.dim() == 2 and t.shape[1] == like.shape[1]:  # embedding rows cut / padded
+            rows = min(t.shape[0], like.shape[0])
+            t = torch.cat([t[:rows], t[:rows].mean(0, keepdim=True).expand(like.shape[0] - rows, -1)])
+        state[name] = t
     student.load_state_dict(state, strict=True)
     return student
 
@@ -88,7 +102,11 @@ def copy_layers(teacher: PreTrainedModel, layers: list[int]) -> PreTrainedModel:
 def build_student(student_cfg: StudentConfig, teacher_model: PreTrainedModel, *, seed: int = 0):
     """The student before training: ``init: layers`` or ``init: config``, then the PEFT adapter if any."""
     if student_cfg.init == "layers":
-        model = copy_layers(teacher_model, student_cfg.layers)
+        other = sorted(set(student_cfg.overrides) - {"vocab_size"})
+        if other:
+            raise ConfigError(f"student.overrides {other}: with init: layers only vocab_size may be overridden "
+                              "(the layers are the teacher's); use init: config for a new architecture")
+        model = copy_layers(teacher_model, student_cfg.layers, student_cfg.overrides.get("vocab_size"))
     elif student_cfg.init == "config":
         n = teacher_model.config.num_hidden_layers
         torch.manual_seed(seed)
@@ -133,6 +151,83 @@ def peft_method(model) -> str:
         return "none"
     kind = str(next(iter(pc.values())).peft_type.value).lower()
     return {"prefix_tuning": "prefix", "prompt_tuning": "prompt"}.get(kind, kind)
+
+
+def load_student_tokenizer(student_cfg: StudentConfig, teacher_cfg: TeacherConfig):
+    """``student.tokenizer`` (a directory or ``.gguf``), else the teacher's tokenizer."""
+    from tasks.teacher import load_tokenizer
+
+    if student_cfg.tokenizer is None:
+        return load_tokenizer(teacher_cfg)
+    try:
+        return load_tokenizer(dataclasses.replace(teacher_cfg, tokenizer=student_cfg.tokenizer))
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("teacher.tokenizer", "student.tokenizer")) from None
+
+
+def check_vocab(teacher_tok, student_tok, *, teacher_rows: int, student_rows: int,
+                teacher_name: str = "teacher tokenizer", student_name: str = "student tokenizer") -> None:
+    """Refuse a student whose tokenizer or embedding rows do not fit the teacher's data and targets.
+
+    Passes when the tokenizers are identical (same :func:`tasks.teacher.tokenizer_hash`), or when the student's
+    maps every id of the teacher's to the same token string, special tokens (roles included) too; rows past the
+    tokenizers on either model are padding (masked in the loss). Raises :class:`ConfigError` naming both
+    tokenizers otherwise, or when the student has fewer rows than the teacher's tokenizer has ids (the cached
+    windows hold such ids).
+    """
+    from tasks.teacher import tokenizer_hash
+
+    n_t, n_s = len(teacher_tok), len(student_tok)
+    if tokenizer_hash(teacher_tok) != tokenizer_hash(student_tok):
+        shared = min(n_t, n_s)
+        a = teacher_tok.convert_ids_to_tokens(list(range(shared)))
+        b = student_tok.convert_ids_to_tokens(list(range(shared)))
+        bad = [i for i in range(shared) if a[i] != b[i]]
+        roles = [r for r in ("bos_token_id", "eos_token_id", "unk_token_id", "pad_token_id")
+                 if getattr(teacher_tok, r, None) is not None and getattr(student_tok, r, None) is not None
+                 and getattr(teacher_tok, r) != getattr(student_tok, r)]
+        if bad or roles or n_s < n_t:
+            what = (f"id {bad[0]} is {a[bad[0]]!r} in the teacher's and {b[bad[0]]!r} in the student's "
+                    f"({len(bad)} of {shared} shared ids differ)" if bad else
+                    f"special token ids differ ({', '.join(roles)})" if roles else
+                    f"the student's has {n_s} ids, the teacher's {n_t}")
+            raise ConfigError(f"student tokenizer {student_name} does not match teacher tokenizer {teacher_name}: "
+                              f"{what}; distillation needs the same ids (set student.tokenizer to a tokenizer "
+                              "that extends the teacher's, or leave it null to use the teacher's)")
+    if student_rows < n_t:
+        raise ConfigError(f"the student has {student_rows} embedding rows but teacher tokenizer {teacher_name} has "
+                          f"{n_t} ids (the training windows use them all); raise student.overrides.vocab_size")
+    if teacher_rows < n_t:
+        raise ConfigError(f"the teacher has {teacher_rows} output rows but its tokenizer {teacher_name} has {n_t} ids")
+
+
+def _shape(model) -> dict:
+    c = model.config
+    return {"num_hidden_layers": c.num_hidden_layers, "hidden_size": c.hidden_size,
+            "vocab_rows": model.get_output_embeddings().weight.shape[0]}
+
+
+def write_init_student(teacher_cfg: TeacherConfig, student_cfg: StudentConfig, out_dir: str | Path, *,
+                       seed: int = 0) -> dict:
+    """Build the student from the teacher, :func:`check_vocab` it, save it with its tokenizer to ``out_dir``.
+
+    Returns ``{"teacher": shape, "student": shape, "copied": teacher layer ids | None}``, a shape being
+    ``{num_hidden_layers, hidden_size, vocab_rows}`` (``copied``: ``init: layers`` only).
+    """
+    from tasks.teacher import load_teacher, load_tokenizer
+
+    teacher, _ = load_teacher(teacher_cfg)
+    student = build_student(student_cfg, teacher, seed=seed)
+    info = {"teacher": _shape(teacher), "student": _shape(student), "copied": None}
+    if student_cfg.init == "layers":
+        info["copied"] = resolve_layers(student_cfg.layers, teacher.config.num_hidden_layers)
+    student_tok = load_student_tokenizer(student_cfg, teacher_cfg)
+    check_vocab(load_tokenizer(teacher_cfg), student_tok, teacher_rows=info["teacher"]["vocab_rows"],
+                student_rows=info["student"]["vocab_rows"],
+                teacher_name=repr(teacher_cfg.tokenizer or f"of teacher.source={teacher_cfg.source}"),
+                student_name=repr(student_cfg.tokenizer or "(the teacher's)"))
+    save_student(student, student_tok, out_dir)
+    return info
 
 
 def forward_logits(model, input_ids: torch.Tensor) -> torch.Tensor:

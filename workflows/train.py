@@ -1,11 +1,14 @@
 """Train the student from the teacher cache: Ray Train (TorchTrainer, gloo) + DeepSpeed ZeRO per worker.
 
     raydistill train --config tiny train.steps=10 train.zero_stage=3
+    raydistill train --config tiny train.teacher_mode=online train.hidden_loss=mse
 
-Roles: ``prepare_student(cfg)`` (driver, once) loads the teacher and writes the initial student to
-``<run_dir>/train/init``; ``train_driver(cfg, …)`` builds the ``TorchTrainer``; ``train_fn_per_worker(config)``
-is the loop every worker runs. Workers never load the teacher: they stream cached soft targets
-(:mod:`tasks.data`) and minimise ``α·CE + (1−α)·T²·KD`` (:mod:`tasks.losses`).
+Roles: ``prepare_student(cfg)`` (driver, once) loads the teacher, checks the student's tokenizer against it and
+writes the initial student to ``<run_dir>/train/init``; ``train_driver(cfg, …)`` builds the ``TorchTrainer``;
+``train_fn_per_worker(config)`` is the loop every worker runs. Workers stream the cache's windows
+(:mod:`tasks.data`) and minimise :func:`tasks.online.training_loss`, ``α·CE + (1−α)·T²·KD``: with cached soft
+targets (``train.teacher_mode: cache``), or with a teacher each worker loads once and runs on the same windows
+(``online``; the only mode that adds ``hidden_weight·hidden``, with projection heads trained alongside).
 
 Every report to Ray Train carries held-out metrics (``heldout_loss``, ``top1_agreement``, …: ASHA in
 ``workflows.tune`` needs them); a checkpoint (weights + each rank's AdamW moments as safetensors, each rank's
@@ -23,7 +26,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,36 +35,46 @@ import torch.distributed as dist
 from tasks.config import ConfigError, PeftConfig, PipelineConfig, TrainConfig, from_dict, section_key, to_dict
 from tasks.data import DataPosition, heldout_shards, train_batches
 from tasks.evaluate import evaluate_sums, finalize
-from tasks.losses import distillation_loss
-from tasks.students import forward_logits, load_student, save_student, wrap_peft
+from tasks.online import online_teacher, resolve_layer_map, step_projections, training_loss
+from tasks.students import load_student, wrap_peft
 from workflows import checkpoint as ckpt
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "cluster" / "deepspeed"
-STEP_KEYS = ("loss", "ce", "kd", "lr", "grad_norm", "tokens_per_s")
+STEP_KEYS = ("loss", "ce", "kd", "lr", "grad_norm", "tokens_per_s")  # + "hidden" with hidden-state matching
 
 
 # ---------------------------------------------------------------------------------------------- driver side
 
 def prepare_student(cfg: PipelineConfig) -> Path:
-    """Build the initial student from the teacher once (``<run_dir>/train/init``); reused while the key holds."""
-    from tasks.students import build_student
-    from tasks.teacher import load_teacher, load_tokenizer
+    """Build the initial student from the teacher once (``<run_dir>/train/init``); reused while the key holds.
+
+    ``init_key.json`` also records both models' shapes and the copied teacher layers (:func:`init_info`).
+    """
+    from tasks.students import write_init_student
 
     init_dir = Path(cfg.run_dir, "train", "init")
     spec = {k: v for k, v in to_dict(cfg.student).items() if k != "peft"}  # adapters are added per worker
-    key = section_key(cfg, "teacher", extra={**spec, "seed": cfg.train.seed})
+    key = section_key(cfg, "teacher", extra={**spec, "seed": cfg.train.seed, "layout": 2})
     key_file = init_dir / "init_key.json"
     if key_file.exists() and json.loads(key_file.read_text()).get("key") == key:
         return init_dir
-    teacher, _ = load_teacher(cfg.teacher)
-    student = build_student(dataclasses.replace(cfg.student, peft=PeftConfig()), teacher, seed=cfg.train.seed)
     tmp = init_dir.with_name(f".init.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_student(student, load_tokenizer(cfg.teacher), tmp)
-    (tmp / "init_key.json").write_text(json.dumps({"key": key}))
+    info = write_init_student(cfg.teacher, dataclasses.replace(cfg.student, peft=PeftConfig()), tmp,
+                              seed=cfg.train.seed)
+    (tmp / "init_key.json").write_text(json.dumps({"key": key, "info": info}))
     shutil.rmtree(init_dir, ignore_errors=True)
     os.replace(tmp, init_dir)
     return init_dir
+
+
+def init_info(cfg: PipelineConfig, init_dir: Path) -> dict:
+    """Shapes recorded by :func:`prepare_student`, plus the resolved hidden-state ``layer_map`` (pairs)."""
+    info = json.loads((init_dir / "init_key.json").read_text())["info"]
+    info["layer_map"] = [] if cfg.train.hidden_loss == "none" else resolve_layer_map(
+        cfg.train.hidden_layer_map, copied=info["copied"], n_student=info["student"]["num_hidden_layers"],
+        n_teacher=info["teacher"]["num_hidden_layers"])
+    return info
 
 
 def deepspeed_config(tc: TrainConfig, world_size: int) -> dict:
@@ -124,7 +136,7 @@ def train_driver(cfg: PipelineConfig, *, run_name: str, storage_path: str, callb
     out = Path(output_dir or Path(cfg.run_dir, "train")).resolve()
     loop_config = {"cfg": to_dict(cfg), "steps": steps or tc.steps, "init_dir": str(init_dir.resolve()),
                    "output_dir": str(out), "tracking_uri": cfg.tracking_uri if mlflow_run_id else None,
-                   "mlflow_run_id": mlflow_run_id}
+                   "mlflow_run_id": mlflow_run_id, "layer_map": init_info(cfg, init_dir)["layer_map"]}
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config=loop_config,
@@ -153,10 +165,10 @@ def _fresh_student(init_dir: str, peft_cfg: PeftConfig, seed: int):
     return wrap_peft(load_student(init_dir).train(), peft_cfg)
 
 
-def _evaluate(engine, cache, tc: TrainConfig, rank: int, world: int) -> dict:
+def _evaluate(engine, cache, tc: TrainConfig, rank: int, world: int, vocab: int) -> dict:
     """Held-out metrics over all ranks. ZeRO-3 forwards are collective, so there every rank runs all shards."""
     split = tc.zero_stage != 3 and world > 1
-    shards = heldout_shards(cache, rank=rank, world_size=world) if split else heldout_shards(cache)
+    shards = heldout_shards(cache, rank=rank if split else 0, world_size=world if split else 1, vocab_size=vocab)
     max_windows = None if tc.eval_windows is None else (-(-tc.eval_windows // world) if split else tc.eval_windows)
     sums = evaluate_sums(engine.module, shards, max_windows=max_windows, batch_size=tc.micro_batch_size)
     if split:
@@ -195,6 +207,7 @@ def train_fn_per_worker(config: dict) -> None:
     import ray.train
 
     from tasks.softtargets import open_cache
+    from tasks.teacher import load_teacher
 
     deepspeed.utils.logger.setLevel(logging.WARNING)
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # 90 s JIT build; only used for inference
@@ -207,11 +220,20 @@ def train_fn_per_worker(config: dict) -> None:
 
     # resume: weights go into the module before DeepSpeed partitions it; AdamW moments after
     model = _fresh_student(config["init_dir"], cfg.student.peft, tc.seed)
+    vocab = model.config.vocab_size
+    online = heads = heads_opt = None
+    if tc.teacher_mode == "online":  # loaded once per worker; frozen, outside DeepSpeed
+        online = online_teacher(load_teacher(cfg.teacher)[0], model, tc, [tuple(p) for p in config["layer_map"]])
+        heads = online.projections
+    if heads is not None:  # replicated projections with their own AdamW (tasks.online.step_projections)
+        heads_opt = torch.optim.AdamW(heads.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     start, position, state, optim = 0, DataPosition(), {}, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
             state, optim, position = ckpt.read_checkpoint(d, model, rank, tc.zero_stage)
+            if heads is not None:
+                ckpt.read_heads(d, heads, heads_opt)
         start = state["step"]
     metrics = state.get("metrics", {})
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr,
@@ -221,84 +243,73 @@ def train_fn_per_worker(config: dict) -> None:
         ckpt.load_optimizer_tensors(engine, optim)
     sink = _MlflowSink(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 else _MlflowSink(None, None)
     if start == 0:
-        init_metrics = _evaluate(engine, cache, tc, rank, world)
+        init_metrics = _evaluate(engine, cache, tc, rank, world, vocab)
         sink.log({f"init_{k}": v for k, v in init_metrics.items()}, step=0)
         state["init"] = init_metrics
     if rank == 0:
         _log(f"[train] {'resuming at step ' + str(start) if start else 'starting'}: {total} steps, {world} workers, "
-             f"ZeRO-{tc.zero_stage}, loss {tc.loss}, alpha {tc.alpha}, T {tc.temperature}")
+             f"ZeRO-{tc.zero_stage}, teacher {tc.teacher_mode}, loss {tc.loss}, alpha {tc.alpha}, T {tc.temperature}"
+             + (f", hidden {tc.hidden_loss} x{tc.hidden_weight} on {config['layer_map']}" if heads else ""))
 
     stream = train_batches(cache, rank=rank, world_size=world, micro_batch_size=tc.micro_batch_size,
-                           temperature=tc.temperature, seed=tc.seed, start=position)
+                           temperature=tc.temperature, seed=tc.seed, start=position, targets=online is None,
+                           vocab_size=vocab)
+    keys = STEP_KEYS + (("hidden",) if heads is not None else ())
     window, began, reports = [], time.perf_counter(), set(report_steps(tc, total))
     for step in range(start + 1, total + 1):
         t0 = time.perf_counter()
         lr = lr_at(step, tc, total)
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
-        sums = torch.zeros(4, dtype=torch.float64)  # total, ce, kd, tokens
+        sums = torch.zeros(5, dtype=torch.float64)  # total, ce, kd, hidden, tokens
         for _ in range(tc.grad_accum):
             batch, position = next(stream)
-            logits = forward_logits(engine, batch.input_ids)
-            out = distillation_loss(logits, batch.labels, batch.targets, alpha=tc.alpha, temperature=tc.temperature,
-                                    loss=tc.loss, beta=tc.beta, skew=tc.skew)
-            engine.backward(out["total"])
+            out = training_loss(engine, batch, tc, online)
+            engine.backward(out["total"])  # also the projections' gradients (scaled by 1/grad_accum like the rest)
             engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
-            sums += torch.tensor([out["total"].item(), out["ce"].item(), out["kd"].item(), batch.tokens],
+            sums += torch.tensor([out[k].item() for k in ("total", "ce", "kd", "hidden")] + [batch.tokens],
                                  dtype=torch.float64)
+        if heads is not None:
+            step_projections(heads, heads_opt, lr=lr, grad_clip=tc.grad_clip)
         dist.all_reduce(sums)
         seconds = time.perf_counter() - t0
         grad_norm = engine.get_global_grad_norm()
         n = tc.grad_accum * world
         step_metrics = {"loss": sums[0].item() / n, "ce": sums[1].item() / n, "kd": sums[2].item() / n, "lr": lr,
                         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                        "tokens_per_s": sums[3].item() / seconds}
+                        "tokens_per_s": sums[4].item() / seconds}
+        if heads is not None:
+            step_metrics["hidden"] = sums[3].item() / n
         sink.log(step_metrics, step)
         window.append(step_metrics)
         if rank == 0:
             eta = (time.perf_counter() - began) / (step - start) * (total - step)
+            hidden = f" hidden {step_metrics['hidden']:.4f}" if heads is not None else ""
             _log(f"[train] step {step}/{total} loss {step_metrics['loss']:.4f} (ce {step_metrics['ce']:.3f} "
-                 f"kd {step_metrics['kd']:.4f}) lr {lr:.2e} {step_metrics['tokens_per_s']:.0f} tok/s "
+                 f"kd {step_metrics['kd']:.4f}{hidden}) lr {lr:.2e} {step_metrics['tokens_per_s']:.0f} tok/s "
                  f"{seconds:.1f} s/step eta {int(eta // 60)}m{int(eta % 60):02d}s")
 
         save = step % tc.checkpoint_every == 0 or step == total
         if step in reports:  # every report carries held-out metrics (ASHA's metric)
-            evaluation = _evaluate(engine, cache, tc, rank, world)
-            metrics = {**{k: sum(m[k] for m in window) / len(window) for k in STEP_KEYS}, **evaluation,
-                       "step": step}
+            evaluation = _evaluate(engine, cache, tc, rank, world, vocab)
+            metrics = {**{k: sum(m[k] for m in window) / len(window) for k in keys}, **evaluation, "step": step}
             window = []
             sink.log(evaluation, step)
             if rank == 0:
                 _log(f"[train] eval step {step}: heldout_loss {evaluation['heldout_loss']:.4f} "
                      f"top1_agreement {evaluation['top1_agreement']:.3f}")
             extra = {"init": state.get("init"), "metrics": metrics}
-            ckpt_dir = ckpt.write_checkpoint(engine, tc.zero_stage, rank, step, position, extra) if save else None
+            ckpt_dir = ckpt.write_checkpoint(engine, tc.zero_stage, rank, step, position, extra,
+                                             heads=(heads, heads_opt) if heads is not None else None) if save else None
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir) if save else None)
             if ckpt_dir:
                 shutil.rmtree(ckpt_dir, ignore_errors=True)
 
-    _export(engine, config, cfg, rank, metrics, state.get("init"), total)
-
-
-def _export(engine, config: dict, cfg: PipelineConfig, rank: int, metrics: dict, init: dict | None, step: int):
-    """Rank 0 writes ``<output_dir>/student`` (HF dir, safetensors, tokenizer) and ``metrics.json``."""
-    from transformers import AutoTokenizer
-
-    tmp = Path(tempfile.mkdtemp(prefix="raydistill-export-"))
-    ckpt.save_weights(engine, cfg.train.zero_stage, rank, tmp / "model.safetensors")
+    ckpt.export_student(engine, tc.zero_stage, rank, config["output_dir"],
+                        lambda: _fresh_student(config["init_dir"], cfg.student.peft, tc.seed), config["init_dir"],
+                        {**metrics, "step": total, "init": state.get("init")})
     if rank == 0:
-        out = Path(config["output_dir"])
-        model = _fresh_student(config["init_dir"], cfg.student.peft, cfg.train.seed)
-        ckpt.load_weights(model, tmp / "model.safetensors")
-        staging = out / f".student.tmp{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        save_student(model.eval(), AutoTokenizer.from_pretrained(config["init_dir"]), staging)
-        shutil.rmtree(out / "student", ignore_errors=True)
-        os.replace(staging, out / "student")
-        final = {**metrics, "step": step, "init": init}
-        (out / "metrics.json").write_text(json.dumps(final, indent=2))
-        _log(f"[train] student → {out / 'student'}")
-    shutil.rmtree(tmp, ignore_errors=True)
+        _log(f"[train] student → {Path(config['output_dir']) / 'student'}")
     if dist.is_initialized():
         dist.barrier()
 

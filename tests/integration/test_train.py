@@ -3,8 +3,9 @@
 Default suite: in-process DeepSpeed checks on a one-process gloo group (checkpoint round-trip for ZeRO 1/2/3
 and 3+offload, the lr schedule reaching the optimizer; no Ray), a refused mismatched cache, and two
 TorchTrainer runs (ZeRO-2, 2 workers: ``raydistill train``; then the same run name continues from its
-checkpoint). Slow: ZeRO-1, ZeRO-3 and ZeRO-3+offload+LoRA end to end, and a worker killed mid-run that Ray
-Train restarts from the last checkpoint.
+checkpoint). Slow: ZeRO-1, ZeRO-3 and ZeRO-3+offload+LoRA end to end, a worker killed mid-run that Ray
+Train restarts from the last checkpoint, and the online teacher with hidden-state MSE (heads checkpointed,
+resumed, not exported).
 """
 
 from __future__ import annotations
@@ -294,3 +295,32 @@ def test_worker_killed_mid_run_restarts_from_the_last_checkpoint(tiny_cached, tm
     assert "resuming at step" in text
     history = MlflowClient(cfg.tracking_uri).get_metric_history(run_id, "loss")
     assert sorted(m.step for m in history) == list(range(1, 25))
+
+
+@pytest.mark.slow
+def test_online_teacher_with_hidden_mse_checkpoints_resumes_and_exports_only_the_student(tiny_cached, tmp_path,
+                                                                                          capfd):
+    """2 workers run the teacher themselves (dense targets) with hidden-state MSE on the default map (student
+    layer 0 ↔ teacher layer 0); the projection and its AdamW state ride in the checkpoint; a continuation
+    resumes them; the exported student has exactly the init's tensors."""
+    from safetensors.torch import load_file
+
+    from workflows import train
+
+    cfg = _side_cfg(tiny_cached, tmp_path, "train.steps=4", "train.eval_every=2", "train.checkpoint_every=2",
+                    "train.teacher_mode=online", "train.hidden_loss=mse", "train.hidden_weight=0.5")
+    out = train.train_driver(cfg, run_name="online", storage_path=str(tmp_path / "ray"))
+    m = out["metrics"]
+    assert m["step"] == 4 and m["hidden"] > 0 and m["heldout_loss"] < m["init"]["heldout_loss"]
+    heads = load_file(str(Path(out["checkpoint"]) / "heads.safetensors"))
+    assert {k.split(".")[0] for k in heads} == {"param", "exp_avg", "exp_avg_sq", "step"}
+    assert heads["param.0"].shape == (64, 64) and not torch.equal(heads["param.0"], torch.eye(64))  # trained
+    text = "".join(capfd.readouterr())
+    assert "teacher online" in text and "hidden mse" in text
+
+    again = train.train_driver(cfg, run_name="online", storage_path=str(tmp_path / "ray"), steps=5,
+                               output_dir=str(tmp_path / "continued"))
+    assert again["steps"] == 5 and "resuming at step 4" in "".join(capfd.readouterr())
+    exported = load_file(str(Path(again["student_dir"], "model.safetensors")))
+    init = load_file(str(Path(cfg.run_dir, "train", "init", "model.safetensors")))
+    assert exported.keys() == init.keys()  # the projection is training-only

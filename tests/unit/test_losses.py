@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tasks.losses import LOSSES, distillation_loss, divergence, sparse_buckets
+from tasks.losses import LOSSES, distillation_loss, divergence, hidden_state_loss, sparse_buckets
 
 
 def dense(logprobs):
@@ -232,3 +232,62 @@ def test_bad_input_raises_clear_errors():
         distillation_loss(logits, labels[:, :4], dense(teacher), alpha=0.5, temperature=1.0)
     with pytest.raises(TypeError, match="SparseTargets"):
         distillation_loss(logits, labels, object(), alpha=0.5, temperature=1.0)
+
+
+def _heads(n, d_in, d_out, identity=True, seed=0):
+    torch.manual_seed(seed)
+    heads = torch.nn.ModuleList(torch.nn.Linear(d_in, d_out, bias=False) for _ in range(n))
+    if identity:
+        with torch.no_grad():
+            for h in heads:
+                h.weight.copy_(torch.eye(d_out, d_in))
+    return heads
+
+
+def test_hidden_mse_is_zero_for_identical_states_and_matches_a_hand_computed_value():
+    g = torch.Generator().manual_seed(0)
+    states = [torch.randn(2, 5, 8, generator=g) for _ in range(2)]
+    assert hidden_state_loss(states, states, _heads(2, 8, 8), "mse").item() == 0.0
+    shifted = [s + 0.5 for s in states]  # every element off by 0.5 → MSE 0.25 on each pair
+    assert hidden_state_loss(states, shifted, _heads(2, 8, 8), "mse").item() == pytest.approx(0.25, rel=1e-6)
+    heads = _heads(2, 8, 8, identity=False)
+    want = torch.stack([F.mse_loss(h(s), t) for h, s, t in zip(heads, states, shifted)]).mean()
+    assert hidden_state_loss(states, shifted, heads, "mse").item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_hidden_cosine_is_bounded_zero_when_aligned_and_two_when_opposite():
+    g = torch.Generator().manual_seed(1)
+    s = [torch.randn(3, 4, 6, generator=g)]
+    heads = _heads(1, 6, 6)
+    assert hidden_state_loss(s, [3.0 * s[0]], heads, "cosine").item() == pytest.approx(0.0, abs=1e-6)  # scale-free
+    assert hidden_state_loss(s, [-s[0]], heads, "cosine").item() == pytest.approx(2.0, abs=1e-6)
+    value = hidden_state_loss(s, [torch.randn(3, 4, 6, generator=g)], heads, "cosine").item()
+    assert 0.0 < value < 2.0
+
+
+@pytest.mark.parametrize("kind", ["mse", "cosine"])
+def test_hidden_loss_gradient_reaches_the_projection_and_the_student_not_the_teacher(kind):
+    g = torch.Generator().manual_seed(2)
+    student = torch.randn(2, 5, 4, generator=g, requires_grad=True)
+    teacher = torch.randn(2, 5, 7, generator=g)
+    heads = _heads(1, 4, 7, identity=False)
+    hidden_state_loss([student], [teacher], heads, kind).backward()
+    assert heads[0].weight.grad is not None and heads[0].weight.grad.abs().sum() > 0
+    assert student.grad.abs().sum() > 0 and teacher.grad is None
+
+
+def test_hidden_loss_mask_and_bad_input():
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(1, 4, 3, generator=g), torch.randn(1, 4, 3, generator=g)
+    t_changed = t.clone()
+    t_changed[0, 2:] += 100.0  # only masked-out tokens change
+    mask = torch.tensor([[True, True, False, False]])
+    a = hidden_state_loss([s], [t], _heads(1, 3, 3), "mse", mask=mask)
+    b = hidden_state_loss([s], [t_changed], _heads(1, 3, 3), "mse", mask=mask)
+    assert a.item() == pytest.approx(b.item()) and a.item() == pytest.approx(F.mse_loss(s[:, :2], t[:, :2]).item())
+    with pytest.raises(ValueError, match="unknown hidden-state loss"):
+        hidden_state_loss([s], [t], _heads(1, 3, 3), "l1")
+    with pytest.raises(ValueError, match="one projection per"):
+        hidden_state_loss([s, s], [t], _heads(1, 3, 3), "mse")
+    with pytest.raises(ValueError, match="disagree"):
+        hidden_state_loss([s], [t[:, :3]], _heads(1, 3, 3), "mse")

@@ -70,6 +70,21 @@ def test_kv_cache_decoding_matches_full_forward(teacher, ids):
     assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [VOCAB - 7, VOCAB + 11])
+def test_layer_copy_with_another_vocab_size_cuts_or_pads_the_embedding_rows(teacher, ids, rows):
+    student = build_student(StudentConfig(layers=[0, 1, 2, 3], overrides={"vocab_size": rows}), teacher).eval()
+    emb, t_emb = student.model.embed_tokens.weight, teacher.model.embed_tokens.weight
+    shared = min(rows, VOCAB)
+    assert emb.shape == (rows, t_emb.shape[1]) and torch.equal(emb[:shared], t_emb[:shared])
+    if rows > VOCAB:  # new rows start at the mean embedding
+        assert torch.allclose(emb[VOCAB:], t_emb.mean(0, keepdim=True).expand(rows - VOCAB, -1))
+    with torch.no_grad():  # all layers copied: the shared logits are the teacher's
+        want = teacher(ids.clamp(max=shared - 1)).logits[..., :shared]
+        assert torch.allclose(student(ids.clamp(max=shared - 1)).logits[..., :shared], want, atol=1e-5)
+    with pytest.raises(ConfigError, match="only vocab_size"):
+        build_student(StudentConfig(layers=[0], overrides={"hidden_size": 8}), teacher)
+
+
 def test_config_init_applies_overrides_and_rejects_unknown(teacher):
     student = build_student(StudentConfig(init="config", overrides={"num_hidden_layers": 1,
                                                                     "intermediate_size": 48}), teacher)
