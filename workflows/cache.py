@@ -166,6 +166,9 @@ def run(cfg: PipelineConfig, args: argparse.Namespace | None) -> dict:
     print(f"cache: {len(keyed) - len(todo)}/{len(keyed)} shards cached, computing {len(todo)}")
     write_manifest(cfg.cache_dir, manifest)
     forwards, busy = _compute(cfg, todo, manifest) if todo else (0, 0.0)
+    computed_tokens = sum(spec.tokens.shape[0] * cfg.corpus.seq_len for spec, _ in todo)
+    # teacher throughput inside the actors (encode + commit, no start-up): the summary's teacher tokens/s
+    manifest["teacher_tokens_per_s"] = computed_tokens / busy if busy else _previous_throughput(cfg.cache_dir)
     order = {spec.name: i for i, (spec, _) in enumerate(keyed)}
     manifest["shards"].sort(key=lambda e: order[e["name"]])
     manifest["complete"] = True
@@ -179,10 +182,17 @@ def run(cfg: PipelineConfig, args: argparse.Namespace | None) -> dict:
                "tokens": totals["tokens"], "bytes": totals["bytes"], "bytes_per_token": totals["bytes_per_token"],
                "teacher_heldout_nll": totals["teacher_heldout_nll"],
                "teacher_heldout_top1_acc": totals["teacher_heldout_top1_acc"], "wall_s": wall, "actor_s": busy,
-               "computed_tokens": sum(spec.tokens.shape[0] * cfg.corpus.seq_len for spec, _ in todo),
+               "computed_tokens": computed_tokens, "teacher_tokens_per_s": manifest["teacher_tokens_per_s"],
                "cache_dir": cfg.cache_dir, "cache_key": cache_key}
     record_stage(cfg, "cache", cache_key, outputs, paths=[store.url(MANIFEST)])
     return outputs
+
+
+def _previous_throughput(cache_dir: str) -> float | None:
+    try:
+        return open_cache(cache_dir).manifest.get("teacher_tokens_per_s")
+    except (CacheCorruptError, ValueError, OSError):
+        return None
 
 
 def inspect(cfg: PipelineConfig) -> dict:

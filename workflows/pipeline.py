@@ -106,7 +106,7 @@ def _block_until_interrupt() -> None:
 def build_summary(cfg: PipelineConfig, results: dict, served: dict | None, timings: dict) -> dict:
     """Teacher vs student vs int8 student on the held-out split, plus where everything is."""
     report = json.loads(Path(cfg.run_dir, "quantize", "report.json").read_text())
-    rows = [_row("teacher", report.get("teacher", {})),
+    rows = [_row("teacher", {**report.get("teacher", {}), **_teacher_size_speed(cfg)}),
             _row("student fp32", report.get("fp32", {})),
             _row("student int8", report.get("int8", {}))]
     reg = results.get("register") or {}
@@ -125,6 +125,20 @@ def build_summary(cfg: PipelineConfig, results: dict, served: dict | None, timin
         "served": served,
         "stage_seconds": timings,
     }
+
+
+def _teacher_size_speed(cfg: PipelineConfig) -> dict:
+    """Teacher weights on disk (the GGUF or HF files) and its forward throughput measured by the cache stage."""
+    from tasks.softtargets import open_cache
+
+    manifest = open_cache(cfg.cache_dir).manifest
+    path = manifest["teacher"].get("path")
+    size = None
+    if path and Path(path).is_file():
+        size = Path(path).stat().st_size
+    elif path and Path(path).is_dir():
+        size = sum(f.stat().st_size for f in Path(path).glob("*.safetensors")) or None
+    return {"size_bytes": size, "tokens_per_s": manifest.get("teacher_tokens_per_s")}
 
 
 def _row(name: str, m: dict) -> dict:
