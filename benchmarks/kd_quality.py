@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tasks.config import CorpusConfig, StudentConfig, TeacherConfig, TrainConfig  # noqa: E402
+from tasks.config import CacheConfig, CorpusConfig, StudentConfig, TeacherConfig, TrainConfig  # noqa: E402
 from tasks.corpus import build_shards  # noqa: E402
 from tasks.evaluate import evaluate  # noqa: E402
 from tasks.losses import distillation_loss  # noqa: E402
@@ -47,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, nargs="+", default=[0, 10, 20, 29])
     p.add_argument("--modes", nargs="+", default=["ce", "sampled", "topk", "full"],
                    choices=["ce", "sampled", "topk", "full"])
-    p.add_argument("--num-samples", type=int, default=50)
+    p.add_argument("--num-samples", type=int, default=CacheConfig().num_samples)
     p.add_argument("--top-k", type=int, default=32)
     p.add_argument("--temperature", type=float, default=2.0, help="KD temperature (cache stored at T=1)")
     p.add_argument("--alpha", type=float, default=0.5)
