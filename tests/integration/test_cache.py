@@ -84,7 +84,7 @@ def test_killed_actor_process_is_restarted_and_every_shard_verifies(tmp_path, ra
     data[-7] ^= 0xFF
     open(path, "wb").write(bytes(data))
     with pytest.raises(SystemExit, match=entry["name"]):
-        cache.run(cfg, argparse.Namespace(cache_action="inspect"))
+        cache.run(cfg, argparse.Namespace(action="inspect"))
     again = cache.run(cfg, None)
     assert again["shards_computed"] == 1 and again["teacher_forwards"] == 1
     assert len(open_cache(cfg.cache_dir).verify()) == 40
