@@ -12,7 +12,6 @@ MLflow child run of one parent run. The best trial's hyperparameters go to ``<ru
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import ray
@@ -112,7 +111,6 @@ def run(cfg: PipelineConfig, args=None) -> dict:
                 max_concurrent_trials=concurrent,
                 scheduler=ASHAScheduler(max_t=reports_per_trial + 1,
                                         grace_period=min(cfg.tune.grace_period, reports_per_trial)),
-                search_alg=None,
             ),
             run_config=tune.RunConfig(name="search", storage_path=str(out_dir.resolve() / "ray"), verbose=1),
         )
@@ -146,4 +144,3 @@ def _seed_search(seed: int) -> None:
 
     random.seed(seed)
     np.random.seed(seed)
-    os.environ.setdefault("PYTHONHASHSEED", str(seed))
