@@ -137,6 +137,8 @@ def _kd_chunk(logits, labels, target_parts, *, temperature, loss, beta, skew, ig
     logits = logits.float()
     real = labels != ignore_index
     ce_sum = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
+    if not target_parts:                                                       # CE only
+        return ce_sum, ce_sum.new_zeros(())
     log_q = F.log_softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)
     if len(target_parts) == 1:                                                 # dense teacher log-probs
         log_p = target_parts[0].float()
@@ -167,9 +169,138 @@ def _target_parts(targets: Any, n: int, vocab: int) -> tuple[torch.Tensor, ...]:
     return ids, targets.probs.reshape(n, -1), targets.tail.reshape(n)
 
 
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-row dot product of two ``(n, V)`` tensors without an ``(n, V)`` temporary: ``(n,)``."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(-1)).reshape(-1)
+
+
+def _fused_chunk(z, labels, parts, grad_out, *, ce_w, kd_w, temperature, ignore_index):
+    """CE and forward-KL sums of one chunk, and (into ``grad_out``) their gradient w.r.t. the logits.
+
+    ``z`` ``(n, V)`` float32 logits (not modified); ``parts`` as from :func:`_target_parts` (empty: CE only);
+    ``grad_out`` ``(n, V)`` float32 buffer or None (no gradient wanted). The gradient written is
+    ``ce_w·(softmax(z) − onehot(label)) + kd_w/T·(q_T − p̃)`` on real rows (0 on padding rows), where ``p̃`` is
+    the teacher distribution over buckets spread onto ids: a stored id keeps ``p_k``; an id in the tail bucket
+    gets ``q_T(id)·p_tail/q_tail`` (the exact gradient of the coarsened forward KL, see :func:`sparse_buckets`).
+    Returns ``(ce_sum, kd_sum)`` float64 scalars.
+    """
+    real = labels != ignore_index
+    lab = torch.where(real, labels, torch.zeros_like(labels)).unsqueeze(-1)
+    m = z.amax(-1, keepdim=True)
+    buf = torch.sub(z, m, out=grad_out) if grad_out is not None else z - m               # z − max
+    z_lab = buf.gather(-1, lab).squeeze(-1)
+    kd_rows, dense_p = None, None
+    inv_t = 1.0 / temperature
+    if len(parts) == 1:                                                                 # dense log p
+        log_p = parts[0].float().clamp(min=_NEG)
+        dense_p = log_p.exp()
+        p_sum = dense_p.sum(-1)
+        plogp = _row_dot(dense_p, log_p)
+        pz = _row_dot(dense_p, buf)
+    elif len(parts) == 3:                                                               # sparse buckets
+        ids, probs, tail = parts
+        probs = probs.float()
+        stored = probs > 0
+        zi = buf.gather(-1, ids)
+    h = torch.mul(buf, inv_t).exp_() if parts and temperature != 1.0 else None            # exp((z − max)/T)
+    if h is not None and temperature in (2.0, 3.0, 4.0):
+        torch.pow(h, int(temperature), out=buf)                     # exp(z − max) = h^T: a multiply, not an exp
+    else:
+        buf.exp_()                                                                      # exp(z − max)
+    s1 = buf.sum(-1)
+    if h is None:
+        h, s_t = buf, s1
+    else:
+        s_t = h.sum(-1)
+    log_s_t = s_t.log()
+    ce_rows = s1.log() - z_lab
+    r = None
+    if dense_p is not None:
+        kd_rows = plogp - (pz * inv_t - p_sum * log_s_t)
+    elif parts:
+        log_q_ids = zi * inv_t - log_s_t.unsqueeze(-1)                                  # (n, K)
+        log_p_ids = torch.where(stored, probs.clamp(min=1e-45).log(), torch.zeros_like(probs))
+        kd_rows = torch.where(stored, probs * (log_p_ids - log_q_ids), torch.zeros_like(probs)).sum(-1)
+        tail = tail.float().clamp(min=0.0)
+        has_tail = tail > 0
+        if bool(has_tail.any()):
+            q_ids = torch.where(stored, log_q_ids.double().exp(), 0.0)
+            q_tail = 1.0 - q_ids.sum(-1)                                                 # float64
+            # Rows whose student tail is small, absolutely (1 − Σq cancels) or against the teacher's (the
+            # gradient below would cancel r·q_j against itself): their tail is summed over the other ids directly,
+            # and its gradient applied from that sum.
+            exact = has_tail & ((q_tail < EXACT_TAIL) | (tail.double() > 8.0 * q_tail))
+            rows = exact.nonzero().squeeze(-1)
+            if rows.numel():
+                h_tail = h[rows]                                               # a copy: stored ids zeroed next
+                h_tail.scatter_add_(-1, ids[rows], -(h_tail.gather(-1, ids[rows]) * stored[rows]))
+                q_tail = q_tail.index_put((rows,), (h_tail.sum(-1) / s_t[rows]).double())
+            q_tail = q_tail.float()
+            clamped = q_tail < 1e-30
+            kd_rows = kd_rows + torch.where(has_tail, tail * (tail.clamp(min=1e-45).log()
+                                                              - q_tail.clamp(min=1e-30).log()), 0.0)
+            r = torch.where(has_tail & ~clamped, tail / q_tail.clamp(min=1e-30), 0.0)     # p_tail / q_tail
+    ce_sum = torch.where(real, ce_rows, 0.0).double().sum()
+    kd_sum = torch.where(real, kd_rows, 0.0).double().sum() if kd_rows is not None else ce_sum.new_zeros(())
+    if grad_out is None:
+        return ce_sum, kd_sum
+    ce_c = torch.where(real, ce_w, 0.0).float()
+    kd_c = torch.where(real, kd_w * inv_t, 0.0).float() if parts else torch.zeros_like(ce_c)
+    r_main = None if r is None else r.masked_fill(exact, 0.0)         # exact rows: tail gradient from h_tail
+    q_scale = kd_c if r_main is None else kd_c * (1.0 - r_main)                          # on q_T(j), every j
+    if h is buf:
+        buf.mul_(((ce_c + q_scale) / s1).unsqueeze(-1))
+    else:
+        buf.mul_((ce_c / s1).unsqueeze(-1)).addcmul_(h, (q_scale / s_t).unsqueeze(-1))
+    buf.scatter_add_(-1, lab, -ce_c.unsqueeze(-1))
+    if dense_p is not None:
+        buf.addcmul_(dense_p, -kd_c.unsqueeze(-1))
+    elif parts:
+        back = probs if r is None else probs - (r_main.unsqueeze(-1) * log_q_ids.exp()).masked_fill(~stored, 0.0)
+        buf.scatter_add_(-1, ids, -kd_c.unsqueeze(-1) * back)
+        if r is not None and rows.numel():
+            buf.index_add_(0, rows, h_tail * (-(kd_c * r)[rows] / s_t[rows]).unsqueeze(-1))
+    return ce_sum, kd_sum
+
+
+class _FusedForwardKL(torch.autograd.Function):
+    """``ce_w·ΣCE + kd_w·ΣKL(p‖q_T)`` over ``(N, V)`` logits with the gradient computed in the same pass.
+
+    The autograd version keeps two ``(N, V)`` log-softmax outputs and runs about a dozen elementwise passes over
+    them in backward; this one makes a handful of passes per chunk in forward and keeps only the gradient
+    (the size of the logits). Outputs ``(total, ce_sum, kd_sum)``; only ``total`` is differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, labels, parts, ce_w, kd_w, temperature, ignore_index, chunk_tokens, want_grad):
+        grad = torch.empty(logits.shape, dtype=torch.float32) if want_grad else None
+        ce_sum = kd_sum = torch.zeros((), dtype=torch.float64)
+        for s in range(0, logits.shape[0], chunk_tokens):
+            sl = slice(s, s + chunk_tokens)
+            ce, kd = _fused_chunk(logits[sl].float(), labels[sl], tuple(p[sl] for p in parts),
+                                  grad[sl] if want_grad else None, ce_w=ce_w, kd_w=kd_w,
+                                  temperature=temperature, ignore_index=ignore_index)
+            ce_sum, kd_sum = ce_sum + ce, kd_sum + kd
+        ctx.save_for_backward(grad if want_grad else None)
+        ctx.logits_dtype = logits.dtype
+        ctx.mark_non_differentiable(ce_sum, kd_sum)
+        total = (ce_w * ce_sum + kd_w * kd_sum).float()
+        return total, ce_sum.float(), kd_sum.float()
+
+    @staticmethod
+    def backward(ctx, g_total, _g_ce, _g_kd):
+        (grad,) = ctx.saved_tensors
+        if grad is None:
+            return (None,) * 9
+        if not (g_total.numel() == 1 and float(g_total) == 1.0):
+            grad = grad * g_total
+        return (grad.to(ctx.logits_dtype),) + (None,) * 8
+
+
 def distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor, targets: Any, *, alpha: float,
                       temperature: float, loss: str = "forward_kl", beta: float = 0.5, skew: float = 0.1,
-                      ignore_index: int = -100, chunk_tokens: int = CHUNK_TOKENS) -> dict[str, torch.Tensor]:
+                      ignore_index: int = -100, chunk_tokens: int = CHUNK_TOKENS,
+                      fused: bool | None = None) -> dict[str, torch.Tensor]:
     """``α·CE + (1−α)·T²·KD``, each a mean over real tokens (``labels != ignore_index``).
 
     Args:
@@ -177,13 +308,20 @@ def distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor, target
         labels (torch.Tensor): ``(B, L)`` next-token ids, ``ignore_index`` on padding.
         targets: the teacher distribution over ``labels`` *already at temperature T*:
             ``SparseTargets(ids (B, L, K), probs (B, L, K), tail (B, L))`` or ``DenseTargets(logprobs (B, L, V'))``
-            with V' ≤ V (a student vocabulary padded past the teacher's gets teacher mass 0 there).
+            with V' ≤ V (a student vocabulary padded past the teacher's gets teacher mass 0 there); None for a
+            CE-only objective (``alpha`` = 1; ``kd`` is then 0).
         alpha (float): CE weight α ∈ [0, 1].
         temperature (float): T > 0; KD is multiplied by T² so its gradient scale does not depend on T.
         loss (str): KD divergence, one of :data:`LOSSES`.
         chunk_tokens (int): tokens per chunk. With more than one chunk, each chunk's softmax is recomputed in
             backward (activation checkpointing) so only one chunk's ``(chunk_tokens, V)`` float32 blocks are
-            kept at a time; a batch that fits in one chunk is not recomputed.
+            kept at a time; a batch that fits in one chunk is not recomputed. (Fused path: the gradient is
+            computed chunk by chunk in forward and kept; nothing else of size V per token is.)
+        fused (bool | None): compute forward KL (and CE-only) with :class:`_FusedForwardKL`: value and gradient in
+            one pass, no autograd graph through the softmax (same numbers as the autograd path, several times
+            less work per token). None (default): fused whenever the loss allows it (``forward_kl``, or
+            ``targets`` None with ``alpha`` = 1); False: always the autograd path (the reference in tests).
+            With the fused path only ``total`` carries a gradient.
     Returns:
         dict: ``total``, ``ce``, ``kd`` (scalars; ``kd`` without the T² and (1−α) factors) and ``tokens``.
     """
@@ -197,7 +335,19 @@ def distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor, target
     vocab = student_logits.shape[-1]
     logits = student_logits.reshape(-1, vocab)
     flat_labels = labels.reshape(-1)
-    parts = _target_parts(targets, flat_labels.numel(), vocab)
+    if targets is None and alpha != 1.0:
+        raise ValueError(f"no teacher targets given: only a CE-only objective (alpha=1) can do without them "
+                         f"(got alpha={alpha})")
+    parts = () if targets is None else _target_parts(targets, flat_labels.numel(), vocab)
+    if fused is None:
+        fused = loss == "forward_kl" or not parts
+    if fused:
+        tokens = (flat_labels != ignore_index).sum()
+        denom = float(max(int(tokens), 1))
+        total, ce_sum, kd_sum = _FusedForwardKL.apply(
+            logits, flat_labels, parts, alpha / denom, (1.0 - alpha) * temperature ** 2 / denom, temperature,
+            ignore_index, chunk_tokens, torch.is_grad_enabled() and logits.requires_grad)
+        return {"total": total, "ce": ce_sum / denom, "kd": kd_sum / denom, "tokens": tokens}
     kw = dict(temperature=temperature, loss=loss, beta=beta, skew=skew, ignore_index=ignore_index)
     ce_sum = kd_sum = logits.new_zeros((), dtype=torch.float32)
     n = flat_labels.numel()

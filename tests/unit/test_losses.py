@@ -291,3 +291,69 @@ def test_hidden_loss_mask_and_bad_input():
         hidden_state_loss([s, s], [t], _heads(1, 3, 3), "mse")
     with pytest.raises(ValueError, match="disagree"):
         hidden_state_loss([s], [t[:, :3]], _heads(1, 3, 3), "mse")
+
+
+def _fused_vs_autograd(logits, labels, targets, **kw):
+    out = []
+    for fused in (True, False):
+        x = logits.clone().requires_grad_(True)
+        o = distillation_loss(x, labels, targets, fused=fused, **kw)
+        o["total"].backward()
+        out.append((o, x.grad))
+    (a, ga), (b, gb) = out
+    for k in ("total", "ce", "kd"):
+        assert a[k].item() == pytest.approx(b[k].item(), rel=1e-5, abs=1e-6), k
+    assert torch.allclose(ga, gb, atol=1e-6, rtol=1e-4), (ga - gb).abs().max()
+    return a, ga
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 0.7, 3.0])
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("chunk", [4, 10_000])
+def test_fused_forward_kl_equals_autograd_on_every_target_kind(temperature, alpha, chunk):
+    g = torch.Generator().manual_seed(7)
+    n, v, k = (3, 7), 50, 6
+    logits = torch.randn(*n, v, generator=g) * 3
+    labels = torch.randint(0, v, n, generator=g)
+    labels[0, :2] = -100                                                   # padding rows count for nothing
+    kw = dict(alpha=alpha, temperature=temperature, chunk_tokens=chunk)
+    _fused_vs_autograd(logits, labels, dense(F.log_softmax(torch.randn(*n, v, generator=g) * 2, -1)), **kw)
+    ids = torch.stack([torch.randperm(v, generator=g)[:k] for _ in range(21)]).reshape(*n, k)
+    probs = torch.rand(*n, k, generator=g)
+    probs[..., -1] = 0.0                                                   # a padding slot
+    probs = probs / probs.sum(-1, keepdim=True)
+    _fused_vs_autograd(logits, labels, sparse(ids, probs, torch.zeros(n)), **kw)            # sampled: no tail
+    _fused_vs_autograd(logits, labels, sparse(ids, 0.7 * probs, torch.full(n, 0.3)), **kw)   # topk + tail
+
+
+def test_fused_forward_kl_small_student_tail_has_no_cancellation():
+    """The student puts ~all its mass on the stored ids while the teacher's tail is 0.1: the tail is summed over
+    the other ids and its gradient applied from that sum (a 1 − Σq tail, or r·q − r·q, would lose it)."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 5, 40, generator=g)
+    logits[..., :3] += 30.0
+    labels = torch.randint(0, 40, (2, 5), generator=g)
+    targets = sparse(torch.arange(3).expand(2, 5, 3).clone(), torch.full((2, 5, 3), 0.3), torch.full((2, 5), 0.1))
+    for t in (1.0, 2.0):
+        out, grad = _fused_vs_autograd(logits, labels, targets, alpha=0.3, temperature=t)
+        assert torch.isfinite(grad).all() and out["kd"].item() > 0.5       # ≈ 0.1·log(0.1 / q_tail), q_tail ≪ 1e-3
+
+
+def test_ce_only_objective_needs_no_targets():
+    logits, labels, _ = _batch()
+    labels[0, 0] = -100
+    out, grad = _fused_vs_autograd(logits, labels, None, alpha=1.0, temperature=2.0)
+    ref = F.cross_entropy(logits.reshape(-1, 13), labels.reshape(-1), ignore_index=-100)
+    assert out["total"].item() == pytest.approx(ref.item(), rel=1e-6) and out["kd"].item() == 0.0
+    with pytest.raises(ValueError, match="only a CE-only objective"):
+        distillation_loss(logits, labels, None, alpha=0.5, temperature=1.0)
+
+
+def test_fused_loss_without_grad_builds_nothing():
+    logits, labels, teacher = _batch()
+    x = logits.clone().requires_grad_(True)
+    with torch.no_grad():
+        out = distillation_loss(x, labels, dense(teacher), alpha=0.5, temperature=2.0)
+    assert out["total"].grad_fn is None
+    ref = distillation_loss(logits, labels, dense(teacher), alpha=0.5, temperature=2.0, fused=False)
+    assert out["total"].item() == pytest.approx(ref["total"].item(), rel=1e-6)
