@@ -2,13 +2,14 @@
 
     python benchmarks/train_step.py --teacher smollm2 --tokens 8192 --steps 3 --threads 1
 
-One process, plain AdamW (no Ray, no DeepSpeed): the per-step compute a worker pays. Both KD modes go through
-``tasks.online.training_loss``, the objective the training workers run. ``cached`` uses targets encoded exactly
+One process, plain AdamW (no Ray, no DeepSpeed): the per-step compute a worker pays. All three modes go through
+``tasks.online.training_loss``, the objective the training workers run (``ce``: alpha = 1, no targets). ``cached`` uses targets encoded exactly
 as the cache stores them (``--format``, re-tempered to T by ``at_temperature``), computed once before timing;
 ``online`` runs the teacher forward inside every step (``tasks.online.teacher_outputs``: inference mode, full
 softmax at T), plus hidden-state matching with ``--hidden-loss mse|cosine`` (projections stepped as in training).
 Prints one JSON object: ``ce_step_s``, ``cached_kd_step_s``, ``online_kd_step_s``, ``cached_over_ce``,
-``online_over_cached`` (+ the setup).
+``online_over_cached`` (+ the setup, with the student's and the teacher's parameter counts). Modes are timed
+interleaved, step by step (ce, cached, online, ce, …), so a change in machine load hits all three alike.
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tasks.config import CorpusConfig, StudentConfig, TeacherConfig, TrainConfig  # noqa: E402
+from tasks.config import CacheConfig, CorpusConfig, StudentConfig, TeacherConfig, TrainConfig  # noqa: E402
 from tasks.corpus import build_shards  # noqa: E402
 from tasks.data import Batch  # noqa: E402
 from tasks.online import online_teacher, resolve_layer_map, step_projections, training_loss  # noqa: E402
-from tasks.students import build_student, forward_logits, resolve_layers  # noqa: E402
+from tasks.students import build_student, resolve_layers  # noqa: E402
 from tasks.targetcodec import (CachedTargets, at_temperature, decode_rows, encode_sampled,  # noqa: E402
                                encode_topk)
 from tasks.teacher import load_teacher, load_tokenizer  # noqa: E402
@@ -44,8 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--layers", type=int, nargs="+", default=[0, 10, 20, 29], help="teacher layers copied")
     p.add_argument("--format", choices=("sampled", "topk"), default="sampled")
-    p.add_argument("--num-samples", type=int, default=50)
-    p.add_argument("--temperature", type=float, default=2.0)
+    p.add_argument("--num-samples", type=int, default=CacheConfig().num_samples)
+    p.add_argument("--top-k", type=int, default=CacheConfig().top_k)
+    p.add_argument("--temperature", type=float, default=TrainConfig().temperature)
     p.add_argument("--hidden-loss", choices=("none", "mse", "cosine"), default="none",
                    help="online mode: hidden-state matching on the copied layers")
     p.add_argument("--threads", type=int, default=1)
@@ -61,7 +63,7 @@ def _cached_targets(logits: torch.Tensor, args) -> object:
         t = decode_rows("sampled", fields, slice(0, B * L), L)
         cached = CachedTargets("sampled", 1.0, t["ids"], t["logprobs"], t["counts"], None, args.num_samples)
     else:
-        fields = encode_topk(logits, 32, 1.0)
+        fields = encode_topk(logits, args.top_k, 1.0)
         t = decode_rows("topk", fields, slice(0, B * L), L)
         cached = CachedTargets("topk", 1.0, t["ids"], t["logprobs"], None, t["tail_logmass"])
     return at_temperature(cached, args.temperature)
@@ -86,44 +88,52 @@ def main(argv=None) -> dict:
     online_cfg = TrainConfig(alpha=0.5, temperature=args.temperature, teacher_mode="online",
                              hidden_loss=args.hidden_loss)
     cached_cfg = TrainConfig(alpha=0.5, temperature=args.temperature)
+    ce_cfg = TrainConfig(alpha=1.0, temperature=args.temperature)
     copied = resolve_layers(args.layers, teacher.config.num_hidden_layers)
     layer_map = resolve_layer_map(None, copied=copied, n_student=len(copied),
                                   n_teacher=teacher.config.num_hidden_layers)
 
-    def run(mode: str) -> list[float]:
+    def setup(mode: str):
         torch.manual_seed(0)
         student = build_student(StudentConfig(layers=args.layers), teacher).train()
         opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
         online = online_teacher(teacher, student, online_cfg, layer_map) if mode == "online" else None
         heads = online.projections if online is not None else None
         heads_opt = torch.optim.AdamW(heads.parameters(), lr=1e-4) if heads is not None else None
-        times = []
-        for b, targets in zip(batches, cached):
-            t0 = time.perf_counter()
-            x, y = b[:, :-1], b[:, 1:]
-            if mode == "ce":
-                logits = forward_logits(student, x)
-                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
-            else:
-                tc = online_cfg if mode == "online" else cached_cfg
-                loss = training_loss(student, Batch(x, y, targets if mode == "cached" else None), tc, online)["total"]
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if heads is not None:
-                step_projections(heads, heads_opt, lr=1e-4, grad_clip=1.0)
-            times.append(time.perf_counter() - t0)
-        return times[1:]  # the first step warms up allocators and kernels
+        return student, opt, online, heads, heads_opt
 
-    result = {}
-    for mode in ("ce", "cached_kd", "online_kd"):
-        result[f"{mode}_step_s"] = round(statistics.median(run(mode.split("_")[0])), 3)
+    def step(mode, state, b, targets) -> float:
+        student, opt, online, heads, heads_opt = state
+        t0 = time.perf_counter()
+        tc = {"ce": ce_cfg, "cached": cached_cfg, "online": online_cfg}[mode]
+        batch = Batch(b[:, :-1], b[:, 1:], targets if mode == "cached" else None)
+        training_loss(student, batch, tc, online)["total"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if heads is not None:
+            step_projections(heads, heads_opt, lr=1e-4, grad_clip=1.0)
+        return time.perf_counter() - t0
+
+    modes = ("ce", "cached", "online")
+    states = {m: setup(m) for m in modes}
+    times = {m: [] for m in modes}
+    for i, (b, targets) in enumerate(zip(batches, cached)):
+        for m in modes:
+            dt = step(m, states[m], b, targets)
+            if i:  # the first step warms up allocators and kernels
+                times[m].append(dt)
+    student_params = sum(p.numel() for p in states["ce"][0].parameters())
+    teacher_params = sum(p.numel() for p in teacher.parameters())
+    del states
+    result = {f"{m}{'' if m == 'ce' else '_kd'}_step_s": round(statistics.median(times[m]), 3) for m in modes}
     result["cached_over_ce"] = round(result["cached_kd_step_s"] / result["ce_step_s"], 3)
     result["online_over_cached"] = round(result["online_kd_step_s"] / result["cached_kd_step_s"], 3)
     result["setup"] = {"teacher": args.teacher, "layers": args.layers, "seq_len": args.seq_len,
                        "micro_batch": args.micro_batch, "format": args.format, "threads": args.threads,
                        "steps": args.steps, "temperature": args.temperature, "hidden_loss": args.hidden_loss,
-                       "vocab": int(teacher.config.vocab_size)}
+                       "vocab": int(teacher.config.vocab_size), "num_samples": args.num_samples,
+                       "top_k": args.top_k, "student_params": student_params, "teacher_params": teacher_params,
+                       "size_ratio": round(student_params / teacher_params, 3)}
     print(json.dumps(result))
     return result
 
