@@ -69,20 +69,27 @@ class DenseTargets:
 # ----------------------------------------------------------------------------------------------------------
 
 def encode_sampled(logits: torch.Tensor, num_samples: int, temperature: float,
-                   generators: list[torch.Generator]) -> dict[str, np.ndarray]:
+                   generators: list[torch.Generator], labels: torch.Tensor | None = None) -> dict[str, np.ndarray]:
     """Draw ``num_samples`` ids per row and keep unique ids + counts + T=1 log-probs.
 
     logits: ``[B, L, V]``; generators: one per window (seeded per window, so the draws do not depend on how
     windows are batched). Returns flat arrays over the ``E`` stored entries, row-major, ids ascending per row:
     ``row_len`` uint8 ``[B*L]``, ``ids`` int32 ``[E]``, ``counts`` uint8 ``[E]``, ``logp`` float32 ``[E]``.
+    With ``labels`` ``[B, L]`` also :func:`heldout_stats`' ``teacher_top1`` and ``teacher_nll``, from the same
+    passes over the logits (one max, one exp, one sum per window at T = 1: the draws take unnormalised weights).
     """
     B, L, V = logits.shape
     out = {"row_len": [], "ids": [], "counts": [], "logp": []}
+    if labels is not None:
+        out.update(teacher_top1=[], teacher_nll=[])
     for b in range(B):  # per window: bounded memory and batch-independent draws
         x = logits[b].float()
-        lp1 = torch.log_softmax(x, dim=-1)  # [L, V]
-        probs = lp1.exp() if temperature == 1.0 else torch.softmax(x / temperature, dim=-1)
-        draws = torch.multinomial(probs, num_samples, replacement=True, generator=generators[b])
+        top, top1 = x.max(dim=-1)                                            # [L]
+        weights = torch.sub(x, top.unsqueeze(-1)).exp_()                    # exp(x − max), [L, V]
+        lse1 = top + weights.sum(dim=-1).log()                              # log Σ exp(x), [L]
+        if temperature != 1.0:
+            weights = torch.sub(x, top.unsqueeze(-1)).mul_(1.0 / temperature).exp_()
+        draws = torch.multinomial(weights, num_samples, replacement=True, generator=generators[b])
         draws, _ = draws.sort(dim=-1)  # [L, N]
         starts = torch.ones_like(draws, dtype=torch.bool)
         starts[:, 1:] = draws[:, 1:] != draws[:, :-1]
@@ -94,7 +101,10 @@ def encode_sampled(logits: torch.Tensor, num_samples: int, temperature: float,
         out["row_len"].append(row_len.to(torch.uint8))
         out["ids"].append(ids.to(torch.int32))
         out["counts"].append(counts.to(torch.uint8))
-        out["logp"].append(lp1[rows, ids])
+        out["logp"].append(x[rows, ids] - lse1[rows])
+        if labels is not None:
+            out["teacher_top1"].append(top1.to(torch.int32))
+            out["teacher_nll"].append(lse1 - x.gather(-1, labels[b].long().unsqueeze(-1)).squeeze(-1))
     return {k: torch.cat(v).numpy() for k, v in out.items()}
 
 
@@ -158,17 +168,19 @@ def encode_shard(model: torch.nn.Module, tokens: np.ndarray, split: str, fmt: st
             if int(x.max()) >= vocab:
                 raise ValueError(f"token id {int(x.max())} >= teacher vocab size {vocab}: tokenizer and teacher "
                                  "do not match")
-            held = heldout_stats(logits, x[:, 1:])
-            nll_sum += float(held["teacher_nll"].astype(np.float64).sum())
-            correct += int((held["teacher_top1"] == x[:, 1:].reshape(-1).numpy()).sum())
-            if fmt == "sampled":
+            if fmt == "sampled":  # the draws' own passes over the logits give the held-out statistics too
                 gens = [window_generator(key, i + b) for b in range(x.shape[0])]
-                enc = encode_sampled(logits, params["num_samples"], temperature, gens)
+                enc = encode_sampled(logits, params["num_samples"], temperature, gens, labels=x[:, 1:])
+                held = {k: enc.pop(k) for k in ("teacher_top1", "teacher_nll")}
                 if not params.get("logprobs", True):
                     del enc["logp"]
-            elif fmt == "topk":
-                enc = encode_topk(logits, params["top_k"], temperature)
             else:
+                held = heldout_stats(logits, x[:, 1:])
+            nll_sum += float(held["teacher_nll"].astype(np.float64).sum())
+            correct += int((held["teacher_top1"] == x[:, 1:].reshape(-1).numpy()).sum())
+            if fmt == "topk":
+                enc = encode_topk(logits, params["top_k"], temperature)
+            elif fmt == "full":
                 enc = encode_full(logits, temperature)
         parts.append({**enc, **(held if split == "heldout" else {})})
     fields = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

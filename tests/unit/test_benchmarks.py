@@ -1,0 +1,59 @@
+"""The training benchmarks run end to end on the tiny teacher and print what README and the issues quote."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_kd_quality_rows_and_checks_follow_the_measurements(capsys):
+    kdq = _load("kd_quality")
+    out = kdq.main(["--teacher", "tiny", "--layers", "0", "--seq-len", "32", "--tokens", "4096", "--steps", "3",
+                    "--threads", "1", "--heldout-windows", "4"])
+    assert json.loads(capsys.readouterr().out) == out
+    assert [r["method"] for r in out["rows"]] == ["ce", "online", "topk", "sampled"]
+    rows = {r["method"]: r for r in out["rows"]}
+    for r in rows.values():
+        assert set(r) >= {"heldout_loss", "top1_agreement", "ece", "wall_s"} and r["wall_s"] > 0
+    ce, online = rows["ce"]["heldout_loss"], rows["online"]["heldout_loss"]
+    if ce - online > 1e-3:  # gain_recovered comes from unrounded losses; the rows are rounded to 4 decimals
+        assert out["gain_recovered"]["online"] == 1.0
+        assert out["checks"]["sampled_recovers_98pct"] == (out["gain_recovered"]["sampled"] >= 0.98)
+    elif ce - online < -1e-3:
+        assert out["gain_recovered"]["sampled"] is None and out["checks"]["sampled_recovers_98pct"] is None
+    kd = [rows[m] for m in ("online", "topk", "sampled")]
+    if all(r["heldout_loss"] != ce and r["top1_agreement"] != rows["ce"]["top1_agreement"] for r in kd):
+        beats = all(r["heldout_loss"] < ce and r["top1_agreement"] > rows["ce"]["top1_agreement"] for r in kd)
+        assert out["checks"]["every_kd_beats_ce"] == beats  # (a tie after rounding says nothing either way)
+
+
+def test_kd_quality_rejects_bad_input():
+    kdq = _load("kd_quality")
+    with pytest.raises(SystemExit, match="--steps must be >= 1"):
+        kdq.parse_args(["--steps", "0"])
+    with pytest.raises(SystemExit, match="--alpha must be in"):
+        kdq.parse_args(["--alpha", "1.0"])
+
+
+@pytest.mark.slow
+def test_train_step_reports_ratios_of_its_own_timings(capsys):
+    ts = _load("train_step")
+    out = ts.main(["--teacher", "tiny", "--layers", "0", "--seq-len", "32", "--tokens", "2048", "--steps", "2",
+                   "--micro-batch", "2"])
+    assert json.loads(capsys.readouterr().out) == out
+    assert out["cached_over_ce"] == pytest.approx(out["cached_kd_step_s"] / out["ce_step_s"], abs=2e-3)
+    assert out["online_over_cached"] == pytest.approx(out["online_kd_step_s"] / out["cached_kd_step_s"], abs=2e-3)
+    assert 0 < out["setup"]["size_ratio"] < 1
