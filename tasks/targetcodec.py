@@ -182,6 +182,8 @@ def encode_shard(model: torch.nn.Module, tokens: np.ndarray, split: str, fmt: st
                 enc = encode_topk(logits, params["top_k"], temperature)
             elif fmt == "full":
                 enc = encode_full(logits, temperature)
+            elif fmt != "sampled":
+                raise ValueError(f"unknown cache format {fmt!r}; expected one of {FORMATS}")
         parts.append({**enc, **(held if split == "heldout" else {})})
     fields = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     stats = {"vocab_size": vocab, "teacher_nll_sum": nll_sum, "teacher_top1_correct": correct}
