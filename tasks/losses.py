@@ -273,8 +273,8 @@ class _FusedForwardKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, parts, ce_w, kd_w, temperature, ignore_index, chunk_tokens, want_grad):
-        grad = torch.empty(logits.shape, dtype=torch.float32) if want_grad else None
-        ce_sum = kd_sum = torch.zeros((), dtype=torch.float64)
+        grad = torch.empty(logits.shape, dtype=torch.float32, device=logits.device) if want_grad else None
+        ce_sum = kd_sum = torch.zeros((), dtype=torch.float64, device=logits.device)
         for s in range(0, logits.shape[0], chunk_tokens):
             sl = slice(s, s + chunk_tokens)
             ce, kd = _fused_chunk(logits[sl].float(), labels[sl], tuple(p[sl] for p in parts),
