@@ -1,6 +1,6 @@
 """Student quality after the same step budget: CE only vs KD from the online teacher vs cached top-k vs sampled.
 
-    # the default run (≈ 21 min on 2 cores): SmolLM2, Shakespeare, 60 steps of 4 x 256 tokens over a 20k-token
+    # the default run (14.6 min on 2 idle cores): SmolLM2, Shakespeare, 60 steps of 4 x 256 tokens over a 20k-token
     # corpus slice (66 train windows, 3.6 epochs; 12 held-out windows), alpha 0.5, T 1, 2 threads
     python benchmarks/kd_quality.py
     # one pass over fresh windows (no repeats) at the training preset's alpha and T
@@ -50,8 +50,8 @@ held-out windows, so it grows linearly with ``--steps``. To scale up, raise ``--
 together: non-repeating windows need ``tokens ≳ steps × micro_batch × seq_len / (1 − heldout_fraction)``
 plus a margin for the hash split (the script says when it has to cycle); more ``--threads`` shortens every
 row alike. To scale down, lower ``--steps`` (and ``--tokens``) or ``--seq-len``. Measured here (2 cores,
-default student): ≈ 3.2 s per ce/topk/sampled step, ≈ 7 s per online step, ≈ 1 s per window of teacher
-pre-pass; the default run takes ≈ 21 min, ``--tokens 80000`` ≈ 23 min. The held-out set is the
+default student): ≈ 2.5–3.2 s per ce/topk/sampled step, ≈ 5.3–7 s per online step, ≈ 1 s per window of teacher
+pre-pass; the default run takes ≈ 15 min on idle cores, ``--tokens 80000`` ≈ 23 min on busy ones. The held-out set is the
 ``heldout_fraction`` of the same ``--tokens`` (12 windows at the default): raise both for tighter numbers.
 """
 
