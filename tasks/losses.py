@@ -283,9 +283,10 @@ class _FusedForwardKL(torch.autograd.Function):
             ce_sum, kd_sum = ce_sum + ce, kd_sum + kd
         ctx.save_for_backward(grad if want_grad else None)
         ctx.logits_dtype = logits.dtype
-        ctx.mark_non_differentiable(ce_sum, kd_sum)
         total = (ce_w * ce_sum + kd_w * kd_sum).float()
-        return total, ce_sum.float(), kd_sum.float()
+        ce_out, kd_out = ce_sum.float(), kd_sum.float()
+        ctx.mark_non_differentiable(ce_out, kd_out)
+        return total, ce_out, kd_out
 
     @staticmethod
     def backward(ctx, g_total, _g_ce, _g_kd):

@@ -357,3 +357,10 @@ def test_fused_loss_without_grad_builds_nothing():
     assert out["total"].grad_fn is None
     ref = distillation_loss(logits, labels, dense(teacher), alpha=0.5, temperature=2.0, fused=False)
     assert out["total"].item() == pytest.approx(ref["total"].item(), rel=1e-6)
+
+
+def test_fused_loss_logs_ce_and_kd_without_gradients():
+    logits, labels, teacher = _batch()
+    x = logits.clone().requires_grad_(True)
+    out = distillation_loss(x, labels, dense(teacher), alpha=0.5, temperature=2.0)
+    assert out["total"].requires_grad and not out["ce"].requires_grad and not out["kd"].requires_grad
