@@ -74,8 +74,8 @@ from tasks.data import Batch, restrict_vocab  # noqa: E402
 from tasks.evaluate import evaluate  # noqa: E402
 from tasks.online import online_teacher, training_loss  # noqa: E402
 from tasks.students import build_student  # noqa: E402
-from tasks.targetcodec import (CachedTargets, at_temperature, cat_targets, decode_rows, encode_sampled,  # noqa: E402
-                               encode_topk, window_generator)
+from tasks.targetcodec import (CachedTargets, at_temperature, cat_targets, encode_targets,  # noqa: E402
+                               select_windows, window_generator)
 from tasks.teacher import load_teacher, load_tokenizer  # noqa: E402
 from workflows.train import lr_at  # noqa: E402  (pure function; importing it starts no Ray)
 
@@ -176,24 +176,15 @@ def _encode_cached(teacher, train: torch.Tensor, used: int, args, vocab_size: in
     out: dict[str, list[CachedTargets]] = {f: [] for f in fmts}
     if not fmts:
         return out
-    L, key = args.seq_len, f"kd_quality:seed={args.seed}"
+    key = f"kd_quality:seed={args.seed}"
     for a in range(0, used, args.micro_batch):
         b = min(a + args.micro_batch, used)
         with torch.inference_mode():
             logits = teacher(input_ids=train[a:b, :-1], use_cache=False).logits.float()
-        V = logits.shape[-1]
         for fmt in fmts:
-            if fmt == "sampled":
-                fields = encode_sampled(logits, args.num_samples, 1.0, [window_generator(key, w) for w in range(a, b)])
-            else:
-                fields = encode_topk(logits, args.top_k, 1.0)
-            t = decode_rows(fmt, fields, slice(0, (b - a) * L), L)
-            for i in range(b - a):
-                one = CachedTargets(fmt, 1.0, t["ids"][i:i + 1], t["logprobs"][i:i + 1],
-                                    t["counts"][i:i + 1] if "counts" in t else None,
-                                    t["tail_logmass"][i:i + 1] if "tail_logmass" in t else None,
-                                    args.num_samples if fmt == "sampled" else None, V)
-                out[fmt].append(restrict_vocab(one, vocab_size))
+            t = encode_targets(logits, fmt, num_samples=args.num_samples, top_k=args.top_k,
+                               generators=[window_generator(key, w) for w in range(a, b)])
+            out[fmt].extend(restrict_vocab(select_windows(t, i), vocab_size) for i in range(b - a))
     return out
 
 

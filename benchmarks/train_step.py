@@ -30,8 +30,7 @@ from tasks.corpus import build_shards  # noqa: E402
 from tasks.data import Batch  # noqa: E402
 from tasks.online import online_teacher, resolve_layer_map, step_projections, training_loss  # noqa: E402
 from tasks.students import build_student, resolve_layers  # noqa: E402
-from tasks.targetcodec import (CachedTargets, at_temperature, decode_rows, encode_sampled,  # noqa: E402
-                               encode_topk)
+from tasks.targetcodec import at_temperature, encode_targets  # noqa: E402
 from tasks.teacher import load_teacher, load_tokenizer  # noqa: E402
 
 
@@ -56,16 +55,8 @@ def parse_args(argv=None):
 
 def _cached_targets(logits: torch.Tensor, args) -> object:
     """Encode teacher logits ``(B, L, V)`` the way the cache does, decode, re-temper to ``args.temperature``."""
-    B, L, _ = logits.shape
-    if args.format == "sampled":
-        gens = [torch.Generator().manual_seed(i) for i in range(B)]
-        fields = encode_sampled(logits, args.num_samples, 1.0, gens)
-        t = decode_rows("sampled", fields, slice(0, B * L), L)
-        cached = CachedTargets("sampled", 1.0, t["ids"], t["logprobs"], t["counts"], None, args.num_samples)
-    else:
-        fields = encode_topk(logits, args.top_k, 1.0)
-        t = decode_rows("topk", fields, slice(0, B * L), L)
-        cached = CachedTargets("topk", 1.0, t["ids"], t["logprobs"], None, t["tail_logmass"])
+    gens = [torch.Generator().manual_seed(i) for i in range(logits.shape[0])]
+    cached = encode_targets(logits, args.format, num_samples=args.num_samples, top_k=args.top_k, generators=gens)
     return at_temperature(cached, args.temperature)
 
 

@@ -144,6 +144,48 @@ def heldout_stats(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, np.nd
             "teacher_nll": nll.reshape(-1).numpy().astype(np.float32)}
 
 
+def encode_targets(logits: torch.Tensor, fmt: str, *, temperature: float = 1.0, num_samples: int | None = None,
+                   top_k: int | None = None, generators: list[torch.Generator] | None = None) -> CachedTargets:
+    """Teacher logits ``[B, L, V]`` → the targets a cache of ``fmt`` would give back for these ``B`` windows.
+
+    The in-memory round trip (encode, then :func:`decode_rows`) that benchmarks and tests use in place of a
+    cache on disk. The one difference from a stored ``sampled`` shard: its log-probs are exact here, the shard
+    keeps them to within ``LOGP_STEP/2`` (:mod:`tasks.sampledpack`). ``sampled`` needs ``num_samples`` and
+    one generator per window (default: :func:`window_generator` of ``"encode_targets"``); ``topk`` needs ``top_k``.
+    """
+    B, L, V = logits.shape
+    if fmt == "sampled":
+        if num_samples is None:
+            raise ValueError("encode_targets: the sampled format needs num_samples")
+        gens = generators if generators is not None else [window_generator("encode_targets", b) for b in range(B)]
+        if len(gens) != B:
+            raise ValueError(f"encode_targets: {len(gens)} generators for {B} windows")
+        fields = encode_sampled(logits, num_samples, temperature, gens)
+    elif fmt == "topk":
+        if top_k is None:
+            raise ValueError("encode_targets: the topk format needs top_k")
+        fields = encode_topk(logits, top_k, temperature)
+    elif fmt == "full":
+        fields = encode_full(logits, temperature)
+    else:
+        raise ValueError(f"unknown cache format {fmt!r}; expected one of {FORMATS}")
+    t = decode_rows(fmt, fields, slice(0, B * L), L)
+    return CachedTargets(fmt, temperature, t.get("ids"), t.get("logprobs"), t.get("counts"), t.get("tail_logmass"),
+                         num_samples if fmt == "sampled" else None, V)
+
+
+def select_windows(targets: CachedTargets, index) -> CachedTargets:
+    """The targets of some windows (``index``: an int, slice or index tensor over the first dimension)."""
+    if isinstance(index, int):
+        index = slice(index, index + 1)
+
+    def pick(t):
+        return None if t is None else t[index]
+
+    return CachedTargets(targets.format, targets.cache_temperature, pick(targets.ids), pick(targets.logprobs),
+                         pick(targets.counts), pick(targets.tail_logmass), targets.num_samples, targets.vocab_size)
+
+
 def window_generator(key: str, window: int) -> torch.Generator:
     """RNG of one window's draws: seeded by the shard key (which includes cache.seed) and the window index."""
     seed = int.from_bytes(hashlib.sha256(f"{key}:{window}".encode()).digest()[:8], "little") & (2 ** 63 - 1)

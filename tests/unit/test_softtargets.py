@@ -20,7 +20,7 @@ from tasks.config import CacheConfig, CorpusConfig, TeacherConfig
 from tasks.corpus import content_hash
 from tasks.sampledpack import LOGP_STEP
 from tasks.targetcodec import (CachedTargets, at_temperature, cat_targets, decode_rows, encode_sampled,
-                               encode_shard, tail_logmass, window_generator)
+                               encode_shard, encode_targets, select_windows, tail_logmass, window_generator)
 
 V, L = 40, 6
 
@@ -349,3 +349,40 @@ def test_open_cache_errors(tmp_path):
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(st.CacheCorruptError, match="manifest.json"):
         st.open_cache(str(tmp_path))
+
+
+@pytest.mark.parametrize("fmt", ["sampled", "topk", "full"])
+def test_encode_targets_gives_what_the_cache_gives_back(tmp_path, fmt):
+    """The in-memory round trip the benchmarks use equals a stored shard's targets (sampled log-probs: the
+    shard keeps them to LOGP_STEP/2), window by window."""
+    cache, tokens, *_ = _make_cache(tmp_path, fmt=fmt, top_k=7)
+    entry = cache.shards()[0]
+    stored = cache.read(entry).targets()
+    gens = [window_generator(entry["key"], w) for w in range(tokens.shape[0])]
+    mine = encode_targets(_logits(tokens), fmt, num_samples=50, top_k=7, generators=gens)
+    assert mine.format == fmt and mine.vocab_size == V and mine.cache_temperature == 1.0
+    if fmt == "sampled":
+        assert mine.num_samples == 50
+        assert torch.equal(mine.counts.sum(-1), stored.counts.sum(-1))
+        # stored rows list ids in rank order, encode_targets by id: compare as dense counts
+        dense = [torch.zeros(*t.ids.shape[:-1], V).scatter_add(-1, t.ids, t.counts) for t in (mine, stored)]
+        assert torch.equal(*dense)
+    elif fmt == "topk":
+        assert torch.equal(mine.ids, stored.ids) and torch.equal(mine.logprobs, stored.logprobs)
+        assert torch.equal(mine.tail_logmass, stored.tail_logmass)
+    else:
+        assert torch.equal(mine.logprobs, stored.logprobs)
+    one = select_windows(mine, 3)
+    assert torch.equal(one.logprobs, mine.logprobs[3:4]) and one.format == fmt and one.vocab_size == V
+
+
+def test_encode_targets_rejects_bad_input():
+    logits = _logits(_tokens())
+    with pytest.raises(ValueError, match="unknown cache format 'dense'"):
+        encode_targets(logits, "dense")
+    with pytest.raises(ValueError, match="needs num_samples"):
+        encode_targets(logits, "sampled")
+    with pytest.raises(ValueError, match="needs top_k"):
+        encode_targets(logits, "topk")
+    with pytest.raises(ValueError, match="2 generators for 5 windows"):
+        encode_targets(logits, "sampled", num_samples=8, generators=[window_generator("k", 0)] * 2)
