@@ -5,6 +5,8 @@
     python benchmarks/kd_quality.py
     # one pass over fresh windows (no repeats) at the training preset's alpha and T
     python benchmarks/kd_quality.py --tokens 80000 --alpha 0.5 --temperature 2.0
+    # how the sampled row's recovered gain grows with N (one extra row per further N, same ce/online rows)
+    python benchmarks/kd_quality.py --num-samples 32,64,128
     # smoke (random tiny teacher, seconds)
     python benchmarks/kd_quality.py --teacher tiny --layers 0 --seq-len 64 --tokens 8192 --steps 6 --threads 1
 
@@ -41,13 +43,15 @@ Output: one JSON object ``{"rows": [{method, heldout_loss, top1_agreement, ece, 
 "init", "teacher", "gain_recovered", "checks", "setup"}``. ``gain_recovered[m]`` is
 ``(ce − m) / (ce − online)`` on held-out loss (null when online KD does not beat CE); ``checks`` are the targets:
 every KD row beats CE-only on held-out loss *and* top-1 agreement, and ``sampled`` recovers ≥ 98 % of the online
-gain.
+gain. With ``--num-samples N1,N2,…`` the ``sampled`` row uses N1 and a row ``sampled_n<N>`` (with its own
+``gain_recovered``) is added for each further N; the checks still read the four issue rows only. The draws of
+each N are seeded as the ``sampled`` row's, so the sweep leaves the other rows unchanged.
 
 Scaling. Cost per training step is roughly linear in ``micro_batch × seq_len`` (student forward + backward);
 the ``online`` row adds one teacher forward per step, and the pre-pass one teacher forward per micro-batch of
-distinct training windows. Total time ≈ 4 rows × steps × step cost + the pre-passes + 6 evaluations of the
-held-out windows, so it grows linearly with ``--steps``. To scale up, raise ``--steps`` and ``--tokens``
-together: non-repeating windows need ``tokens ≳ steps × micro_batch × seq_len / (1 − heldout_fraction)``
+distinct training windows. Total time ≈ rows (4, plus one per swept N) × steps × step cost + the pre-passes
++ an evaluation of the held-out windows per row and two more, so it grows linearly with ``--steps``. To scale
+up, raise ``--steps`` and ``--tokens`` together: non-repeating windows need ``tokens ≳ steps × micro_batch × seq_len / (1 − heldout_fraction)``
 plus a margin for the hash split (the script says when it has to cycle); more ``--threads`` shortens every
 row alike. To scale down, lower ``--steps`` (and ``--tokens``) or ``--seq-len``. Measured here (2 cores,
 default student): ≈ 2.5–3.2 s per ce/topk/sampled step, ≈ 5.3–7 s per online step, ≈ 1 s per window of teacher
@@ -81,7 +85,6 @@ from workflows.train import lr_at  # noqa: E402  (pure function; importing it st
 
 METHODS = ("ce", "online", "topk", "sampled")
 KD_METHODS = ("online", "topk", "sampled")
-CACHED = ("topk", "sampled")
 METRICS = ("heldout_loss", "top1_agreement", "ece", "kl_to_teacher")
 
 
@@ -102,7 +105,9 @@ def parse_args(argv=None):
                    help="subset to run (rows always come out in the order ce, online, topk, sampled)")
     p.add_argument("--heldout-fraction", type=float, default=0.15)
     p.add_argument("--heldout-windows", type=int, default=32, help="at most this many held-out windows")
-    p.add_argument("--num-samples", type=int, default=cache.num_samples, help="sampled: draws per position")
+    p.add_argument("--num-samples", default=str(cache.num_samples),
+                   help="sampled: draws per position; a comma list (e.g. 32,64,128) adds a row sampled_n<N> per "
+                        "further N (the first N is the sampled row), to see how the recovered gain grows with N")
     p.add_argument("--top-k", type=int, default=cache.top_k, help="topk: ids kept per position")
     p.add_argument("--temperature", type=float, default=1.0,
                    help="KD temperature (the cache samples at T=1; sampled targets are unbiased only there)")
@@ -113,11 +118,26 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="student init and sampled-target draws")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
+    try:
+        sweep = [int(n) for n in str(args.num_samples).split(",")]
+    except ValueError:
+        raise SystemExit(f"kd_quality: --num-samples must be an integer or a comma list of integers "
+                         f"(got {args.num_samples!r})") from None
+    args.num_samples, args.extra_samples = sweep[0], sweep[1:]
     if args.warmup_steps is None:
         args.warmup_steps = max(1, round(args.steps * train.warmup_steps / train.steps))
     _check(args)
     args.methods = [m for m in METHODS if m in args.methods]
+    if "sampled" in args.methods:
+        args.methods += [f"sampled_n{n}" for n in args.extra_samples]
     return args
+
+
+def _draws(method: str, args) -> int | None:
+    """N of a sampled row (``sampled``: the first ``--num-samples``; ``sampled_n<N>``: N); None otherwise."""
+    if method == "sampled":
+        return args.num_samples
+    return int(method[len("sampled_n"):]) if method.startswith("sampled_n") else None
 
 
 def _check(args) -> None:
@@ -125,10 +145,16 @@ def _check(args) -> None:
     problems = [f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})"
                 for name in ("steps", "micro_batch", "seq_len", "tokens", "heldout_windows", "num_samples",
                              "top_k", "threads") if getattr(args, name) < 1]
+    problems += [f"--num-samples must be >= 1 (got {n})" for n in args.extra_samples if n < 1]
     if args.warmup_steps < 0:
         problems.append(f"--warmup-steps must be >= 0 (got {args.warmup_steps})")
-    if args.num_samples > 255:
-        problems.append(f"--num-samples must be <= 255 (counts are one byte in the cache; got {args.num_samples})")
+    for n in [args.num_samples, *args.extra_samples]:
+        if n > 255:
+            problems.append(f"--num-samples must be <= 255 (counts are one byte in the cache; got {n})")
+    if len({args.num_samples, *args.extra_samples}) != 1 + len(args.extra_samples):
+        problems.append(f"--num-samples lists a value twice: {[args.num_samples, *args.extra_samples]}")
+    if args.extra_samples and "sampled" not in args.methods:
+        problems.append("--num-samples with several values needs the sampled method")
     if not 0.0 < args.heldout_fraction < 1.0:
         problems.append(f"--heldout-fraction must be in (0, 1) (got {args.heldout_fraction})")
     if not 0.0 <= args.alpha < 1.0:
@@ -172,7 +198,7 @@ def _windows(args, teacher_cfg: TeacherConfig) -> tuple[torch.Tensor, torch.Tens
 def _encode_cached(teacher, train: torch.Tensor, used: int, args, vocab_size: int) -> dict[str, list[CachedTargets]]:
     """Per training window (the first ``used``), its targets in each cached format, encoded as the cache stores
     them (cache temperature 1; sampled draws seeded per window) and restricted to the student's vocabulary."""
-    fmts = [m for m in CACHED if m in args.methods]
+    fmts = [m for m in args.methods if m == "topk" or _draws(m, args)]
     out: dict[str, list[CachedTargets]] = {f: [] for f in fmts}
     if not fmts:
         return out
@@ -181,10 +207,11 @@ def _encode_cached(teacher, train: torch.Tensor, used: int, args, vocab_size: in
         b = min(a + args.micro_batch, used)
         with torch.inference_mode():
             logits = teacher(input_ids=train[a:b, :-1], use_cache=False).logits.float()
-        for fmt in fmts:
-            t = encode_targets(logits, fmt, num_samples=args.num_samples, top_k=args.top_k,
+        for row in fmts:
+            n = _draws(row, args)
+            t = encode_targets(logits, "sampled" if n else "topk", num_samples=n, top_k=args.top_k,
                                generators=[window_generator(key, w) for w in range(a, b)])
-            out[fmt].extend(restrict_vocab(select_windows(t, i), vocab_size) for i in range(b - a))
+            out[row].extend(restrict_vocab(select_windows(t, i), vocab_size) for i in range(b - a))
     return out
 
 
@@ -269,7 +296,7 @@ def main(argv=None) -> dict:
             ids = window_ids(step)
             windows = train[ids]
             targets = None
-            if method in CACHED:
+            if method in cached:
                 parts = [cached[method][w] for w in ids]
                 targets = at_temperature(cat_targets(parts), tc.temperature)
             for group in opt.param_groups:
@@ -298,7 +325,7 @@ def main(argv=None) -> dict:
         if "online" in measured:
             gain = ce["heldout_loss"] - measured["online"]["heldout_loss"]
             gain_recovered = {k: (round((ce["heldout_loss"] - measured[k]["heldout_loss"]) / gain, 4) if gain > 0
-                                  else None) for k in KD_METHODS if k in measured}
+                                  else None) for k in measured if k != "ce"}
             if gain_recovered.get("sampled") is not None:
                 checks["sampled_recovers_98pct"] = gain_recovered["sampled"] >= 0.98
         kd = [k for k in KD_METHODS if k in measured]
@@ -316,6 +343,7 @@ def main(argv=None) -> dict:
                   "train_windows": int(n_train), "train_windows_used": int(used),
                   "heldout_windows": int(held.shape[0]), "epochs": round(epochs, 3),
                   "temperature": args.temperature, "alpha": args.alpha, "num_samples": args.num_samples,
+                  "num_samples_sweep": args.extra_samples,
                   "top_k": args.top_k, "lr": args.lr, "warmup_steps": args.warmup_steps, "threads": args.threads,
                   "seed": args.seed,
                   "cache_teacher_s": None if cache_teacher_s is None else round(cache_teacher_s, 1),

@@ -46,6 +46,29 @@ def test_kd_quality_rejects_bad_input():
         kdq.parse_args(["--steps", "0"])
     with pytest.raises(SystemExit, match="--alpha must be in"):
         kdq.parse_args(["--alpha", "1.0"])
+    with pytest.raises(SystemExit, match="comma list of integers"):
+        kdq.parse_args(["--num-samples", "32,many"])
+    with pytest.raises(SystemExit, match="lists a value twice"):
+        kdq.parse_args(["--num-samples", "32,64,32"])
+    with pytest.raises(SystemExit, match="needs the sampled method"):
+        kdq.parse_args(["--num-samples", "32,64", "--methods", "ce", "online"])
+    args = kdq.parse_args(["--num-samples", "32,64,128", "--methods", "sampled", "ce"])
+    assert args.num_samples == 32 and args.methods == ["ce", "sampled", "sampled_n64", "sampled_n128"]
+
+
+@pytest.mark.slow
+def test_kd_quality_sweep_adds_rows_without_changing_the_sampled_row(capsys):
+    kdq = _load("kd_quality")
+    base = ["--teacher", "tiny", "--layers", "0", "--seq-len", "32", "--tokens", "4096", "--steps", "2",
+            "--threads", "1", "--heldout-windows", "2", "--methods", "ce", "online", "sampled"]
+    alone = kdq.main(base + ["--num-samples", "4"])
+    swept = kdq.main(base + ["--num-samples", "4,255"])
+    capsys.readouterr()
+    assert [r["method"] for r in swept["rows"]] == ["ce", "online", "sampled", "sampled_n255"]
+    strip = [{k: v for k, v in r.items() if k != "wall_s"} for r in swept["rows"][:3]]
+    assert strip == [{k: v for k, v in r.items() if k != "wall_s"} for r in alone["rows"]]
+    assert set(swept["gain_recovered"]) == {"online", "sampled", "sampled_n255"}
+    assert swept["setup"]["num_samples"] == 4 and swept["setup"]["num_samples_sweep"] == [255]
 
 
 @pytest.mark.slow
