@@ -51,8 +51,8 @@ Scaling. Cost per training step is roughly linear in ``micro_batch × seq_len`` 
 the ``online`` row adds one teacher forward per step, and the pre-pass one teacher forward per micro-batch of
 distinct training windows. Total time ≈ rows (4, plus one per swept N) × steps × step cost + the pre-passes
 + an evaluation of the held-out windows per row and two more, so it grows linearly with ``--steps``. To scale
-up, raise ``--steps`` and ``--tokens`` together: non-repeating windows need ``tokens ≳ steps × micro_batch × seq_len / (1 − heldout_fraction)``
-plus a margin for the hash split (the script says when it has to cycle); more ``--threads`` shortens every
+up, raise ``--steps`` and ``--tokens`` together: non-repeating windows need
+``tokens ≳ steps × micro_batch × seq_len / (1 − heldout_fraction)`` plus a margin for the hash split (the script says when it has to cycle); more ``--threads`` shortens every
 row alike. To scale down, lower ``--steps`` (and ``--tokens``) or ``--seq-len``. Measured here (2 cores,
 default student): ≈ 2.5–3.2 s per ce/topk/sampled step, ≈ 5.3–7 s per online step, ≈ 1 s per window of teacher
 pre-pass; the default run takes ≈ 15 min on idle cores, ``--tokens 80000`` ≈ 23 min on busy ones. The held-out set is the
@@ -102,7 +102,8 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--layers", type=int, nargs="+", default=[0, 10, 20, 29], help="teacher layers copied")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
-                   help="subset to run (rows always come out in the order ce, online, topk, sampled)")
+                   help="subset to run (rows always come out in the order ce, online, topk, sampled, "
+                        "then the sampled_n<N> rows of --num-samples)")
     p.add_argument("--heldout-fraction", type=float, default=0.15)
     p.add_argument("--heldout-windows", type=int, default=32, help="at most this many held-out windows")
     p.add_argument("--num-samples", default=str(cache.num_samples),
