@@ -52,11 +52,12 @@ the ``online`` row adds one teacher forward per step, and the pre-pass one teach
 distinct training windows. Total time ≈ rows (4, plus one per swept N) × steps × step cost + the pre-passes
 + an evaluation of the held-out windows per row and two more, so it grows linearly with ``--steps``. To scale
 up, raise ``--steps`` and ``--tokens`` together: non-repeating windows need
-``tokens ≳ steps × micro_batch × seq_len / (1 − heldout_fraction)`` plus a margin for the hash split (the script says when it has to cycle); more ``--threads`` shortens every
-row alike. To scale down, lower ``--steps`` (and ``--tokens``) or ``--seq-len``. Measured here (2 cores,
-default student): ≈ 2.5–3.2 s per ce/topk/sampled step, ≈ 5.3–7 s per online step, ≈ 1 s per window of teacher
-pre-pass; the default run takes ≈ 15 min on idle cores, ``--tokens 80000`` ≈ 23 min on busy ones. The held-out set is the
-``heldout_fraction`` of the same ``--tokens`` (12 windows at the default): raise both for tighter numbers.
+``tokens ≳ steps × micro_batch × seq_len / (1 − heldout_fraction)`` plus a margin for the hash split (the
+script says when it has to cycle); more ``--threads`` shortens every row alike. To scale down, lower
+``--steps`` (and ``--tokens``) or ``--seq-len``. Measured here (2 cores, default student): ≈ 2.5–3.2 s per
+ce/topk/sampled step, ≈ 5.3–7 s per online step, ≈ 1 s per window of teacher pre-pass; the default run takes
+≈ 15 min on idle cores, ``--num-samples 32,64,128`` 25 min, ``--tokens 80000`` ≈ 23 min on busy ones. The
+held-out set is the ``heldout_fraction`` of the same ``--tokens`` (12 windows at the default): raise both for tighter numbers.
 """
 
 from __future__ import annotations
