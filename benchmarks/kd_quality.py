@@ -57,7 +57,8 @@ script says when it has to cycle); more ``--threads`` shortens every row alike. 
 ``--steps`` (and ``--tokens``) or ``--seq-len``. Measured here (2 cores, default student): ≈ 2.5–3.2 s per
 ce/topk/sampled step, ≈ 5.3–7 s per online step, ≈ 1 s per window of teacher pre-pass; the default run takes
 ≈ 15 min on idle cores, ``--num-samples 32,64,128`` 25 min, ``--tokens 80000`` ≈ 23 min on busy ones. The
-held-out set is the ``heldout_fraction`` of the same ``--tokens`` (12 windows at the default): raise both for tighter numbers.
+held-out set is the ``heldout_fraction`` of the same ``--tokens`` (12 windows at the default): raise both for
+tighter numbers.
 """
 
 from __future__ import annotations
