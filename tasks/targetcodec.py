@@ -144,6 +144,30 @@ def heldout_stats(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, np.nd
             "teacher_nll": nll.reshape(-1).numpy().astype(np.float32)}
 
 
+def encode_fields(logits: torch.Tensor, fmt: str, temperature: float, *, num_samples: int | None = None,
+                  top_k: int | None = None, generators: list[torch.Generator] | None = None,
+                  labels: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+    """Teacher logits ``[B, L, V]`` → the arrays of format ``fmt`` (the one dispatch over :data:`FORMATS`).
+
+    ``sampled`` needs ``num_samples`` and one generator per window (and takes ``labels``, see
+    :func:`encode_sampled`); ``topk`` needs ``top_k``.
+    """
+    if fmt == "sampled":
+        if num_samples is None:
+            raise ValueError("the sampled format needs num_samples")
+        if generators is None or len(generators) != logits.shape[0]:
+            raise ValueError(f"the sampled format needs one generator per window: got "
+                             f"{0 if generators is None else len(generators)} generators for {logits.shape[0]} windows")
+        return encode_sampled(logits, num_samples, temperature, generators, labels=labels)
+    if fmt == "topk":
+        if top_k is None:
+            raise ValueError("the topk format needs top_k")
+        return encode_topk(logits, top_k, temperature)
+    if fmt == "full":
+        return encode_full(logits, temperature)
+    raise ValueError(f"unknown cache format {fmt!r}; expected one of {FORMATS}")
+
+
 def encode_targets(logits: torch.Tensor, fmt: str, *, temperature: float = 1.0, num_samples: int | None = None,
                    top_k: int | None = None, generators: list[torch.Generator] | None = None) -> CachedTargets:
     """Teacher logits ``[B, L, V]`` → the targets a cache of ``fmt`` would give back for these ``B`` windows.
@@ -154,21 +178,9 @@ def encode_targets(logits: torch.Tensor, fmt: str, *, temperature: float = 1.0, 
     one generator per window (default: :func:`window_generator` of ``"encode_targets"``); ``topk`` needs ``top_k``.
     """
     B, L, V = logits.shape
-    if fmt == "sampled":
-        if num_samples is None:
-            raise ValueError("encode_targets: the sampled format needs num_samples")
-        gens = generators if generators is not None else [window_generator("encode_targets", b) for b in range(B)]
-        if len(gens) != B:
-            raise ValueError(f"encode_targets: {len(gens)} generators for {B} windows")
-        fields = encode_sampled(logits, num_samples, temperature, gens)
-    elif fmt == "topk":
-        if top_k is None:
-            raise ValueError("encode_targets: the topk format needs top_k")
-        fields = encode_topk(logits, top_k, temperature)
-    elif fmt == "full":
-        fields = encode_full(logits, temperature)
-    else:
-        raise ValueError(f"unknown cache format {fmt!r}; expected one of {FORMATS}")
+    if generators is None:
+        generators = [window_generator("encode_targets", b) for b in range(B)]
+    fields = encode_fields(logits, fmt, temperature, num_samples=num_samples, top_k=top_k, generators=generators)
     t = decode_rows(fmt, fields, slice(0, B * L), L)
     return CachedTargets(fmt, temperature, t.get("ids"), t.get("logprobs"), t.get("counts"), t.get("tail_logmass"),
                          num_samples if fmt == "sampled" else None, V)
@@ -200,6 +212,8 @@ def encode_shard(model: torch.nn.Module, tokens: np.ndarray, split: str, fmt: st
     teacher_nll_sum, teacher_top1_correct, forwards performed). Held-out shards also get ``teacher_top1`` and
     ``teacher_nll`` per row, so no later stage needs the teacher for evaluation.
     """
+    if fmt not in FORMATS:  # before any teacher forward
+        raise ValueError(f"unknown cache format {fmt!r}; expected one of {FORMATS}")
     parts, nll_sum, correct, forwards, vocab = [], 0.0, 0, 0, None
     for i in range(0, tokens.shape[0], batch_size):
         x = torch.tensor(tokens[i: i + batch_size], dtype=torch.long)  # copy: Ray hands read-only arrays
@@ -210,9 +224,12 @@ def encode_shard(model: torch.nn.Module, tokens: np.ndarray, split: str, fmt: st
             if int(x.max()) >= vocab:
                 raise ValueError(f"token id {int(x.max())} >= teacher vocab size {vocab}: tokenizer and teacher "
                                  "do not match")
-            if fmt == "sampled":  # the draws' own passes over the logits give the held-out statistics too
-                gens = [window_generator(key, i + b) for b in range(x.shape[0])]
-                enc = encode_sampled(logits, params["num_samples"], temperature, gens, labels=x[:, 1:])
+            sampled = fmt == "sampled"  # the draws' own passes over the logits give the held-out statistics too
+            enc = encode_fields(logits, fmt, temperature, num_samples=params.get("num_samples"),
+                                top_k=params.get("top_k"), labels=x[:, 1:] if sampled else None,
+                                generators=[window_generator(key, i + b) for b in range(x.shape[0])] if sampled
+                                else None)
+            if sampled:
                 held = {k: enc.pop(k) for k in ("teacher_top1", "teacher_nll")}
                 if not params.get("logprobs", True):
                     del enc["logp"]
@@ -220,12 +237,6 @@ def encode_shard(model: torch.nn.Module, tokens: np.ndarray, split: str, fmt: st
                 held = heldout_stats(logits, x[:, 1:])
             nll_sum += float(held["teacher_nll"].astype(np.float64).sum())
             correct += int((held["teacher_top1"] == x[:, 1:].reshape(-1).numpy()).sum())
-            if fmt == "topk":
-                enc = encode_topk(logits, params["top_k"], temperature)
-            elif fmt == "full":
-                enc = encode_full(logits, temperature)
-            elif fmt != "sampled":
-                raise ValueError(f"unknown cache format {fmt!r}; expected one of {FORMATS}")
         parts.append({**enc, **(held if split == "heldout" else {})})
     fields = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     stats = {"vocab_size": vocab, "teacher_nll_sum": nll_sum, "teacher_top1_correct": correct}

@@ -364,9 +364,12 @@ def test_encode_targets_gives_what_the_cache_gives_back(tmp_path, fmt):
     if fmt == "sampled":
         assert mine.num_samples == 50
         assert torch.equal(mine.counts.sum(-1), stored.counts.sum(-1))
-        # stored rows list ids in rank order, encode_targets by id: compare as dense counts
+        # stored rows list ids in rank order, encode_targets by id: compare as dense counts and log-probs
         dense = [torch.zeros(*t.ids.shape[:-1], V).scatter_add(-1, t.ids, t.counts) for t in (mine, stored)]
         assert torch.equal(*dense)
+        lp = [torch.zeros(*t.ids.shape[:-1], V).scatter(-1, t.ids, torch.where(t.counts > 0, t.logprobs, 0.0))
+              for t in (mine, stored)]
+        assert (lp[0] - lp[1]).abs().max() <= LOGP_STEP / 2 + 1e-5
     elif fmt == "topk":
         assert torch.equal(mine.ids, stored.ids) and torch.equal(mine.logprobs, stored.logprobs)
         assert torch.equal(mine.tail_logmass, stored.tail_logmass)
@@ -386,3 +389,12 @@ def test_encode_targets_rejects_bad_input():
         encode_targets(logits, "topk")
     with pytest.raises(ValueError, match="2 generators for 5 windows"):
         encode_targets(logits, "sampled", num_samples=8, generators=[window_generator("k", 0)] * 2)
+
+
+def test_encode_shard_refuses_an_unknown_format_before_any_forward():
+    class Refuses(torch.nn.Module):
+        def forward(self, input_ids, use_cache=False):
+            raise AssertionError("the teacher ran")
+
+    with pytest.raises(ValueError, match="unknown cache format 'dense'"):
+        encode_shard(Refuses(), _tokens(), "train", "dense", {}, 1.0, 2, "k")
