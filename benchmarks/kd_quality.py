@@ -131,16 +131,11 @@ def parse_args(argv=None):
         args.warmup_steps = max(1, round(args.steps * train.warmup_steps / train.steps))
     _check(args)
     args.methods = [m for m in METHODS if m in args.methods]
+    # N of each sampled row: ``sampled`` the first --num-samples, ``sampled_n<N>`` each further one
+    args.draws = {"sampled": args.num_samples, **{f"sampled_n{n}": n for n in args.extra_samples}}
     if "sampled" in args.methods:
-        args.methods += [f"sampled_n{n}" for n in args.extra_samples]
+        args.methods += list(args.draws)[1:]
     return args
-
-
-def _draws(method: str, args) -> int | None:
-    """N of a sampled row (``sampled``: the first ``--num-samples``; ``sampled_n<N>``: N); None otherwise."""
-    if method == "sampled":
-        return args.num_samples
-    return int(method[len("sampled_n"):]) if method.startswith("sampled_n") else None
 
 
 def _check(args) -> None:
@@ -201,7 +196,7 @@ def _windows(args, teacher_cfg: TeacherConfig) -> tuple[torch.Tensor, torch.Tens
 def _encode_cached(teacher, train: torch.Tensor, used: int, args, vocab_size: int) -> dict[str, list[CachedTargets]]:
     """Per training window (the first ``used``), its targets in each cached format, encoded as the cache stores
     them (cache temperature 1; sampled draws seeded per window) and restricted to the student's vocabulary."""
-    fmts = [m for m in args.methods if m == "topk" or _draws(m, args)]
+    fmts = [m for m in args.methods if m == "topk" or m in args.draws]
     out: dict[str, list[CachedTargets]] = {f: [] for f in fmts}
     if not fmts:
         return out
@@ -211,7 +206,7 @@ def _encode_cached(teacher, train: torch.Tensor, used: int, args, vocab_size: in
         with torch.inference_mode():
             logits = teacher(input_ids=train[a:b, :-1], use_cache=False).logits.float()
         for row in fmts:
-            n = _draws(row, args)
+            n = args.draws.get(row)
             t = encode_targets(logits, "sampled" if n else "topk", num_samples=n, top_k=args.top_k,
                                generators=[window_generator(key, w) for w in range(a, b)])
             out[row].extend(restrict_vocab(select_windows(t, i), vocab_size) for i in range(b - a))
