@@ -3,8 +3,8 @@
     # the default run (14.6 min on 2 idle cores): SmolLM2, Shakespeare, 60 steps of 4 x 256 tokens over a 20k-token
     # corpus slice (66 train windows, 3.6 epochs; 12 held-out windows), alpha 0.5, T 1, 2 threads
     python benchmarks/kd_quality.py
-    # one pass over fresh windows (no repeats) at the training preset's alpha and T
-    python benchmarks/kd_quality.py --tokens 80000 --alpha 0.5 --temperature 2.0
+    # one pass over fresh windows (no repeats)
+    python benchmarks/kd_quality.py --tokens 80000
     # how the sampled row's recovered gain grows with N (one extra row per further N, same ce/online rows)
     python benchmarks/kd_quality.py --num-samples 32,64,128
     # smoke (random tiny teacher, seconds)

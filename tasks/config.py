@@ -193,8 +193,9 @@ class TrainConfig:
     """Gradient norm clipping."""
     alpha: float = 0.5
     """Weight of CE on the hard labels; KD gets ``1 - alpha``."""
-    temperature: float = 2.0
-    """KD temperature T (loss is scaled by T²)."""
+    temperature: float = 1.0
+    """KD temperature T (loss is scaled by T²). Keep it at ``cache.temperature`` with a ``sampled`` cache: the
+    draws are an unbiased sample only there, and re-weighting them to another T loses the tail (docs/cache-format.md)."""
     loss: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"] = "forward_kl"
     """KD divergence."""
     beta: float = 0.5
@@ -258,8 +259,9 @@ class TuneConfig:
     """ASHA: evaluations a trial survives before it can be stopped."""
     alpha: list[float] = field(default_factory=lambda: [0.2, 0.5])
     """Choices of train.alpha."""
-    temperature: list[float] = field(default_factory=lambda: [1.0, 2.0])
-    """Choices of train.temperature."""
+    temperature: list[float] = field(default_factory=lambda: [1.0])
+    """Choices of train.temperature. One choice by default, the ``sampled`` cache's own temperature (see
+    ``train.temperature``); widen it (e.g. ``[1.0, 2.0]``) with a ``topk``/``full`` cache or online KD."""
     lr: list[float] = field(default_factory=lambda: [3e-4, 1e-3])
     """Bounds [low, high] of a log-uniform train.lr."""
     loss: list[str] = field(default_factory=lambda: ["forward_kl"])
@@ -397,6 +399,20 @@ class PipelineConfig:
 
     def stage_dir(self, stage: str) -> Path:
         return Path(self.run_dir) / stage
+
+    def __post_init__(self):
+        # A sampled cache without log-probs holds targets at its own temperature only: say so before any stage
+        # runs, not from inside a training worker.
+        c = self.cache
+        if c.format == "sampled" and not c.sampled_logprobs and self.train.teacher_mode == "cache":
+            asked = {("train.temperature", self.train.temperature)} | {("tune.temperature", t)
+                                                                     for t in self.tune.temperature}
+            bad = sorted(f"{k}={t}" for k, t in asked if t != c.temperature)
+            if bad:
+                raise ConfigError(f"{', '.join(bad)}: a sampled cache with cache.sampled_logprobs=false gives targets "
+                                  f"only at cache.temperature={c.temperature}; use that temperature, or set "
+                                  "cache.sampled_logprobs=true (re-weighting to another temperature needs the "
+                                  "stored log-probs)")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -129,6 +129,12 @@ def train_driver(cfg: PipelineConfig, *, run_name: str, storage_path: str, callb
     tc = cfg.train
     cache = open_cache(cfg.cache_dir)
     check_compatible(cache, cfg.teacher, cfg.cache, cfg.corpus)
+    c = cfg.cache  # matches the cache's manifest (checked above)
+    if c.format == "sampled" and tc.teacher_mode == "cache" and tc.temperature != c.temperature:
+        print(f"[train] warning: train.temperature={tc.temperature} but the sampled cache drew its targets at "
+              f"T={c.temperature}; re-weighting {c.num_samples} draws per position to another temperature is "
+              f"biased and loses the tail (docs/cache-format.md): train at T={c.temperature} for the best "
+              "student", flush=True)
     n_train = len(cache.shards("train"))
     if n_train < tc.num_workers:
         raise ConfigError(f"the cache has {n_train} train shards but train.num_workers={tc.num_workers}")

@@ -54,6 +54,29 @@ def test_bad_values_are_errors(override, fragment):
         load_config("tiny", [override])
 
 
+def test_default_training_temperature_is_the_sampled_caches_own():
+    for cfg in (PipelineConfig(), load_config(), load_config("tiny")):
+        assert cfg.cache.format == "sampled"
+        assert cfg.train.temperature == cfg.cache.temperature
+        assert cfg.tune.temperature == [cfg.cache.temperature]
+
+
+@pytest.mark.parametrize("overrides,named", [
+    (["train.temperature=2.0"], "train.temperature=2.0"),
+    (["tune.temperature=[1.0, 0.5]"], "tune.temperature=0.5"),
+    (["cache.temperature=2.0"], "train.temperature=1.0"),
+])
+def test_sampled_cache_without_logprobs_refuses_another_temperature(overrides, named):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", ["cache.sampled_logprobs=false", *overrides])
+    assert named in str(e.value) and "cache.sampled_logprobs=true" in str(e.value)
+    # the same temperatures are fine with log-probs stored, with another format, or with an online teacher
+    for ok in (["cache.sampled_logprobs=true"], ["cache.format=topk"], ["train.teacher_mode=online"]):
+        load_config("tiny", ["cache.sampled_logprobs=false", *overrides, *ok])
+    load_config("tiny", ["cache.sampled_logprobs=false", "cache.temperature=2.0", "train.temperature=2.0",
+                         "tune.temperature=[2.0]"])
+
+
 def test_unknown_key_in_yaml_file(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text("train:\n  stepz: 3\n")
