@@ -10,8 +10,9 @@ Every divergence ``D(p_teacher, q_student)`` is computed over *buckets*:
   (float64; summed directly over the other ids where it is small, so there is no cancellation). Padding
   slots (probability 0) are left out of both sides. The coarsened divergence is exact for K = V and, by the
   data-processing inequality, a lower bound of the full one otherwise. With ``sampled`` targets the value
-  of forward KL carries the constant offset H(p) − H(p̂) (the empirical distribution has lower entropy);
-  its gradient is unbiased.
+  of forward KL would carry the offset H(p) − H(p̂) (the empirical distribution has lower entropy); when the
+  cache stores the drawn ids' log-probs, ``SparseTargets.kl_offset`` removes it from the value (forward KL
+  only; the other divergences keep the bucket value). The gradient is unbiased either way.
 
 Divergences (``p`` teacher, ``q`` student, all at temperature T):
 
@@ -143,8 +144,10 @@ def _kd_chunk(logits, labels, target_parts, *, temperature, loss, beta, skew, ig
     if len(target_parts) == 1:                                                 # dense teacher log-probs
         log_p = target_parts[0].float()
     else:
-        log_p, log_q = sparse_buckets(log_q, *target_parts)
+        log_p, log_q = sparse_buckets(log_q, *target_parts[:3])
     kd = divergence(log_p, log_q, loss, beta=beta, skew=skew)
+    if len(target_parts) == 4 and loss == "forward_kl":                       # sampled: the KL estimate's value
+        kd = kd + target_parts[3].float()
     return ce_sum, torch.where(real, kd, torch.zeros_like(kd)).sum()
 
 
@@ -166,7 +169,9 @@ def _target_parts(targets: Any, n: int, vocab: int) -> tuple[torch.Tensor, ...]:
         raise ValueError(f"teacher target ids must be in [0, {vocab}) (the student's vocabulary), "
                          f"got range [{int(ids.min())}, {int(ids.max())}] (tasks.data.restrict_vocab drops the "
                          "teacher's extra ids)")
-    return ids, targets.probs.reshape(n, -1), targets.tail.reshape(n)
+    parts = (ids, targets.probs.reshape(n, -1), targets.tail.reshape(n))
+    offset = getattr(targets, "kl_offset", None)
+    return parts if offset is None else parts + (offset.reshape(n),)
 
 
 def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -197,8 +202,8 @@ def _fused_chunk(z, labels, parts, grad_out, *, ce_w, kd_w, temperature, ignore_
         p_sum = dense_p.sum(-1)
         plogp = _row_dot(dense_p, log_p)
         pz = _row_dot(dense_p, buf)
-    elif len(parts) == 3:                                                               # sparse buckets
-        ids, probs, tail = parts
+    elif len(parts) >= 3:                                                               # sparse buckets
+        ids, probs, tail = parts[:3]
         probs = probs.float()
         stored = probs > 0
         zi = buf.gather(-1, ids)
@@ -240,6 +245,8 @@ def _fused_chunk(z, labels, parts, grad_out, *, ce_w, kd_w, temperature, ignore_
             kd_rows = kd_rows + torch.where(has_tail, tail * (tail.clamp(min=1e-45).log()
                                                               - q_tail.clamp(min=1e-30).log()), 0.0)
             r = torch.where(has_tail & ~clamped, tail / q_tail.clamp(min=1e-30), 0.0)     # p_tail / q_tail
+    if len(parts) == 4:                                                                 # sampled: see SparseTargets
+        kd_rows = kd_rows + parts[3].float()
     ce_sum = torch.where(real, ce_rows, 0.0).double().sum()
     kd_sum = torch.where(real, kd_rows, 0.0).double().sum() if kd_rows is not None else ce_sum.new_zeros(())
     if grad_out is None:

@@ -50,11 +50,18 @@ class CachedTargets:
 class SparseTargets:
     """Teacher distribution at a temperature on a few ids: ``ids`` Long ``[..., K]``, ``probs`` float
     ``[..., K]``, ``tail`` float ``[...]`` (mass on no stored id); ``probs.sum(-1) + tail == 1``.
-    Padding slots have id 0 and prob 0."""
+    Padding slots have id 0 and prob 0.
+
+    ``kl_offset`` ``[...]`` (``sampled`` with stored log-probs, else None): ``Σ_k probs_k·(log p_k − log probs_k)``
+    with ``p_k`` the teacher's own probability of id k at this temperature. Added to the forward-KL value of
+    ``probs`` it turns that value into ``Σ_k probs_k·(log p_k − log q_k)``, an estimate of KL(p‖q) without the
+    entropy offset ``H(p) − H(probs)`` of the empirical distribution (unbiased at the cache temperature). It does
+    not depend on the student, so it changes the logged value only, never a gradient."""
 
     ids: torch.Tensor
     probs: torch.Tensor
     tail: torch.Tensor
+    kl_offset: torch.Tensor | None = None
 
 
 @dataclass
@@ -311,7 +318,9 @@ def at_temperature(targets: CachedTargets, temperature: float) -> SparseTargets 
     - ``topk``: top-k weights exp(lp · T_c/T); the tail weight is the geometric mean of its two extremes
       (:func:`_retemper_tail`; exact at T = T_c and when k = V; see docs/cache-format.md).
     - ``sampled``: self-normalised importance weights count_i · p_i^(1/T − 1/T_c) with p at T=1; exactly
-      count/N at T = T_c.
+      count/N at T = T_c. With stored log-probs also ``kl_offset`` (see :class:`SparseTargets`): the teacher's
+      log-prob of each drawn id at T is ``lp_i/T − log Z_T``, the normaliser estimated from the same draws,
+      ``Z_T/Z_c ≈ Σ count·p^(1/T−1/T_c) / Σ count·p^(1−1/T_c)`` (exactly 1 at T = T_c).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -337,7 +346,19 @@ def at_temperature(targets: CachedTargets, temperature: float) -> SparseTargets 
             logw = torch.log(counts) + (1.0 / temperature - 1.0 / targets.cache_temperature) * targets.logprobs
             logw = torch.where(counts > 0, logw, torch.full_like(logw, -math.inf))
             probs = torch.softmax(logw, dim=-1)
-        return SparseTargets(targets.ids, probs, torch.zeros(probs.shape[:-1]))
+        offset = None
+        if targets.logprobs is not None:
+            drawn = counts > 0
+            lp, log_c = targets.logprobs.double(), torch.log(counts.double())
+            inv_c = 1.0 / targets.cache_temperature
+
+            def log_sum(power):  # log Σ count · p^power over the drawn ids
+                return torch.logsumexp(torch.where(drawn, log_c + power * lp, -math.inf), dim=-1, keepdim=True)
+
+            log_p = lp / temperature - (log_sum(1.0 / temperature - inv_c) - log_sum(1.0 - inv_c))
+            p = probs.double()
+            offset = torch.where(drawn & (p > 0), p * (log_p - p.clamp(min=1e-300).log()), 0.0).sum(-1).float()
+        return SparseTargets(targets.ids, probs, torch.zeros(probs.shape[:-1]), offset)
     raise ValueError(f"unknown cache format {targets.format!r}; expected one of {FORMATS}")
 
 

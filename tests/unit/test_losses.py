@@ -364,3 +364,36 @@ def test_fused_loss_logs_ce_and_kd_without_gradients():
     x = logits.clone().requires_grad_(True)
     out = distillation_loss(x, labels, dense(teacher), alpha=0.5, temperature=2.0)
     assert out["total"].requires_grad and not out["ce"].requires_grad and not out["kd"].requires_grad
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_sampled_kd_value_estimates_the_true_kl_when_log_probs_are_stored(temperature):
+    """Over many independent draws the logged forward KL of sampled targets averages to KL(p_T‖q_T) (unbiased at
+    the cache temperature, consistent at another T); the plain value of the empirical distribution exceeds it by
+    H(p) − H(p̂) (p̂ has less entropy). The offset moves the value only: gradient identical with and without it, fused == autograd."""
+    from tasks.targetcodec import CachedTargets, at_temperature
+
+    g = torch.Generator().manual_seed(11)
+    v, n_draws, reps = 60, 255 if temperature != 1.0 else 16, 400
+    lp1 = F.log_softmax(torch.randn(v, generator=g) * 2.0, -1)                  # teacher at T = 1 (= T_c)
+    z = torch.randn(v, generator=g) * 2.0                                       # student logits
+    q_t = F.log_softmax(z / temperature, -1)
+    p_t = F.log_softmax(lp1 / temperature, -1)
+    true_kl = float((p_t.exp() * (p_t - q_t)).sum())
+    x = torch.multinomial(lp1.exp(), reps * n_draws, replacement=True, generator=g).reshape(reps, n_draws)
+    counts = torch.zeros(reps, v).scatter_add_(-1, x, torch.ones_like(x, dtype=torch.float))
+    ids = torch.arange(v).expand(reps, v)
+    cached = CachedTargets("sampled", 1.0, ids.reshape(reps, 1, v), lp1.expand(reps, v).reshape(reps, 1, v),
+                           counts.reshape(reps, 1, v), num_samples=n_draws)
+    t = at_temperature(cached, temperature)
+    assert t.kl_offset is not None and t.kl_offset.shape == (reps, 1)
+    logits, labels = z.expand(reps, 1, v).clone(), torch.zeros(reps, 1, dtype=torch.long)
+    kw = dict(alpha=0.0, temperature=temperature)
+    with_offset, grad = _fused_vs_autograd(logits, labels, t, **kw)
+    plain, grad_plain = _fused_vs_autograd(logits, labels, sparse(t.ids, t.probs, t.tail), **kw)
+    assert torch.equal(grad, grad_plain)
+    assert with_offset["kd"].item() == pytest.approx(true_kl, rel=0.03)
+    assert plain["kd"].item() > true_kl + 0.1                                   # without: + H(p) − H(p̂) > 0
+    no_logprobs = CachedTargets("sampled", 1.0, cached.ids, None, cached.counts, num_samples=n_draws)
+    if temperature == 1.0:
+        assert at_temperature(no_logprobs, 1.0).kl_offset is None
