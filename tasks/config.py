@@ -117,7 +117,8 @@ class CacheConfig:
     """Seed of the sampling (per shard it is mixed with the shard key: reruns draw the same)."""
     sampled_logprobs: bool = True
     """``sampled``: also store each sampled id's T=1 log-prob (~7 bytes/token at N = 32), so training may use a
-    temperature other than ``temperature``; false = smallest cache, targets only at ``temperature``."""
+    temperature other than ``temperature`` and logs an unbiased KL(teacher‖student) as ``kd``; false = smallest
+    cache, targets only at ``temperature``, and ``kd`` overstates the KL by the draws' entropy deficit."""
 
     def __post_init__(self):
         _positive(self, "num_samples", "top_k", "batch_size", "num_actors", "cpus_per_actor")
