@@ -114,6 +114,16 @@ def report_steps(tc: TrainConfig, steps: int) -> list[int]:
     return [s for s in range(1, steps + 1) if s % tc.eval_every == 0 or s % tc.checkpoint_every == 0 or s == steps]
 
 
+def temperature_warning(cfg: PipelineConfig) -> str | None:
+    """Why training at ``train.temperature`` from this ``sampled`` cache gives a worse student (None: it does not)."""
+    c, tc = cfg.cache, cfg.train
+    if c.format != "sampled" or tc.teacher_mode != "cache" or tc.temperature == c.temperature:
+        return None
+    return (f"train.temperature={tc.temperature} but the sampled cache drew its targets at T={c.temperature}; "
+            f"re-weighting {c.num_samples} draws per position to another temperature is biased and loses the tail "
+            f"(docs/cache-format.md): train at T={c.temperature} for the best student")
+
+
 def train_driver(cfg: PipelineConfig, *, run_name: str, storage_path: str, callbacks=(), steps: int | None = None,
                  output_dir: str | None = None, mlflow_run_id: str | None = None) -> dict:
     """Run distributed training; returns ``{"metrics", "student_dir", "metrics_path", "checkpoint", "steps"}``.
@@ -129,12 +139,9 @@ def train_driver(cfg: PipelineConfig, *, run_name: str, storage_path: str, callb
     tc = cfg.train
     cache = open_cache(cfg.cache_dir)
     check_compatible(cache, cfg.teacher, cfg.cache, cfg.corpus)
-    c = cfg.cache  # matches the cache's manifest (checked above)
-    if c.format == "sampled" and tc.teacher_mode == "cache" and tc.temperature != c.temperature:
-        print(f"[train] warning: train.temperature={tc.temperature} but the sampled cache drew its targets at "
-              f"T={c.temperature}; re-weighting {c.num_samples} draws per position to another temperature is "
-              f"biased and loses the tail (docs/cache-format.md): train at T={c.temperature} for the best "
-              "student", flush=True)
+    warning = temperature_warning(cfg)  # cfg.cache matches the cache's manifest (checked above)
+    if warning:
+        print(f"[train] warning: {warning}", flush=True)
     n_train = len(cache.shards("train"))
     if n_train < tc.num_workers:
         raise ConfigError(f"the cache has {n_train} train shards but train.num_workers={tc.num_workers}")
