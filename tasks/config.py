@@ -196,7 +196,8 @@ class TrainConfig:
     """Weight of CE on the hard labels; KD gets ``1 - alpha``."""
     temperature: float = 1.0
     """KD temperature T (loss is scaled by T²). Keep it at ``cache.temperature`` with a ``sampled`` cache: the
-    draws are an unbiased sample only there, and re-weighting them to another T loses the tail (docs/cache-format.md)."""
+    draws are an unbiased sample only there, and re-weighting them to another T loses the tail
+    (docs/cache-format.md)."""
     loss: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"] = "forward_kl"
     """KD divergence."""
     beta: float = 0.5

@@ -370,7 +370,8 @@ def test_fused_loss_logs_ce_and_kd_without_gradients():
 def test_sampled_kd_value_estimates_the_true_kl_when_log_probs_are_stored(temperature):
     """Over many independent draws the logged forward KL of sampled targets averages to KL(p_T‖q_T) (unbiased at
     the cache temperature, consistent at another T); the plain value of the empirical distribution exceeds it by
-    H(p) − H(p̂) (p̂ has less entropy). The offset moves the value only: gradient identical with and without it, fused == autograd."""
+    H(p) − H(p̂) (p̂ has less entropy). The offset moves the value only: gradient identical with and without it,
+    fused == autograd."""
     from tasks.targetcodec import CachedTargets, at_temperature
 
     g = torch.Generator().manual_seed(11)
