@@ -144,10 +144,8 @@ def _kd_chunk(logits, labels, target_parts, *, temperature, loss, beta, skew, ig
     if len(target_parts) == 1:                                                 # dense teacher log-probs
         log_p = target_parts[0].float()
     else:
-        log_p, log_q = sparse_buckets(log_q, *target_parts[:3])
+        log_p, log_q = sparse_buckets(log_q, *target_parts)
     kd = divergence(log_p, log_q, loss, beta=beta, skew=skew)
-    if len(target_parts) == 4 and loss == "forward_kl":                       # sampled: the KL estimate's value
-        kd = kd + target_parts[3].float()
     return ce_sum, torch.where(real, kd, torch.zeros_like(kd)).sum()
 
 
@@ -169,9 +167,7 @@ def _target_parts(targets: Any, n: int, vocab: int) -> tuple[torch.Tensor, ...]:
         raise ValueError(f"teacher target ids must be in [0, {vocab}) (the student's vocabulary), "
                          f"got range [{int(ids.min())}, {int(ids.max())}] (tasks.data.restrict_vocab drops the "
                          "teacher's extra ids)")
-    parts = (ids, targets.probs.reshape(n, -1), targets.tail.reshape(n))
-    offset = getattr(targets, "kl_offset", None)
-    return parts if offset is None else parts + (offset.reshape(n),)
+    return ids, targets.probs.reshape(n, -1), targets.tail.reshape(n)
 
 
 def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -202,8 +198,8 @@ def _fused_chunk(z, labels, parts, grad_out, *, ce_w, kd_w, temperature, ignore_
         p_sum = dense_p.sum(-1)
         plogp = _row_dot(dense_p, log_p)
         pz = _row_dot(dense_p, buf)
-    elif len(parts) >= 3:                                                               # sparse buckets
-        ids, probs, tail = parts[:3]
+    elif len(parts) == 3:                                                               # sparse buckets
+        ids, probs, tail = parts
         probs = probs.float()
         stored = probs > 0
         zi = buf.gather(-1, ids)
@@ -245,8 +241,6 @@ def _fused_chunk(z, labels, parts, grad_out, *, ce_w, kd_w, temperature, ignore_
             kd_rows = kd_rows + torch.where(has_tail, tail * (tail.clamp(min=1e-45).log()
                                                               - q_tail.clamp(min=1e-30).log()), 0.0)
             r = torch.where(has_tail & ~clamped, tail / q_tail.clamp(min=1e-30), 0.0)     # p_tail / q_tail
-    if len(parts) == 4:                                                                 # sampled: see SparseTargets
-        kd_rows = kd_rows + parts[3].float()
     ce_sum = torch.where(real, ce_rows, 0.0).double().sum()
     kd_sum = torch.where(real, kd_rows, 0.0).double().sum() if kd_rows is not None else ce_sum.new_zeros(())
     if grad_out is None:
@@ -347,6 +341,11 @@ def distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor, target
         raise ValueError(f"no teacher targets given: only a CE-only objective (alpha=1) can do without them "
                          f"(got alpha={alpha})")
     parts = () if targets is None else _target_parts(targets, flat_labels.numel(), vocab)
+    # sampled targets with stored log-probs: the forward-KL value estimates KL(p‖q), not KL(p̂‖q) (a constant per
+    # token, so it enters the values only)
+    offset = getattr(targets, "kl_offset", None) if loss == "forward_kl" else None
+    offset_sum = 0.0 if offset is None else float(torch.where(flat_labels != ignore_index,
+                                                              offset.reshape(-1).double(), 0.0).sum())
     if fused is None:
         fused = loss == "forward_kl" or not parts
     if fused:
@@ -355,7 +354,8 @@ def distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor, target
         total, ce_sum, kd_sum = _FusedForwardKL.apply(
             logits, flat_labels, parts, alpha / denom, (1.0 - alpha) * temperature ** 2 / denom, temperature,
             ignore_index, chunk_tokens, torch.is_grad_enabled() and logits.requires_grad)
-        return {"total": total, "ce": ce_sum / denom, "kd": kd_sum / denom, "tokens": tokens}
+        total = total + (1.0 - alpha) * temperature ** 2 * offset_sum / denom
+        return {"total": total, "ce": ce_sum / denom, "kd": (kd_sum + offset_sum) / denom, "tokens": tokens}
     kw = dict(temperature=temperature, loss=loss, beta=beta, skew=skew, ignore_index=ignore_index)
     ce_sum = kd_sum = logits.new_zeros((), dtype=torch.float32)
     n = flat_labels.numel()
@@ -370,7 +370,7 @@ def distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor, target
         ce_sum, kd_sum = ce_sum + ce, kd_sum + kd
     tokens = (flat_labels != ignore_index).sum()
     denom = tokens.clamp(min=1).float()
-    ce, kd = ce_sum / denom, kd_sum / denom
+    ce, kd = ce_sum / denom, (kd_sum + offset_sum) / denom
     total = alpha * ce + (1.0 - alpha) * temperature ** 2 * kd
     return {"total": total, "ce": ce, "kd": kd, "tokens": tokens}
 
