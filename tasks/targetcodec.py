@@ -185,7 +185,7 @@ def encode_targets(logits: torch.Tensor, fmt: str, *, temperature: float = 1.0, 
     one generator per window (default: :func:`window_generator` of ``"encode_targets"``); ``topk`` needs ``top_k``.
     """
     B, L, V = logits.shape
-    if generators is None:
+    if generators is None and fmt == "sampled":
         generators = [window_generator("encode_targets", b) for b in range(B)]
     fields = encode_fields(logits, fmt, temperature, num_samples=num_samples, top_k=top_k, generators=generators)
     t = decode_rows(fmt, fields, slice(0, B * L), L)
@@ -320,7 +320,8 @@ def at_temperature(targets: CachedTargets, temperature: float) -> SparseTargets 
     - ``sampled``: self-normalised importance weights count_i · p_i^(1/T − 1/T_c) with p at T=1; exactly
       count/N at T = T_c. With stored log-probs also ``kl_offset`` (see :class:`SparseTargets`): the teacher's
       log-prob of each drawn id at T is ``lp_i/T − log Z_T``, the normaliser estimated from the same draws,
-      ``Z_T/Z_c ≈ Σ count·p^(1/T−1/T_c) / Σ count·p^(1−1/T_c)`` (exactly 1 at T = T_c).
+      ``Z_T/Z_c ≈ Σ count·p^(1/T−1/T_c) / Σ count·p^(1−1/T_c)`` (exactly 1 at T = T_c); in
+      ``log p_T − log probs`` the re-weighting cancels, so only the second sum is computed.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -348,16 +349,14 @@ def at_temperature(targets: CachedTargets, temperature: float) -> SparseTargets 
             probs = torch.softmax(logw, dim=-1)
         offset = None
         if targets.logprobs is not None:
+            # log(p_T/probs) on a drawn id: the re-weighting to T cancels, leaving log(proposal · Ẑ_c/count) with
+            # Ẑ_c estimated from the draws, log Σ count·p^(1−1/T_c) (= log N at T_c = 1)
             drawn = counts > 0
             lp, log_c = targets.logprobs.double(), torch.log(counts.double())
             inv_c = 1.0 / targets.cache_temperature
-
-            def log_sum(power):  # log Σ count · p^power over the drawn ids
-                return torch.logsumexp(torch.where(drawn, log_c + power * lp, -math.inf), dim=-1, keepdim=True)
-
-            log_p = lp / temperature - (log_sum(1.0 / temperature - inv_c) - log_sum(1.0 - inv_c))
-            p = probs.double()
-            offset = torch.where(drawn & (p > 0), p * (log_p - p.clamp(min=1e-300).log()), 0.0).sum(-1).float()
+            log_z = torch.logsumexp(torch.where(drawn, log_c + (1.0 - inv_c) * lp, -math.inf), dim=-1, keepdim=True)
+            log_ratio = lp * inv_c - log_c + log_z
+            offset = torch.where(drawn, probs.double() * log_ratio, 0.0).sum(-1).float()
         return SparseTargets(targets.ids, probs, torch.zeros(probs.shape[:-1]), offset)
     raise ValueError(f"unknown cache format {targets.format!r}; expected one of {FORMATS}")
 
