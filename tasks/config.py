@@ -402,14 +402,20 @@ class PipelineConfig:
     def stage_dir(self, stage: str) -> Path:
         return Path(self.run_dir) / stage
 
+    def retempers_sampled_cache(self, temperature: float) -> bool:
+        """Whether training at ``temperature`` re-weights a sampled cache's draws to a temperature other than the
+        one they were drawn at (``cache.temperature``)."""
+        c = self.cache
+        return c.format == "sampled" and self.train.teacher_mode == "cache" and temperature != c.temperature
+
     def __post_init__(self):
         # A sampled cache without log-probs holds targets at its own temperature only: say so before any stage
         # runs, not from inside a training worker.
         c = self.cache
-        if c.format == "sampled" and not c.sampled_logprobs and self.train.teacher_mode == "cache":
+        if not c.sampled_logprobs:
             asked = {("train.temperature", self.train.temperature)} | {("tune.temperature", t)
                                                                      for t in self.tune.temperature}
-            bad = sorted(f"{k}={t}" for k, t in asked if t != c.temperature)
+            bad = sorted(f"{k}={t}" for k, t in asked if self.retempers_sampled_cache(t))
             if bad:
                 raise ConfigError(f"{', '.join(bad)}: a sampled cache with cache.sampled_logprobs=false gives targets "
                                   f"only at cache.temperature={c.temperature}; use that temperature, or set "

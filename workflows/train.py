@@ -117,7 +117,7 @@ def report_steps(tc: TrainConfig, steps: int) -> list[int]:
 def temperature_warning(cfg: PipelineConfig) -> str | None:
     """Why training at ``train.temperature`` from this ``sampled`` cache gives a worse student (None: it does not)."""
     c, tc = cfg.cache, cfg.train
-    if c.format != "sampled" or tc.teacher_mode != "cache" or tc.temperature == c.temperature:
+    if not cfg.retempers_sampled_cache(tc.temperature):
         return None
     return (f"train.temperature={tc.temperature} but the sampled cache drew its targets at T={c.temperature}; "
             f"re-weighting {c.num_samples} draws per position to another temperature is biased and loses the tail "
