@@ -71,12 +71,25 @@ def epoch_shards(entries: list, epoch: int, rank: int, world_size: int, seed: in
     return [entries[i] for i in order[rank::world_size]]
 
 
+def _log_kept_mass(cached: CachedTargets, keep: torch.Tensor) -> torch.Tensor:
+    """``[..., 1]``: log of the teacher's T=1 mass on the kept ids of a ``sampled`` row, estimated from its draws
+    with the importance weights ``count·p^(1 − 1/T_c)`` that :func:`at_temperature` uses (at T_c = 1: the kept
+    share of the draws). 0 for a row with no draws kept (it has no targets left)."""
+    drawn = cached.counts > 0
+    logw = torch.log(cached.counts.double()) + (1.0 - 1.0 / cached.cache_temperature) * cached.logprobs.double()
+    logw = torch.where(drawn, logw, -math.inf)
+    log_kept = torch.logsumexp(torch.where(keep, logw, -math.inf), dim=-1, keepdim=True) \
+        - torch.logsumexp(logw, dim=-1, keepdim=True)
+    return torch.where(torch.isfinite(log_kept), log_kept, 0.0).float()
+
+
 def restrict_vocab(cached: CachedTargets, vocab_size: int) -> CachedTargets:
     """The cached teacher distribution conditioned on ids ``< vocab_size`` (see the module doc).
 
     ``full``: log-probs ``[..., V']`` cut to ``[..., vocab_size]`` and renormalised. ``sampled``: draws of dropped
-    ids removed (id 0, count 0), the remaining counts rescaled to sum to N per row. ``topk``: dropped ids get
-    log-prob −inf (their slots move to the front so the last slot stays the smallest kept log-prob, which
+    ids removed (id 0, count 0), the remaining counts rescaled to sum to N per row, the stored log-probs
+    conditioned on the kept ids too (so ``kl_offset`` estimates the conditioned teacher's KL). ``topk``: dropped
+    ids get log-prob −inf (their slots move to the front so the last slot stays the smallest kept log-prob, which
     ``at_temperature`` uses to re-temper the tail); ``at_temperature`` renormalises top-k + tail jointly.
     Targets whose vocabulary is not larger are returned unchanged.
     """
@@ -94,6 +107,8 @@ def restrict_vocab(cached: CachedTargets, vocab_size: int) -> CachedTargets:
     if cached.format == "sampled":
         counts = torch.where(keep, cached.counts, 0.0)
         counts = counts * (float(cached.num_samples) / counts.sum(-1, keepdim=True).clamp(min=1e-12))
+        if lp is not None:  # T=1 log-probs of the conditioned teacher: minus log(kept mass), estimated from the draws
+            lp = lp - _log_kept_mass(cached, keep)
         return dataclasses.replace(cached, ids=ids, logprobs=lp, counts=counts, vocab_size=vocab_size)
     order = torch.sort(torch.where(keep, lp, math.inf), dim=-1, descending=True, stable=True).indices
     return dataclasses.replace(cached, ids=ids.gather(-1, order), logprobs=lp.gather(-1, order),
