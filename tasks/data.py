@@ -29,7 +29,7 @@ from typing import Any, Iterator
 
 import torch
 
-from tasks.targetcodec import CachedTargets, at_temperature, cat_targets
+from tasks.targetcodec import CachedTargets, at_temperature, cat_targets, sampled_log_weights
 
 
 @dataclass(frozen=True)
@@ -73,11 +73,9 @@ def epoch_shards(entries: list, epoch: int, rank: int, world_size: int, seed: in
 
 def _log_kept_mass(cached: CachedTargets, keep: torch.Tensor) -> torch.Tensor:
     """``[..., 1]``: log of the teacher's T=1 mass on the kept ids of a ``sampled`` row, estimated from its draws
-    with the importance weights ``count·p^(1 − 1/T_c)`` that :func:`at_temperature` uses (at T_c = 1: the kept
-    share of the draws). 0 for a row with no draws kept (it has no targets left)."""
-    drawn = cached.counts > 0
-    logw = torch.log(cached.counts.double()) + (1.0 - 1.0 / cached.cache_temperature) * cached.logprobs.double()
-    logw = torch.where(drawn, logw, -math.inf)
+    with :func:`~tasks.targetcodec.sampled_log_weights` (at T_c = 1: the kept share of the draws). 0 for a row
+    with no draws kept (it has no targets left)."""
+    logw = sampled_log_weights(cached)
     log_kept = torch.logsumexp(torch.where(keep, logw, -math.inf), dim=-1, keepdim=True) \
         - torch.logsumexp(logw, dim=-1, keepdim=True)
     return torch.where(torch.isfinite(log_kept), log_kept, 0.0).float()

@@ -311,6 +311,14 @@ def _retemper_tail(tail: torch.Tensor, lp_k: torch.Tensor, r: float, vocab_size:
     return torch.where(torch.isinf(tail), tail, 0.5 * (near + spread))
 
 
+def sampled_log_weights(targets: CachedTargets) -> torch.Tensor:
+    """float64 ``[..., K]``: ``log(count·p^(1 − 1/T_c))`` of each drawn id of a ``sampled`` row with stored log-probs
+    (``p`` at T = 1), −inf on undrawn slots. Their log-sum-exp estimates the proposal's normaliser relative to
+    ``p`` (``log N`` at T_c = 1); summed over a subset of ids, that subset's share of the T = 1 mass."""
+    w = torch.log(targets.counts.double()) + (1.0 - 1.0 / targets.cache_temperature) * targets.logprobs.double()
+    return torch.where(targets.counts > 0, w, -math.inf)
+
+
 def at_temperature(targets: CachedTargets, temperature: float) -> SparseTargets | DenseTargets:
     """The teacher distribution at ``temperature`` (T) from targets cached at T_c.
 
@@ -351,12 +359,9 @@ def at_temperature(targets: CachedTargets, temperature: float) -> SparseTargets 
         if targets.logprobs is not None:
             # log(p_T/probs) on a drawn id: the re-weighting to T cancels, leaving log(proposal · Ẑ_c/count) with
             # Ẑ_c estimated from the draws, log Σ count·p^(1−1/T_c) (= log N at T_c = 1)
-            drawn = counts > 0
-            lp, log_c = targets.logprobs.double(), torch.log(counts.double())
-            inv_c = 1.0 / targets.cache_temperature
-            log_z = torch.logsumexp(torch.where(drawn, log_c + (1.0 - inv_c) * lp, -math.inf), dim=-1, keepdim=True)
-            log_ratio = lp * inv_c - log_c + log_z
-            offset = torch.where(drawn, probs.double() * log_ratio, 0.0).sum(-1).float()
+            log_z = torch.logsumexp(sampled_log_weights(targets), dim=-1, keepdim=True)
+            log_ratio = targets.logprobs.double() / targets.cache_temperature - torch.log(counts.double()) + log_z
+            offset = torch.where(counts > 0, probs.double() * log_ratio, 0.0).sum(-1).float()
         return SparseTargets(targets.ids, probs, torch.zeros(probs.shape[:-1]), offset)
     raise ValueError(f"unknown cache format {targets.format!r}; expected one of {FORMATS}")
 
