@@ -32,16 +32,15 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tasks.cachestore import Store, stored_sizes  # noqa: E402
-from tasks.config import CacheConfig, CorpusConfig, TeacherConfig  # noqa: E402
-from tasks.corpus import build_shards  # noqa: E402
-from tasks.softtargets import (add_entry, commit_shard, format_params, new_manifest, open_cache,  # noqa: E402
-                               write_manifest)
-from tasks.targetcodec import (CachedTargets, at_temperature, decode_rows, encode_sampled,  # noqa: E402
-                               encode_shard, window_generator)
-from tasks.teacher import load_teacher, load_tokenizer, smollm2_gguf  # noqa: E402
+from raydistill.tasks.cachestore import Store, stored_sizes
+from raydistill.tasks.config import CacheConfig, CorpusConfig, TeacherConfig
+from raydistill.tasks.corpus import build_shards
+from raydistill.tasks.softtargets import (add_entry, commit_shard, format_params, new_manifest, open_cache,
+                                          write_manifest)
+from raydistill.tasks.targetcodec import (CachedTargets, at_temperature, decode_rows, encode_sampled,
+                                          encode_shard, window_generator)
+from raydistill.tasks.teacher import load_teacher, load_tokenizer, smollm2_gguf
 
 CHUNK = 2  # windows per dense [w, L, V] fidelity computation (bounded memory)
 

@@ -24,11 +24,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tasks.config import load_config  # noqa: E402
-from tasks.corpus import build_shards  # noqa: E402
-from tasks.teacher import load_teacher, load_tokenizer, smollm2_gguf  # noqa: E402
+from raydistill.tasks.config import load_config
+from raydistill.tasks.corpus import build_shards
+from raydistill.tasks.teacher import load_teacher, load_tokenizer, smollm2_gguf
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -62,7 +61,7 @@ def bare_forward_tokens_per_s(cfg, threads: int) -> float:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from workflows import cache  # imports ray; kept out of module import time
+    from raydistill.workflows import cache  # imports ray; kept out of module import time
 
     run_dir = Path(tempfile.mkdtemp(prefix="rd-throughput-"))
     cfg = load_config("smollm2-shakespeare", [

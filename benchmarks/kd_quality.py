@@ -72,18 +72,17 @@ from types import SimpleNamespace
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tasks.config import CacheConfig, ConfigError, CorpusConfig, StudentConfig, TeacherConfig, TrainConfig  # noqa: E402
-from tasks.corpus import build_shards  # noqa: E402
-from tasks.data import Batch, restrict_vocab  # noqa: E402
-from tasks.evaluate import evaluate  # noqa: E402
-from tasks.online import online_teacher, training_loss  # noqa: E402
-from tasks.students import build_student  # noqa: E402
-from tasks.targetcodec import (CachedTargets, at_temperature, cat_targets, encode_targets,  # noqa: E402
-                               select_windows, window_generator)
-from tasks.teacher import load_teacher, load_tokenizer  # noqa: E402
-from workflows.train import lr_at  # noqa: E402  (pure function; importing it starts no Ray)
+from raydistill.tasks.config import CacheConfig, ConfigError, CorpusConfig, StudentConfig, TeacherConfig, TrainConfig
+from raydistill.tasks.corpus import build_shards
+from raydistill.tasks.data import Batch, restrict_vocab
+from raydistill.tasks.evaluate import evaluate
+from raydistill.tasks.online import online_teacher, training_loss
+from raydistill.tasks.students import build_student
+from raydistill.tasks.targetcodec import (CachedTargets, at_temperature, cat_targets, encode_targets,
+                                          select_windows, window_generator)
+from raydistill.tasks.teacher import load_teacher, load_tokenizer
+from raydistill.workflows.train import lr_at  # (pure function; importing it starts no Ray)
 
 METHODS = ("ce", "online", "topk", "sampled")
 KD_METHODS = ("online", "topk", "sampled")

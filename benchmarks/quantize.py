@@ -21,10 +21,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tasks.generate import complete  # noqa: E402
-from tasks.quantize import load_quantized, model_file_size, quantize_dynamic_int8, save_quantized  # noqa: E402
+from raydistill.tasks.generate import complete
+from raydistill.tasks.quantize import load_quantized, model_file_size, quantize_dynamic_int8, save_quantized
 
 
 def synthetic(args):
@@ -87,7 +86,7 @@ def main(argv=None) -> dict:
     if args.student:
         from transformers import AutoTokenizer
 
-        from tasks.students import load_student
+        from raydistill.tasks.students import load_student
 
         fp32, tokenizer = load_student(args.student), AutoTokenizer.from_pretrained(args.student)
     else:

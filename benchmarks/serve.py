@@ -21,7 +21,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def synthetic_loader(hidden: int, layers: int, int8: bool):
@@ -33,9 +32,9 @@ def synthetic_loader(hidden: int, layers: int, int8: bool):
         import torch
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        from tasks.config import TeacherConfig
-        from tasks.quantize import quantize_dynamic_int8
-        from tasks.teacher import load_tokenizer
+        from raydistill.tasks.config import TeacherConfig
+        from raydistill.tasks.quantize import quantize_dynamic_int8
+        from raydistill.tasks.teacher import load_tokenizer
 
         tokenizer = load_tokenizer(TeacherConfig(source="tiny"))
         config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden,
@@ -70,8 +69,8 @@ def main(argv=None) -> dict:
 
     import requests
 
-    from tasks.config import load_config
-    from workflows import serve
+    from raydistill.tasks.config import load_config
+    from raydistill.workflows import serve
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -23,15 +23,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tasks.config import CacheConfig, CorpusConfig, StudentConfig, TeacherConfig, TrainConfig  # noqa: E402
-from tasks.corpus import build_shards  # noqa: E402
-from tasks.data import Batch  # noqa: E402
-from tasks.online import online_teacher, resolve_layer_map, step_projections, training_loss  # noqa: E402
-from tasks.students import build_student, resolve_layers  # noqa: E402
-from tasks.targetcodec import at_temperature, encode_targets  # noqa: E402
-from tasks.teacher import load_teacher, load_tokenizer  # noqa: E402
+from raydistill.tasks.config import CacheConfig, CorpusConfig, StudentConfig, TeacherConfig, TrainConfig
+from raydistill.tasks.corpus import build_shards
+from raydistill.tasks.data import Batch
+from raydistill.tasks.online import online_teacher, resolve_layer_map, step_projections, training_loss
+from raydistill.tasks.students import build_student, resolve_layers
+from raydistill.tasks.targetcodec import at_temperature, encode_targets
+from raydistill.tasks.teacher import load_teacher, load_tokenizer
 
 
 def parse_args(argv=None):

@@ -10,7 +10,7 @@ import os
 
 import ray
 
-from tasks.config import ClusterConfig
+from raydistill.tasks.config import ClusterConfig
 
 # Quiet, quick defaults for an embedded cluster; a user's environment wins.
 _LOCAL_ENV = {

@@ -30,7 +30,7 @@ from typing import Iterator
 
 import numpy as np
 
-from tasks.config import ConfigError, CorpusConfig
+from raydistill.tasks.config import ConfigError, CorpusConfig
 
 TEXT_SUFFIXES = (".txt", ".md")
 _TOKENIZE_BATCH_CHARS = 4_000_000  # tokenize ≤ ~4 MB of text per call: fast (Rust, batched), bounded memory

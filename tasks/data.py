@@ -29,7 +29,7 @@ from typing import Any, Iterator
 
 import torch
 
-from tasks.targetcodec import CachedTargets, at_temperature, cat_targets, sampled_log_weights
+from raydistill.tasks.targetcodec import CachedTargets, at_temperature, cat_targets, sampled_log_weights
 
 
 @dataclass(frozen=True)

@@ -30,9 +30,9 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
-from tasks.losses import divergence, sparse_buckets
-from tasks.students import forward_logits
-from tasks.targetcodec import DenseTargets, at_temperature
+from raydistill.tasks.losses import divergence, sparse_buckets
+from raydistill.tasks.students import forward_logits
+from raydistill.tasks.targetcodec import DenseTargets, at_temperature
 
 ECE_BINS = 15
 SUM_KEYS = ("nll", "tokens", "agree", "agree_tokens", "kl", "kl_tokens", "seconds")

@@ -1,6 +1,6 @@
 """Batched text completion with per-token log-probabilities (OpenAI completions style). Used by Serve.
 
-    from tasks.generate import complete
+    from raydistill.tasks.generate import complete
     out = complete(model, tokenizer, ["ROMEO.\\nBut soft", "JULIET.\\n"], max_tokens=16, temperature=0.0,
                    logprobs=3, seed=0)
     out[0]["text"], out[0]["token_logprobs"], out[0]["top_logprobs"], out[0]["finish_reason"]

@@ -33,10 +33,10 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from tasks.config import ConfigError, TrainConfig
-from tasks.losses import distillation_loss, hidden_state_loss
-from tasks.students import forward_logits
-from tasks.targetcodec import DenseTargets
+from raydistill.tasks.config import ConfigError, TrainConfig
+from raydistill.tasks.losses import distillation_loss, hidden_state_loss
+from raydistill.tasks.students import forward_logits
+from raydistill.tasks.targetcodec import DenseTargets
 
 
 def resolve_layer_map(layer_map: list[list[int]] | None, *, copied: list[int] | None, n_student: int,

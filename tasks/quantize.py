@@ -1,6 +1,6 @@
 """Post-training quantization of a causal LM, saved as safetensors (never pickle) and loaded back exactly.
 
-    from tasks.quantize import quantize_dynamic_int8, save_quantized, load_quantized
+    from raydistill.tasks.quantize import quantize_dynamic_int8, save_quantized, load_quantized
     q = quantize_dynamic_int8(model)                       # a new model; ``model`` is left untouched
     save_quantized(q, tokenizer, "run/quantize/int8", recipe={"source": "run/train/student"})
     q2 = load_quantized("run/quantize/int8")               # same logits, bit for bit

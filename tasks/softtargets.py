@@ -20,12 +20,12 @@ import json
 import numpy as np
 import torch
 
-from tasks.cachestore import Store, pack, unpack
-from tasks.config import CacheConfig, ConfigError, CorpusConfig, TeacherConfig
-from tasks.sampledpack import compact_sampled, expand_sampled
-from tasks.targetcodec import (CachedTargets, DenseTargets, SparseTargets, at_temperature,  # noqa: F401
-                               cat_targets, decode_rows)
-from tasks.teacher import identity_key_fields, load_tokenizer, teacher_identity, tokenizer_hash
+from raydistill.tasks.cachestore import Store, pack, unpack
+from raydistill.tasks.config import CacheConfig, ConfigError, CorpusConfig, TeacherConfig
+from raydistill.tasks.sampledpack import compact_sampled, expand_sampled
+from raydistill.tasks.targetcodec import (CachedTargets, DenseTargets, SparseTargets, at_temperature,  # noqa: F401
+                                          cat_targets, decode_rows)
+from raydistill.tasks.teacher import identity_key_fields, load_tokenizer, teacher_identity, tokenizer_hash
 
 FORMAT_VERSION = 2  # 2: sampled entries entropy-coded (tasks/sampledpack.py); 1 is refused
 MANIFEST = "manifest.json"

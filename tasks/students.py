@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from tasks.config import ConfigError, PeftConfig, StudentConfig, TeacherConfig
+from raydistill.tasks.config import ConfigError, PeftConfig, StudentConfig, TeacherConfig
 
 META_FILE = "student.json"
 ADAPTER_DIR = "adapter"
@@ -155,7 +155,7 @@ def peft_method(model) -> str:
 
 def load_student_tokenizer(student_cfg: StudentConfig, teacher_cfg: TeacherConfig):
     """``student.tokenizer`` (a directory or ``.gguf``), else the teacher's tokenizer."""
-    from tasks.teacher import load_tokenizer
+    from raydistill.tasks.teacher import load_tokenizer
 
     if student_cfg.tokenizer is None:
         return load_tokenizer(teacher_cfg)
@@ -175,7 +175,7 @@ def check_vocab(teacher_tok, student_tok, *, teacher_rows: int, student_rows: in
     tokenizers otherwise, or when the student has fewer rows than the teacher's tokenizer has ids (the cached
     windows hold such ids).
     """
-    from tasks.teacher import tokenizer_hash
+    from raydistill.tasks.teacher import tokenizer_hash
 
     n_t, n_s = len(teacher_tok), len(student_tok)
     if tokenizer_hash(teacher_tok) != tokenizer_hash(student_tok):
@@ -214,7 +214,7 @@ def write_init_student(teacher_cfg: TeacherConfig, student_cfg: StudentConfig, o
     Returns ``{"teacher": shape, "student": shape, "copied": teacher layer ids | None}``, a shape being
     ``{num_hidden_layers, hidden_size, vocab_rows}`` (``copied``: ``init: layers`` only).
     """
-    from tasks.teacher import load_teacher, load_tokenizer
+    from raydistill.tasks.teacher import load_teacher, load_tokenizer
 
     teacher, _ = load_teacher(teacher_cfg)
     student = build_student(student_cfg, teacher, seed=seed)

@@ -13,7 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
-from tasks.config import load_config  # noqa: E402
+from raydistill.tasks.config import load_config  # noqa: E402
 
 
 @pytest.fixture
@@ -25,7 +25,7 @@ def tiny_cfg(tmp_path):
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     """The SmolLM2 tokenizer (extracted from the GGUF once, then cached on disk)."""
-    from tasks.teacher import load_tokenizer
+    from raydistill.tasks.teacher import load_tokenizer
 
     return load_tokenizer(load_config("tiny").teacher)
 
@@ -35,8 +35,8 @@ def ray_cluster():
     """One local Ray cluster per test module (2 CPUs, like CI)."""
     import ray
 
-    from cluster.ray_init import init_ray
-    from tasks.config import ClusterConfig
+    from raydistill.cluster.ray_init import init_ray
+    from raydistill.tasks.config import ClusterConfig
 
     if ray.is_initialized():
         ray.shutdown()
@@ -48,7 +48,7 @@ def ray_cluster():
 @pytest.fixture(scope="module")
 def tiny_cached(tmp_path_factory, ray_cluster):
     """A tiny run directory whose cache stage has finished (shared by a module's tests; do not mutate)."""
-    from workflows import cache
+    from raydistill.workflows import cache
 
     run_dir = tmp_path_factory.mktemp("tiny_cached") / "run"
     cfg = load_config("tiny", [f"run_dir={run_dir}"])

@@ -20,14 +20,14 @@ import uuid
 import ray
 from tqdm import tqdm
 
-from cluster.ray_init import init_ray
-from tasks.cachestore import Store
-from tasks.config import PipelineConfig
-from tasks.corpus import build_shards
-from tasks.softtargets import (MANIFEST, SHARD_DIR, CacheCorruptError, add_entry, entry_from_file, format_params,
-                               new_manifest, open_cache, shard_file, shard_key, write_manifest)
-from tasks.teacher import load_tokenizer, teacher_identity, tokenizer_hash
-from workflows.runinfo import record_stage
+from raydistill.cluster.ray_init import init_ray
+from raydistill.tasks.cachestore import Store
+from raydistill.tasks.config import PipelineConfig
+from raydistill.tasks.corpus import build_shards
+from raydistill.tasks.softtargets import (MANIFEST, SHARD_DIR, CacheCorruptError, add_entry, entry_from_file,
+                                          format_params, new_manifest, open_cache, shard_file, shard_key, write_manifest)
+from raydistill.tasks.teacher import load_tokenizer, teacher_identity, tokenizer_hash
+from raydistill.workflows.runinfo import record_stage
 
 ACTOR_PREFIX = "raydistill-cache-"
 MAX_RESTARTS = 3
@@ -40,7 +40,7 @@ class TeacherActor:
     def __init__(self, teacher_cfg, threads: int):
         import torch
 
-        from tasks.teacher import load_teacher
+        from raydistill.tasks.teacher import load_teacher
 
         torch.set_num_threads(threads)
         self.model, _ = load_teacher(teacher_cfg)
@@ -52,8 +52,8 @@ class TeacherActor:
 
     def compute(self, cache_dir: str, name: str, split: str, key: str, tokens, cache_cfg) -> tuple[dict, int, float]:
         """Encode and commit one shard; returns (manifest entry, teacher forwards performed, seconds)."""
-        from tasks.softtargets import commit_shard
-        from tasks.targetcodec import encode_shard
+        from raydistill.tasks.softtargets import commit_shard
+        from raydistill.tasks.targetcodec import encode_shard
 
         t0 = time.perf_counter()
         fields, stats, forwards = encode_shard(self.model, tokens, split, cache_cfg.format,

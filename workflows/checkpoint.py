@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from tasks.data import DataPosition
+from raydistill.tasks.data import DataPosition
 
 HEADS_FILE = "heads.safetensors"
 
@@ -171,7 +171,7 @@ def export_student(engine, zero_stage: int, rank: int, output_dir: str, fresh_mo
     """
     from transformers import AutoTokenizer
 
-    from tasks.students import save_student
+    from raydistill.tasks.students import save_student
 
     tmp = Path(tempfile.mkdtemp(prefix="raydistill-export-"))
     save_weights(engine, zero_stage, rank, tmp / "model.safetensors")

@@ -10,18 +10,18 @@ import argparse
 import importlib
 import sys
 
-from tasks.config import ConfigError, dump_yaml, load_config, resolve_paths
+from raydistill.tasks.config import ConfigError, dump_yaml, load_config, resolve_paths
 
 VERBS = {
-    "cache": ("workflows.cache", "run the teacher once over the corpus and store its soft targets"),
-    "train": ("workflows.train", "train the student from the cache (Ray Train + DeepSpeed)"),
-    "tune": ("workflows.tune", "search alpha, T, lr, loss over the same cache (Ray Tune + ASHA)"),
-    "quantize": ("workflows.quantize", "quantize the trained student and score it against the teacher"),
-    "register": ("workflows.register", "register the quantized student in MLflow with lineage tags"),
-    "promote": ("workflows.promote", "move @champion to a model version if it passes the quality gate"),
-    "serve": ("workflows.serve", "serve models:/<name>@champion over HTTP (OpenAI-style completions)"),
-    "pipeline": ("workflows.pipeline", "run every stage in order, skipping finished ones"),
-    "submit": ("workflows.submit", "submit a verb as a Ray job to a remote cluster"),
+    "cache": ("raydistill.workflows.cache", "run the teacher once over the corpus and store its soft targets"),
+    "train": ("raydistill.workflows.train", "train the student from the cache (Ray Train + DeepSpeed)"),
+    "tune": ("raydistill.workflows.tune", "search alpha, T, lr, loss over the same cache (Ray Tune + ASHA)"),
+    "quantize": ("raydistill.workflows.quantize", "quantize the trained student and score it against the teacher"),
+    "register": ("raydistill.workflows.register", "register the quantized student in MLflow with lineage tags"),
+    "promote": ("raydistill.workflows.promote", "move @champion to a model version if it passes the quality gate"),
+    "serve": ("raydistill.workflows.serve", "serve models:/<name>@champion over HTTP (OpenAI-style completions)"),
+    "pipeline": ("raydistill.workflows.pipeline", "run every stage in order, skipping finished ones"),
+    "submit": ("raydistill.workflows.submit", "submit a verb as a Ray job to a remote cluster"),
 }
 
 

@@ -1,7 +1,7 @@
 """MLflow "models from code" definition of a registered raydistill student (no pickled Python objects).
 
 ``workflows.register`` logs this file as the model's code, the quantized student directory (safetensors) as the
-artifact ``model`` and ``tasks/`` as code path. Anyone with MLflow can then use the registered model:
+artifact ``model`` and ``raydistill.tasks`` as code path. Anyone with MLflow can then use the registered model:
 
     import mlflow
     m = mlflow.pyfunc.load_model("models:/tiny-student@champion")
@@ -29,14 +29,14 @@ class QuantizedStudent(PythonModel):
     def load_context(self, context):
         from transformers import AutoTokenizer
 
-        from tasks.quantize import load_quantized
+        from raydistill.tasks.quantize import load_quantized
 
         model_dir = context.artifacts["model"]
         self.model = load_quantized(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
 
     def predict(self, context, model_input, params=None):
-        from tasks.generate import complete
+        from raydistill.tasks.generate import complete
 
         if hasattr(model_input, "columns"):  # pandas DataFrame
             column = "prompt" if "prompt" in model_input.columns else model_input.columns[0]

@@ -15,7 +15,7 @@ import json
 import time
 from pathlib import Path
 
-from tasks.config import PipelineConfig, resolve_paths
+from raydistill.tasks.config import PipelineConfig, resolve_paths
 
 STAGES = ("cache", "tune", "train", "quantize", "register", "promote")
 
@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _verb_args(verb: str) -> argparse.Namespace:
     """The defaults a verb's own CLI flags would have."""
     parser = argparse.ArgumentParser()
-    module = importlib.import_module(f"workflows.{verb}")
+    module = importlib.import_module(f"raydistill.workflows.{verb}")
     if hasattr(module, "add_arguments"):
         module.add_arguments(parser)
     return parser.parse_args([])
@@ -44,13 +44,13 @@ def run(cfg: PipelineConfig, args: argparse.Namespace | None = None) -> dict:
     for stage in STAGES:
         if stage == "tune" and args.no_tune:
             continue
-        module = importlib.import_module(f"workflows.{stage}")
+        module = importlib.import_module(f"raydistill.workflows.{stage}")
         print(f"\n=== raydistill {stage} ===", flush=True)
         t0 = time.time()
         results[stage] = module.run(cfg, _verb_args(stage))
         timings[stage] = round(time.time() - t0, 1)
         if stage == "tune":
-            from workflows.tune import apply_params
+            from raydistill.workflows.tune import apply_params
 
             cfg = apply_params(cfg, results["tune"]["params"])
             print(f"[pipeline] training the student with the tuned {results['tune']['params']}")
@@ -73,7 +73,7 @@ def run(cfg: PipelineConfig, args: argparse.Namespace | None = None) -> dict:
 def _serve_demo(cfg: PipelineConfig, keep: bool) -> dict:
     import requests
 
-    from workflows import serve
+    from raydistill.workflows import serve
 
     base_url = serve.start_app(cfg)
     # a seeded sample (reproducible) rather than greedy: an under-trained student's argmax loops on newlines
@@ -94,7 +94,7 @@ def _serve_demo(cfg: PipelineConfig, keep: bool) -> dict:
 
 
 def _block_until_interrupt() -> None:
-    from workflows import serve
+    from raydistill.workflows import serve
 
     print("serving; Ctrl-C to stop", flush=True)
     try:
@@ -130,7 +130,7 @@ def build_summary(cfg: PipelineConfig, results: dict, served: dict | None, timin
 
 def _teacher_size_speed(cfg: PipelineConfig) -> dict:
     """Teacher weights on disk (the GGUF or HF files) and its forward throughput measured by the cache stage."""
-    from tasks.softtargets import open_cache
+    from raydistill.tasks.softtargets import open_cache
 
     manifest = open_cache(cfg.cache_dir).manifest
     path = manifest["teacher"].get("path")

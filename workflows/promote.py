@@ -21,8 +21,8 @@ import json
 import time
 from pathlib import Path
 
-from tasks.config import ConfigError, GateConfig, PipelineConfig
-from workflows import runinfo, tracking
+from raydistill.tasks.config import ConfigError, GateConfig, PipelineConfig
+from raydistill.workflows import runinfo, tracking
 
 HISTORY_TAG = "raydistill.champion_history"
 CHAMPION, PREVIOUS = "champion", "previous"

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from tasks.config import PipelineConfig, section_key
-from workflows import runinfo
+from raydistill.tasks.config import PipelineConfig, section_key
+from raydistill.workflows import runinfo
 
 METRICS = ("heldout_loss", "perplexity", "top1_agreement", "ece", "kl_to_teacher", "tokens_per_s",
            "decode_ms_per_token", "size_bytes")
@@ -38,7 +38,7 @@ def stage_key(cfg: PipelineConfig) -> str:
 
 def heldout_shards(cfg: PipelineConfig) -> tuple[list, dict]:
     """The verified held-out shards of the cache and its totals."""
-    from tasks.softtargets import open_cache
+    from raydistill.tasks.softtargets import open_cache
 
     cache = open_cache(cfg.cache_dir)
     entries = cache.shards("heldout")
@@ -56,7 +56,7 @@ def teacher_metrics(totals: dict) -> dict:
 
 def decode_ms_per_token(model, tokenizer, prompt: str, tokens: int) -> float | None:
     """Wall ms per generated token, greedy, batch 1 (after one warm-up call)."""
-    from tasks.generate import complete
+    from raydistill.tasks.generate import complete
 
     if tokens <= 0:
         return None
@@ -67,8 +67,8 @@ def decode_ms_per_token(model, tokenizer, prompt: str, tokens: int) -> float | N
 
 
 def score(cfg: PipelineConfig, model, tokenizer, shards: list, model_dir: Path) -> dict:
-    from tasks.evaluate import evaluate
-    from tasks.quantize import model_file_size
+    from raydistill.tasks.evaluate import evaluate
+    from raydistill.tasks.quantize import model_file_size
 
     q = cfg.quantize
     metrics = evaluate(model, shards, max_windows=q.eval_max_windows, batch_size=q.eval_batch_size)
@@ -115,8 +115,8 @@ def print_report(report: dict) -> None:
 def run(cfg: PipelineConfig, args=None) -> dict:
     from transformers import AutoTokenizer
 
-    from tasks.quantize import load_quantized, quantize_dynamic_int8, save_quantized
-    from tasks.students import load_student
+    from raydistill.tasks.quantize import load_quantized, quantize_dynamic_int8, save_quantized
+    from raydistill.tasks.students import load_student
 
     train = runinfo.require_stage(cfg, "train", "quantize")
     key = stage_key(cfg)

@@ -4,7 +4,7 @@
 
 One MLflow run (params = the flattened config, metrics = teacher / student fp32 / student int8 on the held-out
 split, artifacts = the quantize report, train metrics, the resolved config) logs the int8 student as a
-"models from code" pyfunc (``workflows/mlflow_model.py`` + the safetensors directory + ``tasks/`` as code; no
+"models from code" pyfunc (``workflows/mlflow_model.py`` + the safetensors directory + ``raydistill.tasks`` as code; no
 pickle) and registers it as a new version of ``registry.model_name``. The version carries lineage tags (teacher
 identity and weights hash, cache key, config hash, stage keys, metrics) and gets the alias ``@challenger``;
 ``raydistill promote`` moves ``@champion`` through the quality gate. Rerunning with the same inputs finds the
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import yaml
 
-from tasks.config import PipelineConfig, dump_yaml, section_key, to_dict
-from workflows import runinfo, tracking
+from raydistill.tasks.config import PipelineConfig, dump_yaml, section_key, to_dict
+from raydistill.workflows import runinfo, tracking
 
 KEY_TAG = "raydistill.stage_key"
 MODEL_ARTIFACT = "student"
@@ -63,7 +63,7 @@ def _cache_lineage(cfg: PipelineConfig) -> dict:
     """Teacher identity and cache key, as the cache stage recorded them."""
     rec = runinfo.read_stage(cfg, "cache") or {}
     out = rec.get("outputs") or {}
-    from tasks.softtargets import open_cache
+    from raydistill.tasks.softtargets import open_cache
 
     try:
         manifest = open_cache(cfg.cache_dir).manifest  # local or object store
@@ -71,7 +71,7 @@ def _cache_lineage(cfg: PipelineConfig) -> dict:
         manifest = {}
     teacher = manifest.get("teacher") or out.get("teacher") or {}
     if not teacher.get("weights_sha256"):
-        from tasks.teacher import teacher_identity
+        from raydistill.tasks.teacher import teacher_identity
 
         teacher = teacher_identity(cfg.teacher)
     return {"teacher.source": str(teacher.get("source", cfg.teacher.source)),
@@ -102,7 +102,7 @@ def _signature():
     """Input: a list of prompts; params: the generation settings (MLflow drops params a signature lacks)."""
     from mlflow.models import infer_signature
 
-    from workflows.mlflow_model import PARAM_DEFAULTS
+    from raydistill.workflows.mlflow_model import PARAM_DEFAULTS
 
     return infer_signature(["ROMEO.\nBut soft"], params=PARAM_DEFAULTS)
 
@@ -130,17 +130,31 @@ def _log_run(cfg: PipelineConfig, key: str, report: dict, int8_dir: Path) -> tup
         return run.info.run_id, info
 
 
+def _code_package(dst: Path) -> Path:
+    """``dst/raydistill`` holding the namespace's ``__init__`` and ``tasks/`` (what the logged model imports)."""
+    import raydistill
+    import raydistill.tasks
+
+    pkg = dst / "raydistill"
+    pkg.mkdir(parents=True)
+    shutil.copy(raydistill.__file__, pkg / "__init__.py")
+    shutil.copytree(Path(raydistill.tasks.__file__).parent, pkg / "tasks",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    return pkg
+
+
 def _log_model(int8_dir: Path):
     import mlflow
 
-    return mlflow.pyfunc.log_model(
-        name=MODEL_ARTIFACT,
-        python_model=str(Path(__file__).with_name("mlflow_model.py")),
-        artifacts={"model": str(int8_dir)},
-        code_paths=[str(Path(__file__).resolve().parent.parent / "tasks")],
-        pip_requirements=_requirements(),
-        signature=_signature(),
-    )
+    with tempfile.TemporaryDirectory(prefix="raydistill-code-") as tmp:
+        return mlflow.pyfunc.log_model(
+            name=MODEL_ARTIFACT,
+            python_model=str(Path(__file__).with_name("mlflow_model.py")),
+            artifacts={"model": str(int8_dir)},
+            code_paths=[str(_code_package(Path(tmp)))],
+            pip_requirements=_requirements(),
+            signature=_signature(),
+        )
 
 
 def run(cfg: PipelineConfig, args=None) -> dict:
@@ -224,7 +238,7 @@ def load_registered(tracking_uri: str, model_uri: str):
     import mlflow
     from transformers import AutoTokenizer
 
-    from tasks.quantize import load_quantized
+    from raydistill.tasks.quantize import load_quantized
 
     from mlflow.tracking import MlflowClient
 

@@ -11,7 +11,7 @@ import os
 import time
 from pathlib import Path
 
-from tasks.config import PipelineConfig
+from raydistill.tasks.config import PipelineConfig
 
 
 def _record_path(cfg: PipelineConfig, stage: str) -> Path:

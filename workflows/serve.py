@@ -29,7 +29,7 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from tasks.config import ConfigError, PipelineConfig, to_dict
+from raydistill.tasks.config import ConfigError, PipelineConfig, to_dict
 
 APP_NAME = "raydistill"
 logger = logging.getLogger("ray.serve")
@@ -46,7 +46,7 @@ class RegistryLoader:
         self.tracking_uri, self.name, self.alias = tracking_uri, name, alias
 
     def __call__(self, current: dict | None):
-        from workflows.register import load_registered, resolve_version
+        from raydistill.workflows.register import load_registered, resolve_version
 
         uri = f"models:/{self.name}@{self.alias}"
         if current is not None:
@@ -135,7 +135,7 @@ class CompletionServer:
                              "batches": self._batches, "prompts": self._prompts})
 
     async def _completions(self, request: Request):
-        from tasks.generate import RequestError, encode_prompts, parse_completion_request
+        from raydistill.tasks.generate import RequestError, encode_prompts, parse_completion_request
 
         try:
             body = await request.json()
@@ -164,7 +164,7 @@ class CompletionServer:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02, batch_size_fn=_prompt_count)
     async def _generate(self, reqs: list) -> list:
-        from tasks.generate import complete
+        from raydistill.tasks.generate import complete
 
         model, tokenizer, info = self._current  # one model for the whole batch, even if a swap happens now
         prompts, settings = [], {"max_tokens": [], "temperature": [], "logprobs": [], "seed": []}
@@ -221,7 +221,7 @@ def app_from_env(args: dict | None = None):
     """
     import os
 
-    from tasks.config import load_config
+    from raydistill.tasks.config import load_config
 
     args = dict(args or {})
     overrides = list(args.get("overrides", []))
@@ -241,10 +241,10 @@ def start_app(cfg: PipelineConfig, loader=None) -> str:
     """Start Ray (if needed) and Serve, deploy the app, wait until it answers; returns the base URL."""
     import requests
 
-    from cluster.ray_init import init_ray
+    from raydistill.cluster.ray_init import init_ray
 
     if loader is None:  # fail here, with a clear message, rather than in a replica that keeps restarting
-        from workflows.register import resolve_version
+        from raydistill.workflows.register import resolve_version
 
         try:
             resolve_version(cfg.tracking_uri, f"models:/{cfg.registry.model_name}@{cfg.serve.alias}")

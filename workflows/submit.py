@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tasks.config import PipelineConfig, dump_yaml
+from raydistill.tasks.config import PipelineConfig, dump_yaml
 
 _ACTIVE = {"PENDING", "RUNNING"}
 _ROOT = Path(__file__).resolve().parent.parent

@@ -13,7 +13,7 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from tasks.config import PipelineConfig
+from raydistill.tasks.config import PipelineConfig
 
 # alembic/mlflow print migration chatter on every new sqlite db
 logging.getLogger("alembic").setLevel(logging.WARNING)

@@ -32,12 +32,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from tasks.config import ConfigError, PeftConfig, PipelineConfig, TrainConfig, from_dict, section_key, to_dict
-from tasks.data import DataPosition, heldout_shards, train_batches
-from tasks.evaluate import evaluate_sums, finalize
-from tasks.online import online_teacher, resolve_layer_map, step_projections, training_loss
-from tasks.students import load_student, wrap_peft
-from workflows import checkpoint as ckpt
+from raydistill.tasks.config import (ConfigError, PeftConfig, PipelineConfig, TrainConfig, from_dict, section_key,
+                                     to_dict)
+from raydistill.tasks.data import DataPosition, heldout_shards, train_batches
+from raydistill.tasks.evaluate import evaluate_sums, finalize
+from raydistill.tasks.online import online_teacher, resolve_layer_map, step_projections, training_loss
+from raydistill.tasks.students import load_student, wrap_peft
+from raydistill.workflows import checkpoint as ckpt
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "cluster" / "deepspeed"
 STEP_KEYS = ("loss", "ce", "kd", "lr", "grad_norm", "tokens_per_s")  # + "hidden" with hidden-state matching
@@ -50,7 +51,7 @@ def prepare_student(cfg: PipelineConfig) -> Path:
 
     ``init_key.json`` also records both models' shapes and the copied teacher layers (:func:`init_info`).
     """
-    from tasks.students import write_init_student
+    from raydistill.tasks.students import write_init_student
 
     init_dir = Path(cfg.run_dir, "train", "init")
     spec = {k: v for k, v in to_dict(cfg.student).items() if k != "peft"}  # adapters are added per worker
@@ -134,7 +135,7 @@ def train_driver(cfg: PipelineConfig, *, run_name: str, storage_path: str, callb
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from tasks.softtargets import check_compatible, open_cache
+    from raydistill.tasks.softtargets import check_compatible, open_cache
 
     tc = cfg.train
     cache = open_cache(cfg.cache_dir)
@@ -219,8 +220,8 @@ def train_fn_per_worker(config: dict) -> None:
     import deepspeed
     import ray.train
 
-    from tasks.softtargets import open_cache
-    from tasks.teacher import load_teacher
+    from raydistill.tasks.softtargets import open_cache
+    from raydistill.tasks.teacher import load_teacher
 
     deepspeed.utils.logger.setLevel(logging.WARNING)
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # 90 s JIT build; only used for inference
@@ -335,8 +336,8 @@ def stage_key(cfg: PipelineConfig) -> str:
 
 def run(cfg: PipelineConfig, args=None) -> dict:
     """``raydistill train``: train (or resume) the student; skipped when done for the same inputs."""
-    from cluster.ray_init import init_ray
-    from workflows import runinfo, tracking
+    from raydistill.cluster.ray_init import init_ray
+    from raydistill.workflows import runinfo, tracking
 
     key = stage_key(cfg)
     done = runinfo.stage_done(cfg, "train", key)

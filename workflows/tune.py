@@ -18,9 +18,9 @@ import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
-from cluster.ray_init import init_ray
-from tasks.config import PipelineConfig, from_dict, resolve_paths, section_key, to_dict
-from workflows import runinfo, tracking
+from raydistill.cluster.ray_init import init_ray
+from raydistill.tasks.config import PipelineConfig, from_dict, resolve_paths, section_key, to_dict
+from raydistill.workflows import runinfo, tracking
 
 METRIC, MODE = "heldout_loss", "min"
 TUNED_FIELDS = ("alpha", "temperature", "lr", "loss")
@@ -55,7 +55,7 @@ def tune_trial(config: dict, base: dict, parent_run_id: str) -> None:
     """
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from workflows import train
+    from raydistill.workflows import train
 
     cfg = apply_params(from_dict(base), config)
     trial_id = tune.get_context().get_trial_id()
@@ -86,7 +86,7 @@ def run(cfg: PipelineConfig, args=None) -> dict:
         return done["outputs"]
     runinfo.require_stage(cfg, "cache", "tune")
     init_ray(cfg.cluster)
-    from workflows import train
+    from raydistill.workflows import train
 
     train.prepare_student(cfg)  # the init student is built once; every trial loads it
 

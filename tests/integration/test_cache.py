@@ -11,10 +11,10 @@ import time
 import pytest
 import ray
 
-from tasks.config import load_config
-from tasks.softtargets import check_compatible, open_cache
-from workflows import cache
-from workflows.runinfo import read_stage
+from raydistill.tasks.config import load_config
+from raydistill.tasks.softtargets import check_compatible, open_cache
+from raydistill.workflows import cache
+from raydistill.workflows.runinfo import read_stage
 
 pytestmark = pytest.mark.integration
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import load_config
+from raydistill.tasks.config import load_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
@@ -18,8 +18,8 @@ def _free_port():
 
 
 def test_tiny_pipeline_end_to_end_then_rerun_is_free(tmp_path, ray_cluster, capsys, monkeypatch):
-    from tasks.config import resolve_paths
-    from workflows import pipeline
+    from raydistill.tasks.config import resolve_paths
+    from raydistill.workflows import pipeline
 
     # a relative run_dir, as a user types it: Tune trials and Ray workers run in other directories
     monkeypatch.chdir(tmp_path)

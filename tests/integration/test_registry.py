@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.config import ConfigError, GateConfig, load_config
-from tasks.quantize import load_quantized
-from workflows import promote, quantize, register, runinfo, tracking
+from raydistill.tasks.config import ConfigError, GateConfig, load_config
+from raydistill.tasks.quantize import load_quantized
+from raydistill.workflows import promote, quantize, register, runinfo, tracking
 
 pytestmark = pytest.mark.integration
 
@@ -17,8 +17,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def cfg(tiny_cached, tmp_path_factory):
     """A run dir with the cache of ``tiny_cached`` and a finished 'train' stage (student = teacher layer 0)."""
-    from tasks.students import build_student, save_student
-    from tasks.teacher import load_teacher, load_tokenizer
+    from raydistill.tasks.students import build_student, save_student
+    from raydistill.tasks.teacher import load_teacher, load_tokenizer
 
     run_dir = tmp_path_factory.mktemp("registry") / "run"
     cfg = load_config("tiny", [f"run_dir={run_dir}", f"cache.dir={tiny_cached.cache_dir}"])
@@ -52,7 +52,7 @@ def test_quantize_report_and_resume(cfg, registered):
 
 
 def test_register_lineage_and_idempotence(cfg, registered, tiny_cached):
-    from tasks.teacher import teacher_identity
+    from raydistill.tasks.teacher import teacher_identity
 
     report, reg = registered
     client = tracking.client(cfg)
@@ -93,7 +93,7 @@ def test_load_registered_by_alias_round_trip(cfg, registered):
 def test_pyfunc_from_code_loads_without_pickle(cfg, registered, tmp_path):
     import mlflow
 
-    from tasks.generate import complete
+    from raydistill.tasks.generate import complete
 
     tracking.setup(cfg)
     uri = f"models:/{cfg.registry.model_name}@challenger"

@@ -11,10 +11,10 @@ import requests
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tasks.config import load_config
-from tasks.generate import complete
-from tasks.quantize import quantize_dynamic_int8, save_quantized
-from workflows import register, runinfo, serve, tracking
+from raydistill.tasks.config import load_config
+from raydistill.tasks.generate import complete
+from raydistill.tasks.quantize import quantize_dynamic_int8, save_quantized
+from raydistill.workflows import register, runinfo, serve, tracking
 
 pytestmark = pytest.mark.integration
 

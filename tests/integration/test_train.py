@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.config import TrainConfig, load_config
+from raydistill.tasks.config import TrainConfig, load_config
 
 pytestmark = pytest.mark.integration
 
@@ -54,8 +54,8 @@ def _engine(stage: int, seed: int = 0, weights: Path | None = None, optim: dict 
     import deepspeed
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from workflows.checkpoint import load_optimizer_tensors, load_weights
-    from workflows.train import deepspeed_config
+    from raydistill.workflows.checkpoint import load_optimizer_tensors, load_weights
+    from raydistill.workflows.train import deepspeed_config
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     torch.manual_seed(seed)
@@ -80,7 +80,7 @@ def _step(engine, seed):
 def _weights(engine, stage, path):
     from safetensors.torch import load_file
 
-    from workflows.checkpoint import save_weights
+    from raydistill.workflows.checkpoint import save_weights
 
     save_weights(engine, stage, 0, path)
     return load_file(str(path))
@@ -88,7 +88,7 @@ def _weights(engine, stage, path):
 
 @pytest.mark.parametrize("stage,offload", [(1, False), (2, False), (3, False), (3, True)])
 def test_zero_checkpoint_round_trip_is_exact(stage, offload, tmp_path, process_group):
-    from workflows.checkpoint import optimizer_tensors
+    from raydistill.workflows.checkpoint import optimizer_tensors
 
     a = _engine(stage, offload=offload)
     for s in range(3):
@@ -130,7 +130,7 @@ def test_learning_rate_set_on_param_groups_reaches_the_optimizer(stage, tmp_path
 
 
 def test_deepspeed_config_and_lr_schedule():
-    from workflows.train import deepspeed_config, lr_at, report_steps
+    from raydistill.workflows.train import deepspeed_config, lr_at, report_steps
 
     tc = TrainConfig(zero_stage=3, offload=True, micro_batch_size=3, grad_accum=2, grad_clip=0.5, lr=1e-3,
                      warmup_steps=2)
@@ -150,7 +150,7 @@ def test_deepspeed_config_and_lr_schedule():
 @pytest.fixture(scope="module")
 def trained(tiny_cached, tmp_path_factory):
     """One ZeRO-2 run on the tiny cache (2 workers, 6 steps, checkpoints every 3), via the `train` verb."""
-    from workflows import train
+    from raydistill.workflows import train
 
     cfg = load_config("tiny", [f"run_dir={tiny_cached.run_dir}"])
     outputs = train.run(cfg)
@@ -160,10 +160,10 @@ def trained(tiny_cached, tmp_path_factory):
 def test_train_saves_a_loadable_student_that_beats_its_init(trained):
     from mlflow.tracking import MlflowClient
 
-    from tasks.evaluate import evaluate
-    from tasks.softtargets import open_cache
-    from tasks.students import load_student
-    from workflows import runinfo, train
+    from raydistill.tasks.evaluate import evaluate
+    from raydistill.tasks.softtargets import open_cache
+    from raydistill.tasks.students import load_student
+    from raydistill.workflows import runinfo, train
 
     cfg, out = trained
     student_dir = Path(out["student_dir"])
@@ -190,7 +190,7 @@ def test_same_run_name_continues_from_the_checkpoint(trained, capfd):
     """A second run under the same name and storage resumes at the last checkpoint (step 6) and goes on."""
     from mlflow.tracking import MlflowClient
 
-    from workflows import train
+    from raydistill.workflows import train
 
     cfg, out = trained
     result = train.train_driver(cfg, run_name=f"train-{train.stage_key(cfg)[:12]}",
@@ -208,8 +208,8 @@ def test_same_run_name_continues_from_the_checkpoint(trained, capfd):
 
 
 def test_a_cache_built_for_another_config_is_refused(tiny_cached, tmp_path):
-    from tasks.softtargets import CacheMismatchError
-    from workflows import train
+    from raydistill.tasks.softtargets import CacheMismatchError
+    from raydistill.workflows import train
 
     cfg = load_config("tiny", [f"run_dir={tmp_path / 'run'}", f"cache.dir={tiny_cached.cache_dir}",
                                "cache.num_samples=8"])
@@ -230,8 +230,8 @@ def _side_cfg(tiny_cached, tmp_path, *overrides):
 def test_other_zero_stages_and_lora_train_and_export(overrides, tiny_cached, tmp_path):
     from safetensors.torch import load_file
 
-    from tasks.students import load_student, peft_method
-    from workflows import train
+    from raydistill.tasks.students import load_student, peft_method
+    from raydistill.workflows import train
 
     cfg = _side_cfg(tiny_cached, tmp_path, "train.steps=4", "train.eval_every=2", "train.checkpoint_every=2",
                     *overrides)
@@ -258,7 +258,7 @@ def test_worker_killed_mid_run_restarts_from_the_last_checkpoint(tiny_cached, tm
     import psutil
     from mlflow.tracking import MlflowClient
 
-    from workflows import tracking, train
+    from raydistill.workflows import tracking, train
 
     cfg = _side_cfg(tiny_cached, tmp_path, "train.steps=24", "train.eval_every=2", "train.checkpoint_every=2",
                     "train.max_failures=1")
@@ -305,7 +305,7 @@ def test_online_teacher_with_hidden_mse_checkpoints_resumes_and_exports_only_the
     resumes them; the exported student has exactly the init's tensors."""
     from safetensors.torch import load_file
 
-    from workflows import train
+    from raydistill.workflows import train
 
     cfg = _side_cfg(tiny_cached, tmp_path, "train.steps=4", "train.eval_every=2", "train.checkpoint_every=2",
                     "train.teacher_mode=online", "train.hidden_loss=mse", "train.hidden_weight=0.5")

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.config import load_config
-from workflows.cli import VERBS
+from raydistill.tasks.config import load_config
+from raydistill.workflows.cli import VERBS
 
 ROOT = Path(__file__).resolve().parents[2]
 YAMLS = sorted([*ROOT.glob("cluster/**/*.yaml"), *ROOT.glob("infra/**/*.yaml")])

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tasks.config import PRESET_DIR, ConfigError, PipelineConfig, load_config, section_key
+from raydistill.tasks.config import PRESET_DIR, ConfigError, PipelineConfig, load_config, section_key
 
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
@@ -78,7 +78,7 @@ def test_sampled_cache_without_logprobs_refuses_another_temperature(overrides, n
 
 
 def test_training_warns_when_a_sampled_cache_is_used_at_another_temperature():
-    from workflows.train import temperature_warning
+    from raydistill.workflows.train import temperature_warning
 
     assert temperature_warning(load_config("tiny")) is None
     msg = temperature_warning(load_config("tiny", ["train.temperature=2.0"]))
@@ -108,7 +108,7 @@ def test_section_key_tracks_only_its_sections():
 
 
 def test_resolve_paths_makes_local_paths_absolute(tmp_path, monkeypatch):
-    from tasks.config import resolve_paths
+    from raydistill.tasks.config import resolve_paths
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "books").mkdir()

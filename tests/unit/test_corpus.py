@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.config import CorpusConfig
-from tasks.corpus import CorpusError, build_shards, content_hash, is_heldout, read_documents, token_stream
+from raydistill.tasks.config import CorpusConfig
+from raydistill.tasks.corpus import CorpusError, build_shards, content_hash, is_heldout, read_documents, token_stream
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven wise owls sing softly under pale moons".split()
 

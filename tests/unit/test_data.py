@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.config import CacheConfig, CorpusConfig
-from tasks.data import DataPosition, epoch_shards, heldout_shards, train_batches
-from tasks.softtargets import SparseTargets, add_entry, commit_shard, new_manifest, open_cache, write_manifest
-from tasks.targetcodec import encode_sampled, heldout_stats
+from raydistill.tasks.config import CacheConfig, CorpusConfig
+from raydistill.tasks.data import DataPosition, epoch_shards, heldout_shards, train_batches
+from raydistill.tasks.softtargets import (SparseTargets, add_entry, commit_shard, new_manifest, open_cache,
+                                          write_manifest)
+from raydistill.tasks.targetcodec import encode_sampled, heldout_stats
 
 V, L, W = 40, 4, 3  # vocab, seq_len, windows per shard
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tasks.evaluate import evaluate, evaluate_sums, finalize, model_size_bytes
-from tasks.targetcodec import CachedTargets
+from raydistill.tasks.evaluate import evaluate, evaluate_sums, finalize, model_size_bytes
+from raydistill.tasks.targetcodec import CachedTargets
 
 V, L = 11, 6
 

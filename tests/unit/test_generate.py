@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tasks.generate import RequestError, complete, encode_prompts, parse_completion_request
+from raydistill.tasks.generate import RequestError, complete, encode_prompts, parse_completion_request
 
 PROMPTS = ["ROMEO.\nBut soft, what light", "Hi", "To be, or not to be, that is the question"]
 

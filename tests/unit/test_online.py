@@ -11,15 +11,15 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from tasks.config import (CacheConfig, ConfigError, CorpusConfig, StudentConfig, TeacherConfig, TinyModelConfig,
-                          TrainConfig)
-from tasks.data import Batch, heldout_shards, restrict_vocab, train_batches
-from tasks.evaluate import evaluate
-from tasks.losses import LOSSES
-from tasks.online import (capture_layer_outputs, make_projections, online_teacher, resolve_layer_map,
-                          step_projections, teacher_outputs, training_loss)
-from tasks.students import check_vocab, copy_layers, forward_logits, write_init_student
-from tasks.targetcodec import at_temperature
+from raydistill.tasks.config import (CacheConfig, ConfigError, CorpusConfig, StudentConfig, TeacherConfig,
+                                     TinyModelConfig, TrainConfig)
+from raydistill.tasks.data import Batch, heldout_shards, restrict_vocab, train_batches
+from raydistill.tasks.evaluate import evaluate
+from raydistill.tasks.losses import LOSSES
+from raydistill.tasks.online import (capture_layer_outputs, make_projections, online_teacher, resolve_layer_map,
+                                     step_projections, teacher_outputs, training_loss)
+from raydistill.tasks.students import check_vocab, copy_layers, forward_logits, write_init_student
+from raydistill.tasks.targetcodec import at_temperature
 
 WORDS = 40  # tokenizer ids; models may have more (padding) rows
 PAD = 8
@@ -181,8 +181,9 @@ def test_online_teacher_with_fewer_rows_than_the_student_trains_the_padding_rows
 
 def _cache(tmp_path, teacher, fmt):
     """A real cache (3 train + 1 held-out shard) of ``teacher``'s targets in ``fmt``."""
-    from tasks.softtargets import add_entry, commit_shard, format_params, new_manifest, open_cache, write_manifest
-    from tasks.targetcodec import encode_shard
+    from raydistill.tasks.softtargets import (add_entry, commit_shard, format_params, new_manifest, open_cache,
+                                              write_manifest)
+    from raydistill.tasks.targetcodec import encode_shard
 
     cc, length = CacheConfig(format=fmt, num_samples=16, top_k=8), 6
     manifest = new_manifest({"kind": "test", "weights_sha256": "0", "architecture": {}, "dtype": "float32"}, "tok",
@@ -300,7 +301,7 @@ def test_init_student_with_a_mismatched_student_tokenizer_is_refused(tmp_path, t
 def test_projection_heads_and_their_adamw_state_round_trip(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from workflows.checkpoint import heads_tensors, load_heads_tensors
+    from raydistill.workflows.checkpoint import heads_tensors, load_heads_tensors
 
     def setup():
         heads = make_projections(2, 4, 6, seed=1)

@@ -8,13 +8,13 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tasks.quantize import (
-    load_quantized,
-    model_file_size,
-    quantize_dynamic_int8,
-    quantized_layers,
-    save_quantized,
-)
+from raydistill.tasks.quantize import (
+                                       load_quantized,
+                                       model_file_size,
+                                       quantize_dynamic_int8,
+                                       quantized_layers,
+                                       save_quantized,
+                                       )
 
 
 def tiny_llama(vocab=49152, hidden=64, inter=128, layers=2, tied=True, seed=0):

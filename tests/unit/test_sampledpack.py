@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.cachestore import pack, unpack
-from tasks.sampledpack import (LOGP_OFFSET, LOGP_STEP, TABLE_MIN_DRAWS, compact_sampled, expand_sampled,
-                               rank_order)
-from tasks.targetcodec import CachedTargets, at_temperature, decode_rows, encode_sampled, window_generator
+from raydistill.tasks.cachestore import pack, unpack
+from raydistill.tasks.sampledpack import (LOGP_OFFSET, LOGP_STEP, TABLE_MIN_DRAWS, compact_sampled, expand_sampled,
+                                          rank_order)
+from raydistill.tasks.targetcodec import CachedTargets, at_temperature, decode_rows, encode_sampled, window_generator
 
 
 def _teacher_logits(W: int, L: int, V: int, seed: int = 0, peak: float = 0.0) -> torch.Tensor:

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from tasks import softtargets as st
-from tasks.cachestore import Store, pack, unpack
-from tasks.config import CacheConfig, CorpusConfig, TeacherConfig
-from tasks.corpus import content_hash
-from tasks.sampledpack import LOGP_STEP
-from tasks.targetcodec import (CachedTargets, at_temperature, cat_targets, decode_rows, encode_sampled,
-                               encode_shard, encode_targets, select_windows, tail_logmass, window_generator)
+from raydistill.tasks import softtargets as st
+from raydistill.tasks.cachestore import Store, pack, unpack
+from raydistill.tasks.config import CacheConfig, CorpusConfig, TeacherConfig
+from raydistill.tasks.corpus import content_hash
+from raydistill.tasks.sampledpack import LOGP_STEP
+from raydistill.tasks.targetcodec import (CachedTargets, at_temperature, cat_targets, decode_rows, encode_sampled,
+                                          encode_shard, encode_targets, select_windows, tail_logmass, window_generator)
 
 V, L = 40, 6
 
@@ -277,7 +277,7 @@ def test_commit_never_overwrites_and_a_committed_orphan_is_adopted(tmp_path):
 
 
 def test_mismatch_names_the_field(tmp_path, tiny_tokenizer):
-    from tasks.teacher import teacher_identity, tokenizer_hash
+    from raydistill.tasks.teacher import teacher_identity, tokenizer_hash
 
     teacher, corpus = TeacherConfig(source="tiny"), CorpusConfig(seq_len=L)
     cache_cfg = CacheConfig(format="sampled", num_samples=50, top_k=8)

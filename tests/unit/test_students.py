@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tasks.config import ConfigError, PeftConfig, StudentConfig
-from tasks.students import (build_student, count_parameters, forward_logits, load_student, peft_method,
-                            resolve_layers, save_student)
+from raydistill.tasks.config import ConfigError, PeftConfig, StudentConfig
+from raydistill.tasks.students import (build_student, count_parameters, forward_logits, load_student, peft_method,
+                                       resolve_layers, save_student)
 
 VOCAB = 97
 

@@ -5,8 +5,8 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from tasks.config import load_config
-from workflows.submit import build_job, next_submission_id, submission_prefix
+from raydistill.tasks.config import load_config
+from raydistill.workflows.submit import build_job, next_submission_id, submission_prefix
 
 
 def _job(sid, status):

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from tasks.config import ConfigError, TeacherConfig, TinyModelConfig
-from tasks.teacher import (identity_key_fields, load_teacher, load_tokenizer, smollm2_gguf, teacher_identity,
-                           tokenizer_hash)
+from raydistill.tasks.config import ConfigError, TeacherConfig, TinyModelConfig
+from raydistill.tasks.teacher import (identity_key_fields, load_teacher, load_tokenizer, smollm2_gguf, teacher_identity,
+                                      tokenizer_hash)
 
 TINY = TinyModelConfig(num_layers=1, hidden_size=16, num_heads=2, num_kv_heads=1, intermediate_size=32, seed=3)
 
