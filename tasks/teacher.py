@@ -13,9 +13,7 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
 import struct
-import tempfile
 from pathlib import Path
 
 import torch
@@ -23,6 +21,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from raydistill.tasks.config import ConfigError, TeacherConfig
+from raydistill.tasks.fileio import replace_dir
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -162,16 +161,8 @@ def _gguf_tokenizer(gguf: Path):
     if (cached / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(cached)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{cached.name}.", dir=cached.parent))
-    try:
+    with replace_dir(cached, keep_existing=True) as tmp:  # if another process won the race, keep theirs
         tok.save_pretrained(tmp)
-        os.replace(tmp, cached)  # atomic; if another process won the race, keep theirs
-    except OSError:
-        if not (cached / "tokenizer_config.json").is_file():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return tok
 
 
