@@ -101,6 +101,7 @@ def log_dict(data: dict, artifact_file: str) -> None:
 
 
 def log_text(text: str, artifact_file: str) -> None:
+    """``text`` as an artifact file of the active run."""
     mlflow.log_text(text, artifact_file)
 
 
