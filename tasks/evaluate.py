@@ -135,22 +135,3 @@ def evaluate(model, shards: Iterable, *, max_windows: int | None = None, teacher
     return finalize(evaluate_sums(model, shards, max_windows=max_windows, teacher_targets=teacher_targets,
                                   batch_size=batch_size))
 
-
-def model_size_bytes(model) -> int:
-    """Bytes of a model's weights and buffers (shared tensors counted once; int8 packed weights included)."""
-    seen, total = set(), 0
-
-    def add(value):
-        nonlocal total
-        if isinstance(value, torch.Tensor):
-            key = (value.data_ptr(), value.nbytes) if not value.is_quantized else id(value)
-            if key not in seen:
-                seen.add(key)
-                total += value.numel() * value.element_size()
-        elif isinstance(value, (tuple, list)):
-            for v in value:
-                add(v)
-
-    for value in model.state_dict().values():
-        add(value)
-    return total

@@ -26,13 +26,14 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 import warnings
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from raydistill.tasks.fileio import replace_dir
 
 FORMAT_VERSION = 1
 METHODS = ("dynamic_int8",)
@@ -144,24 +145,13 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | os.PathLike, reci
         "recipe": recipe or {},
     }
     out = Path(out_dir)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "raydistill": "dynamic_int8"})
-    model.config.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-    _replace_dir(tmp, out)
+    with replace_dir(out) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "raydistill": "dynamic_int8"})
+        model.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
     return out
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    old = target.with_name(f".{target.name}.old{os.getpid()}")
-    if target.exists():
-        os.replace(target, old)
-    os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_quantization_info(model_dir: str | os.PathLike) -> dict:

@@ -272,14 +272,3 @@ def load_student(path: str | Path, *, dtype: torch.dtype = torch.float32):
         model = PeftModel.from_pretrained(model, path / meta["adapter"], is_trainable=False)
     return model.eval()
 
-
-def count_parameters(model) -> dict:
-    """``{"total": …, "trainable": …}`` parameter counts (tied weights counted once)."""
-    seen, total, trainable = set(), 0, 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
-    return {"total": total, "trainable": trainable}

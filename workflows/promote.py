@@ -67,15 +67,6 @@ def check_gate(metrics: dict, gate: GateConfig, champion: dict | None = None) ->
     return passed, reasons
 
 
-def _alias_version(client, name: str, alias: str):
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
-
-
 def _history(client, name: str) -> list[int]:
     return [int(v) for v in json.loads(client.get_registered_model(name).tags.get(HISTORY_TAG, "[]"))]
 
@@ -83,11 +74,8 @@ def _history(client, name: str) -> list[int]:
 def _set_champion(client, name: str, history: list[int]) -> None:
     """Point @champion at ``history[-1]`` and @previous at ``history[-2]`` (or remove it)."""
     client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history[-100:]))
-    client.set_registered_model_alias(name, CHAMPION, str(history[-1]))
-    if len(history) > 1:
-        client.set_registered_model_alias(name, PREVIOUS, str(history[-2]))
-    elif _alias_version(client, name, PREVIOUS) is not None:
-        client.delete_registered_model_alias(name, PREVIOUS)
+    tracking.set_alias(client, name, CHAMPION, history[-1])
+    tracking.set_alias(client, name, PREVIOUS, history[-2] if len(history) > 1 else None)
 
 
 def _target_version(cfg: PipelineConfig, args) -> int:
@@ -101,13 +89,11 @@ def _target_version(cfg: PipelineConfig, args) -> int:
 
 def promote(client, name: str, version: int, gate: GateConfig) -> dict:
     """Gate ``version`` of ``name`` and, if it passes, make it ``@champion`` (the old one becomes ``@previous``)."""
-    from mlflow.exceptions import MlflowException
-
     try:
-        mv = client.get_model_version(name, str(version))
-    except MlflowException:
+        mv = tracking.get_version(client, name, version)
+    except LookupError:
         raise ConfigError(f"promote: {name} has no version {version}") from None
-    champion = _alias_version(client, name, CHAMPION)
+    champion = tracking.alias_version(client, name, CHAMPION)
     if champion is not None and int(champion.version) == version:
         return {"promoted": True, "version": version, "champion_version": version, "reason": "already @champion"}
     passed, reasons = check_gate(version_metrics(mv), gate, version_metrics(champion) if champion else None)
@@ -132,7 +118,7 @@ def promote(client, name: str, version: int, gate: GateConfig) -> dict:
 
 def rollback(client, name: str) -> dict:
     """Move ``@champion`` back to the champion before it."""
-    champion = _alias_version(client, name, CHAMPION)
+    champion = tracking.alias_version(client, name, CHAMPION)
     if champion is None:
         raise ConfigError(f"rollback: {name} has no @champion")
     current = int(champion.version)

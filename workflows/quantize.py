@@ -12,15 +12,14 @@ to the teacher, forward tokens/s, greedy decoding ms/token (batch 1) and weight 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
 
 from raydistill.tasks.config import PipelineConfig, section_key
+from raydistill.tasks.fileio import atomic_write_json
 from raydistill.workflows import runinfo
 
 METRICS = ("heldout_loss", "perplexity", "top1_agreement", "ece", "kl_to_teacher", "tokens_per_s",
@@ -136,9 +135,7 @@ def run(cfg: PipelineConfig, args=None) -> dict:
     int8 = score(cfg, load_quantized(int8_dir), tokenizer, shards, int8_dir)
     report = build_report(cfg, fp32, int8, teacher_metrics(totals), student_dir, int8_dir)
     path = out_dir / "report.json"
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, path)
+    atomic_write_json(path, report)
     print_report(report)
     outputs = {**report, "report": str(path)}
     runinfo.record_stage(cfg, "quantize", key, outputs, paths=[int8_dir, path])

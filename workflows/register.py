@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
-import os
 import shutil
 import tempfile
 import warnings
@@ -25,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from raydistill.tasks.config import PipelineConfig, dump_yaml, section_key, to_dict
+from raydistill.tasks.fileio import atomic_write_json
 from raydistill.workflows import runinfo, tracking
 
 KEY_TAG = "raydistill.stage_key"
@@ -98,32 +98,18 @@ def _requirements() -> list[str]:
     return [f"{p}=={importlib.metadata.version(p)}" for p in REQUIREMENTS]
 
 
-def _signature():
-    """Input: a list of prompts; params: the generation settings (MLflow drops params a signature lacks)."""
-    from mlflow.models import infer_signature
-
-    from raydistill.workflows.mlflow_model import PARAM_DEFAULTS
-
-    return infer_signature(["ROMEO.\nBut soft"], params=PARAM_DEFAULTS)
-
-
 def _log_run(cfg: PipelineConfig, key: str, report: dict, int8_dir: Path) -> tuple[str, object]:
     """One MLflow run with params, metrics, artifacts and the logged pyfunc model; ``(run_id, model_info)``."""
-    import mlflow
-
     with tracking.start_run(cfg, run_name="register", tags={"raydistill.stage": "register", KEY_TAG: key}) as run:
-        params = tracking.flat_params(to_dict(cfg))
-        items = sorted(params.items())
-        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per call
-            mlflow.log_params(dict(items[i:i + 100]))
+        tracking.log_params(tracking.flat_params(to_dict(cfg)))
         metrics = {f"{g}.{k}": float(v) for g in METRIC_GROUPS for k, v in (report.get(g) or {}).items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        mlflow.log_metrics(metrics)
-        mlflow.log_dict(report, "quantize/report.json")
-        mlflow.log_text(dump_yaml(cfg), "config.yaml")
+        tracking.log_metrics(metrics)
+        tracking.log_dict(report, "quantize/report.json")
+        tracking.log_text(dump_yaml(cfg), "config.yaml")
         train_metrics = Path(cfg.stage_dir("train"), "metrics.json")
         if train_metrics.exists():
-            mlflow.log_artifact(str(train_metrics), "train")
+            tracking.log_file(train_metrics, "train")
         with warnings.catch_warnings():  # no input example on purpose: it would run the model at log time
             warnings.filterwarnings("ignore", message=".*input example", category=UserWarning)
             info = _log_model(int8_dir)
@@ -144,17 +130,14 @@ def _code_package(dst: Path) -> Path:
 
 
 def _log_model(int8_dir: Path):
-    import mlflow
+    """The int8 student as a pyfunc from code (``mlflow_model.py``); its params are the generation settings."""
+    from raydistill.workflows.mlflow_model import PARAM_DEFAULTS
 
     with tempfile.TemporaryDirectory(prefix="raydistill-code-") as tmp:
-        return mlflow.pyfunc.log_model(
-            name=MODEL_ARTIFACT,
-            python_model=str(Path(__file__).with_name("mlflow_model.py")),
-            artifacts={"model": str(int8_dir)},
-            code_paths=[str(_code_package(Path(tmp)))],
-            pip_requirements=_requirements(),
-            signature=_signature(),
-        )
+        return tracking.log_pyfunc_model(MODEL_ARTIFACT, Path(__file__).with_name("mlflow_model.py"),
+                                         artifacts={"model": str(int8_dir)},
+                                         code_paths=[str(_code_package(Path(tmp)))],
+                                         pip_requirements=_requirements(), params_example=PARAM_DEFAULTS)
 
 
 def run(cfg: PipelineConfig, args=None) -> dict:
@@ -169,93 +152,38 @@ def run(cfg: PipelineConfig, args=None) -> dict:
         int8_dir = Path(quantize["outputs"].get("int8_dir") or cfg.stage_dir("quantize") / "int8")
         report = json.loads(Path(cfg.stage_dir("quantize"), "report.json").read_text())
         run_id, info = _log_run(cfg, key, report, int8_dir)
-        _ensure_registered_model(client, name)
+        tracking.ensure_registered_model(client, name, description="raydistill students (int8, safetensors)")
         mv = client.create_model_version(name, source=info.model_uri, run_id=run_id,
                                          tags=lineage_tags(cfg, key, report), model_id=info.model_id,
                                          description=f"int8 student distilled from {cfg.teacher.source}")
         print(f"[register] {name} version {mv.version} (run {run_id})")
-    client.set_registered_model_alias(name, "challenger", mv.version)
+    tracking.set_alias(client, name, "challenger", mv.version)
     outputs = {"name": name, "version": int(mv.version), "run_id": mv.run_id, "alias": "challenger",
-               "model_uri": f"models:/{name}/{mv.version}", "tracking_uri": cfg.tracking_uri,
-               "stage_key": key, "tags": dict(client.get_model_version(name, mv.version).tags)}
-    out = Path(cfg.stage_dir("register"), "version.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(outputs, indent=2))
-    os.replace(tmp, out)
+               "model_uri": tracking.model_uri(name, version=mv.version), "tracking_uri": cfg.tracking_uri,
+               "stage_key": key, "tags": dict(tracking.get_version(client, name, mv.version).tags)}
+    out = atomic_write_json(Path(cfg.stage_dir("register"), "version.json"), outputs)
     runinfo.record_stage(cfg, "register", key, outputs, paths=[out])
     return outputs
 
 
-def _ensure_registered_model(client, name: str) -> None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        try:
-            client.create_registered_model(name, description="raydistill students (int8, safetensors)")
-        except MlflowException:  # created concurrently
-            client.get_registered_model(name)
-
-
-# -------------------------------------------------------------------------------------------------------
 # loading a registered version (Serve, tests): artifacts → tasks.quantize.load_quantized, no pickle
-# -------------------------------------------------------------------------------------------------------
 
-def parse_model_uri(model_uri: str) -> tuple[str, str | None, str | None]:
-    """``models:/name@alias`` → ``(name, alias, None)``; ``models:/name/3`` → ``(name, None, "3")``."""
-    if not model_uri.startswith("models:/"):
-        raise ValueError(f"{model_uri!r} is not a registry URI (models:/name@alias or models:/name/version)")
-    rest = model_uri[len("models:/"):]
-    if "@" in rest:
-        name, alias = rest.rsplit("@", 1)
-        if name and alias:
-            return name, alias, None
-    elif "/" in rest:
-        name, version = rest.rsplit("/", 1)
-        if name and version.isdigit():
-            return name, None, version
-    raise ValueError(f"{model_uri!r}: expected models:/name@alias or models:/name/<version number>")
-
-
-def resolve_version(tracking_uri: str, model_uri: str):
-    """The ``ModelVersion`` a registry URI points at now (clear error if the alias or version is unknown)."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    name, alias, version = parse_model_uri(model_uri)
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    try:
-        return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
-    except MlflowException as e:
-        raise LookupError(f"{model_uri} not found in {tracking_uri}: {e.message}") from None
-
-
-def load_registered(tracking_uri: str, model_uri: str):
+def load_registered(tracking_uri: str, uri: str):
     """``(model, tokenizer, info)`` for ``models:/name@alias`` or ``models:/name/N``: downloads the version's
-    artifacts and rebuilds the int8 student with ``tasks.quantize.load_quantized``."""
-    import mlflow
+    artifacts (:func:`tracking.download_version`) and rebuilds the int8 student with
+    ``tasks.quantize.load_quantized``."""
     from transformers import AutoTokenizer
 
     from raydistill.tasks.quantize import load_quantized
 
-    from mlflow.tracking import MlflowClient
-
-    mv = resolve_version(tracking_uri, model_uri)
-    # the version's storage location (file://, s3://, …): no models:/ resolution through global MLflow state
-    location = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri).get_model_version_download_uri(
-        mv.name, mv.version)
     tmp = tempfile.mkdtemp(prefix="raydistill-model-")
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=tmp,
-                                                         tracking_uri=tracking_uri))
+        local, mv = tracking.download_version(tracking_uri, uri, tmp)
         mlmodel = yaml.safe_load((local / "MLmodel").read_text())
         model_dir = local / mlmodel["flavors"]["python_function"]["artifacts"]["model"]["path"]
         model, tokenizer = load_quantized(model_dir), AutoTokenizer.from_pretrained(model_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    _, alias, _ = parse_model_uri(model_uri)
-    info = {"name": mv.name, "version": int(mv.version), "alias": alias, "run_id": mv.run_id,
-            "model_uri": f"models:/{mv.name}/{mv.version}", "tags": dict(mv.tags)}
+    info = {"name": mv.name, "version": int(mv.version), "alias": tracking.parse_model_uri(uri).alias,
+            "run_id": mv.run_id, "model_uri": tracking.model_uri(mv.name, version=mv.version), "tags": dict(mv.tags)}
     return model, tokenizer, info

@@ -7,11 +7,11 @@ its record exists with the same key and every output path it lists still exists.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 from raydistill.tasks.config import PipelineConfig
+from raydistill.tasks.fileio import atomic_write_json
 
 
 def _record_path(cfg: PipelineConfig, stage: str) -> Path:
@@ -39,13 +39,9 @@ def stage_done(cfg: PipelineConfig, stage: str, key: str) -> dict | None:
 
 def record_stage(cfg: PipelineConfig, stage: str, key: str, outputs: dict, paths: list[str] = ()) -> dict:
     """Atomically write a stage record."""
-    p = _record_path(cfg, stage)
-    p.parent.mkdir(parents=True, exist_ok=True)
     rec = {"stage": stage, "key": key, "finished_at": time.time(), "paths": [str(x) for x in paths],
            "outputs": outputs}
-    tmp = p.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(rec, indent=2, default=str))
-    os.replace(tmp, p)
+    atomic_write_json(_record_path(cfg, stage), rec, default=str)
     return rec
 
 

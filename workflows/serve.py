@@ -46,14 +46,15 @@ class RegistryLoader:
         self.tracking_uri, self.name, self.alias = tracking_uri, name, alias
 
     def __call__(self, current: dict | None):
-        from raydistill.workflows.register import load_registered, resolve_version
+        from raydistill.workflows import tracking
+        from raydistill.workflows.register import load_registered
 
-        uri = f"models:/{self.name}@{self.alias}"
+        uri = tracking.model_uri(self.name, alias=self.alias)
         if current is not None:
-            version = int(resolve_version(self.tracking_uri, uri).version)
+            version = int(tracking.resolve_version(self.tracking_uri, uri).version)
             if version == current.get("version"):
                 return None
-            uri = f"models:/{self.name}/{version}"  # exactly the version just seen
+            uri = tracking.model_uri(self.name, version=version)  # exactly the version just seen
         model, tokenizer, info = load_registered(self.tracking_uri, uri)
         return model, tokenizer, {**info, "alias": self.alias}
 
@@ -244,10 +245,11 @@ def start_app(cfg: PipelineConfig, loader=None) -> str:
     from raydistill.cluster.ray_init import init_ray
 
     if loader is None:  # fail here, with a clear message, rather than in a replica that keeps restarting
-        from raydistill.workflows.register import resolve_version
+        from raydistill.workflows import tracking
 
+        uri = tracking.model_uri(cfg.registry.model_name, alias=cfg.serve.alias)
         try:
-            resolve_version(cfg.tracking_uri, f"models:/{cfg.registry.model_name}@{cfg.serve.alias}")
+            tracking.resolve_version(cfg.tracking_uri, uri)
         except LookupError as e:
             raise ConfigError(f"serve: {e}; register and promote a model first "
                               "(`raydistill register`, `raydistill promote`)") from None
@@ -283,7 +285,9 @@ def run(cfg: PipelineConfig, args=None) -> dict:
     url = start_app(cfg)
     body = {"prompt": cfg.serve.prompt, "max_tokens": min(16, cfg.serve.max_tokens_limit), "temperature": 0,
             "logprobs": 1}
-    print(f"[serve] models:/{cfg.registry.model_name}@{cfg.serve.alias} at {url}/v1/completions\n"
+    from raydistill.workflows.tracking import model_uri
+
+    print(f"[serve] {model_uri(cfg.registry.model_name, alias=cfg.serve.alias)} at {url}/v1/completions\n"
           f"  curl -s {url}/v1/completions -H 'Content-Type: application/json' -d '{json.dumps(body)}'")
     if getattr(args, "once", False):
         try:

@@ -1,16 +1,25 @@
-"""The one place raydistill talks to MLflow (tracking and registry).
+"""The one place raydistill talks to MLflow: tracking (runs, params, metrics, artifacts, models) and the registry.
 
 Default backend: sqlite at ``<run_dir>/mlflow.db`` with artifacts under ``<run_dir>/mlartifacts``; any
 tracking URI (e.g. the PostgreSQL-backed server in ``infra/``) by ``registry.tracking_uri``.
+
+Every other module goes through these functions (``tests/unit/test_conventions.py`` checks that nothing else
+imports mlflow). The one exception is ``workflows/mlflow_model.py``, the model code logged with each version,
+which MLflow itself imports when the model is loaded. Registry URIs are built and read only here
+(:func:`model_uri`, :func:`parse_model_uri`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
+from typing import NamedTuple
 
 import mlflow
+from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from raydistill.tasks.config import PipelineConfig
@@ -19,6 +28,11 @@ from raydistill.tasks.config import PipelineConfig
 logging.getLogger("alembic").setLevel(logging.WARNING)
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
+MAX_PARAMS_PER_CALL = 100  # MLflow rejects a log_params call with more
+URI_SCHEME = "models:/"
+
+
+# ------------------------------------------------------------------------------------------- runs (tracking)
 
 def setup(cfg: PipelineConfig) -> str:
     """Point this process at the run's tracking store and experiment; returns the experiment id."""
@@ -34,20 +48,27 @@ def setup(cfg: PipelineConfig) -> str:
         artifact_location = (Path(cfg.run_dir) / "mlartifacts").resolve().as_uri()
     try:
         return client.create_experiment(cfg.registry.experiment, artifact_location=artifact_location)
-    except mlflow.exceptions.MlflowException:  # created concurrently by another process
+    except MlflowException:  # created concurrently by another process
         return client.get_experiment_by_name(cfg.registry.experiment).experiment_id
 
 
 def client(cfg: PipelineConfig) -> MlflowClient:
+    """A tracking + registry client for ``cfg.tracking_uri`` (the experiment exists afterwards)."""
     setup(cfg)
     return MlflowClient(cfg.tracking_uri)
 
 
 def start_run(cfg: PipelineConfig, run_name: str, parent_run_id: str | None = None, tags: dict | None = None):
-    """Start (and make active) an MLflow run, optionally as the child of ``parent_run_id``."""
+    """Start (and make active) an MLflow run, optionally as the child of ``parent_run_id``; a context manager."""
     exp_id = setup(cfg)
     return mlflow.start_run(experiment_id=exp_id, run_name=run_name, parent_run_id=parent_run_id,
                             tags=tags or {})
+
+
+def resume_run(cfg: PipelineConfig, run_id: str):
+    """Make the existing run ``run_id`` active again (an interrupted stage continues in it); a context manager."""
+    setup(cfg)
+    return mlflow.start_run(run_id=run_id)
 
 
 def flat_params(d: dict, prefix: str = "") -> dict:
@@ -60,3 +81,176 @@ def flat_params(d: dict, prefix: str = "") -> dict:
         else:
             out[key] = str(v)[:500]
     return out
+
+
+def log_params(params: dict) -> None:
+    """Params of the active run, in calls of at most :data:`MAX_PARAMS_PER_CALL`."""
+    items = sorted(params.items())
+    for i in range(0, len(items), MAX_PARAMS_PER_CALL):
+        mlflow.log_params(dict(items[i:i + MAX_PARAMS_PER_CALL]))
+
+
+def log_metrics(metrics: dict) -> None:
+    """Metrics of the active run (no step: one value each)."""
+    mlflow.log_metrics(metrics)
+
+
+def log_dict(data: dict, artifact_file: str) -> None:
+    """``data`` as a JSON (or YAML, by extension) artifact of the active run."""
+    mlflow.log_dict(data, artifact_file)
+
+
+def log_text(text: str, artifact_file: str) -> None:
+    """``text`` as an artifact file of the active run."""
+    mlflow.log_text(text, artifact_file)
+
+
+def log_file(path: str | os.PathLike, artifact_dir: str | None = None) -> None:
+    """A local file as an artifact of the active run, under ``artifact_dir``."""
+    mlflow.log_artifact(str(path), artifact_dir)
+
+
+def log_pyfunc_model(name: str, python_model: str | os.PathLike, artifacts: dict, code_paths: list[str],
+                     pip_requirements: list[str], params_example: dict):
+    """Log a "models from code" pyfunc (``python_model`` is the file defining it) to the active run.
+
+    Its signature takes a list of prompts and the generation params of ``params_example`` (MLflow drops params a
+    signature lacks). Returns MLflow's ``ModelInfo`` (``model_uri``, ``model_id``).
+    """
+    from mlflow.models import infer_signature
+
+    return mlflow.pyfunc.log_model(name=name, python_model=str(python_model), artifacts=artifacts,
+                                   code_paths=code_paths, pip_requirements=pip_requirements,
+                                   signature=infer_signature(["ROMEO.\nBut soft"], params=params_example))
+
+
+class MetricSink:
+    """Per-step metrics to one MLflow run (rank 0 of a Train run); steps already logged before a restart are
+    skipped. With no ``uri``/``run_id`` (other ranks, or tracking off) it logs nothing."""
+
+    def __init__(self, uri: str | None, run_id: str | None):
+        self.client, self.run_id, self.last = None, run_id, 0
+        if uri and run_id:
+            self.client = MlflowClient(uri)
+            self.last = max((m.step for m in self.client.get_metric_history(run_id, "loss")), default=0)
+
+    def log(self, metrics: dict, step: int) -> None:
+        """Log the numeric entries of ``metrics`` at ``step`` (step 0: the initial evaluation, always logged)."""
+        if self.client is None or (step <= self.last and step > 0):
+            return
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
+        try:
+            self.client.log_batch(self.run_id, metrics=batch)
+        except Exception as e:  # metrics are a side channel: never fail training over them
+            logging.getLogger(__name__).warning("MLflow logging failed at step %d: %s", step, e)
+
+
+# ------------------------------------------------------------------------------------------------ registry
+
+class ModelRef(NamedTuple):
+    """What a ``models:/`` URI names: a registered model and exactly one of an alias or a version."""
+
+    name: str
+    """Registered model name (``registry.model_name``)."""
+    alias: str | None
+    """``champion``, ``challenger``, …; None when the URI names a version."""
+    version: int | None
+    """Version number (1, 2, …); None when the URI names an alias."""
+
+
+def model_uri(name: str, version: int | str | None = None, alias: str | None = None) -> str:
+    """``models:/<name>/<version>`` or ``models:/<name>@<alias>``; exactly one of ``version`` and ``alias``."""
+    if not name or "@" in name:
+        raise ValueError(f"model_uri: bad registered model name {name!r} (non-empty, no '@'); "
+                         "use registry.model_name")
+    if (version is None) == (alias is None):
+        raise ValueError(f"model_uri({name!r}): pass exactly one of version= (e.g. 3) or alias= (e.g. 'champion')")
+    if alias is not None:
+        if not alias or "@" in alias or "/" in alias:
+            raise ValueError(f"model_uri({name!r}): bad alias {alias!r} (non-empty, no '@' or '/'), e.g. 'champion'")
+        return f"{URI_SCHEME}{name}@{alias}"
+    if not str(version).isdigit() or int(version) < 1:
+        raise ValueError(f"model_uri({name!r}): version must be a positive integer, got {version!r}")
+    return f"{URI_SCHEME}{name}/{int(version)}"
+
+
+def parse_model_uri(uri: str) -> ModelRef:
+    """``models:/name@alias`` → ``ModelRef(name, alias, None)``; ``models:/name/3`` → ``ModelRef(name, None, 3)``.
+
+    Anything else (another scheme, an empty part, a version that is not a positive integer) is a ``ValueError``
+    that shows the two accepted forms.
+    """
+    if not isinstance(uri, str) or not uri.startswith(URI_SCHEME):
+        raise ValueError(f"{uri!r} is not a registry URI (models:/name@alias or models:/name/version)")
+    rest = uri[len(URI_SCHEME):]
+    if "@" in rest:
+        name, alias = rest.rsplit("@", 1)
+        if name and alias and "/" not in alias:
+            return ModelRef(name, alias, None)
+    elif "/" in rest:
+        name, version = rest.rsplit("/", 1)
+        if name and version.isdigit() and int(version) >= 1:
+            return ModelRef(name, None, int(version))
+    raise ValueError(f"{uri!r}: expected models:/name@alias or models:/name/<version number>, "
+                     "e.g. models:/tiny-student@champion")
+
+
+def ensure_registered_model(client: MlflowClient, name: str, description: str) -> None:
+    """Create the registered model ``name`` unless it exists (safe against a concurrent creator)."""
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        try:
+            client.create_registered_model(name, description=description)
+        except MlflowException:  # created concurrently
+            client.get_registered_model(name)
+
+
+def get_version(client: MlflowClient, name: str, version: int | str):
+    """The ``ModelVersion`` ``version`` of ``name``; ``LookupError`` if there is none."""
+    try:
+        return client.get_model_version(name, str(version))
+    except MlflowException:
+        raise LookupError(f"{name} has no version {version}") from None
+
+
+def alias_version(client: MlflowClient, name: str, alias: str):
+    """The ``ModelVersion`` that ``name@alias`` points at, or None when the alias is not set."""
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def set_alias(client: MlflowClient, name: str, alias: str, version: int | str | None) -> None:
+    """Point ``name@alias`` at ``version``; ``version=None`` removes the alias (if set)."""
+    if version is not None:
+        client.set_registered_model_alias(name, alias, str(version))
+    elif alias_version(client, name, alias) is not None:
+        client.delete_registered_model_alias(name, alias)
+
+
+def resolve_version(tracking_uri: str, uri: str):
+    """The ``ModelVersion`` a registry URI points at now (clear error if the alias or version is unknown)."""
+    ref = parse_model_uri(uri)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        if ref.alias:
+            return client.get_model_version_by_alias(ref.name, ref.alias)
+        return client.get_model_version(ref.name, str(ref.version))
+    except MlflowException as e:
+        raise LookupError(f"{uri} not found in {tracking_uri}: {e.message}") from None
+
+
+def download_version(tracking_uri: str, uri: str, dst: str | os.PathLike) -> tuple[Path, object]:
+    """Download the artifacts of the version ``uri`` points at into ``dst``; ``(local dir, ModelVersion)``.
+
+    Goes to the version's storage location (file://, s3://, …) directly: no ``models:/`` resolution through
+    MLflow's global state, so the alias is resolved once, here.
+    """
+    mv = resolve_version(tracking_uri, uri)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    location = client.get_model_version_download_uri(mv.name, mv.version)
+    local = mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(dst), tracking_uri=tracking_uri)
+    return Path(local), mv

@@ -23,7 +23,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import shutil
 import sys
 import time
@@ -51,6 +50,7 @@ def prepare_student(cfg: PipelineConfig) -> Path:
 
     ``init_key.json`` also records both models' shapes and the copied teacher layers (:func:`init_info`).
     """
+    from raydistill.tasks.fileio import replace_dir
     from raydistill.tasks.students import write_init_student
 
     init_dir = Path(cfg.run_dir, "train", "init")
@@ -59,13 +59,10 @@ def prepare_student(cfg: PipelineConfig) -> Path:
     key_file = init_dir / "init_key.json"
     if key_file.exists() and json.loads(key_file.read_text()).get("key") == key:
         return init_dir
-    tmp = init_dir.with_name(f".init.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    info = write_init_student(cfg.teacher, dataclasses.replace(cfg.student, peft=PeftConfig()), tmp,
-                              seed=cfg.train.seed)
-    (tmp / "init_key.json").write_text(json.dumps({"key": key, "info": info}))
-    shutil.rmtree(init_dir, ignore_errors=True)
-    os.replace(tmp, init_dir)
+    with replace_dir(init_dir) as tmp:
+        info = write_init_student(cfg.teacher, dataclasses.replace(cfg.student, peft=PeftConfig()), tmp,
+                                  seed=cfg.train.seed)
+        (tmp / "init_key.json").write_text(json.dumps({"key": key, "info": info}))
     return init_dir
 
 
@@ -191,30 +188,6 @@ def _evaluate(engine, cache, tc: TrainConfig, rank: int, world: int, vocab: int)
     return {rename.get(k, k): v for k, v in finalize(sums).items()}
 
 
-class _MlflowSink:
-    """Per-step metrics to one MLflow run from rank 0; steps already logged (before a restart) are skipped."""
-
-    def __init__(self, uri: str | None, run_id: str | None):
-        self.client, self.run_id, self.last = None, run_id, 0
-        if uri and run_id:
-            from mlflow.tracking import MlflowClient
-
-            self.client = MlflowClient(uri)
-            self.last = max((m.step for m in self.client.get_metric_history(run_id, "loss")), default=0)
-
-    def log(self, metrics: dict, step: int) -> None:
-        if self.client is None or (step <= self.last and step > 0):
-            return
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
-        try:
-            self.client.log_batch(self.run_id, metrics=batch)
-        except Exception as e:  # metrics are a side channel: never fail training over them
-            logging.getLogger(__name__).warning("MLflow logging failed at step %d: %s", step, e)
-
-
 def train_fn_per_worker(config: dict) -> None:
     """One worker's loop: resume, stream micro-batches, KD loss, ZeRO step, eval/report/checkpoint, export."""
     import deepspeed
@@ -222,6 +195,7 @@ def train_fn_per_worker(config: dict) -> None:
 
     from raydistill.tasks.softtargets import open_cache
     from raydistill.tasks.teacher import load_teacher
+    from raydistill.workflows.tracking import MetricSink
 
     deepspeed.utils.logger.setLevel(logging.WARNING)
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # 90 s JIT build; only used for inference
@@ -255,7 +229,7 @@ def train_fn_per_worker(config: dict) -> None:
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(tc, world))
     if optim is not None:
         ckpt.load_optimizer_tensors(engine, optim)
-    sink = _MlflowSink(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 else _MlflowSink(None, None)
+    sink = MetricSink(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 else MetricSink(None, None)
     if start == 0:
         init_metrics = _evaluate(engine, cache, tc, rank, world, vocab)
         sink.log({f"init_{k}": v for k, v in init_metrics.items()}, step=0)
@@ -350,19 +324,18 @@ def run(cfg: PipelineConfig, args=None) -> dict:
     train_dir.mkdir(parents=True, exist_ok=True)
     run_file = train_dir / "mlflow_run.json"  # an interrupted run continues in the same MLflow run
     previous = json.loads(run_file.read_text()) if run_file.exists() else {}
-    tracking.setup(cfg)
     if previous.get("key") == key:
-        active = tracking.mlflow.start_run(run_id=previous["run_id"])
+        active = tracking.resume_run(cfg, previous["run_id"])
     else:
         active = tracking.start_run(cfg, "train", tags={"raydistill.stage": "train", "raydistill.stage_key": key})
     with active as mlrun:
         run_file.write_text(json.dumps({"key": key, "run_id": mlrun.info.run_id}))
-        tracking.mlflow.log_params(tracking.flat_params(to_dict(cfg.train), "train."))
-        tracking.mlflow.log_params(tracking.flat_params(to_dict(cfg.student), "student."))
+        tracking.log_params(tracking.flat_params(to_dict(cfg.train), "train."))
+        tracking.log_params(tracking.flat_params(to_dict(cfg.student), "student."))
         result = train_driver(cfg, run_name=f"train-{key[:12]}", storage_path=str((train_dir / "ray").resolve()),
                               mlflow_run_id=mlrun.info.run_id)
         final = {f"final_{k}": float(v) for k, v in result["metrics"].items() if isinstance(v, (int, float))}
-        tracking.mlflow.log_metrics(final)
+        tracking.log_metrics(final)
     outputs = {**result, "mlflow_run_id": mlrun.info.run_id}
     runinfo.record_stage(cfg, "train", key, outputs, paths=[result["student_dir"]])
     m = result["metrics"]

@@ -62,7 +62,7 @@ def tune_trial(config: dict, base: dict, parent_run_id: str) -> None:
     tracking.setup(cfg)
     with tracking.start_run(cfg, run_name=f"trial-{trial_id}", parent_run_id=parent_run_id,
                             tags={"raydistill.stage": "tune", "raydistill.trial_id": trial_id}) as run:
-        tracking.mlflow.log_params({k: config[k] for k in TUNED_FIELDS})
+        tracking.log_params({k: config[k] for k in TUNED_FIELDS})
         result = train.train_driver(
             cfg,
             run_name=f"trial-{trial_id}",
@@ -74,7 +74,7 @@ def tune_trial(config: dict, base: dict, parent_run_id: str) -> None:
         )
         final = {k: v for k, v in (result.get("metrics") or {}).items() if isinstance(v, (int, float))}
         if final:
-            tracking.mlflow.log_metrics({f"final_{k}": float(v) for k, v in final.items()})
+            tracking.log_metrics({f"final_{k}": float(v) for k, v in final.items()})
 
 
 def run(cfg: PipelineConfig, args=None) -> dict:
@@ -101,7 +101,7 @@ def run(cfg: PipelineConfig, args=None) -> dict:
     tracking.setup(cfg)
     with tracking.start_run(cfg, run_name="tune", tags={"raydistill.stage": "tune",
                                                         "raydistill.stage_key": key}) as parent:
-        tracking.mlflow.log_params(tracking.flat_params(to_dict(cfg.tune), "tune."))
+        tracking.log_params(tracking.flat_params(to_dict(cfg.tune), "tune."))
         trainable = tune.with_parameters(tune_trial, base=to_dict(cfg), parent_run_id=parent.info.run_id)
         tuner = tune.Tuner(
             tune.with_resources(trainable, {"CPU": 0, "memory": 1e6}),
@@ -125,8 +125,8 @@ def run(cfg: PipelineConfig, args=None) -> dict:
         trials = [{"params": {k: r.config[k] for k in TUNED_FIELDS},
                    METRIC: (r.metrics or {}).get(METRIC), "error": str(r.error) if r.error else None}
                   for r in grid]
-        tracking.mlflow.log_params({f"best.{k}": v for k, v in params.items()})
-        tracking.mlflow.log_metrics({f"best_{k}": float(v) for k, v in metrics.items()})
+        tracking.log_params({f"best.{k}": v for k, v in params.items()})
+        tracking.log_metrics({f"best_{k}": float(v) for k, v in metrics.items()})
         parent_id = parent.info.run_id
 
     outputs = {"params": params, "metrics": metrics, "trials": trials, "mlflow_parent_run_id": parent_id}

@@ -78,15 +78,15 @@ def test_register_lineage_and_idempotence(cfg, registered, tiny_cached):
 def test_load_registered_by_alias_round_trip(cfg, registered):
     _, reg = registered
     name = cfg.registry.model_name
-    model, tokenizer, info = register.load_registered(cfg.tracking_uri, f"models:/{name}@challenger")
+    model, tokenizer, info = register.load_registered(cfg.tracking_uri, tracking.model_uri(name, alias="challenger"))
     assert info["version"] == reg["version"] and info["alias"] == "challenger"
     local = load_quantized(Path(cfg.run_dir, "quantize", "int8"))
     ids = torch.tensor([tokenizer("ROMEO.\nBut soft, what light", add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, local(input_ids=ids).logits)
     with pytest.raises(LookupError, match="nosuchalias"):
-        register.load_registered(cfg.tracking_uri, f"models:/{name}@nosuchalias")
-    with pytest.raises(ValueError, match="models:/"):
+        register.load_registered(cfg.tracking_uri, tracking.model_uri(name, alias="nosuchalias"))
+    with pytest.raises(ValueError, match=r"not a registry URI \(models:/name@alias"):
         register.load_registered(cfg.tracking_uri, "runs:/abc/student")
 
 
@@ -96,7 +96,7 @@ def test_pyfunc_from_code_loads_without_pickle(cfg, registered, tmp_path):
     from raydistill.tasks.generate import complete
 
     tracking.setup(cfg)
-    uri = f"models:/{cfg.registry.model_name}@challenger"
+    uri = tracking.model_uri(cfg.registry.model_name, alias="challenger")
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp_path)))
     files = [p.name for p in local.rglob("*") if p.is_file()]
     assert "mlflow_model.py" in files and "model.safetensors" in files
@@ -113,7 +113,7 @@ def test_promote_gate_then_rollback(cfg, registered):
                                   "registry.gate.max_heldout_loss=0.01"])
     failed = promote.run(strict, None)
     assert not failed["promoted"] and "heldout_loss" in failed["reason"]
-    assert promote._alias_version(client, name, "champion") is None
+    assert tracking.alias_version(client, name, "champion") is None
     assert client.get_model_version(name, str(v1)).tags["gate.passed"] == "false"
 
     assert promote.run(cfg, None)["champion_version"] == v1
@@ -131,7 +131,7 @@ def test_promote_gate_then_rollback(cfg, registered):
     back = promote.run(cfg2, type("Args", (), {"version": None, "rollback": True}))
     assert back["champion_version"] == v1 and back["rolled_back_from"] == v2
     assert int(client.get_model_version_by_alias(name, "champion").version) == v1
-    assert promote._alias_version(client, name, "previous") is None
+    assert tracking.alias_version(client, name, "previous") is None
     with pytest.raises(ConfigError, match="no previous champion"):
         promote.run(cfg2, type("Args", (), {"version": None, "rollback": True}))
     with pytest.raises(ConfigError, match="no version 99"):

@@ -66,7 +66,8 @@ def test_completion_with_logprobs_matches_the_registered_model(app):
     body = r.json()
     assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
     assert body["model"] == f"{cfg.registry.model_name}/{v1}"
-    model, tokenizer, info = register.load_registered(cfg.tracking_uri, f"models:/{cfg.registry.model_name}/{v1}")
+    model, tokenizer, info = register.load_registered(cfg.tracking_uri,
+                                                    tracking.model_uri(cfg.registry.model_name, version=v1))
     expected = complete(model, tokenizer, prompts, max_tokens=5, temperature=0.0, logprobs=2)
     for i, (choice, exp) in enumerate(zip(body["choices"], expected)):
         assert choice["index"] == i and choice["text"] == exp["text"]

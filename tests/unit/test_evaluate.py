@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raydistill.tasks.evaluate import evaluate, evaluate_sums, finalize, model_size_bytes
+from raydistill.tasks.evaluate import evaluate, evaluate_sums, finalize
 from raydistill.tasks.targetcodec import CachedTargets
 
 V, L = 11, 6
@@ -117,10 +117,3 @@ def test_evaluate_restores_training_mode():
     evaluate(model, [_shard(1, model)])
     assert model.training
 
-
-def test_model_size_bytes_counts_tied_weights_once():
-    emb = torch.nn.Embedding(10, 4)
-    head = torch.nn.Linear(4, 10, bias=False)
-    head.weight = emb.weight
-    model = torch.nn.ModuleDict({"emb": emb, "head": head, "norm": torch.nn.LayerNorm(4)})
-    assert model_size_bytes(model) == (40 + 8) * 4
