@@ -371,9 +371,9 @@ class ServeConfig:
     alias_poll_s: float = 10.0
     """How often the deployment checks whether the alias moved (and swaps models)."""
     keep_serving: bool = False
-    """``pipeline``: keep the app running after the demo request."""
+    """``pipeline``: keep the app running after the demo request (until Ctrl-C)."""
     prompt: str = "ROMEO.\nBut soft, what light"
-    """``pipeline``: the demo request's prompt."""
+    """Prompt of the demo request (``pipeline``, ``serve once``) and of ``quantize``'s decoding-latency timing."""
 
     def __post_init__(self):
         _positive(self, "port", "max_batch_size", "max_tokens_limit", "max_prompt_tokens", "num_cpus")
