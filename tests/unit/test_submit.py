@@ -1,6 +1,7 @@
 """Job submission: ids make resubmission resume, never double a running attempt; the config travels; the verb a
 job runs is ``submit.verb``, never the verb the local CLI dispatched on."""
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -70,7 +71,8 @@ class FakeJobs:
         return [_job(s["submission_id"], "SUCCEEDED") for s in self.submitted]
 
     def submit_job(self, **kwargs):
-        self.submitted.append(kwargs)
+        config = Path(kwargs["runtime_env"]["working_dir"], "config.yaml")  # gone once submit returns
+        self.submitted.append({**kwargs, "config": yaml.safe_load(config.read_text())})
 
 
 @pytest.mark.parametrize("verb", ["train", "cache inspect", "pipeline"])
@@ -98,3 +100,13 @@ def test_cli_submit_without_address_is_a_config_error(monkeypatch, capsys):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert cli.main(["submit", "--config", "tiny"]) == 2
     assert "submit.address" in capsys.readouterr().err
+
+
+def test_a_submitted_config_keeps_its_paths_for_the_cluster_to_resolve(monkeypatch, tmp_path):
+    client = FakeJobs("http://head:8265")
+    monkeypatch.setattr(submit, "jobs_client", lambda address: client)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["submit", "--config", "tiny", "run_dir=runs/x", "submit.address=http://head:8265"]) == 0
+    (job,) = client.submitted
+    assert job["config"]["run_dir"] == "runs/x" and job["config"]["submit"]["verb"] == "pipeline"
+    assert job["entrypoint"] == "raydistill pipeline --config config.yaml"
