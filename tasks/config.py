@@ -4,13 +4,21 @@ One :class:`PipelineConfig` flows through every CLI verb. It is built from a YAM
 (``workflows/configs/*.yaml``) plus dotted overrides ``a.b=c``; an unknown key is an error that names the
 key and the closest valid ones. Each stage reads only its own section (and the sections upstream of it),
 so a stage's content key (:func:`section_key`) changes only when something it depends on changes.
+
+The dataclass defaults below are the one truth for default values: a preset carries only what differs from
+them (a unit test checks). The string under each field is its documentation, and ``raydistill <verb> --help``
+prints it (:func:`field_docs`). This module is longer than the ~350-line guideline because it is the one home
+of every field, its docstring and its validation.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import functools
 import hashlib
+import inspect
 import json
 import types
 import typing
@@ -20,12 +28,16 @@ from typing import Any, Literal
 
 import yaml
 
+from raydistill.tasks.errors import RaydistillError
+
 PRESET_DIR = Path(__file__).resolve().parent.parent / "workflows" / "configs"
 DEFAULT_PRESET = "smollm2-shakespeare"
 
 
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message says which key and why."""
+class ConfigError(RaydistillError, ValueError):
+    """A config file, override or setting is invalid; the message says which key, why and the fix."""
+
+    exit_code = 2
 
 
 @dataclass
@@ -77,7 +89,7 @@ class CorpusConfig:
     """Field/column holding the text for JSONL and Parquet."""
     seq_len: int = 256
     """Tokens per window fed to the model."""
-    max_tokens: int | None = 40_000
+    max_tokens: int | None = 32_768
     """Token budget (train + held-out). ``null`` = the whole corpus."""
     heldout_fraction: float = 0.1
     """Share of windows held out for evaluation (chosen by a hash of the window: deterministic, stable)."""
@@ -101,13 +113,13 @@ class CacheConfig:
     format: Literal["sampled", "topk", "full"] = "sampled"
     """``sampled`` (random-sampled targets, unbiased), ``topk`` (k largest + tail bucket), ``full`` (exact)."""
     num_samples: int = 32
-    """N, draws per position for ``sampled``. Bytes/token grow with the unique ids kept (SmolLM2/Shakespeare:
-    ≈ 15 per position at N = 32, ≈ 21 at N = 50): ≈ 28 B/token at 32, ≈ 38 at 50 (docs/cache-format.md)."""
+    """N, draws per position for ``sampled``. Bytes/token grow with the unique ids the draws keep; measured
+    sizes per N are in docs/cache-format.md."""
     top_k: int = 32
     """k for ``topk``."""
     temperature: float = 1.0
     """Temperature of the teacher distribution that is stored."""
-    batch_size: int = 8
+    batch_size: int = 4
     """Windows per teacher forward pass."""
     num_actors: int = 1
     """Teacher actors (each loads the teacher once)."""
@@ -116,7 +128,7 @@ class CacheConfig:
     seed: int = 0
     """Seed of the sampling (per shard it is mixed with the shard key: reruns draw the same)."""
     sampled_logprobs: bool = True
-    """``sampled``: also store each sampled id's T=1 log-prob (~7 bytes/token at N = 32), so training may use a
+    """``sampled``: also store each sampled id's T=1 log-prob (a few bytes/token more), so training may use a
     temperature other than ``temperature`` and logs an unbiased KL(teacher‖student) as ``kd``; false = smallest
     cache, targets only at ``temperature``, and ``kd`` overstates the KL by the draws' entropy deficit."""
 
@@ -178,7 +190,7 @@ class TrainConfig:
     """ZeRO offload of optimizer state to CPU memory."""
     deepspeed_config: str | None = None
     """Path to a DeepSpeed JSON; default: the preset under ``cluster/deepspeed/`` for ``zero_stage``."""
-    steps: int = 60
+    steps: int = 40
     """Optimizer steps."""
     micro_batch_size: int = 4
     """Windows per worker per micro-step."""
@@ -204,7 +216,7 @@ class TrainConfig:
     """Generalized JSD interpolation (0 → forward KL limit, 1 → reverse KL limit)."""
     skew: float = 0.1
     """Skew λ of skew KL / skew reverse KL."""
-    eval_every: int = 20
+    eval_every: int = 10
     """Steps between held-out evaluations."""
     eval_windows: int | None = None
     """Held-out windows per evaluation (``null``: all of them)."""
@@ -324,6 +336,14 @@ class RegistryConfig:
     """Registered model name."""
     gate: GateConfig = field(default_factory=GateConfig)
     """Promotion gate."""
+    promote_version: int | None = None
+    """``promote``: the model version to gate and promote; ``null`` = the one ``register`` wrote to
+    ``<run_dir>/register/version.json``."""
+
+    def __post_init__(self):
+        if self.promote_version is not None and self.promote_version <= 0:
+            raise ConfigError(f"registry.promote_version must be a version number >= 1 or null "
+                              f"(got {self.promote_version})")
 
 
 @dataclass
@@ -351,9 +371,9 @@ class ServeConfig:
     alias_poll_s: float = 10.0
     """How often the deployment checks whether the alias moved (and swaps models)."""
     keep_serving: bool = False
-    """``pipeline``: keep the app running after the demo request."""
+    """``pipeline``: keep the app running after the demo request (until Ctrl-C)."""
     prompt: str = "ROMEO.\nBut soft, what light"
-    """``pipeline``: the demo request's prompt."""
+    """Prompt of the demo request (``pipeline``, ``serve once``) and of ``quantize``'s decoding-latency timing."""
 
     def __post_init__(self):
         _positive(self, "port", "max_batch_size", "max_tokens_limit", "max_prompt_tokens", "num_cpus")
@@ -372,21 +392,69 @@ class ClusterConfig:
 
 
 @dataclass
+class PipelineStagesConfig:
+    """What ``raydistill pipeline`` runs besides cache → train → quantize → register → promote."""
+
+    tune: bool = True
+    """Search ``tune``'s space first and train the final student with the best trial's settings; false trains
+    with ``train`` as configured."""
+    serve: bool = True
+    """End with one demo request (``serve.prompt``) to the promoted model on Ray Serve (``serve.keep_serving``
+    keeps the app up after it)."""
+
+
+@dataclass
+class SubmitConfig:
+    """``raydistill submit``: run a verb as a Ray job on a (remote) cluster, this config traveling with it."""
+
+    verb: str = "pipeline"
+    """What the job runs: a verb, optionally with its action (``pipeline``, ``train``, ``promote rollback``)."""
+    address: str | None = None
+    """Ray dashboard address, e.g. ``http://HEAD:8265``; ``null`` = ``$RAY_ADDRESS``."""
+    upload_code: bool = False
+    """Ship this checkout's ``raydistill`` package with the job (for a cluster image without raydistill)."""
+    wait: bool = False
+    """Follow the job's logs until it ends; a job that does not succeed is then an error."""
+    timeout_s: float | None = None
+    """With ``wait``: stop following after this many seconds (``null`` = until the job ends)."""
+
+    def __post_init__(self):
+        if not self.verb.split():
+            raise ConfigError("submit.verb must name a verb, e.g. submit.verb=pipeline")
+        if self.timeout_s is not None and self.timeout_s <= 0:
+            raise ConfigError(f"submit.timeout_s must be > 0 or null (got {self.timeout_s})")
+
+
+@dataclass
 class PipelineConfig:
     """Everything one run needs. ``run_dir`` holds every stage's outputs; verbs communicate only through it."""
 
     run_dir: str = "runs/default"
     """Directory of this run's outputs."""
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    """The teacher model."""
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    """The text to distill on."""
     cache: CacheConfig = field(default_factory=CacheConfig)
+    """The teacher soft-target cache."""
     student: StudentConfig = field(default_factory=StudentConfig)
+    """The student model."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """Student training."""
     tune: TuneConfig = field(default_factory=TuneConfig)
+    """Hyperparameter search."""
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    """Post-training quantization."""
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    """MLflow tracking, registry and promotion gate."""
     serve: ServeConfig = field(default_factory=ServeConfig)
+    """HTTP serving."""
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    """Where Ray runs."""
+    pipeline: PipelineStagesConfig = field(default_factory=PipelineStagesConfig)
+    """What ``raydistill pipeline`` runs."""
+    submit: SubmitConfig = field(default_factory=SubmitConfig)
+    """Ray job submission."""
 
     # -- derived locations -------------------------------------------------------------------------------
     @property
@@ -608,10 +676,18 @@ def resolve_paths(cfg: PipelineConfig) -> PipelineConfig:
     return from_dict(data)
 
 
-def section_key(cfg: PipelineConfig, *sections: str, extra: Any = None) -> str:
-    """Content key of some config sections (sha256 of their canonical JSON plus ``extra``)."""
-    payload = {s: to_dict(getattr(cfg, s)) if dataclasses.is_dataclass(getattr(cfg, s))
-               else getattr(cfg, s) for s in sections}
+def get_path(cfg: PipelineConfig, path: str) -> Any:
+    """The value at a dotted config path (``serve.prompt``, ``registry.gate``), dataclasses as dicts."""
+    node = cfg
+    for part in path.split("."):
+        node = getattr(node, part)
+    return to_dict(node) if dataclasses.is_dataclass(node) else node
+
+
+def section_key(cfg: PipelineConfig, *paths: str, extra: Any = None) -> str:
+    """Content key of some config sections or single fields (``"train"``, ``"serve.prompt"``): sha256 of their
+    canonical JSON plus ``extra``."""
+    payload = {p: get_path(cfg, p) for p in paths}
     payload["extra"] = extra
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()
@@ -619,3 +695,20 @@ def section_key(cfg: PipelineConfig, *sections: str, extra: Any = None) -> str:
 
 def dump_yaml(cfg: PipelineConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+@functools.cache
+def field_docs() -> dict[str, dict[str, str]]:
+    """``{dataclass name: {field: docstring}}`` read from this module's source: the string literal under a field
+    is its documentation, and the CLI's ``--help`` shows it (no second copy to keep in sync)."""
+    docs: dict[str, dict[str, str]] = {}
+    for node in ast.parse(Path(__file__).read_text()).body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        fields = docs.setdefault(node.name, {})
+        for stmt, after in zip(node.body, node.body[1:]):
+            if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                    and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                    and isinstance(after.value.value, str)):
+                fields[stmt.target.id] = inspect.cleandoc(after.value.value)
+    return docs

@@ -11,7 +11,6 @@ killed run resumes where it stopped. Actors restart and retry their task if thei
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import time
@@ -20,14 +19,14 @@ import uuid
 import ray
 from tqdm import tqdm
 
-from raydistill.cluster.ray_init import init_ray
 from raydistill.tasks.cachestore import Store
 from raydistill.tasks.config import PipelineConfig
 from raydistill.tasks.corpus import build_shards
+from raydistill.tasks.errors import DataError
 from raydistill.tasks.softtargets import (MANIFEST, SHARD_DIR, CacheCorruptError, add_entry, entry_from_file,
                                           format_params, new_manifest, open_cache, shard_file, shard_key, write_manifest)
 from raydistill.tasks.teacher import load_tokenizer, teacher_identity, tokenizer_hash
-from raydistill.workflows.runinfo import record_stage
+from raydistill.workflows import stage
 
 ACTOR_PREFIX = "raydistill-cache-"
 MAX_RESTARTS = 3
@@ -153,12 +152,14 @@ def _collect_garbage(store: Store, manifest: dict) -> int:
     return len(stale)
 
 
-def run(cfg: PipelineConfig, args: argparse.Namespace | None) -> dict:
-    """Compute (or complete) the cache; ``raydistill cache inspect`` describes and verifies it instead."""
-    if args is not None and getattr(args, "action", "run") == "inspect":
+def run(cfg: PipelineConfig, action: str | None = None) -> dict:
+    """Compute (or complete) the cache; ``raydistill cache inspect`` describes and verifies it instead.
+
+    Never skipped as a whole: it resumes shard by shard, and its record's key is the cache's content key."""
+    if action == "inspect":
         return inspect(cfg)
     t0 = time.time()
-    init_ray(cfg.cluster)
+    stage.start(cfg, "cache", skip=False, ray=True)
     manifest, keyed = plan(cfg)
     store = Store(cfg.cache_dir)
     store.clean_temps(("", SHARD_DIR))
@@ -184,7 +185,7 @@ def run(cfg: PipelineConfig, args: argparse.Namespace | None) -> dict:
                "teacher_heldout_top1_acc": totals["teacher_heldout_top1_acc"], "wall_s": wall, "actor_s": busy,
                "computed_tokens": computed_tokens, "teacher_tokens_per_s": manifest["teacher_tokens_per_s"],
                "cache_dir": cfg.cache_dir, "cache_key": cache_key}
-    record_stage(cfg, "cache", cache_key, outputs, paths=[store.url(MANIFEST)])
+    stage.record(cfg, "cache", cache_key, outputs, paths=[store.url(MANIFEST)])
     return outputs
 
 
@@ -196,7 +197,8 @@ def _previous_throughput(cache_dir: str) -> float | None:
 
 
 def inspect(cfg: PipelineConfig) -> dict:
-    """Print what the cache holds and verify every shard's checksum (exit 1 naming the first bad shard)."""
+    """Print what the cache holds and verify every shard's checksum (:class:`DataError` naming the first bad
+    shard)."""
     cache = open_cache(cfg.cache_dir)
     m, t = cache.manifest, cache.totals
     print(f"cache {Store(cfg.cache_dir).url('')}: format={m['format']} params={m['params']} "
@@ -211,10 +213,6 @@ def inspect(cfg: PipelineConfig) -> dict:
     try:
         names = cache.verify()
     except CacheCorruptError as e:
-        raise SystemExit(f"raydistill cache inspect: {e}") from None
+        raise DataError(f"inspect: {e}") from None
     print(f"  verified {len(names)} shards: all checksums ok")
     return {"verified": len(names), **t}
-
-
-# ``raydistill cache [run|inspect] --config X [a.b=c ...]``: the CLI takes the first word as the action.
-ACTIONS = ("run", "inspect")

@@ -1,28 +1,28 @@
-"""``raydistill <verb> --config PRESET_OR_YAML [a.b=c ...]``
+"""``raydistill <verb> [ACTION] --config PRESET_OR_YAML [a.b=c ...]``
 
-Verbs are modules of this package, each with ``add_arguments(parser)`` (optional) and
-``run(cfg, args) -> dict``. They talk to each other only through ``run_dir``.
+Every setting is a config field (``a.b=c``); a verb's bare word is its action (``cache inspect``, ``promote
+rollback``). The parser is built from the verb table (``workflows/verbs.py``) without importing any verb module;
+only the verb that runs is imported. ``raydistill <verb> --help`` lists the config fields the verb reads, with
+their defaults and the docstrings of ``tasks/config.py``; ``--help-config SECTION`` lists any section.
+
+This is the one place that turns errors into exit codes: :class:`RaydistillError` → its message and
+``exit_code`` (2 for a config error), Ctrl-C → 130. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
 import importlib
+import json
 import sys
+import textwrap
 
-from raydistill.tasks.config import ConfigError, dump_yaml, load_config, resolve_paths
-
-VERBS = {
-    "cache": ("raydistill.workflows.cache", "run the teacher once over the corpus and store its soft targets"),
-    "train": ("raydistill.workflows.train", "train the student from the cache (Ray Train + DeepSpeed)"),
-    "tune": ("raydistill.workflows.tune", "search alpha, T, lr, loss over the same cache (Ray Tune + ASHA)"),
-    "quantize": ("raydistill.workflows.quantize", "quantize the trained student and score it against the teacher"),
-    "register": ("raydistill.workflows.register", "register the quantized student in MLflow with lineage tags"),
-    "promote": ("raydistill.workflows.promote", "move @champion to a model version if it passes the quality gate"),
-    "serve": ("raydistill.workflows.serve", "serve models:/<name>@champion over HTTP (OpenAI-style completions)"),
-    "pipeline": ("raydistill.workflows.pipeline", "run every stage in order, skipping finished ones"),
-    "submit": ("raydistill.workflows.submit", "submit a verb as a Ray job to a remote cluster"),
-}
+from raydistill.tasks.config import (ConfigError, PipelineConfig, dump_yaml, field_docs, load_config,
+                                     resolve_paths)
+from raydistill.tasks.errors import RaydistillError
+from raydistill.workflows.verbs import VERBS, Verb
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,54 +30,124 @@ def build_parser() -> argparse.ArgumentParser:
         prog="raydistill",
         description="Distill LLMs into small, fast, quantized students on Ray.",
         epilog="Config: --config NAME (a preset in workflows/configs) or a YAML path; then a.b=c overrides, "
-               "e.g. `raydistill train --config tiny train.steps=10 train.loss=reverse_kl`.",
+               "e.g. `raydistill train --config tiny train.steps=10 train.loss=reverse_kl`. "
+               "`raydistill VERB --help` lists the fields VERB reads.",
     )
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
-    for verb, (module, help_text) in VERBS.items():
-        p = sub.add_parser(verb, help=help_text, description=help_text)
+    for name, verb in VERBS.items():
+        actions = f" [{'|'.join(verb.actions)}]" if verb.actions else ""
+        p = sub.add_parser(name, help=verb.help, description=verb.help, epilog=config_help(verb.sections),
+                           usage=f"raydistill {name}{actions} [--config NAME] [a.b=c ...]",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--config", "-c", default=None,
                        help="preset name (smollm2-shakespeare [default], tiny) or a YAML file")
         p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-        p.add_argument("overrides", nargs="*", metavar="a.b=c", help="dotted config overrides")
-        mod = importlib.import_module(module)
-        if hasattr(mod, "add_arguments"):
-            mod.add_arguments(p)
+        p.add_argument("--help-config", nargs="?", const="", default=None, metavar="SECTION",
+                       help="list the config fields of SECTION (e.g. train, registry.gate; default: the ones "
+                            "this verb reads) with default and meaning, and exit")
+        p.add_argument("words", nargs="*", metavar="ACTION|a.b=c",
+                       help=f"the action ({', '.join(verb.actions)}; default {verb.actions[0]}) and "
+                            "dotted config overrides" if verb.actions else "dotted config overrides")
     return parser
 
 
-def _split_action(parser, args, extras: list[str]) -> None:
-    """Overrides may come before or after options; a verb with ``ACTIONS`` takes one bare word as its action."""
-    actions = getattr(importlib.import_module(VERBS[args.verb][0]), "ACTIONS", ())
-    words = [w for w in [*args.overrides, *extras] if "=" not in w]
-    args.overrides = [w for w in [*args.overrides, *extras] if "=" in w]
-    args.action = actions[0] if actions else None
-    if len(words) == 1 and words[0] in actions:
-        args.action = words[0]
-    elif words:
-        hint = f"; actions of '{args.verb}': {', '.join(actions)}" if actions else ""
-        parser.error(f"unexpected argument(s) {' '.join(words)}: overrides look like a.b=c{hint}")
+def config_help(paths: tuple[str, ...] | list[str]) -> str:
+    """Every field under ``paths`` as ``path = default  (type)`` plus its docstring."""
+    lines = []
+    for path, owner, name in _leaves(paths):
+        kind = {f.name: f.type for f in dataclasses.fields(owner)}[name]
+        doc = field_docs().get(type(owner).__name__, {}).get(name, "")
+        lines += [f"  {path} = {json.dumps(getattr(owner, name), ensure_ascii=False)}  ({kind})",
+                  textwrap.indent(doc, " " * 6)]
+    return "config fields (set with a.b=c; defaults from tasks/config.py):\n" + "\n".join(lines)
+
+
+def _leaves(paths) -> list[tuple[str, object, str]]:
+    """``(dotted path, owning dataclass instance, field name)`` of every field under ``paths`` (defaults)."""
+    out, cfg = [], PipelineConfig()
+    for path in paths:
+        *parents, name = path.split(".")
+        owner = cfg
+        for part in parents:
+            owner = getattr(owner, part)
+        value = getattr(owner, name)
+        if dataclasses.is_dataclass(value):
+            out += _leaves([f"{path}.{f.name}" for f in dataclasses.fields(value)])
+        else:
+            out.append((path, owner, name))
+    return out
+
+
+def _check_path(path: str) -> None:
+    """A ConfigError naming the closest valid key when ``path`` is not a config field or section."""
+    node: object = PipelineConfig()
+    for i, part in enumerate(path.split(".")):
+        names = [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
+        if part not in names:
+            close = difflib.get_close_matches(part, names, n=3, cutoff=0.5)
+            prefix = ".".join(path.split(".")[:i])
+            raise ConfigError(f"no config section {path!r}" + (f"; did you mean {', '.join(close)}" if close else "")
+                              + f" (valid here{' under ' + prefix if prefix else ''}: {', '.join(names)})")
+        node = getattr(node, part)
+
+
+def _split_words(parser: argparse.ArgumentParser, name: str, verb: Verb, words: list[str]) -> tuple:
+    """``(action, overrides)``: overrides look like a.b=c; a verb with actions takes one bare word as its action.
+    An unknown ``--option`` is a setting: the error names the config field it most likely is."""
+    options = [w for w in words if w.startswith("-")]
+    if options:
+        parser.error(_unknown_option(options[0], name, verb))
+    overrides = [w for w in words if "=" in w]
+    bare = [w for w in words if "=" not in w]
+    action = verb.actions[0] if verb.actions else None
+    if len(bare) == 1 and bare[0] in verb.actions:
+        action = bare[0]
+    elif bare:
+        hint = f"; actions of '{name}': {', '.join(verb.actions)}" if verb.actions else ""
+        parser.error(f"unexpected argument(s) {' '.join(bare)}: overrides look like a.b=c{hint}")
+    return action, overrides
+
+
+def _unknown_option(option: str, name: str, verb: Verb) -> str:
+    """Options are not settings: name the action or the config field the option most likely meant."""
+    wanted = option.split("=")[0].lstrip("-").replace("-", "_")
+    if wanted in verb.actions:
+        return f"unknown option {option}: {wanted!r} is an action, `raydistill {name} {wanted} …`"
+    fields = [path for path, _, _ in _leaves(verb.sections)]
+    close = difflib.get_close_matches(wanted.removeprefix("no_"), [f.rsplit(".", 1)[-1] for f in fields],
+                                      n=1, cutoff=0.6)
+    matches = [f for f in fields if close and f.rsplit(".", 1)[-1] == close[0]]
+    hint = f"; did you mean {matches[0]}=…?" if matches else f" (`raydistill {name} --help` lists them)"
+    return f"unknown option {option}: settings are config fields, set as a.b=c{hint}"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
-    _split_action(parser, args, extras)
+    verb = VERBS[args.verb]
+    action, overrides = _split_words(parser, args.verb, verb, [*args.words, *extras])
     try:
-        cfg = load_config(args.config, args.overrides)
+        if args.help_config is not None:
+            paths = [args.help_config] if args.help_config else list(verb.sections)
+            for p in paths:
+                _check_path(p)
+            print(config_help(paths))
+            return 0
+        cfg = load_config(args.config, overrides)
         if args.verb != "submit":  # a submitted job resolves its paths on the cluster
             cfg = resolve_paths(cfg)
     except ConfigError as e:
         print(f"raydistill: config error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     if args.print_config:
         print(dump_yaml(cfg))
         return 0
-    module = importlib.import_module(VERBS[args.verb][0])
+    module = importlib.import_module(verb.module)
     try:
-        module.run(cfg, args)
-    except ConfigError as e:
+        module.run(cfg, action) if verb.actions else module.run(cfg)
+    except RaydistillError as e:
         print(f"raydistill {args.verb}: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except KeyboardInterrupt:
         print(f"raydistill {args.verb}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -2,6 +2,7 @@
 
     raydistill pipeline                      # SmolLM2-135M → 4-layer student on Shakespeare, ~15 min on 2 CPUs
     raydistill pipeline --config tiny        # a tiny random teacher, a few minutes
+    raydistill pipeline pipeline.tune=false serve.keep_serving=true   # no search; keep serving at the end
 
 Each stage is skipped when its outputs for the same inputs already exist in ``run_dir`` (content keys in
 ``run_dir/stages``); the cache resumes shard by shard, so a rerun performs zero teacher forward passes.
@@ -9,45 +10,27 @@ Each stage is skipped when its outputs for the same inputs already exist in ``ru
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import time
 from pathlib import Path
 
 from raydistill.tasks.config import PipelineConfig, resolve_paths
-
-STAGES = ("cache", "tune", "train", "quantize", "register", "promote")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--no-tune", action="store_true", help="skip the search; train with the config as is")
-    parser.add_argument("--keep-serving", action="store_true",
-                        help="keep the Serve app running after the demo request (Ctrl-C to stop)")
-    parser.add_argument("--no-serve", action="store_true", help="skip the Serve demo request")
+from raydistill.workflows.verbs import STAGES, VERBS
 
 
-def _verb_args(verb: str) -> argparse.Namespace:
-    """The defaults a verb's own CLI flags would have."""
-    parser = argparse.ArgumentParser()
-    module = importlib.import_module(f"raydistill.workflows.{verb}")
-    if hasattr(module, "add_arguments"):
-        module.add_arguments(parser)
-    return parser.parse_args([])
-
-
-def run(cfg: PipelineConfig, args: argparse.Namespace | None = None) -> dict:
-    args = args or _verb_args("pipeline")
+def run(cfg: PipelineConfig, action: str | None = None) -> dict:
+    """Every stage in order (``pipeline.tune``: with the search first), then ``pipeline.serve``'s demo request."""
     cfg = resolve_paths(cfg)
     started = time.time()
     results, timings = {}, {}
     for stage in STAGES:
-        if stage == "tune" and args.no_tune:
+        if stage == "tune" and not cfg.pipeline.tune:
             continue
-        module = importlib.import_module(f"raydistill.workflows.{stage}")
+        module = importlib.import_module(VERBS[stage].module)
         print(f"\n=== raydistill {stage} ===", flush=True)
         t0 = time.time()
-        results[stage] = module.run(cfg, _verb_args(stage))
+        results[stage] = module.run(cfg)
         timings[stage] = round(time.time() - t0, 1)
         if stage == "tune":
             from raydistill.workflows.tune import apply_params
@@ -56,16 +39,16 @@ def run(cfg: PipelineConfig, args: argparse.Namespace | None = None) -> dict:
             print(f"[pipeline] training the student with the tuned {results['tune']['params']}")
 
     served = None
-    if not args.no_serve:
+    if cfg.pipeline.serve:
         print("\n=== raydistill serve (demo request) ===", flush=True)
         t0 = time.time()
-        served = _serve_demo(cfg, keep=args.keep_serving or cfg.serve.keep_serving)
+        served = _serve_demo(cfg, keep=cfg.serve.keep_serving)
         timings["serve"] = round(time.time() - t0, 1)
     timings["total"] = round(time.time() - started, 1)
     summary = build_summary(cfg, results, served, timings)
     Path(cfg.run_dir, "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print_summary(summary)
-    if served and (args.keep_serving or cfg.serve.keep_serving):
+    if served and cfg.serve.keep_serving:
         _block_until_interrupt()
     return summary
 

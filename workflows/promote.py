@@ -1,8 +1,8 @@
 """Move ``@champion`` to a model version only if it passes the quality gate; roll back when needed.
 
-    raydistill promote --config tiny                 # the version `raydistill register` just wrote
-    raydistill promote --config tiny --version 3     # a chosen version
-    raydistill promote --config tiny --rollback      # @champion back to the champion before it
+    raydistill promote --config tiny                              # the version `raydistill register` wrote
+    raydistill promote --config tiny registry.promote_version=3   # a chosen version
+    raydistill promote rollback --config tiny                     # @champion back to the champion before it
 
 Gate (``registry.gate``): the version's int8 held-out loss ≤ ``max_heldout_loss``, its top-1 agreement with the
 teacher ≥ ``min_top1_agreement``, optionally KL to the teacher ≤ ``max_kl_to_teacher`` and a lower held-out loss
@@ -11,28 +11,19 @@ the gate judges exactly what was registered. The verdict is recorded on the vers
 passes or not; a failing version leaves every alias unchanged.
 
 Champion history: the registered model's tag ``raydistill.champion_history`` lists the champions in order and the
-alias ``@previous`` points at the one before the current champion; ``--rollback`` pops the history.
+alias ``@previous`` points at the one before the current champion; ``rollback`` pops the history.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
-from pathlib import Path
 
 from raydistill.tasks.config import ConfigError, GateConfig, PipelineConfig
-from raydistill.workflows import runinfo, tracking
+from raydistill.workflows import stage, tracking
 
 HISTORY_TAG = "raydistill.champion_history"
 CHAMPION, PREVIOUS = "champion", "previous"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--version", type=int, default=None,
-                        help="model version to promote (default: the one in <run_dir>/register/version.json)")
-    parser.add_argument("--rollback", action="store_true",
-                        help="move @champion back to the previous champion (no gate: it passed before)")
 
 
 def version_metrics(mv) -> dict:
@@ -78,13 +69,12 @@ def _set_champion(client, name: str, history: list[int]) -> None:
     tracking.set_alias(client, name, PREVIOUS, history[-2] if len(history) > 1 else None)
 
 
-def _target_version(cfg: PipelineConfig, args) -> int:
-    if getattr(args, "version", None) is not None:
-        return int(args.version)
-    path = Path(cfg.stage_dir("register"), "version.json")
-    if not path.exists():
-        raise ConfigError(f"promote: no {path}; run `raydistill register` first or pass --version N")
-    return int(json.loads(path.read_text())["version"])
+def _target_version(cfg: PipelineConfig) -> int:
+    """``registry.promote_version``, else the version the ``register`` stage of this run wrote."""
+    if cfg.registry.promote_version is not None:
+        return cfg.registry.promote_version
+    registered = stage.require(cfg, "register", "promote", alternative="set registry.promote_version=N")
+    return int(registered["outputs"]["version"])
 
 
 def promote(client, name: str, version: int, gate: GateConfig) -> dict:
@@ -136,12 +126,14 @@ def rollback(client, name: str) -> dict:
             "version": history[-1], "reason": f"rolled back from version {current}"}
 
 
-def run(cfg: PipelineConfig, args=None) -> dict:
+def run(cfg: PipelineConfig, action: str | None = None) -> dict:
+    """Gate and promote a version; ``rollback`` moves ``@champion`` back instead. Never skipped."""
+    stage.start(cfg, "promote", skip=False)
     name = cfg.registry.model_name
-    if getattr(args, "rollback", False):
+    if action == "rollback":
         result = rollback(tracking.client(cfg), name)
     else:
-        version = _target_version(cfg, args)  # before touching the registry: a wrong run_dir creates nothing
+        version = _target_version(cfg)  # before touching the registry: a wrong run_dir creates nothing
         result = promote(tracking.client(cfg), name, version, cfg.registry.gate)
     if result.get("promoted"):
         print(f"[promote] {name}@champion = version {result['champion_version']} ({result['reason']})")
@@ -150,5 +142,5 @@ def run(cfg: PipelineConfig, args=None) -> dict:
               f"@champion stays at {result['champion_version']}")
         for r in result["reasons"]:
             print(f"  - {r}")
-    runinfo.record_stage(cfg, "promote", f"{name}:{result.get('version')}", result)
+    stage.record(cfg, "promote", stage.key(cfg, "promote", extra={"version": result.get("version")}), result)
     return result

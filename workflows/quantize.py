@@ -1,6 +1,7 @@
 """Quantize the trained student to int8 and score fp32 vs int8 against the cached teacher on the held-out split.
 
-    raydistill quantize --config tiny
+    raydistill quantize --config tiny          # skipped when done for the same key
+    raydistill quantize rerun --config tiny    # quantize and score again anyway
 
 Runs in-process (one model, a few forward passes: Ray would add nothing). Reads ``<run_dir>/train/student``,
 writes ``<run_dir>/quantize/int8/`` (safetensors int8 weights + scales, config, tokenizer) and
@@ -11,28 +12,19 @@ to the teacher, forward tokens/s, greedy decoding ms/token (batch 1) and weight 
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from pathlib import Path
 
 import torch
 
-from raydistill.tasks.config import PipelineConfig, section_key
+from raydistill.tasks.config import PipelineConfig
+from raydistill.tasks.errors import DataError
 from raydistill.tasks.fileio import atomic_write_json
-from raydistill.workflows import runinfo
+from raydistill.workflows import stage
 
 METRICS = ("heldout_loss", "perplexity", "top1_agreement", "ece", "kl_to_teacher", "tokens_per_s",
            "decode_ms_per_token", "size_bytes")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--force", action="store_true", help="quantize and score again even if done")
-
-
-def stage_key(cfg: PipelineConfig) -> str:
-    upstream = {s: (runinfo.read_stage(cfg, s) or {}).get("key") for s in ("train", "cache")}
-    return section_key(cfg, "quantize", extra=upstream)
 
 
 def heldout_shards(cfg: PipelineConfig) -> tuple[list, dict]:
@@ -42,7 +34,8 @@ def heldout_shards(cfg: PipelineConfig) -> tuple[list, dict]:
     cache = open_cache(cfg.cache_dir)
     entries = cache.shards("heldout")
     if not entries:
-        raise SystemExit(f"raydistill quantize: the cache at {cfg.cache_dir} has no held-out shards to score on")
+        raise DataError(f"the cache at {cfg.cache_dir} has no held-out shards to score on; rebuild it with "
+                        "corpus.heldout_fraction > 0 (`raydistill cache`)")
     return [cache.read(e) for e in entries], cache.totals
 
 
@@ -111,18 +104,18 @@ def print_report(report: dict) -> None:
     print("int8/fp32: " + ", ".join(f"{k} {v:.2f}x" for k, v in r.items() if v is not None))
 
 
-def run(cfg: PipelineConfig, args=None) -> dict:
+def run(cfg: PipelineConfig, action: str | None = None) -> dict:
+    """Quantize and score (skipped when done for the same key); ``rerun`` does it again anyway."""
     from transformers import AutoTokenizer
 
     from raydistill.tasks.quantize import load_quantized, quantize_dynamic_int8, save_quantized
     from raydistill.tasks.students import load_student
 
-    train = runinfo.require_stage(cfg, "train", "quantize")
-    key = stage_key(cfg)
-    done = runinfo.stage_done(cfg, "quantize", key)
-    if done and not getattr(args, "force", False):
-        print(f"[quantize] already done for these inputs: {done['outputs']['int8_dir']}")
-        return done["outputs"]
+    started = stage.start(cfg, "quantize", skip=action != "rerun")
+    if started.done:
+        print(f"[quantize] already done for these inputs: {started.done['outputs']['int8_dir']}")
+        return started.done["outputs"]
+    key, train = started.key, started.needs["train"]
     student_dir = Path((train.get("outputs") or {}).get("student_dir") or cfg.stage_dir("train") / "student")
     out_dir = cfg.stage_dir("quantize")
     int8_dir = out_dir / "int8"
@@ -138,5 +131,5 @@ def run(cfg: PipelineConfig, args=None) -> dict:
     atomic_write_json(path, report)
     print_report(report)
     outputs = {**report, "report": str(path)}
-    runinfo.record_stage(cfg, "quantize", key, outputs, paths=[int8_dir, path])
+    stage.record(cfg, "quantize", key, outputs, paths=[int8_dir, path])
     return outputs

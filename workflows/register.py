@@ -23,20 +23,14 @@ from pathlib import Path
 
 import yaml
 
-from raydistill.tasks.config import PipelineConfig, dump_yaml, section_key, to_dict
+from raydistill.tasks.config import PipelineConfig, dump_yaml, to_dict
 from raydistill.tasks.fileio import atomic_write_json
-from raydistill.workflows import runinfo, tracking
+from raydistill.workflows import stage, tracking
 
 KEY_TAG = "raydistill.stage_key"
 MODEL_ARTIFACT = "student"
 REQUIREMENTS = ("torch", "transformers", "tokenizers", "safetensors", "mlflow")
 METRIC_GROUPS = ("teacher", "fp32", "int8")
-
-
-def stage_key(cfg: PipelineConfig) -> str:
-    quantize = runinfo.read_stage(cfg, "quantize")
-    return section_key(cfg, extra={"quantize": quantize and quantize["key"], "model": cfg.registry.model_name,
-                                   "experiment": cfg.registry.experiment, "tracking_uri": cfg.tracking_uri})
 
 
 def config_hash(cfg: PipelineConfig) -> str:
@@ -61,7 +55,7 @@ def _cache_key(manifest: dict) -> str | None:
 
 def _cache_lineage(cfg: PipelineConfig) -> dict:
     """Teacher identity and cache key, as the cache stage recorded them."""
-    rec = runinfo.read_stage(cfg, "cache") or {}
+    rec = stage.read(cfg, "cache") or {}
     out = rec.get("outputs") or {}
     from raydistill.tasks.softtargets import open_cache
 
@@ -83,7 +77,7 @@ def _cache_lineage(cfg: PipelineConfig) -> dict:
 
 
 def lineage_tags(cfg: PipelineConfig, key: str, report: dict) -> dict:
-    stages = {s: (runinfo.read_stage(cfg, s) or {}).get("key") for s in ("train", "tune", "quantize")}
+    stages = {s: (stage.read(cfg, s) or {}).get("key") for s in ("train", "tune", "quantize")}
     tags = {KEY_TAG: key, "raydistill.config_sha256": config_hash(cfg),
             "raydistill.quantization": str(report.get("method")), **_cache_lineage(cfg)}
     tags.update({f"{s}.stage_key": str(k) for s, k in stages.items()})
@@ -140,9 +134,10 @@ def _log_model(int8_dir: Path):
                                          pip_requirements=_requirements(), params_example=PARAM_DEFAULTS)
 
 
-def run(cfg: PipelineConfig, args=None) -> dict:
-    quantize = runinfo.require_stage(cfg, "quantize", "register")
-    key = stage_key(cfg)
+def run(cfg: PipelineConfig, action: str | None = None) -> dict:
+    """Register the quantized student; the registry itself records it (a version tagged with this key)."""
+    started = stage.start(cfg, "register", skip=False)
+    key, quantize = started.key, started.needs["quantize"]
     client = tracking.client(cfg)
     name = cfg.registry.model_name
     mv = find_version(client, name, key)
@@ -162,7 +157,7 @@ def run(cfg: PipelineConfig, args=None) -> dict:
                "model_uri": tracking.model_uri(name, version=mv.version), "tracking_uri": cfg.tracking_uri,
                "stage_key": key, "tags": dict(tracking.get_version(client, name, mv.version).tags)}
     out = atomic_write_json(Path(cfg.stage_dir("register"), "version.json"), outputs)
-    runinfo.record_stage(cfg, "register", key, outputs, paths=[out])
+    stage.record(cfg, "register", key, outputs, paths=[out])
     return outputs
 
 

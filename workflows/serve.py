@@ -1,7 +1,7 @@
 """Serve ``models:/<registry.model_name>@<serve.alias>`` over HTTP, OpenAI completions style (Ray Serve).
 
     raydistill serve --config tiny            # blocks until Ctrl-C
-    raydistill serve --config tiny --once     # start, answer one demo request, stop
+    raydistill serve once --config tiny       # start, answer one demo request (serve.prompt), stop
     curl -s http://127.0.0.1:8123/v1/completions -H 'Content-Type: application/json' \\
          -d '{"prompt": "ROMEO.\\nBut soft", "max_tokens": 16, "temperature": 0, "logprobs": 2}'
 
@@ -18,7 +18,6 @@ default, :class:`RegistryLoader`, reloads when the alias moves to another versio
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import threading
@@ -29,14 +28,11 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from raydistill.tasks.config import ConfigError, PipelineConfig, to_dict
+from raydistill.tasks.config import PipelineConfig, to_dict
+from raydistill.tasks.errors import StageMissingError
 
 APP_NAME = "raydistill"
 logger = logging.getLogger("ray.serve")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--once", action="store_true", help="answer one demo request (serve.prompt), then stop")
 
 
 class RegistryLoader:
@@ -242,7 +238,7 @@ def start_app(cfg: PipelineConfig, loader=None) -> str:
     """Start Ray (if needed) and Serve, deploy the app, wait until it answers; returns the base URL."""
     import requests
 
-    from raydistill.cluster.ray_init import init_ray
+    from raydistill.workflows import stage
 
     if loader is None:  # fail here, with a clear message, rather than in a replica that keeps restarting
         from raydistill.workflows import tracking
@@ -251,9 +247,9 @@ def start_app(cfg: PipelineConfig, loader=None) -> str:
         try:
             tracking.resolve_version(cfg.tracking_uri, uri)
         except LookupError as e:
-            raise ConfigError(f"serve: {e}; register and promote a model first "
-                              "(`raydistill register`, `raydistill promote`)") from None
-    init_ray(cfg.cluster)
+            raise StageMissingError(f"{e}; register and promote a model first "
+                                    "(`raydistill register`, `raydistill promote`)") from None
+    stage.start(cfg, "serve", skip=False, ray=True)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(build_app(cfg, loader), name=APP_NAME, route_prefix="/")
     url = base_url(cfg)
@@ -277,7 +273,8 @@ def shutdown_app() -> None:
         serve.shutdown()
 
 
-def run(cfg: PipelineConfig, args=None) -> dict:
+def run(cfg: PipelineConfig, action: str | None = None) -> dict:
+    """Serve until Ctrl-C; ``once``: answer one demo request, then stop."""
     import json
 
     import requests
@@ -289,7 +286,7 @@ def run(cfg: PipelineConfig, args=None) -> dict:
 
     print(f"[serve] {model_uri(cfg.registry.model_name, alias=cfg.serve.alias)} at {url}/v1/completions\n"
           f"  curl -s {url}/v1/completions -H 'Content-Type: application/json' -d '{json.dumps(body)}'")
-    if getattr(args, "once", False):
+    if action == "once":
         try:
             answer = requests.post(f"{url}/v1/completions", json=body, timeout=120).json()
             print(f"[serve] {answer.get('model')}: {cfg.serve.prompt!r} → {answer['choices'][0]['text']!r}")

@@ -1,48 +1,61 @@
 """Submit a raydistill verb as a Ray job to a (remote) cluster.
 
-    raydistill submit --address http://HEAD:8265 --config smollm2-shakespeare --verb pipeline --wait
+    raydistill submit --config smollm2-shakespeare submit.address=http://HEAD:8265 submit.verb=pipeline \
+        submit.wait=true
 
-The resolved config travels with the job (as ``config.yaml`` in the job's working directory), so what runs
-is exactly what ``--print-config`` shows here. ``--upload-code`` also ships this checkout's ``tasks``,
-``workflows`` and ``cluster`` packages (for clusters whose image lacks raydistill).
+The config travels with the job (as ``config.yaml`` in the job's working directory), so what runs is exactly
+what ``--print-config`` shows here; ``submit.verb`` says what the job runs (a verb and optionally its action,
+e.g. ``promote rollback``). ``submit.upload_code`` also ships this checkout's ``raydistill`` package (for
+clusters whose image lacks raydistill).
 
 Ray Jobs never retry by themselves: resubmission is the resume mechanism. The submission id is
-``raydistill-<verb>-<config hash>-<attempt>``; resubmitting the same config starts the next attempt, which
+``raydistill-<verb>-<config hash>-<attempt>`` (the hash leaves out the ``submit`` section: following a job or
+not is no new job); resubmitting the same config starts the next attempt, which
 skips finished stages and resumes the cache and training from what the first attempt left in ``run_dir``
 (so ``run_dir``/``cache.dir`` must be on storage every node sees). A still-running attempt is never doubled.
 """
 
 from __future__ import annotations
 
-import argparse
+import difflib
 import hashlib
+import os
 import re
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from raydistill.tasks.config import PipelineConfig, dump_yaml
+import yaml
+
+from raydistill.tasks.config import ConfigError, PipelineConfig, dump_yaml, to_dict
+from raydistill.tasks.errors import JobError
+from raydistill.workflows.verbs import VERBS
 
 _ACTIVE = {"PENDING", "RUNNING"}
-_ROOT = Path(__file__).resolve().parent.parent
+_HERE = Path(__file__).resolve().parent.parent  # a checkout (raydistill/, tasks/, …) or the installed package
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--address", default=None,
-                        help="Ray dashboard address, e.g. http://127.0.0.1:8265 (default: $RAY_ADDRESS)")
-    parser.add_argument("--verb", default="pipeline",
-                        choices=["cache", "train", "tune", "quantize", "register", "promote", "serve", "pipeline"],
-                        help="verb to run on the cluster (default: pipeline)")
-    parser.add_argument("--upload-code", action="store_true",
-                        help="ship this checkout's packages with the job (cluster image without raydistill)")
-    parser.add_argument("--wait", action="store_true", help="follow the job's logs until it ends")
-    parser.add_argument("--timeout", type=float, default=None, help="with --wait: give up after N seconds")
+def job_command(cfg: PipelineConfig) -> list[str]:
+    """``submit.verb`` as ``[verb]`` or ``[verb, action]``, checked against the verb table."""
+    words = cfg.submit.verb.split()
+    verbs = [v for v in VERBS if v != "submit"]
+    if words[0] not in verbs:
+        close = difflib.get_close_matches(words[0], verbs, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"submit.verb={cfg.submit.verb!r}: {hint}verbs a job can run: {', '.join(verbs)}")
+    actions = VERBS[words[0]].actions
+    if len(words) > 2 or (len(words) == 2 and words[1] not in actions):
+        raise ConfigError(f"submit.verb={cfg.submit.verb!r}: '{words[0]}' takes "
+                          + (f"one action of {', '.join(actions)}" if actions else "no action"))
+    return words
 
 
-def submission_prefix(cfg: PipelineConfig, verb: str) -> str:
-    digest = hashlib.sha256(dump_yaml(cfg).encode()).hexdigest()[:10]
-    return f"raydistill-{verb}-{digest}"
+def submission_prefix(cfg: PipelineConfig, command: list[str]) -> str:
+    """``raydistill-<verb>[-<action>]-<hash of the config without its submit section>``."""
+    data = {k: v for k, v in to_dict(cfg).items() if k != "submit"}
+    digest = hashlib.sha256(yaml.safe_dump(data, sort_keys=False).encode()).hexdigest()[:10]
+    return f"raydistill-{'-'.join(command)}-{digest}"
 
 
 def next_submission_id(existing: list, prefix: str) -> str:
@@ -55,46 +68,62 @@ def next_submission_id(existing: list, prefix: str) -> str:
             continue
         status = str(getattr(job, "status", "")).split(".")[-1]
         if status in _ACTIVE:
-            raise SystemExit(f"raydistill submit: {sid} is still {status}; not submitting a second copy "
-                             f"(stop it with `ray job stop {sid}` first)")
+            raise JobError(f"{sid} is still {status}; not submitting a second copy "
+                           f"(stop it with `ray job stop {sid}` first)")
         attempts.append(int(m.group(1)))
     return f"{prefix}-{max(attempts, default=0) + 1}"
 
 
-def build_job(cfg: PipelineConfig, verb: str, upload_code: bool, workdir: Path) -> dict:
+def build_job(cfg: PipelineConfig, command: list[str], upload_code: bool, workdir: Path) -> dict:
     """The job's working directory contents and runtime env (pure: testable without a cluster)."""
     (workdir / "config.yaml").write_text(dump_yaml(cfg))
     runtime_env: dict = {"working_dir": str(workdir), "env_vars": {"HF_HUB_OFFLINE": "1"}}
+    args = f"{' '.join(command)} --config config.yaml"
     if upload_code:
-        for pkg in ("tasks", "workflows", "cluster"):
-            shutil.copytree(_ROOT / pkg, workdir / pkg, ignore=shutil.ignore_patterns("__pycache__"))
-        entrypoint = f"python -m workflows.cli {verb} --config config.yaml"
+        _copy_package(workdir / "raydistill")
+        entrypoint = f"python -m raydistill {args}"
     else:
-        entrypoint = f"raydistill {verb} --config config.yaml"
+        entrypoint = f"raydistill {args}"
     return {"entrypoint": entrypoint, "runtime_env": runtime_env}
 
 
-def run(cfg: PipelineConfig, args: argparse.Namespace) -> dict:
-    import os
+def _copy_package(dest: Path) -> None:
+    """This raydistill as the installed layout ``raydistill/{tasks,workflows,cluster}`` under ``dest``."""
+    ignore = shutil.ignore_patterns("__pycache__")
+    if not (_HERE / "raydistill").is_dir():  # installed: this directory is the package
+        shutil.copytree(_HERE, dest, ignore=ignore)
+        return
+    shutil.copytree(_HERE / "raydistill", dest, ignore=ignore)
+    for layer in ("tasks", "workflows", "cluster"):
+        shutil.copytree(_HERE / layer, dest / layer, ignore=ignore)
 
+
+def jobs_client(address: str):
+    """The Ray Jobs client for ``address`` (the one network dependency; tests replace it)."""
     from ray.job_submission import JobSubmissionClient
 
-    address = args.address or os.environ.get("RAY_ADDRESS")
+    return JobSubmissionClient(address)
+
+
+def run(cfg: PipelineConfig, action: str | None = None) -> dict:
+    """Submit ``submit.verb`` with this config as a Ray job (``submit.wait``: follow it to the end)."""
+    command = job_command(cfg)
+    s = cfg.submit
+    address = s.address or os.environ.get("RAY_ADDRESS")
     if not address:
-        raise SystemExit("raydistill submit: give --address http://HEAD:8265 or set RAY_ADDRESS")
-    client = JobSubmissionClient(address)
-    prefix = submission_prefix(cfg, args.verb)
-    sid = next_submission_id(client.list_jobs(), prefix)
+        raise ConfigError("submit.address is not set: give submit.address=http://HEAD:8265 or set RAY_ADDRESS")
+    client = jobs_client(address)
+    sid = next_submission_id(client.list_jobs(), submission_prefix(cfg, command))
     with tempfile.TemporaryDirectory(prefix="raydistill-job-") as tmp:
-        job = build_job(cfg, args.verb, args.upload_code, Path(tmp))
+        job = build_job(cfg, command, s.upload_code, Path(tmp))
         client.submit_job(entrypoint=job["entrypoint"], runtime_env=job["runtime_env"], submission_id=sid,
-                          metadata={"raydistill.verb": args.verb, "raydistill.run_dir": cfg.run_dir})
+                          metadata={"raydistill.verb": " ".join(command), "raydistill.run_dir": cfg.run_dir})
     print(f"submitted {sid}: {job['entrypoint']}\n  logs: ray job logs --address {address} -f {sid}")
     result = {"submission_id": sid, "entrypoint": job["entrypoint"], "address": address}
-    if args.wait:
-        result["status"] = _follow(client, sid, args.timeout)
+    if s.wait:
+        result["status"] = _follow(client, sid, s.timeout_s)
         if result["status"] != "SUCCEEDED":
-            raise SystemExit(f"raydistill submit: {sid} ended {result['status']}; resubmit to resume")
+            raise JobError(f"{sid} ended {result['status']}; resubmit to resume")
     return result
 
 

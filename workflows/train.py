@@ -304,22 +304,15 @@ def train_fn_per_worker(config: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------- the verb
 
-def stage_key(cfg: PipelineConfig) -> str:
-    return section_key(cfg, "teacher", "corpus", "cache", "student", "train")
-
-
-def run(cfg: PipelineConfig, args=None) -> dict:
+def run(cfg: PipelineConfig, action: str | None = None) -> dict:
     """``raydistill train``: train (or resume) the student; skipped when done for the same inputs."""
-    from raydistill.cluster.ray_init import init_ray
-    from raydistill.workflows import runinfo, tracking
+    from raydistill.workflows import stage, tracking
 
-    key = stage_key(cfg)
-    done = runinfo.stage_done(cfg, "train", key)
-    if done:
-        print(f"[train] already done for these inputs: {done['outputs']['student_dir']}")
-        return done["outputs"]
-    runinfo.require_stage(cfg, "cache", "train")
-    init_ray(cfg.cluster)
+    started = stage.start(cfg, "train", ray=True)
+    if started.done:
+        print(f"[train] already done for these inputs: {started.done['outputs']['student_dir']}")
+        return started.done["outputs"]
+    key = started.key
     train_dir = Path(cfg.run_dir, "train")
     train_dir.mkdir(parents=True, exist_ok=True)
     run_file = train_dir / "mlflow_run.json"  # an interrupted run continues in the same MLflow run
@@ -337,7 +330,7 @@ def run(cfg: PipelineConfig, args=None) -> dict:
         final = {f"final_{k}": float(v) for k, v in result["metrics"].items() if isinstance(v, (int, float))}
         tracking.log_metrics(final)
     outputs = {**result, "mlflow_run_id": mlrun.info.run_id}
-    runinfo.record_stage(cfg, "train", key, outputs, paths=[result["student_dir"]])
+    stage.record(cfg, "train", key, outputs, paths=[result["student_dir"]])
     m = result["metrics"]
     print(f"[train] done: heldout_loss {m['heldout_loss']:.4f} (init {m['init']['heldout_loss']:.4f}), "
           f"top1_agreement {m['top1_agreement']:.3f}; student → {result['student_dir']}")

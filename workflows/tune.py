@@ -18,16 +18,11 @@ import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
-from raydistill.cluster.ray_init import init_ray
-from raydistill.tasks.config import PipelineConfig, from_dict, resolve_paths, section_key, to_dict
-from raydistill.workflows import runinfo, tracking
+from raydistill.tasks.config import PipelineConfig, from_dict, resolve_paths, to_dict
+from raydistill.workflows import stage, tracking
 
 METRIC, MODE = "heldout_loss", "min"
 TUNED_FIELDS = ("alpha", "temperature", "lr", "loss")
-
-
-def stage_key(cfg: PipelineConfig) -> str:
-    return section_key(cfg, "teacher", "corpus", "cache", "student", "train", "tune")
 
 
 def param_space(cfg: PipelineConfig) -> dict:
@@ -77,15 +72,13 @@ def tune_trial(config: dict, base: dict, parent_run_id: str) -> None:
             tracking.log_metrics({f"final_{k}": float(v) for k, v in final.items()})
 
 
-def run(cfg: PipelineConfig, args=None) -> dict:
+def run(cfg: PipelineConfig, action: str | None = None) -> dict:
     cfg = resolve_paths(cfg)  # trials run in their own working directories
-    key = stage_key(cfg)
-    done = runinfo.stage_done(cfg, "tune", key)
-    if done:
-        print(f"[tune] already done for these inputs: best {done['outputs']['params']}")
-        return done["outputs"]
-    runinfo.require_stage(cfg, "cache", "tune")
-    init_ray(cfg.cluster)
+    started = stage.start(cfg, "tune", ray=True)
+    if started.done:
+        print(f"[tune] already done for these inputs: best {started.done['outputs']['params']}")
+        return started.done["outputs"]
+    key = started.key
     from raydistill.workflows import train
 
     train.prepare_student(cfg)  # the init student is built once; every trial loads it
@@ -132,7 +125,7 @@ def run(cfg: PipelineConfig, args=None) -> dict:
     outputs = {"params": params, "metrics": metrics, "trials": trials, "mlflow_parent_run_id": parent_id}
     (out_dir / "best.json").write_text(json.dumps(outputs, indent=2, default=str))
     print(f"[tune] {len(trials)} trials; best {params} → {METRIC}={metrics.get(METRIC)}")
-    runinfo.record_stage(cfg, "tune", key, outputs, paths=[out_dir / "best.json"])
+    stage.record(cfg, "tune", key, outputs, paths=[out_dir / "best.json"])
     return outputs
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import threading
@@ -12,9 +11,10 @@ import pytest
 import ray
 
 from raydistill.tasks.config import load_config
+from raydistill.tasks.errors import DataError
 from raydistill.tasks.softtargets import check_compatible, open_cache
 from raydistill.workflows import cache
-from raydistill.workflows.runinfo import read_stage
+from raydistill.workflows.stage import read as read_stage
 
 pytestmark = pytest.mark.integration
 
@@ -83,8 +83,8 @@ def test_killed_actor_process_is_restarted_and_every_shard_verifies(tmp_path, ra
     data = bytearray(open(path, "rb").read())
     data[-7] ^= 0xFF
     open(path, "wb").write(bytes(data))
-    with pytest.raises(SystemExit, match=entry["name"]):
-        cache.run(cfg, argparse.Namespace(action="inspect"))
+    with pytest.raises(DataError, match=entry["name"]):
+        cache.run(cfg, "inspect")
     again = cache.run(cfg, None)
     assert again["shards_computed"] == 1 and again["teacher_forwards"] == 1
     assert len(open_cache(cfg.cache_dir).verify()) == 40

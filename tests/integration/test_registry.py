@@ -9,7 +9,7 @@ import torch
 
 from raydistill.tasks.config import ConfigError, GateConfig, load_config
 from raydistill.tasks.quantize import load_quantized
-from raydistill.workflows import promote, quantize, register, runinfo, tracking
+from raydistill.workflows import promote, quantize, register, stage, tracking
 
 pytestmark = pytest.mark.integration
 
@@ -25,7 +25,7 @@ def cfg(tiny_cached, tmp_path_factory):
     teacher, _ = load_teacher(cfg.teacher)
     student_dir = cfg.stage_dir("train") / "student"
     save_student(build_student(cfg.student, teacher), load_tokenizer(cfg.teacher), student_dir)
-    runinfo.record_stage(cfg, "train", "test-train-key", {"student_dir": str(student_dir)}, paths=[student_dir])
+    stage.record(cfg, "train", "test-train-key", {"student_dir": str(student_dir)}, paths=[student_dir])
     return cfg
 
 
@@ -46,9 +46,9 @@ def test_quantize_report_and_resume(cfg, registered):
     assert teacher["heldout_loss"] > 0 and teacher["top1_agreement"] == 1.0
     assert report["ratios"]["size"] < 0.6
     assert abs(int8["heldout_loss"] - fp32["heldout_loss"]) < 0.1
-    before = runinfo.read_stage(cfg, "quantize")["finished_at"]
+    before = stage.read(cfg, "quantize")["finished_at"]
     assert quantize.run(cfg, None)["int8"] == int8  # same inputs: not redone
-    assert runinfo.read_stage(cfg, "quantize")["finished_at"] == before
+    assert stage.read(cfg, "quantize")["finished_at"] == before
 
 
 def test_register_lineage_and_idempotence(cfg, registered, tiny_cached):
@@ -60,9 +60,9 @@ def test_register_lineage_and_idempotence(cfg, registered, tiny_cached):
     mv = client.get_model_version(name, str(reg["version"]))
     tags = mv.tags
     assert tags["teacher.weights_sha256"] == teacher_identity(cfg.teacher)["weights_sha256"]
-    assert tags["cache.key"] == runinfo.read_stage(tiny_cached, "cache")["key"]
+    assert tags["cache.key"] == stage.read(tiny_cached, "cache")["key"]
     assert tags["train.stage_key"] == "test-train-key"
-    assert tags["quantize.stage_key"] == runinfo.read_stage(cfg, "quantize")["key"]
+    assert tags["quantize.stage_key"] == stage.read(cfg, "quantize")["key"]
     assert tags["raydistill.config_sha256"] == register.config_hash(cfg)
     assert float(tags["metric.int8.heldout_loss"]) == pytest.approx(report["int8"]["heldout_loss"])
     assert client.get_model_version_by_alias(name, "challenger").version == mv.version
@@ -125,17 +125,19 @@ def test_promote_gate_then_rollback(cfg, registered):
     quantize.run(cfg2, None)
     v2 = register.run(cfg2, None)["version"]
     assert v2 == v1 + 1
-    assert promote.run(cfg2, type("Args", (), {"version": v2, "rollback": False}))["champion_version"] == v2
+    chosen = load_config("tiny", [f"run_dir={cfg.run_dir}", f"cache.dir={cfg.cache_dir}",
+                                  f"registry.promote_version={v2}"])
+    assert promote.run(chosen)["champion_version"] == v2
     assert int(client.get_model_version_by_alias(name, "previous").version) == v1
 
-    back = promote.run(cfg2, type("Args", (), {"version": None, "rollback": True}))
+    back = promote.run(cfg2, "rollback")
     assert back["champion_version"] == v1 and back["rolled_back_from"] == v2
     assert int(client.get_model_version_by_alias(name, "champion").version) == v1
     assert tracking.alias_version(client, name, "previous") is None
     with pytest.raises(ConfigError, match="no previous champion"):
-        promote.run(cfg2, type("Args", (), {"version": None, "rollback": True}))
+        promote.run(cfg2, "rollback")
     with pytest.raises(ConfigError, match="no version 99"):
-        promote.run(cfg2, type("Args", (), {"version": 99, "rollback": False}))
+        promote.run(load_config("tiny", [f"run_dir={cfg.run_dir}", "registry.promote_version=99"]))
 
 
 @pytest.mark.parametrize("metrics,champion,gate,ok", [

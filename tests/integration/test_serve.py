@@ -14,7 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from raydistill.tasks.config import load_config
 from raydistill.tasks.generate import complete
 from raydistill.tasks.quantize import quantize_dynamic_int8, save_quantized
-from raydistill.workflows import register, runinfo, serve, tracking
+from raydistill.workflows import register, serve, stage, tracking
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +36,7 @@ def register_tiny_version(cfg, tokenizer, seed: int, loss: float) -> int:
     report = {"method": "dynamic_int8", "int8": {"heldout_loss": loss, "top1_agreement": 0.5},
               "fp32": {"heldout_loss": loss}, "teacher": {"heldout_loss": 1.0}}
     (cfg.stage_dir("quantize") / "report.json").write_text(json.dumps(report))
-    runinfo.record_stage(cfg, "quantize", f"test-quantize-{seed}", {"int8_dir": str(int8_dir)})
+    stage.record(cfg, "quantize", f"test-quantize-{seed}", {"int8_dir": str(int8_dir)})
     return register.run(cfg, None)["version"]
 
 

