@@ -19,13 +19,14 @@ windows of ``--seq-len`` tokens, then evaluated on the same held-out windows:
 - ``topk``: KD from the cached top-k log-probs + tail bucket;
 - ``sampled``: KD from the cached sampled targets (N draws per position).
 
-Every method goes through :func:`tasks.online.training_loss`, the objective the training workers run, with the
+Every method goes through :func:`tasks.objective.training_loss`, the objective the training workers run, with the
 same ``--alpha`` and ``--temperature`` for the three KD rows. ``topk``/``sampled`` targets are encoded exactly as
 the cache stage stores them (cache temperature 1; sampled draws seeded per window from ``--seed``) and
 re-tempered to T with ``at_temperature`` (after ``restrict_vocab``, as :mod:`tasks.data` does). Each row starts
 from the same layer-copied student (``torch.manual_seed(seed)``), sees the same windows in the same order, and
-uses the training schedule: AdamW, linear warmup + cosine (:func:`workflows.train.lr_at`), gradient clipping 1.0.
-One process, no Ray, no DeepSpeed.
+uses the training schedule: AdamW, linear warmup + cosine (:func:`tasks.trainloop.lr_at`), gradient clipping 1.0,
+through the workers' step loop (:func:`tasks.trainloop.train_steps` on a plain ``AdamWEngine``). One process, no
+Ray, no DeepSpeed.
 
 Data. The corpus's first ``--tokens`` tokens are packed into windows and split as the cache stage does
 (``--heldout-fraction``, by window hash). Training windows are taken in corpus order; when there are at least
@@ -64,10 +65,10 @@ tighter numbers.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -77,12 +78,12 @@ from raydistill.tasks.config import CacheConfig, ConfigError, CorpusConfig, Stud
 from raydistill.tasks.corpus import build_shards
 from raydistill.tasks.data import Batch, restrict_vocab
 from raydistill.tasks.evaluate import evaluate
-from raydistill.tasks.online import online_teacher, training_loss
+from raydistill.tasks.online import online_teacher
 from raydistill.tasks.students import build_student
 from raydistill.tasks.targetcodec import (CachedTargets, at_temperature, cat_targets, encode_targets,
                                           select_windows, window_generator)
 from raydistill.tasks.teacher import load_teacher, load_tokenizer
-from raydistill.workflows.train import lr_at  # (pure function; importing it starts no Ray)
+from raydistill.tasks.trainloop import AdamWEngine, train_steps
 
 METHODS = ("ce", "online", "topk", "sampled")
 KD_METHODS = ("online", "topk", "sampled")
@@ -281,31 +282,28 @@ def main(argv=None) -> dict:
     def window_ids(step: int) -> list[int]:  # step is 1-based; windows stream in order, cycling
         return [((step - 1) * mb + i) % used for i in range(mb)]
 
-    measured = {}
-    for method in args.methods:
-        tc = config(method)
-        student = fresh_student()
-        online = online_teacher(teacher, student, tc, layer_map=[]) if method == "online" else None
-        opt = torch.optim.AdamW(student.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-        losses = []
-        t0 = time.perf_counter()
-        for step in range(1, steps + 1):
+    def batches(method: str, tc: TrainConfig):
+        """``(Batch, step)`` per step: its windows (in order, cycling) and, for a cached row, their targets at T."""
+        for step in itertools.count(1):
             ids = window_ids(step)
             windows = train[ids]
             targets = None
             if method in cached:
-                parts = [cached[method][w] for w in ids]
-                targets = at_temperature(cat_targets(parts), tc.temperature)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, tc, steps)
-            out = training_loss(student, Batch(windows[:, :-1], windows[:, 1:], targets), tc, online)
-            out["total"].backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), tc.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(out["total"].item())
-            if step % 20 == 0 and step < steps:
-                _log(f"{method}: step {step}/{steps}, {time.perf_counter() - t0:.0f} s, train loss {losses[-1]:.4f}")
+                targets = at_temperature(cat_targets([cached[method][w] for w in ids]), tc.temperature)
+            yield Batch(windows[:, :-1], windows[:, 1:], targets), step
+
+    measured = {}
+    for method in args.methods:
+        tc = config(method)
+        student = fresh_student()
+        online = online_teacher(teacher, tc, layer_map=[]) if method == "online" else None
+        engine = AdamWEngine(student, lr=tc.lr, weight_decay=tc.weight_decay, grad_clip=tc.grad_clip)
+        losses = []
+        t0 = time.perf_counter()
+        for s in train_steps(engine, batches(method, tc), tc, total=steps, online=online):
+            losses.append(s.metrics["loss"])
+            if s.step % 20 == 0 and s.step < steps:
+                _log(f"{method}: step {s.step}/{steps}, {time.perf_counter() - t0:.0f} s, train loss {losses[-1]:.4f}")
         wall_s = time.perf_counter() - t0
         m = evaluate_model(student)
         measured[method] = m
@@ -313,7 +311,7 @@ def main(argv=None) -> dict:
         _log(f"{method}: {wall_s:.1f} s, train loss {sum(tail) / len(tail):.4f} (last {len(tail)} steps), "
              f"heldout_loss {m['heldout_loss']:.4f}, top1_agreement {m['top1_agreement']:.4f}")
         measured[method]["wall_s"] = wall_s
-        del student, opt, online
+        del student, engine, online
 
     rows = [{"method": k, **_round(m), "wall_s": round(m["wall_s"], 1)} for k, m in measured.items()]
     gain_recovered, checks = None, {"every_kd_beats_ce": None, "sampled_recovers_98pct": None}
