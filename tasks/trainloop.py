@@ -114,6 +114,7 @@ class Step:
 
 
 def set_lr(engine, lr: float) -> None:
+    """Set ``lr`` on every param group (DeepSpeed's ZeRO wrappers pass these through to the inner AdamW)."""
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
 
