@@ -12,20 +12,70 @@ start from the same layer-copied student, see the same windows in the same order
 evaluated on the same held-out windows against the exact teacher distribution. One process, no Ray, no
 DeepSpeed.
 
+<<<<<<< HEAD
 Prints one JSON object ``{"rows": [{method, heldout_loss, top1_agreement, ece, kl_to_teacher, wall_s}, …],
 "init", "teacher", "gain_recovered", "checks", "setup"}``; ``gain_recovered[m] = (ce − m) / (ce − online)`` on
 held-out loss; ``checks``: every KD row beats CE-only on loss and agreement, ``sampled`` recovers ≥ 98 % of the
 online gain. docs/benchmarks.md details the data split, timing, how run time scales with ``--steps`` and
 ``--tokens``, and the numbers measured earlier.
+=======
+- ``ce``: cross-entropy on the true next token only (``alpha = 1``, no targets);
+- ``online``: KD from the teacher's full softmax computed inside every step (``train.teacher_mode: online``,
+  no hidden-state matching), the reference the cache formats approximate;
+- ``topk``: KD from the cached top-k log-probs + tail bucket;
+- ``sampled``: KD from the cached sampled targets (N draws per position).
+
+Every method goes through :func:`tasks.objective.training_loss`, the objective the training workers run, with the
+same ``--alpha`` and ``--temperature`` for the three KD rows. ``topk``/``sampled`` targets are encoded exactly as
+the cache stage stores them (cache temperature 1; sampled draws seeded per window from ``--seed``) and
+re-tempered to T with ``at_temperature`` (after ``restrict_vocab``, as :mod:`tasks.data` does). Each row starts
+from the same layer-copied student (``torch.manual_seed(seed)``), sees the same windows in the same order, and
+uses the training schedule: AdamW, linear warmup + cosine (:func:`tasks.trainloop.lr_at`), gradient clipping 1.0,
+through the workers' step loop (:func:`tasks.trainloop.train_steps` on a plain ``AdamWEngine``). One process, no
+Ray, no DeepSpeed.
+
+Data. The corpus's first ``--tokens`` tokens are packed into windows and split as the cache stage does
+(``--heldout-fraction``, by window hash). Training windows are taken in corpus order; when there are at least
+``steps × micro_batch`` of them no window repeats, otherwise they are cycled (``setup.epochs`` > 1). At most
+``--heldout-windows`` held-out windows are used, so evaluation stays cheap. Held-out metrics come from
+:func:`tasks.evaluate.evaluate` against the exact teacher distribution (full log-probs, float16, as a ``full``
+cache stores them): ``heldout_loss``, ``top1_agreement`` with the teacher, ``ece``, ``kl_to_teacher``.
+
+Timing. ``wall_s`` of a row is its training loop (the ``online`` row includes one teacher forward per step; the
+cached rows include re-tempering their targets each step, but not the teacher pre-pass that encodes them, which
+is ``setup.cache_teacher_s``: a cache is computed once and reused by every run). ``setup.total_s`` is the whole
+script. A progress line per method goes to stderr (and a line every 20 steps).
+
+Output: one JSON object ``{"rows": [{method, heldout_loss, top1_agreement, ece, kl_to_teacher, wall_s}, …],
+"init", "teacher", "gain_recovered", "checks", "setup"}``. ``gain_recovered[m]`` is
+``(ce − m) / (ce − online)`` on held-out loss (null when online KD does not beat CE); ``checks`` are the targets:
+every KD row beats CE-only on held-out loss *and* top-1 agreement, and ``sampled`` recovers ≥ 98 % of the online
+gain. With ``--num-samples N1,N2,…`` the ``sampled`` row uses N1 and a row ``sampled_n<N>`` (with its own
+``gain_recovered``) is added for each further N; the checks still read the four issue rows only. The draws of
+each N are seeded as the ``sampled`` row's, so the sweep leaves the other rows unchanged.
+
+Scaling. Cost per training step is roughly linear in ``micro_batch × seq_len`` (student forward + backward);
+the ``online`` row adds one teacher forward per step, and the pre-pass one teacher forward per micro-batch of
+distinct training windows. Total time ≈ rows (4, plus one per swept N) × steps × step cost + the pre-passes
++ an evaluation of the held-out windows per row and two more, so it grows linearly with ``--steps``. To scale
+up, raise ``--steps`` and ``--tokens`` together: non-repeating windows need
+``tokens ≳ steps × micro_batch × seq_len / (1 − heldout_fraction)`` plus a margin for the hash split (the
+script says when it has to cycle); more ``--threads`` shortens every row alike. To scale down, lower
+``--steps`` (and ``--tokens``) or ``--seq-len``. Measured here (2 cores, default student): ≈ 2.5–3.2 s per
+ce/topk/sampled step, ≈ 5.3–7 s per online step, ≈ 1 s per window of teacher pre-pass; the default run takes
+≈ 15 min on idle cores, ``--num-samples 32,64,128`` 25 min, ``--tokens 80000`` ≈ 23 min on busy ones. The
+held-out set is the ``heldout_fraction`` of the same ``--tokens`` (12 windows at the default): raise both for
+tighter numbers.
+>>>>>>> recipe
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -35,14 +85,15 @@ from raydistill.tasks.config import CacheConfig, ConfigError, CorpusConfig, Stud
 from raydistill.tasks.corpus import build_shards
 from raydistill.tasks.data import Batch, restrict_vocab
 from raydistill.tasks.evaluate import evaluate
-from raydistill.tasks.online import online_teacher, training_loss
+from raydistill.tasks.online import online_teacher
 from raydistill.tasks.students import build_student
 from raydistill.tasks.targetcodec import (CachedTargets, at_temperature, cat_targets, encode_targets,
                                           select_windows, window_generator)
 from raydistill.tasks.teacher import load_teacher, load_tokenizer
-from raydistill.workflows.train import lr_at  # (pure function; importing it starts no Ray)
+from raydistill.tasks.trainloop import AdamWEngine, train_steps
 
 METHODS = ("ce", "online", "topk", "sampled")
+WARMUP_FRACTION = 5 / 60  # the measured setup's schedule; fixed here so a new train.steps default cannot move it
 KD_METHODS = ("online", "topk", "sampled")
 METRICS = ("heldout_loss", "top1_agreement", "ece", "kl_to_teacher")
 
@@ -74,7 +125,7 @@ def parse_args(argv=None):
     p.add_argument("--alpha", type=float, default=0.5, help="CE weight of the KD rows")
     p.add_argument("--lr", type=float, default=train.lr, help="peak learning rate")
     p.add_argument("--warmup-steps", type=int, default=None,
-                   help=f"default: the training preset's ratio, steps × {train.warmup_steps}/{train.steps}")
+                   help=f"default: steps × {WARMUP_FRACTION:.4f} (5 of 60 steps, the setup docs/benchmarks.md reports)")
     p.add_argument("--seed", type=int, default=0, help="student init and sampled-target draws")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
@@ -85,7 +136,7 @@ def parse_args(argv=None):
                          f"(got {args.num_samples!r})") from None
     args.num_samples, args.extra_samples = sweep[0], sweep[1:]
     if args.warmup_steps is None:
-        args.warmup_steps = max(1, round(args.steps * train.warmup_steps / train.steps))
+        args.warmup_steps = max(1, round(args.steps * WARMUP_FRACTION))
     _check(args)
     args.methods = [m for m in METHODS if m in args.methods]
     # N of each sampled row: ``sampled`` the first --num-samples, ``sampled_n<N>`` each further one
@@ -239,31 +290,28 @@ def main(argv=None) -> dict:
     def window_ids(step: int) -> list[int]:  # step is 1-based; windows stream in order, cycling
         return [((step - 1) * mb + i) % used for i in range(mb)]
 
-    measured = {}
-    for method in args.methods:
-        tc = config(method)
-        student = fresh_student()
-        online = online_teacher(teacher, student, tc, layer_map=[]) if method == "online" else None
-        opt = torch.optim.AdamW(student.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-        losses = []
-        t0 = time.perf_counter()
-        for step in range(1, steps + 1):
+    def batches(method: str, tc: TrainConfig):
+        """``(Batch, step)`` per step: its windows (in order, cycling) and, for a cached row, their targets at T."""
+        for step in itertools.count(1):
             ids = window_ids(step)
             windows = train[ids]
             targets = None
             if method in cached:
-                parts = [cached[method][w] for w in ids]
-                targets = at_temperature(cat_targets(parts), tc.temperature)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, tc, steps)
-            out = training_loss(student, Batch(windows[:, :-1], windows[:, 1:], targets), tc, online)
-            out["total"].backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), tc.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(out["total"].item())
-            if step % 20 == 0 and step < steps:
-                _log(f"{method}: step {step}/{steps}, {time.perf_counter() - t0:.0f} s, train loss {losses[-1]:.4f}")
+                targets = at_temperature(cat_targets([cached[method][w] for w in ids]), tc.temperature)
+            yield Batch(windows[:, :-1], windows[:, 1:], targets), step
+
+    measured = {}
+    for method in args.methods:
+        tc = config(method)
+        student = fresh_student()
+        online = online_teacher(teacher, tc, layer_map=[]) if method == "online" else None
+        engine = AdamWEngine(student, lr=tc.lr, weight_decay=tc.weight_decay, grad_clip=tc.grad_clip)
+        losses = []
+        t0 = time.perf_counter()
+        for s in train_steps(engine, batches(method, tc), tc, total=steps, online=online):
+            losses.append(s.metrics["loss"])
+            if s.step % 20 == 0 and s.step < steps:
+                _log(f"{method}: step {s.step}/{steps}, {time.perf_counter() - t0:.0f} s, train loss {losses[-1]:.4f}")
         wall_s = time.perf_counter() - t0
         m = evaluate_model(student)
         measured[method] = m
@@ -271,7 +319,7 @@ def main(argv=None) -> dict:
         _log(f"{method}: {wall_s:.1f} s, train loss {sum(tail) / len(tail):.4f} (last {len(tail)} steps), "
              f"heldout_loss {m['heldout_loss']:.4f}, top1_agreement {m['top1_agreement']:.4f}")
         measured[method]["wall_s"] = wall_s
-        del student, opt, online
+        del student, engine, online
 
     rows = [{"method": k, **_round(m), "wall_s": round(m["wall_s"], 1)} for k, m in measured.items()]
     gain_recovered, checks = None, {"every_kd_beats_ce": None, "sampled_recovers_98pct": None}

@@ -2,11 +2,13 @@
 
     python benchmarks/train_step.py --teacher smollm2 --tokens 8192 --steps 3 --threads 1
 
-One process, plain AdamW (no Ray, no DeepSpeed): the per-step compute a worker pays. All three modes go through
-``tasks.online.training_loss``, the objective the training workers run (``ce``: alpha = 1, no targets). ``cached`` uses targets encoded exactly
-as the cache stores them (``--format``, re-tempered to T by ``at_temperature``), computed once before timing;
-``online`` runs the teacher forward inside every step (``tasks.online.teacher_outputs``: inference mode, full
-softmax at T), plus hidden-state matching with ``--hidden-loss mse|cosine`` (projections stepped as in training).
+One process, plain AdamW (no Ray, no DeepSpeed): the per-step compute a worker pays. All three modes run the
+workers' step loop (``tasks.trainloop.train_steps`` on an ``AdamWEngine``: the objective
+``tasks.objective.training_loss``, gradient clipping, AdamW; ``ce``: alpha = 1, no targets). ``cached`` uses targets
+encoded exactly as the cache stores them (``--format``, re-tempered to T by ``at_temperature``), computed once
+before timing; ``online`` runs the teacher forward inside every step (``tasks.online.teacher_outputs``: inference
+mode, full softmax at T), plus hidden-state matching with ``--hidden-loss mse|cosine`` (the projection heads live
+with the student in one ``StudentWithHeads`` and take the same optimizer step, as in training).
 Prints one JSON object: ``ce_step_s``, ``cached_kd_step_s``, ``online_kd_step_s``, ``cached_over_ce``,
 ``online_over_cached`` (+ the setup, with the student's and the teacher's parameter counts). Modes are timed
 interleaved, step by step (ce, cached, online, ce, …), so a change in machine load hits all three alike.
@@ -17,9 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
-import time
-from pathlib import Path
 
 import torch
 
@@ -27,10 +26,11 @@ import torch
 from raydistill.tasks.config import CacheConfig, CorpusConfig, StudentConfig, TeacherConfig, TrainConfig
 from raydistill.tasks.corpus import build_shards
 from raydistill.tasks.data import Batch
-from raydistill.tasks.online import online_teacher, resolve_layer_map, step_projections, training_loss
+from raydistill.tasks.online import online_teacher, resolve_layer_map, student_with_heads
 from raydistill.tasks.students import build_student, resolve_layers
 from raydistill.tasks.targetcodec import at_temperature, encode_targets
 from raydistill.tasks.teacher import load_teacher, load_tokenizer
+from raydistill.tasks.trainloop import AdamWEngine, train_steps
 
 
 def parse_args(argv=None):
@@ -75,41 +75,32 @@ def main(argv=None) -> dict:
     with torch.no_grad():
         cached = [_cached_targets(teacher(input_ids=b[:, :-1]).logits.float(), args) for b in batches]
 
-    online_cfg = TrainConfig(alpha=0.5, temperature=args.temperature, teacher_mode="online",
-                             hidden_loss=args.hidden_loss)
-    cached_cfg = TrainConfig(alpha=0.5, temperature=args.temperature)
-    ce_cfg = TrainConfig(alpha=1.0, temperature=args.temperature)
+    fixed = {"temperature": args.temperature, "lr": 1e-4, "warmup_steps": 0}  # lr does not change the timing
+    online_cfg = TrainConfig(alpha=0.5, teacher_mode="online", hidden_loss=args.hidden_loss, **fixed)
+    cached_cfg = TrainConfig(alpha=0.5, **fixed)
+    ce_cfg = TrainConfig(alpha=1.0, **fixed)
     copied = resolve_layers(args.layers, teacher.config.num_hidden_layers)
     layer_map = resolve_layer_map(None, copied=copied, n_student=len(copied),
                                   n_teacher=teacher.config.num_hidden_layers)
 
     def setup(mode: str):
+        """One step loop per mode; ``next()`` on it takes one timed step."""
+        tc = {"ce": ce_cfg, "cached": cached_cfg, "online": online_cfg}[mode]
         torch.manual_seed(0)
         student = build_student(StudentConfig(layers=args.layers), teacher).train()
-        opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
-        online = online_teacher(teacher, student, online_cfg, layer_map) if mode == "online" else None
-        heads = online.projections if online is not None else None
-        heads_opt = torch.optim.AdamW(heads.parameters(), lr=1e-4) if heads is not None else None
-        return student, opt, online, heads, heads_opt
-
-    def step(mode, state, b, targets) -> float:
-        student, opt, online, heads, heads_opt = state
-        t0 = time.perf_counter()
-        tc = {"ce": ce_cfg, "cached": cached_cfg, "online": online_cfg}[mode]
-        batch = Batch(b[:, :-1], b[:, 1:], targets if mode == "cached" else None)
-        training_loss(student, batch, tc, online)["total"].backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if heads is not None:
-            step_projections(heads, heads_opt, lr=1e-4, grad_clip=1.0)
-        return time.perf_counter() - t0
+        online = online_teacher(teacher, tc, layer_map) if mode == "online" else None
+        model = student_with_heads(student, tc, layer_map, teacher.config.hidden_size)
+        stream = ((Batch(b[:, :-1], b[:, 1:], targets if mode == "cached" else None), i)
+                  for i, (b, targets) in enumerate(zip(batches, cached)))
+        engine = AdamWEngine(model, lr=tc.lr, weight_decay=tc.weight_decay, grad_clip=tc.grad_clip)
+        return student, train_steps(engine, stream, tc, total=n_batches, online=online)
 
     modes = ("ce", "cached", "online")
     states = {m: setup(m) for m in modes}
     times = {m: [] for m in modes}
-    for i, (b, targets) in enumerate(zip(batches, cached)):
+    for i in range(n_batches):
         for m in modes:
-            dt = step(m, states[m], b, targets)
+            dt = next(states[m][1]).seconds
             if i:  # the first step warms up allocators and kernels
                 times[m].append(dt)
     student_params = sum(p.numel() for p in states["ce"][0].parameters())

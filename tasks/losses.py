@@ -376,14 +376,16 @@ def distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor, target
 
 
 def hidden_state_loss(student_states: list[torch.Tensor], teacher_states: list[torch.Tensor],
-                      projections: torch.nn.ModuleList, kind: str = "mse",
+                      projections: torch.nn.ModuleList | None, kind: str = "mse",
                       mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over layer pairs of the distance between projected student and teacher hidden states.
 
     Args:
         student_states (list[torch.Tensor]): per pair ``(B, L, D_s)`` student layer outputs.
         teacher_states (list[torch.Tensor]): per pair ``(B, L, D_t)`` teacher layer outputs (constant).
-        projections (torch.nn.ModuleList): per pair a module ``D_s → D_t`` (a ``Linear``), trained with the student.
+        projections (torch.nn.ModuleList | None): per pair a module ``D_s → D_t`` (a ``Linear``), trained with the
+            student; None: ``student_states`` are projected already (``(B, L, D_t)``, as
+            ``tasks.online.StudentWithHeads`` returns them).
         kind (str): ``mse`` — mean over real tokens and the D_t dims of ``(proj(s) − t)²``; ``cosine`` — mean over
             real tokens of ``1 − cos(proj(s), t)`` (in [0, 2]).
         mask (torch.Tensor | None): ``(B, L)`` bool, True on the tokens that count (default: all).
@@ -392,6 +394,8 @@ def hidden_state_loss(student_states: list[torch.Tensor], teacher_states: list[t
     """
     if kind not in HIDDEN_LOSSES:
         raise ValueError(f"unknown hidden-state loss {kind!r}; choose one of {', '.join(HIDDEN_LOSSES)}")
+    if projections is None:
+        projections = [torch.nn.Identity()] * len(student_states)
     if not len(student_states) == len(teacher_states) == len(projections) > 0:
         raise ValueError(f"need one projection per (student, teacher) state pair, got {len(student_states)} "
                          f"student states, {len(teacher_states)} teacher states, {len(projections)} projections")

@@ -1,13 +1,13 @@
-"""The teacher online: dense KD targets and hidden states computed inside training; the per-micro-batch objective.
+"""The teacher online: dense KD targets and hidden states computed inside training, and the projection heads.
 
     python -m pytest tests/unit/test_online.py
 
-``train.teacher_mode: online``: every worker loads the teacher once (eval mode, frozen) and, for each
-micro-batch — the same windows, in the same order, as cache mode reads from the cache's shards — runs it under
-``torch.inference_mode`` for its full softmax at temperature T (:func:`teacher_outputs`, a ``DenseTargets``).
-Teacher logit rows past the student's are cut off and the rest renormalised (the teacher distribution
-conditioned on the ids the student has; see :mod:`tasks.data`); student rows past the teacher's get teacher
-mass 0 in :func:`tasks.losses.distillation_loss`.
+``train.teacher_mode: online``: every worker loads the teacher once (eval mode, frozen; :func:`online_teacher`)
+and, for each micro-batch — the same windows, in the same order, as cache mode reads from the cache's shards —
+runs it under ``torch.inference_mode`` for its full softmax at temperature T (:func:`teacher_outputs`, a
+``DenseTargets``). Teacher logit rows past the student's are cut off and the rest renormalised (the teacher
+distribution conditioned on the ids the student has; see :mod:`tasks.data`); student rows past the teacher's get
+teacher mass 0 in :func:`tasks.losses.distillation_loss`.
 
 Hidden-state matching (``train.hidden_loss``: ``mse`` | ``cosine``, online only): for each
 ``[student_layer, teacher_layer]`` pair (:func:`resolve_layer_map`) a ``Linear(D_s → D_t)`` projection
@@ -15,12 +15,11 @@ Hidden-state matching (``train.hidden_loss``: ``mse`` | ``cosine``, online only)
 layer's. Layer outputs are taken with forward hooks on the decoder blocks (:func:`capture_layer_outputs`): the
 residual stream *before* the final norm for every layer. (``output_hidden_states=True`` would give the same
 tensors except for the last layer, which Hugging Face replaces by the final-norm output — a student's last layer
-would then be compared post-norm against a teacher middle layer pre-norm.) The projections are replicated on
-every worker, outside DeepSpeed (a few D_s×D_t matrices): :func:`step_projections` averages their gradients
-over ranks and applies their AdamW step. They are training-only: checkpointed with the optimizer state,
-never exported.
+would then be compared post-norm against a teacher middle layer pre-norm.) The projections live with the
+student in one module, :class:`StudentWithHeads`, which the optimizer owns whole (DeepSpeed in the workers:
+gradients averaged over ranks, one AdamW, one checkpoint); they are training-only and never exported.
 
-:func:`training_loss` is the one objective every path uses: cache mode, online mode, the benchmark.
+The objective that combines these is :func:`tasks.objective.training_loss`.
 """
 
 from __future__ import annotations
@@ -31,11 +30,8 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
-import torch.distributed as dist
 
 from raydistill.tasks.config import ConfigError, TrainConfig
-from raydistill.tasks.losses import distillation_loss, hidden_state_loss
-from raydistill.tasks.students import forward_logits
 from raydistill.tasks.targetcodec import DenseTargets
 
 
@@ -134,71 +130,59 @@ def teacher_outputs(teacher: torch.nn.Module, input_ids: torch.Tensor, *, temper
 
 @dataclass
 class OnlineTeacher:
-    """What online training carries besides the student: the frozen teacher, and for hidden-state matching the
-    resolved layer pairs and their projections (``layer_map`` empty, ``projections`` None: no hidden term)."""
+    """The frozen teacher of online training and, for hidden-state matching, the teacher layer matched by each
+    projection of the student's :class:`StudentWithHeads` (empty: no hidden term)."""
 
     model: torch.nn.Module
-    layer_map: list[tuple[int, int]]
-    projections: torch.nn.ModuleList | None = None
+    """A causal LM in eval mode, ``requires_grad`` off."""
+    layers: list[int]
+    """Teacher layer of each layer pair, in the order of ``StudentWithHeads.layers``."""
 
 
-def online_teacher(teacher: torch.nn.Module, student: torch.nn.Module, tc: TrainConfig,
-                   layer_map: list[tuple[int, int]]) -> OnlineTeacher:
-    """Freeze ``teacher``; with ``tc.hidden_loss`` on, build one projection per pair of ``layer_map``."""
+def online_teacher(teacher: torch.nn.Module, tc: TrainConfig, layer_map: list[tuple[int, int]]) -> OnlineTeacher:
+    """Freeze ``teacher``; with ``tc.hidden_loss`` on, it returns the outputs of the teacher side of ``layer_map``."""
     teacher.eval().requires_grad_(False)
-    if tc.hidden_loss == "none":
-        return OnlineTeacher(teacher, [])
-    heads = make_projections(len(layer_map), student.config.hidden_size, teacher.config.hidden_size, seed=tc.seed)
-    return OnlineTeacher(teacher, list(layer_map), heads)
+    return OnlineTeacher(teacher, [] if tc.hidden_loss == "none" else [t for _, t in layer_map])
 
 
-def training_loss(model, batch, tc: TrainConfig, online: OnlineTeacher | None = None) -> dict[str, torch.Tensor]:
-    """The objective of one micro-batch: ``α·CE + (1−α)·T²·KD [+ hidden_weight·hidden]``.
+@dataclass
+class StudentOutput:
+    """What :class:`StudentWithHeads` returns for ``input_ids`` ``(B, L)``."""
 
-    Args:
-        model: the student (plain, PEFT or a DeepSpeed engine).
-        batch: ``tasks.data.Batch``: ``input_ids``/``labels`` ``(B, L)``; ``targets`` the cached targets at T
-            (ignored, may be None, with an online teacher).
-        tc: ``alpha``, ``temperature``, ``loss``, ``beta``, ``skew``, ``hidden_loss``, ``hidden_weight``.
-        online: the teacher run here (None: cache mode).
-    Returns:
-        dict: ``total``, ``ce``, ``kd``, ``hidden`` (0 without hidden matching), ``tokens``.
+    logits: torch.Tensor
+    """``(B, L, V)``; positions of virtual tokens (prompt tuning) dropped."""
+    projected: list[torch.Tensor]
+    """Per projection, ``(B, L, D_t)`` float32: the projected output of its student layer (empty without heads)."""
+
+
+class StudentWithHeads(torch.nn.Module):
+    """The student and the projection heads of hidden-state matching as ONE module, so that whoever owns it
+    (DeepSpeed in the workers: gradients, all-reduce, optimizer step, ZeRO partitions, checkpoint) owns both.
+
+    The heads are training-only: export ``.student``. The forward runs the heads too, so that under ZeRO-3 every
+    parameter is gathered inside the engine's forward. Without heads it is the student with a slimmer output.
     """
-    pairs = online.layer_map if online is not None and online.projections is not None else []
-    length = batch.input_ids.shape[1]
-    with capture_layer_outputs(model, [s for s, _ in pairs]) as student_states:
-        logits = forward_logits(model, batch.input_ids)
-    targets, teacher_states = batch.targets, []
-    if online is not None:
-        targets, teacher_states = teacher_outputs(online.model, batch.input_ids, temperature=tc.temperature,
-                                                  vocab_size=logits.shape[-1], layers=[t for _, t in pairs])
-    out = distillation_loss(logits, batch.labels, targets, alpha=tc.alpha, temperature=tc.temperature,
-                            loss=tc.loss, beta=tc.beta, skew=tc.skew)
-    out["hidden"] = torch.zeros((), dtype=torch.float32)
-    if pairs:
-        states = [student_states[s][:, -length:] for s, _ in pairs]
-        out["hidden"] = hidden_state_loss(states, teacher_states, online.projections, tc.hidden_loss,
-                                          mask=batch.labels != -100)
-        out["total"] = out["total"] + tc.hidden_weight * out["hidden"]
-    return out
+
+    def __init__(self, student: torch.nn.Module, projections: torch.nn.ModuleList | None = None,
+                 layers: list[int] = ()):
+        super().__init__()
+        projections = projections if projections is not None else torch.nn.ModuleList()
+        if len(projections) != len(layers):
+            raise ValueError(f"{len(projections)} projections for {len(layers)} student layers: need one per layer")
+        self.student, self.projections, self.layers = student, projections, list(layers)
+
+    def forward(self, input_ids: torch.Tensor, use_cache: bool = False) -> StudentOutput:
+        length = input_ids.shape[1]
+        with capture_layer_outputs(self.student, self.layers) as states:
+            logits = self.student(input_ids=input_ids, use_cache=use_cache).logits[:, -length:]
+        projected = [proj(states[i][:, -length:].float()) for i, proj in zip(self.layers, self.projections)]
+        return StudentOutput(logits, projected)
 
 
-def step_projections(projections: torch.nn.ModuleList, optimizer: torch.optim.Optimizer, *, lr: float,
-                     grad_clip: float) -> None:
-    """One optimizer step of the (replicated) projections: gradients averaged over ranks, clipped, AdamW at ``lr``."""
-    params = [p for p in projections.parameters() if p.grad is not None]
-    if not params:
-        return
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        dist.all_reduce(flat)
-        flat /= dist.get_world_size()
-        for p, g in zip(params, flat.split([p.numel() for p in params])):
-            p.grad.copy_(g.view_as(p.grad))
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
+def student_with_heads(student: torch.nn.Module, tc: TrainConfig, layer_map: list[tuple[int, int]],
+                       teacher_dim: int) -> StudentWithHeads:
+    """``student`` with one projection per pair of ``layer_map`` when ``tc.hidden_loss`` is on (none otherwise)."""
+    if tc.hidden_loss == "none":
+        return StudentWithHeads(student)
+    heads = make_projections(len(layer_map), student.config.hidden_size, teacher_dim, seed=tc.seed)
+    return StudentWithHeads(student, heads, [s for s, _ in layer_map])

@@ -6,9 +6,12 @@
 Roles: ``prepare_student(cfg)`` (driver, once) loads the teacher, checks the student's tokenizer against it and
 writes the initial student to ``<run_dir>/train/init``; ``train_driver(cfg, …)`` builds the ``TorchTrainer``;
 ``train_fn_per_worker(config)`` is the loop every worker runs. Workers stream the cache's windows
-(:mod:`tasks.data`) and minimise :func:`tasks.online.training_loss`, ``α·CE + (1−α)·T²·KD``: with cached soft
-targets (``train.teacher_mode: cache``), or with a teacher each worker loads once and runs on the same windows
-(``online``; the only mode that adds ``hidden_weight·hidden``, with projection heads trained alongside).
+(:mod:`tasks.data`) through the shared step loop (:func:`tasks.trainloop.train_steps` on the DeepSpeed engine)
+and minimise :func:`tasks.objective.training_loss`, ``α·CE + (1−α)·T²·KD``: with cached soft targets
+(``train.teacher_mode: cache``), or with a teacher each worker loads once and runs on the same windows
+(``online``; the only mode that adds ``hidden_weight·hidden``). DeepSpeed owns the student and its projection
+heads as one module (:class:`tasks.online.StudentWithHeads`): one optimizer, one checkpoint; the export writes
+only the student.
 
 Every report to Ray Train carries held-out metrics (``heldout_loss``, ``top1_agreement``, …: ASHA in
 ``workflows.tune`` needs them); a checkpoint (weights + each rank's AdamW moments as safetensors, each rank's
@@ -22,11 +25,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import shutil
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -35,12 +38,12 @@ from raydistill.tasks.config import (ConfigError, PeftConfig, PipelineConfig, Tr
                                      to_dict)
 from raydistill.tasks.data import DataPosition, heldout_shards, train_batches
 from raydistill.tasks.evaluate import evaluate_sums, finalize
-from raydistill.tasks.online import online_teacher, resolve_layer_map, step_projections, training_loss
+from raydistill.tasks.online import StudentWithHeads, online_teacher, resolve_layer_map, student_with_heads
 from raydistill.tasks.students import load_student, wrap_peft
+from raydistill.tasks.trainloop import Step, checkpoint_step, temperature_warning, train_steps
 from raydistill.workflows import checkpoint as ckpt
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "cluster" / "deepspeed"
-STEP_KEYS = ("loss", "ce", "kd", "lr", "grad_norm", "tokens_per_s")  # + "hidden" with hidden-state matching
 
 
 # ---------------------------------------------------------------------------------------------- driver side
@@ -96,32 +99,6 @@ def deepspeed_config(tc: TrainConfig, world_size: int) -> dict:
     return ds
 
 
-def lr_at(step: int, tc: TrainConfig, total: int) -> float:
-    """Learning rate of optimizer step ``step`` (1-based): linear warmup, then cosine down to 10% of peak."""
-    if step <= tc.warmup_steps:
-        return tc.lr * step / max(1, tc.warmup_steps)
-    progress = min(1.0, (step - tc.warmup_steps) / max(1, total - tc.warmup_steps))
-    return tc.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-
-def report_steps(tc: TrainConfig, steps: int) -> list[int]:
-    """The steps at which workers report to Ray Train (held-out eval; a checkpoint rides on some of them).
-
-    ``len(report_steps(...))`` is the number of results Tune sees per trial (ASHA's ``max_t``).
-    """
-    return [s for s in range(1, steps + 1) if s % tc.eval_every == 0 or s % tc.checkpoint_every == 0 or s == steps]
-
-
-def temperature_warning(cfg: PipelineConfig) -> str | None:
-    """Why training at ``train.temperature`` from this ``sampled`` cache gives a worse student (None: it does not)."""
-    c, tc = cfg.cache, cfg.train
-    if not cfg.retempers_sampled_cache(tc.temperature):
-        return None
-    return (f"train.temperature={tc.temperature} but the sampled cache drew its targets at T={c.temperature}; "
-            f"re-weighting {c.num_samples} draws per position to another temperature is biased and loses the tail "
-            f"(docs/cache-format.md): train at T={c.temperature} for the best student")
-
-
 def train_driver(cfg: PipelineConfig, *, run_name: str, storage_path: str, callbacks=(), steps: int | None = None,
                  output_dir: str | None = None, mlflow_run_id: str | None = None) -> dict:
     """Run distributed training; returns ``{"metrics", "student_dir", "metrics_path", "checkpoint", "steps"}``.
@@ -171,14 +148,19 @@ def _log(message: str) -> None:
     sys.stdout.flush()
 
 
-def _fresh_student(init_dir: str, peft_cfg: PeftConfig, seed: int):
-    torch.manual_seed(seed)  # adapter initialisation: identical on every worker
-    return wrap_peft(load_student(init_dir).train(), peft_cfg)
+def _student(config: dict, cfg: PipelineConfig, teacher_dim: int | None) -> StudentWithHeads:
+    """The initial student (PEFT adapters seeded alike on every worker) with its projection heads, if any."""
+    torch.manual_seed(cfg.train.seed)
+    student = wrap_peft(load_student(config["init_dir"]).train(), cfg.student.peft)
+    if teacher_dim is None:
+        return StudentWithHeads(student)
+    return student_with_heads(student, cfg.train, [tuple(p) for p in config["layer_map"]], teacher_dim)
 
 
-def _evaluate(engine, cache, tc: TrainConfig, rank: int, world: int, vocab: int) -> dict:
+def _evaluate(engine, cache, tc: TrainConfig, rank: int, world: int) -> dict:
     """Held-out metrics over all ranks. ZeRO-3 forwards are collective, so there every rank runs all shards."""
     split = tc.zero_stage != 3 and world > 1
+    vocab = engine.module.student.config.vocab_size
     shards = heldout_shards(cache, rank=rank if split else 0, world_size=world if split else 1, vocab_size=vocab)
     max_windows = None if tc.eval_windows is None else (-(-tc.eval_windows // world) if split else tc.eval_windows)
     sums = evaluate_sums(engine.module, shards, max_windows=max_windows, batch_size=tc.micro_batch_size)
@@ -188,14 +170,71 @@ def _evaluate(engine, cache, tc: TrainConfig, rank: int, world: int, vocab: int)
     return {rename.get(k, k): v for k, v in finalize(sums).items()}
 
 
+def _progress(s: Step, total: int, start: int, began: float) -> str:
+    m = s.metrics
+    eta = (time.perf_counter() - began) / (s.step - start) * (total - s.step)
+    hidden = f" hidden {m['hidden']:.4f}" if "hidden" in m else ""
+    return (f"[train] step {s.step}/{total} loss {m['loss']:.4f} (ce {m['ce']:.3f} kd {m['kd']:.4f}{hidden}) "
+            f"lr {m['lr']:.2e} {m['tokens_per_s']:.0f} tok/s {s.seconds:.1f} s/step eta {int(eta // 60)}m"
+            f"{int(eta % 60):02d}s")
+
+
+def _report(engine, s: Step, *, cfg: PipelineConfig, cache, rank: int, world: int, total: int, init: dict,
+            sink) -> dict:
+    """At a report step: held-out eval (every report carries it: ASHA's metric), then the report to Ray Train,
+    with a checkpoint at ``checkpoint_every`` and at the last step. Returns the reported metrics."""
+    import ray.train
+
+    tc = cfg.train
+    evaluation = _evaluate(engine, cache, tc, rank, world)
+    metrics = {**s.window, **evaluation, "step": s.step}
+    sink.log(evaluation, s.step)
+    if rank == 0:
+        _log(f"[train] eval step {s.step}: heldout_loss {evaluation['heldout_loss']:.4f} "
+             f"top1_agreement {evaluation['top1_agreement']:.3f}")
+    if not checkpoint_step(tc, s.step, total):
+        ray.train.report(metrics)
+        return metrics
+    extra = {"init": init, "metrics": metrics}
+    ckpt_dir = ckpt.write_checkpoint(engine, tc.zero_stage, rank, s.step, s.position, extra)
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir))
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return metrics
+
+
+def _engine(model: StudentWithHeads, tc: TrainConfig, rank: int, world: int, checkpoint) -> tuple:
+    """``(DeepSpeed engine over model, checkpoint state, data position)``, resumed from ``checkpoint`` if any:
+    weights (heads included) go into the module before DeepSpeed partitions it, AdamW moments after."""
+    import deepspeed
+
+    state, optim, position = {"step": 0}, None, DataPosition()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state, optim, position = ckpt.read_checkpoint(d, model, rank, tc.zero_stage)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr,
+                                  weight_decay=tc.weight_decay)  # one AdamW: the student and its heads
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(tc, world))
+    if optim is not None:
+        ckpt.load_optimizer_tensors(engine, optim)
+    return engine, state, position
+
+
+def _metric_sink(config: dict):
+    """Rank 0's per-step MLflow sink; the other ranks get a sink that drops everything without importing MLflow."""
+    if not (config.get("tracking_uri") and config.get("mlflow_run_id")):
+        return SimpleNamespace(log=lambda metrics, step: None)
+    from raydistill.workflows.tracking import MetricSink
+
+    return MetricSink(config["tracking_uri"], config["mlflow_run_id"])
+
+
 def train_fn_per_worker(config: dict) -> None:
-    """One worker's loop: resume, stream micro-batches, KD loss, ZeRO step, eval/report/checkpoint, export."""
+    """One worker: build the student (+ heads) and teacher, resume, run the shared step loop, export."""
     import deepspeed
     import ray.train
 
     from raydistill.tasks.softtargets import open_cache
     from raydistill.tasks.teacher import load_teacher
-    from raydistill.workflows.tracking import MetricSink
 
     deepspeed.utils.logger.setLevel(logging.WARNING)
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # 90 s JIT build; only used for inference
@@ -205,96 +244,35 @@ def train_fn_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(tc.cpus_per_worker)
     cache = open_cache(cfg.cache_dir)
-
-    # resume: weights go into the module before DeepSpeed partitions it; AdamW moments after
-    model = _fresh_student(config["init_dir"], cfg.student.peft, tc.seed)
-    vocab = model.config.vocab_size
-    online = heads = heads_opt = None
+    online = None
     if tc.teacher_mode == "online":  # loaded once per worker; frozen, outside DeepSpeed
-        online = online_teacher(load_teacher(cfg.teacher)[0], model, tc, [tuple(p) for p in config["layer_map"]])
-        heads = online.projections
-    if heads is not None:  # replicated projections with their own AdamW (tasks.online.step_projections)
-        heads_opt = torch.optim.AdamW(heads.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    start, position, state, optim = 0, DataPosition(), {}, None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            state, optim, position = ckpt.read_checkpoint(d, model, rank, tc.zero_stage)
-            if heads is not None:
-                ckpt.read_heads(d, heads, heads_opt)
-        start = state["step"]
-    metrics = state.get("metrics", {})
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr,
-                                  weight_decay=tc.weight_decay)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(tc, world))
-    if optim is not None:
-        ckpt.load_optimizer_tensors(engine, optim)
-    sink = MetricSink(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 else MetricSink(None, None)
+        online = online_teacher(load_teacher(cfg.teacher)[0], tc, [tuple(p) for p in config["layer_map"]])
+    model = _student(config, cfg, online.model.config.hidden_size if online else None)
+    engine, state, position = _engine(model, tc, rank, world, ray.train.get_checkpoint())
+
+    start, metrics = state["step"], state.get("metrics", {})
+    sink = _metric_sink(config if rank == 0 else {})
     if start == 0:
-        init_metrics = _evaluate(engine, cache, tc, rank, world, vocab)
-        sink.log({f"init_{k}": v for k, v in init_metrics.items()}, step=0)
-        state["init"] = init_metrics
+        state["init"] = _evaluate(engine, cache, tc, rank, world)
+        sink.log({f"init_{k}": v for k, v in state["init"].items()}, step=0)
     if rank == 0:
         _log(f"[train] {'resuming at step ' + str(start) if start else 'starting'}: {total} steps, {world} workers, "
              f"ZeRO-{tc.zero_stage}, teacher {tc.teacher_mode}, loss {tc.loss}, alpha {tc.alpha}, T {tc.temperature}"
-             + (f", hidden {tc.hidden_loss} x{tc.hidden_weight} on {config['layer_map']}" if heads else ""))
-
+             + (f", hidden {tc.hidden_loss} x{tc.hidden_weight} on {config['layer_map']}" if model.layers else ""))
     stream = train_batches(cache, rank=rank, world_size=world, micro_batch_size=tc.micro_batch_size,
                            temperature=tc.temperature, seed=tc.seed, start=position, targets=online is None,
-                           vocab_size=vocab)
-    keys = STEP_KEYS + (("hidden",) if heads is not None else ())
-    window, began, reports = [], time.perf_counter(), set(report_steps(tc, total))
-    for step in range(start + 1, total + 1):
-        t0 = time.perf_counter()
-        lr = lr_at(step, tc, total)
-        for group in engine.optimizer.param_groups:
-            group["lr"] = lr
-        sums = torch.zeros(5, dtype=torch.float64)  # total, ce, kd, hidden, tokens
-        for _ in range(tc.grad_accum):
-            batch, position = next(stream)
-            out = training_loss(engine, batch, tc, online)
-            engine.backward(out["total"])  # also the projections' gradients (scaled by 1/grad_accum like the rest)
-            engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
-            sums += torch.tensor([out[k].item() for k in ("total", "ce", "kd", "hidden")] + [batch.tokens],
-                                 dtype=torch.float64)
-        if heads is not None:
-            step_projections(heads, heads_opt, lr=lr, grad_clip=tc.grad_clip)
-        dist.all_reduce(sums)
-        seconds = time.perf_counter() - t0
-        grad_norm = engine.get_global_grad_norm()
-        n = tc.grad_accum * world
-        step_metrics = {"loss": sums[0].item() / n, "ce": sums[1].item() / n, "kd": sums[2].item() / n, "lr": lr,
-                        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                        "tokens_per_s": sums[4].item() / seconds}
-        if heads is not None:
-            step_metrics["hidden"] = sums[3].item() / n
-        sink.log(step_metrics, step)
-        window.append(step_metrics)
+                           vocab_size=model.student.config.vocab_size)
+    began = time.perf_counter()
+    for s in train_steps(engine, stream, tc, total=total, start=start, online=online):
+        sink.log(s.metrics, s.step)
         if rank == 0:
-            eta = (time.perf_counter() - began) / (step - start) * (total - step)
-            hidden = f" hidden {step_metrics['hidden']:.4f}" if heads is not None else ""
-            _log(f"[train] step {step}/{total} loss {step_metrics['loss']:.4f} (ce {step_metrics['ce']:.3f} "
-                 f"kd {step_metrics['kd']:.4f}{hidden}) lr {lr:.2e} {step_metrics['tokens_per_s']:.0f} tok/s "
-                 f"{seconds:.1f} s/step eta {int(eta // 60)}m{int(eta % 60):02d}s")
+            _log(_progress(s, total, start, began))
+        if s.window is not None:
+            metrics = _report(engine, s, cfg=cfg, cache=cache, rank=rank, world=world, total=total,
+                              init=state.get("init"), sink=sink)
 
-        save = step % tc.checkpoint_every == 0 or step == total
-        if step in reports:  # every report carries held-out metrics (ASHA's metric)
-            evaluation = _evaluate(engine, cache, tc, rank, world, vocab)
-            metrics = {**{k: sum(m[k] for m in window) / len(window) for k in keys}, **evaluation, "step": step}
-            window = []
-            sink.log(evaluation, step)
-            if rank == 0:
-                _log(f"[train] eval step {step}: heldout_loss {evaluation['heldout_loss']:.4f} "
-                     f"top1_agreement {evaluation['top1_agreement']:.3f}")
-            extra = {"init": state.get("init"), "metrics": metrics}
-            ckpt_dir = ckpt.write_checkpoint(engine, tc.zero_stage, rank, step, position, extra,
-                                             heads=(heads, heads_opt) if heads is not None else None) if save else None
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir) if save else None)
-            if ckpt_dir:
-                shutil.rmtree(ckpt_dir, ignore_errors=True)
-
-    ckpt.export_student(engine, tc.zero_stage, rank, config["output_dir"],
-                        lambda: _fresh_student(config["init_dir"], cfg.student.peft, tc.seed), config["init_dir"],
+    fresh = lambda: _student(config, cfg, None).student  # noqa: E731  (the exported structure: no heads)
+    ckpt.export_student(engine, tc.zero_stage, rank, config["output_dir"], fresh, config["init_dir"],
                         {**metrics, "step": total, "init": state.get("init")})
     if rank == 0:
         _log(f"[train] student → {Path(config['output_dir']) / 'student'}")

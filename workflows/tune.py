@@ -19,6 +19,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from raydistill.tasks.config import PipelineConfig, from_dict, resolve_paths, to_dict
+from raydistill.tasks.trainloop import report_steps
 from raydistill.workflows import stage, tracking
 
 METRIC, MODE = "heldout_loss", "min"
@@ -33,6 +34,17 @@ def param_space(cfg: PipelineConfig) -> dict:
         "lr": tune.loguniform(*t.lr) if t.lr[0] < t.lr[1] else t.lr[0],
         "loss": tune.choice(t.loss),
     }
+
+
+def asha_limits(cfg: PipelineConfig) -> tuple[int, int]:
+    """ASHA's ``(max_t, grace_period)``, counted in results a trial reports: exactly the report steps train uses
+    (every ``eval_every``, every ``checkpoint_every``, the last step; :func:`tasks.trainloop.report_steps`).
+
+    ``max_t`` sits one past the last report: a trial that reaches its budget finishes on its own (a trial
+    stopped by Tune at ``max_t`` would kill its Train run mid-export).
+    """
+    reports = len(report_steps(cfg.train, cfg.tune.steps))
+    return reports + 1, min(cfg.tune.grace_period, reports)
 
 
 def apply_params(cfg: PipelineConfig, params: dict) -> PipelineConfig:
@@ -85,9 +97,7 @@ def run(cfg: PipelineConfig, action: str | None = None) -> dict:
 
     out_dir = Path(cfg.run_dir, "tune")
     out_dir.mkdir(parents=True, exist_ok=True)
-    # Train reports at every eval and at the last step. ASHA's max_t sits one past that: a trial that
-    # reaches its budget finishes on its own (a trial stopped by Tune kills its Train run mid-export).
-    reports_per_trial = cfg.tune.steps // cfg.train.eval_every + 1
+    max_t, grace_period = asha_limits(cfg)
     cpus_per_trial = cfg.train.num_workers * cfg.train.cpus_per_worker
     concurrent = max(1, int(ray.cluster_resources().get("CPU", 1)) // cpus_per_trial)
 
@@ -102,8 +112,7 @@ def run(cfg: PipelineConfig, action: str | None = None) -> dict:
             tune_config=tune.TuneConfig(
                 metric=METRIC, mode=MODE, num_samples=cfg.tune.num_samples,
                 max_concurrent_trials=concurrent,
-                scheduler=ASHAScheduler(max_t=reports_per_trial + 1,
-                                        grace_period=min(cfg.tune.grace_period, reports_per_trial)),
+                scheduler=ASHAScheduler(max_t=max_t, grace_period=grace_period),
             ),
             run_config=tune.RunConfig(name="search", storage_path=str(out_dir.resolve() / "ray"), verbose=1),
         )

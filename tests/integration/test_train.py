@@ -3,9 +3,9 @@
 Default suite: in-process DeepSpeed checks on a one-process gloo group (checkpoint round-trip for ZeRO 1/2/3
 and 3+offload, the lr schedule reaching the optimizer; no Ray), a refused mismatched cache, and two
 TorchTrainer runs (ZeRO-2, 2 workers: ``raydistill train``; then the same run name continues from its
-checkpoint). Slow: ZeRO-1, ZeRO-3 and ZeRO-3+offload+LoRA end to end, a worker killed mid-run that Ray
-Train restarts from the last checkpoint, and the online teacher with hidden-state MSE (heads checkpointed,
-resumed, not exported).
+checkpoint; in-process again, the shared step loop on ZeRO-2/3 with projection heads). Slow: ZeRO-1, ZeRO-3 and
+ZeRO-3+offload+LoRA end to end, a worker killed mid-run that Ray Train restarts from the last checkpoint, and the
+online teacher with hidden-state MSE (heads checkpointed by DeepSpeed with the student, resumed, not exported).
 """
 
 from __future__ import annotations
@@ -129,8 +129,8 @@ def test_learning_rate_set_on_param_groups_reaches_the_optimizer(stage, tmp_path
     assert not all(torch.equal(before[k], moved[k]) for k in before)
 
 
-def test_deepspeed_config_and_lr_schedule():
-    from raydistill.workflows.train import deepspeed_config, lr_at, report_steps
+def test_deepspeed_config():
+    from raydistill.workflows.train import deepspeed_config
 
     tc = TrainConfig(zero_stage=3, offload=True, micro_batch_size=3, grad_accum=2, grad_clip=0.5, lr=1e-3,
                      warmup_steps=2)
@@ -139,12 +139,51 @@ def test_deepspeed_config_and_lr_schedule():
     assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] is False
     assert deepspeed_config(TrainConfig(zero_stage=1, offload=True), 1)["zero_optimization"]["offload_optimizer"]
-    assert [lr_at(s, tc, 10) for s in (1, 2)] == [5e-4, 1e-3]
-    assert lr_at(10, tc, 10) == pytest.approx(1e-4)
-    assert lr_at(3, tc, 10) > lr_at(6, tc, 10) > lr_at(9, tc, 10)
-    assert report_steps(TrainConfig(eval_every=3, checkpoint_every=3), 4) == [3, 4]
-    assert report_steps(TrainConfig(eval_every=20, checkpoint_every=20), 15) == [15]
-    assert report_steps(TrainConfig(eval_every=2, checkpoint_every=3), 7) == [2, 3, 4, 6, 7]
+    # (lr_at and report_steps moved to tasks.trainloop: tests/unit/test_trainloop.py)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_shared_loop_on_deepspeed_trains_the_heads_and_exports_only_the_student(stage, tmp_path, process_group):
+    """The workers' path in one process: StudentWithHeads under DeepSpeed (ZeRO-3: partitioned, gathered inside
+    the engine's forward), one step of the shared loop with an online teacher and hidden MSE; the full weights
+    carry the trained head, the student's weights do not."""
+    import deepspeed
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from raydistill.tasks.data import Batch
+    from raydistill.tasks.online import online_teacher, student_with_heads
+    from raydistill.tasks.trainloop import train_steps
+    from raydistill.workflows.checkpoint import save_weights
+    from raydistill.workflows.train import deepspeed_config
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+    def llama(seed, hidden):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=hidden, intermediate_size=64,
+                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                            tie_word_embeddings=True))
+
+    tc = TrainConfig(zero_stage=stage, micro_batch_size=2, lr=1e-2, warmup_steps=0, teacher_mode="online",
+                     hidden_loss="mse", hidden_layer_map=[[1, 0]])
+    online = online_teacher(llama(1, 48), tc, [(1, 0)])
+    model = student_with_heads(llama(0, 32), tc, [(1, 0)], teacher_dim=48)
+    head_before = model.projections[0].weight.detach().clone()
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(tc, 1))
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+    stream = iter([(Batch(ids[:, :-1], ids[:, 1:], None), 1)])
+    step = next(train_steps(engine, stream, tc, total=1, online=online))
+    assert step.metrics["hidden"] > 0 and step.window is not None
+
+    full = _weights(engine, stage, tmp_path / "full.safetensors")
+    assert full["projections.0.weight"].shape == (48, 32)
+    assert not torch.equal(full["projections.0.weight"], head_before)  # DeepSpeed stepped the head
+    save_weights(engine, stage, 0, tmp_path / "student.safetensors", module=engine.module.student)
+    student = load_file(str(tmp_path / "student.safetensors"))
+    assert not any(k.startswith("projections") for k in student)
+    assert set(student) == {k.removeprefix("student.") for k in full if k.startswith("student.")}
 
 
 @pytest.fixture(scope="module")
@@ -190,10 +229,10 @@ def test_same_run_name_continues_from_the_checkpoint(trained, capfd):
     """A second run under the same name and storage resumes at the last checkpoint (step 6) and goes on."""
     from mlflow.tracking import MlflowClient
 
-    from raydistill.workflows import train
+    from raydistill.workflows import stage, train
 
     cfg, out = trained
-    result = train.train_driver(cfg, run_name=f"train-{train.stage_key(cfg)[:12]}",
+    result = train.train_driver(cfg, run_name=f"train-{stage.key(cfg, 'train')[:12]}",
                                 storage_path=str(Path(cfg.run_dir, "train", "ray").resolve()), steps=8,
                                 output_dir=str(Path(cfg.run_dir, "resumed")), mlflow_run_id=out["mlflow_run_id"])
     assert result["steps"] == 8
@@ -301,8 +340,9 @@ def test_worker_killed_mid_run_restarts_from_the_last_checkpoint(tiny_cached, tm
 def test_online_teacher_with_hidden_mse_checkpoints_resumes_and_exports_only_the_student(tiny_cached, tmp_path,
                                                                                           capfd):
     """2 workers run the teacher themselves (dense targets) with hidden-state MSE on the default map (student
-    layer 0 ↔ teacher layer 0); the projection and its AdamW state ride in the checkpoint; a continuation
-    resumes them; the exported student has exactly the init's tensors."""
+    layer 0 ↔ teacher layer 0); the projection is a parameter of the module DeepSpeed owns, so it rides in the
+    checkpoint's weights and its AdamW moments in the ranks' optimizer partitions; a continuation resumes them;
+    the exported student has exactly the init's tensors."""
     from safetensors.torch import load_file
 
     from raydistill.workflows import train
@@ -312,9 +352,18 @@ def test_online_teacher_with_hidden_mse_checkpoints_resumes_and_exports_only_the
     out = train.train_driver(cfg, run_name="online", storage_path=str(tmp_path / "ray"))
     m = out["metrics"]
     assert m["step"] == 4 and m["hidden"] > 0 and m["heldout_loss"] < m["init"]["heldout_loss"]
-    heads = load_file(str(Path(out["checkpoint"]) / "heads.safetensors"))
-    assert {k.split(".")[0] for k in heads} == {"param", "exp_avg", "exp_avg_sq", "step"}
-    assert heads["param.0"].shape == (64, 64) and not torch.equal(heads["param.0"], torch.eye(64))  # trained
+    checkpoint = Path(out["checkpoint"])
+    assert not (checkpoint / "heads.safetensors").exists()  # no side file: DeepSpeed's checkpoint has the heads
+    weights = load_file(str(checkpoint / "model.safetensors"))
+    assert [k for k in weights if k.startswith("projections.")] == ["projections.0.weight"]
+    head = weights["projections.0.weight"]
+    assert head.shape == (64, 64) and not torch.equal(head, torch.eye(64))  # trained
+    n_student = sum(v.numel() for k, v in weights.items() if k.startswith("student."))
+    for rank in (0, 1):  # each rank's AdamW partition covers the head's share too (ZeRO-2, 2 workers)
+        optim = load_file(str(checkpoint / f"optim_rank{rank}.safetensors"))
+        assert {k.split(".", 1)[1] for k in optim} == {"step", "exp_avg", "exp_avg_sq"}
+    moments = sum(load_file(str(checkpoint / f"optim_rank{r}.safetensors"))["0.exp_avg"].numel() for r in (0, 1))
+    assert moments >= n_student + head.numel()
     text = "".join(capfd.readouterr())
     assert "teacher online" in text and "hidden mse" in text
 

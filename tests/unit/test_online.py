@@ -1,25 +1,21 @@
-"""Online teacher and vocabularies: dense targets + hidden states from a frozen teacher, the shared objective,
-layer maps and projection checkpoints; padding-row vocabulary mismatches train (online and from a cache),
-a real tokenizer mismatch is refused."""
+"""Online teacher: dense targets + hidden states from a frozen teacher, layer maps, projection heads and the
+student module that carries them; tokenizers: padding rows are accepted, a real mismatch is refused.
+(The objective on these, online and from a cache, is tested in test_objective.py.)"""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from raydistill.tasks.config import (CacheConfig, ConfigError, CorpusConfig, StudentConfig, TeacherConfig,
-                                     TinyModelConfig, TrainConfig)
-from raydistill.tasks.data import Batch, heldout_shards, restrict_vocab, train_batches
-from raydistill.tasks.evaluate import evaluate
-from raydistill.tasks.losses import LOSSES
-from raydistill.tasks.online import (capture_layer_outputs, make_projections, online_teacher, resolve_layer_map,
-                                     step_projections, teacher_outputs, training_loss)
+from raydistill.tasks.config import ConfigError, StudentConfig, TeacherConfig, TinyModelConfig, TrainConfig
+from raydistill.tasks.data import Batch
+from raydistill.tasks.losses import hidden_state_loss
+from raydistill.tasks.online import (StudentWithHeads, capture_layer_outputs, make_projections, resolve_layer_map,
+                                     student_with_heads, teacher_outputs)
 from raydistill.tasks.students import check_vocab, copy_layers, forward_logits, write_init_student
-from raydistill.tasks.targetcodec import at_temperature
 
 WORDS = 40  # tokenizer ids; models may have more (padding) rows
 PAD = 8
@@ -50,10 +46,6 @@ def _llama(rows: int, layers: int = 2, seed: int = 0, pad_mass: bool = False) ->
 def _batch(b=2, length=6, seed=0) -> Batch:
     ids = torch.randint(0, WORDS, (b, length + 1), generator=torch.Generator().manual_seed(seed))
     return Batch(ids[:, :-1], ids[:, 1:], None)
-
-
-def _online_cfg(**kw) -> TrainConfig:
-    return TrainConfig(**{"alpha": 0.0, "temperature": 2.0, "teacher_mode": "online", **kw})
 
 
 # ------------------------------------------------------------------------------------------------ config, maps
@@ -116,142 +108,28 @@ def test_teacher_outputs_cut_extra_rows_renormalise_and_can_be_saved_for_backwar
     assert x.grad is not None
 
 
-@pytest.mark.parametrize("loss", LOSSES)
-def test_a_student_equal_to_the_teacher_has_zero_kd_and_hidden_loss(loss):
-    """All layers copied, fewer output rows: KD and MSE (identity projections) vanish exactly — the teacher
-    distribution is renormalised over the student's ids, not lumped into a tail."""
+def test_student_with_heads_returns_the_students_logits_and_its_projected_layers():
     teacher = _llama(WORDS + PAD, pad_mass=True)
     student = copy_layers(teacher, [0, 1], vocab_size=WORDS).train()
-    tc = _online_cfg(loss=loss, hidden_loss="mse", alpha=0.5)
-    online = online_teacher(teacher, student, tc, resolve_layer_map(None, copied=[0, 1], n_student=2, n_teacher=2))
-    out = training_loss(student, _batch(), tc, online)
-    assert out["kd"].item() == pytest.approx(0.0, abs=1e-5) and out["hidden"].item() == pytest.approx(0.0, abs=1e-8)
-    assert out["total"].item() == pytest.approx(0.5 * out["ce"].item(), rel=1e-4)
-
-
-@pytest.mark.parametrize("loss", LOSSES)
-@pytest.mark.parametrize("hidden", ["mse", "cosine"])
-def test_online_objective_trains_student_and_projections_with_every_kd_loss(loss, hidden):
-    teacher = _llama(WORDS + PAD, layers=2, pad_mass=True)  # teacher has padding rows, student does not
-    student = copy_layers(teacher, [0], vocab_size=WORDS).train()
-    tc = _online_cfg(loss=loss, hidden_loss=hidden, hidden_weight=0.5, alpha=0.2, hidden_layer_map=[[0, -1]])
-    # (the default map, student layer 0 ↔ teacher layer 0, starts at hidden = 0: same input, same weights)
-    online = online_teacher(teacher, student, tc, resolve_layer_map(tc.hidden_layer_map, copied=[0], n_student=1,
-                                                                    n_teacher=2))
-    heads_before = online.projections[0].weight.detach().clone()
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-2)
-    heads_opt = torch.optim.AdamW(online.projections.parameters(), lr=1e-2)
-    batch, totals = _batch(seed=4), []
-    for _ in range(4):
-        out = training_loss(student, batch, tc, online)
-        assert out["hidden"].item() > 0
-        assert out["total"].item() == pytest.approx(0.2 * out["ce"].item() + 0.8 * 4.0 * out["kd"].item()
-                                                     + 0.5 * out["hidden"].item(), rel=1e-5)
-        out["total"].backward()
-        assert all(p.grad is None for p in teacher.parameters())
-        opt.step()
-        opt.zero_grad()
-        step_projections(online.projections, heads_opt, lr=1e-2, grad_clip=1.0)
-        totals.append(out["total"].item())
-    assert totals[-1] < totals[0]
-    assert not torch.equal(online.projections[0].weight, heads_before)
-
-
-def test_online_teacher_with_fewer_rows_than_the_student_trains_the_padding_rows_down():
-    teacher = _llama(WORDS)
-    student = copy_layers(teacher, [0], vocab_size=WORDS + PAD).train()
-    tc = _online_cfg(alpha=0.0)
-    online = online_teacher(teacher, student, tc, [])
-    opt = torch.optim.AdamW(student.parameters(), lr=3e-2)
-    batch = _batch(seed=5)
-
-    def pad_mass():
-        with torch.no_grad():
-            return torch.softmax(forward_logits(student, batch.input_ids), -1)[..., WORDS:].sum(-1).mean().item()
-
-    before = pad_mass()
-    for _ in range(5):
-        training_loss(student, batch, tc, online)["total"].backward()
-        opt.step()
-        opt.zero_grad()
-    assert pad_mass() < 0.5 * before
-
-
-# ------------------------------------------------------------------------------------------------ cache mode
-
-def _cache(tmp_path, teacher, fmt):
-    """A real cache (3 train + 1 held-out shard) of ``teacher``'s targets in ``fmt``."""
-    from raydistill.tasks.softtargets import (add_entry, commit_shard, format_params, new_manifest, open_cache,
-                                              write_manifest)
-    from raydistill.tasks.targetcodec import encode_shard
-
-    cc, length = CacheConfig(format=fmt, num_samples=16, top_k=8), 6
-    manifest = new_manifest({"kind": "test", "weights_sha256": "0", "architecture": {}, "dtype": "float32"}, "tok",
-                            cc, CorpusConfig(seq_len=length))
-    g = torch.Generator().manual_seed(0)
-    for s in range(4):
-        split, key = ("train" if s < 3 else "heldout"), f"{s:064x}"
-        tokens = torch.randint(0, WORDS, (2, length + 1), generator=g).numpy().astype(np.int32)
-        fields, stats, _ = encode_shard(teacher, tokens, split, fmt, format_params(cc), 1.0, 2, key)
-        add_entry(manifest, commit_shard(str(tmp_path), f"s{s}", split, key, tokens, fields, stats, fmt))
-    manifest["complete"] = True
-    write_manifest(str(tmp_path), manifest)
-    return open_cache(str(tmp_path))
-
-
-@pytest.mark.parametrize("fmt", ["sampled", "topk", "full"])
-def test_cache_with_teacher_padding_rows_trains_a_smaller_student(fmt, tmp_path):
-    teacher = _llama(WORDS + PAD, pad_mass=True)
-    cache = _cache(tmp_path, teacher, fmt)
-    raw, _ = next(train_batches(cache, rank=0, world_size=1, micro_batch_size=2, temperature=2.0))
-    student = copy_layers(teacher, [0], vocab_size=WORDS).train()
-    tc = TrainConfig(alpha=0.2, temperature=2.0)
-    with pytest.raises(ValueError, match="restrict_vocab"):  # unrestricted targets reach past the student's rows
-        training_loss(student, raw, tc)
-
-    stream = train_batches(cache, rank=0, world_size=1, micro_batch_size=2, temperature=2.0, vocab_size=WORDS)
-    batch, _ = next(stream)
-    t = batch.targets
-    if fmt == "full":
-        assert t.logprobs.shape[-1] == WORDS and torch.allclose(t.logprobs.logsumexp(-1), torch.zeros(2, 6), atol=1e-5)
-    else:
-        assert int(t.ids.max()) < WORDS and torch.allclose(t.probs.sum(-1) + t.tail, torch.ones(2, 6), atol=1e-5)
-        assert (raw.targets.ids >= WORDS).any()  # the teacher really put mass on its padding ids
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-2)
-    totals = []
-    for _ in range(4):
-        out = training_loss(student, batch, tc)
-        out["total"].backward()
-        opt.step()
-        opt.zero_grad()
-        totals.append(out["total"].item())
-    assert totals[-1] < totals[0]
-    metrics = evaluate(student, heldout_shards(cache, vocab_size=WORDS))
-    assert metrics["kl_to_teacher"] is not None and np.isfinite(metrics["kl_to_teacher"])
-
-
-def test_restricted_full_targets_equal_the_renormalised_teacher(tmp_path):
-    teacher = _llama(WORDS + PAD, pad_mass=True)
-    cache = _cache(tmp_path, teacher, "full")
-    shard = cache.read(cache.shards("train")[0])
-    with torch.no_grad():
-        logits = teacher(input_ids=shard.tokens[:, :-1]).logits
-    got = at_temperature(restrict_vocab(shard.targets(), WORDS), 2.0).logprobs
-    assert torch.allclose(got, torch.log_softmax(logits[..., :WORDS] / 2.0, -1), atol=2e-3)  # float16 storage
-    all_layers = copy_layers(teacher, [0, 1], vocab_size=WORDS)  # the teacher minus its padding rows
-    kl = evaluate(all_layers, heldout_shards(cache, vocab_size=WORDS))["kl_to_teacher"]
-    assert kl == pytest.approx(0.0, abs=1e-4)
-
-
-def test_cache_of_a_smaller_teacher_trains_a_padded_student(tmp_path):
-    teacher = _llama(WORDS)
-    cache = _cache(tmp_path, teacher, "sampled")
-    student = copy_layers(teacher, [0], vocab_size=WORDS + PAD).train()
-    batch, _ = next(train_batches(cache, rank=0, world_size=1, micro_batch_size=2, temperature=1.0,
-                                  vocab_size=WORDS + PAD))
-    out = training_loss(student, batch, TrainConfig(alpha=0.0, temperature=1.0))
-    out["total"].backward()
-    assert torch.isfinite(out["total"]) and student.lm_head.weight.grad[WORDS:].abs().sum() > 0
+    tc = TrainConfig(teacher_mode="online", hidden_loss="mse", hidden_layer_map=[[1, 0], [0, 1]])
+    model = student_with_heads(student, tc, resolve_layer_map(tc.hidden_layer_map, copied=[0, 1], n_student=2,
+                                                              n_teacher=2), teacher_dim=24)
+    assert model.layers == [1, 0] and [h.weight.shape for h in model.projections] == [(24, 16), (24, 16)]
+    assert {k.split(".")[0] for k in model.state_dict()} == {"student", "projections"}  # one module, one owner
+    ids = _batch().input_ids
+    out = model(input_ids=ids)
+    with capture_layer_outputs(student, [0, 1]) as states:
+        logits = forward_logits(student, ids)
+    assert torch.equal(out.logits, logits) and torch.equal(forward_logits(model, ids), logits)
+    for got, layer, head in zip(out.projected, [1, 0], model.projections):
+        assert got.shape == (2, 6, 24) and torch.allclose(got, head(states[layer]))
+    targets = [torch.randn(2, 6, 24) for _ in range(2)]  # the loss on projected states = on raw ones + heads
+    assert torch.allclose(hidden_state_loss(out.projected, targets, None, "cosine"),
+                          hidden_state_loss([states[1], states[0]], targets, model.projections, "cosine"))
+    plain = student_with_heads(student, TrainConfig(), [], teacher_dim=24)
+    assert plain.projections is not None and len(plain.projections) == 0 and plain(input_ids=ids).projected == []
+    with pytest.raises(ValueError, match="one per layer"):
+        StudentWithHeads(student, make_projections(1, 16, 16), layers=[0, 1])
 
 
 # ------------------------------------------------------------------------------------------------ tokenizers
@@ -294,37 +172,3 @@ def test_init_student_with_a_mismatched_student_tokenizer_is_refused(tmp_path, t
     assert info["copied"] == [1] and info["student"]["vocab_rows"] == info["teacher"]["vocab_rows"] == len(
         tiny_tokenizer)
     assert (tmp_path / "init" / "tokenizer.json").exists()
-
-
-# ------------------------------------------------------------------------------------------------ checkpoints
-
-def test_projection_heads_and_their_adamw_state_round_trip(tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    from raydistill.workflows.checkpoint import heads_tensors, load_heads_tensors
-
-    def setup():
-        heads = make_projections(2, 4, 6, seed=1)
-        return heads, torch.optim.AdamW(heads.parameters(), lr=1e-2)
-
-    def step(heads, opt, seed):
-        x = torch.randn(3, 4, generator=torch.Generator().manual_seed(seed))
-        sum(h(x).pow(2).sum() for h in heads).backward()
-        step_projections(heads, opt, lr=1e-2, grad_clip=1.0)
-
-    a, a_opt = setup()
-    for s in range(3):
-        step(a, a_opt, s)
-    save_file(heads_tensors(a, a_opt), str(tmp_path / "heads.safetensors"))
-    step(a, a_opt, 3)
-    b, b_opt = setup()
-    load_heads_tensors(b, b_opt, load_file(str(tmp_path / "heads.safetensors")))
-    step(b, b_opt, 3)
-    assert all(torch.allclose(x, y, atol=1e-7) for x, y in zip(a.parameters(), b.parameters()))
-    c, c_opt = setup()  # weights without the AdamW moments: the next step differs
-    load_heads_tensors(c, c_opt, {k: v for k, v in load_file(str(tmp_path / "heads.safetensors")).items()
-                                  if k.startswith("param.")})
-    step(c, c_opt, 3)
-    assert not all(torch.allclose(x, y, atol=1e-7) for x, y in zip(a.parameters(), c.parameters()))
-    with pytest.raises(RuntimeError, match="hidden_layer_map"):
-        load_heads_tensors(make_projections(1, 4, 6), c_opt, load_file(str(tmp_path / "heads.safetensors")))
