@@ -125,7 +125,7 @@ def parse_args(argv=None):
     p.add_argument("--alpha", type=float, default=0.5, help="CE weight of the KD rows")
     p.add_argument("--lr", type=float, default=train.lr, help="peak learning rate")
     p.add_argument("--warmup-steps", type=int, default=None,
-                   help=f"default: steps × {WARMUP_FRACTION:.4f} (5 of 60 steps, the setup docs/benchmarks.md reports)")
+                   help=f"default: steps × {WARMUP_FRACTION:.4f} (5 of 60: the setup of docs/benchmarks.md)")
     p.add_argument("--seed", type=int, default=0, help="student init and sampled-target draws")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
