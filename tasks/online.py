@@ -36,7 +36,7 @@ import torch.distributed as dist
 from raydistill.tasks.config import ConfigError, TrainConfig
 from raydistill.tasks.losses import distillation_loss, hidden_state_loss
 from raydistill.tasks.students import forward_logits
-from raydistill.tasks.targetcodec import DenseTargets
+from raydistill.tasks.cache.targets import DenseTargets
 
 
 def resolve_layer_map(layer_map: list[list[int]] | None, *, copied: list[int] | None, n_student: int,

@@ -81,11 +81,12 @@ def test_training_warns_when_a_sampled_cache_is_used_at_another_temperature():
     from raydistill.workflows.train import temperature_warning
 
     assert temperature_warning(load_config("tiny")) is None
-    msg = temperature_warning(load_config("tiny", ["train.temperature=2.0"]))
+    lp = "cache.sampled_logprobs=true"  # re-tempering a sampled cache needs its log-probs (else a config error)
+    msg = temperature_warning(load_config("tiny", [lp, "train.temperature=2.0"]))
     assert "train.temperature=2.0" in msg and "T=1.0" in msg
     for other in (["cache.format=topk"], ["train.teacher_mode=online"],
                   ["cache.temperature=2.0", "tune.temperature=[2.0]"]):
-        assert temperature_warning(load_config("tiny", ["train.temperature=2.0", *other])) is None
+        assert temperature_warning(load_config("tiny", [lp, "train.temperature=2.0", *other])) is None
 
 
 def test_unknown_key_in_yaml_file(tmp_path):

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from raydistill.tasks.evaluate import evaluate, evaluate_sums, finalize, model_size_bytes
-from raydistill.tasks.targetcodec import CachedTargets
+from raydistill.tasks.cache.targets import CachedTargets
 
 V, L = 11, 6
 
