@@ -32,13 +32,14 @@ from pathlib import Path
 import torch
 
 
-from raydistill.tasks.cachestore import Store, stored_sizes
+from raydistill.tasks.cache.encode import encode_shard, window_generator
+from raydistill.tasks.cache.formats import format_params, get_format, sampled
+from raydistill.tasks.cache.manifest import add_entry, new_manifest, write_manifest
+from raydistill.tasks.cache.shards import commit_shard, open_cache
+from raydistill.tasks.cache.store import Store, stored_sizes
+from raydistill.tasks.cache.targets import CachedTargets, at_temperature
 from raydistill.tasks.config import CacheConfig, CorpusConfig, TeacherConfig
 from raydistill.tasks.corpus import build_shards
-from raydistill.tasks.softtargets import (add_entry, commit_shard, format_params, new_manifest, open_cache,
-                                          write_manifest)
-from raydistill.tasks.targetcodec import (CachedTargets, at_temperature, decode_rows, encode_sampled,
-                                          encode_shard, window_generator)
 from raydistill.tasks.teacher import load_teacher, load_tokenizer, smollm2_gguf
 
 CHUNK = 2  # windows per dense [w, L, V] fidelity computation (bounded memory)
@@ -54,6 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--num-samples", default=str(CacheConfig().num_samples),
                    help="N of sampled; a comma list sweeps N (the first is reported as formats.sampled)")
+    p.add_argument("--sampled-logprobs", action=argparse.BooleanOptionalAction,
+                   default=CacheConfig().sampled_logprobs,
+                   help="sampled: store the drawn ids' log-probs (needed for the T = 2 / T = 0.5 measures; default: "
+                        "the cache.sampled_logprobs default)")
     p.add_argument("--top-k", type=int, default=32)
     p.add_argument("--formats", default="sampled,topk,full")
     p.add_argument("--threads", type=int, default=2)
@@ -80,10 +85,9 @@ def fidelity(q: torch.Tensor, logits: torch.Tensor, T: float) -> tuple[float, fl
     return float(kl.sum()), float(tv.sum())
 
 
-def _sampled_targets(fields: dict, windows: slice, L: int, n: int) -> CachedTargets:
+def _sampled_targets(fields: dict, windows: slice, L: int, params: sampled.Params) -> CachedTargets:
     """Encoder output (exact log-probs) of some windows as CachedTargets."""
-    t = decode_rows("sampled", fields, slice(windows.start * L, windows.stop * L), L)
-    return CachedTargets("sampled", 1.0, t["ids"], t["logprobs"], t["counts"], None, n)
+    return sampled.decode(fields, slice(windows.start * L, windows.stop * L), L, params, 1.0, None)
 
 
 def _tv(a, b, T: float, vocab: int) -> float:
@@ -102,8 +106,8 @@ def main(argv=None) -> dict:
     ns = [int(n) for n in args.num_samples.split(",")]
     configs = {}  # label → CacheConfig
     if "sampled" in wanted:
-        configs.update({("sampled" if i == 0 else f"sampled_n{n}"): CacheConfig(format="sampled", num_samples=n)
-                        for i, n in enumerate(ns)})
+        configs.update({("sampled" if i == 0 else f"sampled_n{n}"): CacheConfig(
+            format="sampled", num_samples=n, sampled_logprobs=args.sampled_logprobs) for i, n in enumerate(ns)})
     configs.update({f: CacheConfig(format=f, top_k=args.top_k) for f in ("topk", "full") if f in wanted})
     keys = ("kl", "tv", "kl_t2", "tv_t2", "tv_quantisation_t2", "tv_redraw_t2", "tv_quantisation_t0.5",
             "tv_redraw_t0.5", "entries")
@@ -120,31 +124,34 @@ def main(argv=None) -> dict:
         W, L, V = logits.shape
         tokens += W * L
         for label, cfg in configs.items():
-            fmt = cfg.format
-            fields, stats, _ = encode_shard(_Fixed(logits, args.batch_size), spec.tokens, spec.split, fmt,
-                                            format_params(cfg), 1.0, args.batch_size, spec.content_hash)
+            params = format_params(cfg)
+            # the sampled estimator's own diagnostics (re-tempering needs stored log-probs)
+            draws = isinstance(params, sampled.Params)
+            retemper = not draws or params.logprobs
+            fields, stats, _ = encode_shard(_Fixed(logits, args.batch_size), spec.tokens, spec.split, params, 1.0,
+                                            args.batch_size, spec.content_hash)
             entry = commit_shard(str(tmp / label), spec.name, spec.split, spec.content_hash, spec.tokens, fields,
-                                 stats, fmt)
+                                 stats, params)
             add_entry(manifests[label], entry)
             write_manifest(str(tmp / label), manifests[label])
             for name, size in stored_sizes(Store(str(tmp / label)).read(entry["file"])).items():
                 parts[label][name] = parts[label].get(name, 0) + size
             shard = open_cache(str(tmp / label)).read(entry)
             s = sums[label]
-            if fmt == "sampled":
-                n = cfg.num_samples
-                s["entries"] += len(fields["ids"])
-                redraw = encode_sampled(logits, n, 1.0, [window_generator(spec.content_hash + "/redraw", i)
-                                                         for i in range(W)])
+            s["entries"] += get_format(params.format).entries(fields)
+            if draws and retemper:
+                exact_params = sampled.Params(params.num_samples, params.seed, logprobs=True)
+                redraw = sampled.encode(logits, exact_params, 1.0, [window_generator(spec.content_hash + "/redraw", i)
+                                                                    for i in range(W)])
             for a in range(0, W, CHUNK):
                 w = slice(a, min(a + CHUNK, W))
                 targets = shard.targets(w)
-                for T, suffix in ((1.0, ""), (2.0, "_t2")):
+                for T, suffix in ((1.0, ""), (2.0, "_t2"))[:2 if retemper else 1]:
                     kl, tv = fidelity(dense_q(targets, T, V), logits[w], T)
                     s["kl" + suffix] += kl
                     s["tv" + suffix] += tv
-                if fmt == "sampled":
-                    exact, other = _sampled_targets(fields, w, L, n), _sampled_targets(redraw, w, L, n)
+                if draws and retemper:
+                    exact, other = _sampled_targets(fields, w, L, params), _sampled_targets(redraw, w, L, params)
                     for T, suffix in ((2.0, "_t2"), (0.5, "_t0.5")):
                         s["tv_quantisation" + suffix] += _tv(targets, exact, T, V)
                         s["tv_redraw" + suffix] += _tv(exact, other, T, V)
@@ -162,14 +169,18 @@ def main(argv=None) -> dict:
                "components": {k: round(v / tokens, 2) for k, v in sorted(parts[label].items())},
                "decode_ms": {"min": round(min(times), 1), "median": round(statistics.median(times), 1)},
                "decode_shard_tokens": big["tokens"]}
+        params = format_params(cfg)
+        draws = isinstance(params, sampled.Params)
+        retemper = not draws or params.logprobs
         for k, v in sums[label].items():
-            if cfg.format == "sampled" or k in ("kl", "tv", "kl_t2", "tv_t2"):
+            if draws or k in ("kl", "tv", "kl_t2", "tv_t2"):
                 name = {"entries": "unique_per_position"}.get(k, k)
                 name = {"kl": "kl_to_teacher", "tv": "tv_to_teacher", "kl_t2": "kl_to_teacher_t2",
                         "tv_t2": "tv_to_teacher_t2"}.get(name, name)
-                out[name] = round(v / tokens, 5 if k != "entries" else 2)
-        if cfg.format == "sampled":
-            out = {"num_samples": cfg.num_samples, **out}
+                measured = retemper or k in ("kl", "tv", "entries")  # no log-probs: targets at T_c only
+                out[name] = round(v / tokens, 5 if k != "entries" else 2) if measured else None
+        if draws:
+            out = {"num_samples": params.num_samples, "logprobs": params.logprobs, **out}
         result["formats"][label] = out
     if len(ns) > 1 and "sampled" in configs:
         result["sampled_sweep"] = {n: result["formats"]["sampled" if i == 0 else f"sampled_n{n}"]["bytes_per_token"]

@@ -83,12 +83,13 @@ import torch
 
 from raydistill.tasks.config import CacheConfig, ConfigError, CorpusConfig, StudentConfig, TeacherConfig, TrainConfig
 from raydistill.tasks.corpus import build_shards
-from raydistill.tasks.data import Batch, restrict_vocab
+from raydistill.tasks.cache.encode import encode_targets, window_generator
+from raydistill.tasks.cache.formats import sampled, topk
+from raydistill.tasks.cache.targets import CachedTargets, at_temperature, cat_targets, restrict_vocab, select_windows
+from raydistill.tasks.data import Batch
 from raydistill.tasks.evaluate import evaluate
 from raydistill.tasks.online import online_teacher
 from raydistill.tasks.students import build_student
-from raydistill.tasks.targetcodec import (CachedTargets, at_temperature, cat_targets, encode_targets,
-                                          select_windows, window_generator)
 from raydistill.tasks.teacher import load_teacher, load_tokenizer
 from raydistill.tasks.trainloop import AdamWEngine, train_steps
 
@@ -215,7 +216,7 @@ def _encode_cached(teacher, train: torch.Tensor, used: int, args, vocab_size: in
             logits = teacher(input_ids=train[a:b, :-1], use_cache=False).logits.float()
         for row in fmts:
             n = args.draws.get(row)
-            t = encode_targets(logits, "sampled" if n else "topk", num_samples=n, top_k=args.top_k,
+            t = encode_targets(logits, sampled.Params(num_samples=n) if n else topk.Params(top_k=args.top_k),
                                generators=[window_generator(key, w) for w in range(a, b)])
             out[row].extend(restrict_vocab(select_windows(t, i), vocab_size) for i in range(b - a))
     return out

@@ -23,12 +23,14 @@ import statistics
 import torch
 
 
+from raydistill.tasks.cache.encode import encode_targets
+from raydistill.tasks.cache.formats import format_params
+from raydistill.tasks.cache.targets import at_temperature
 from raydistill.tasks.config import CacheConfig, CorpusConfig, StudentConfig, TeacherConfig, TrainConfig
 from raydistill.tasks.corpus import build_shards
 from raydistill.tasks.data import Batch
 from raydistill.tasks.online import online_teacher, resolve_layer_map, student_with_heads
 from raydistill.tasks.students import build_student, resolve_layers
-from raydistill.tasks.targetcodec import at_temperature, encode_targets
 from raydistill.tasks.teacher import load_teacher, load_tokenizer
 from raydistill.tasks.trainloop import AdamWEngine, train_steps
 
@@ -55,7 +57,9 @@ def parse_args(argv=None):
 def _cached_targets(logits: torch.Tensor, args) -> object:
     """Encode teacher logits ``(B, L, V)`` the way the cache does, decode, re-temper to ``args.temperature``."""
     gens = [torch.Generator().manual_seed(i) for i in range(logits.shape[0])]
-    cached = encode_targets(logits, args.format, num_samples=args.num_samples, top_k=args.top_k, generators=gens)
+    params = format_params(CacheConfig(format=args.format, num_samples=args.num_samples, top_k=args.top_k,
+                                       sampled_logprobs=True))  # log-probs kept: --temperature may differ from T_c
+    cached = encode_targets(logits, params, generators=gens)
     return at_temperature(cached, args.temperature)
 
 

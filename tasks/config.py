@@ -112,9 +112,10 @@ class CacheConfig:
     """Where the cache lives: a local path or an object-store URI (``s3://…``). Default: ``<run_dir>/cache``."""
     format: Literal["sampled", "topk", "full"] = "sampled"
     """``sampled`` (random-sampled targets, unbiased), ``topk`` (k largest + tail bucket), ``full`` (exact)."""
-    num_samples: int = 32
-    """N, draws per position for ``sampled``. Bytes/token grow with the unique ids the draws keep; measured
-    sizes per N are in docs/cache-format.md."""
+    num_samples: int = 64
+    """N, draws per position for ``sampled``. Bytes/token grow with the unique ids the draws keep. The default
+    (with ``sampled_logprobs: false``) is chosen to meet the cache's size and quality targets; docs/cache-format.md
+    states them and the measured sizes and gains per N."""
     top_k: int = 32
     """k for ``topk``."""
     temperature: float = 1.0
@@ -127,10 +128,11 @@ class CacheConfig:
     """CPUs (= torch threads) per teacher actor."""
     seed: int = 0
     """Seed of the sampling (per shard it is mixed with the shard key: reruns draw the same)."""
-    sampled_logprobs: bool = True
+    sampled_logprobs: bool = False
     """``sampled``: also store each sampled id's T=1 log-prob (a few bytes/token more), so training may use a
-    temperature other than ``temperature`` and logs an unbiased KL(teacher‖student) as ``kd``; false = smallest
-    cache, targets only at ``temperature``, and ``kd`` overstates the KL by the draws' entropy deficit."""
+    temperature other than ``temperature`` and logs an unbiased KL(teacher‖student) as ``kd``; false (the default)
+    = smallest cache, targets only at ``temperature`` (training at another temperature is a config error), and
+    ``kd`` overstates the KL by the draws' entropy deficit."""
 
     def __post_init__(self):
         _positive(self, "num_samples", "top_k", "batch_size", "num_actors", "cpus_per_actor")

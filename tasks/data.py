@@ -14,22 +14,22 @@ With ``targets=False`` (online teacher) the same windows come without cached tar
 
 Vocabulary. A student with fewer embedding rows than the teacher (the teacher's extra rows are padding: the
 tokenizers agree on every shared id, :func:`tasks.students.check_vocab`) gets the teacher distribution
-*conditioned on the ids it has*: :func:`restrict_vocab` drops the teacher's mass on ids ≥ the student's rows and
-renormalises the rest (for ``topk`` the tail bucket keeps whatever padding mass it held: it cannot be split).
+*conditioned on the ids it has*: :func:`tasks.cache.targets.restrict_vocab` drops the teacher's mass on ids ≥ the
+student's rows and renormalises the rest (each format's module says how; ``topk``'s tail bucket keeps whatever
+padding mass it held: it cannot be split).
 A student with more rows than the teacher needs nothing here: its extra rows get teacher mass 0 in the loss.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
 
-from raydistill.tasks.targetcodec import CachedTargets, at_temperature, cat_targets, sampled_log_weights
+from raydistill.tasks.cache.targets import CachedTargets, at_temperature, cat_targets, restrict_vocab
 
 
 @dataclass(frozen=True)
@@ -71,48 +71,6 @@ def epoch_shards(entries: list, epoch: int, rank: int, world_size: int, seed: in
     return [entries[i] for i in order[rank::world_size]]
 
 
-def _log_kept_mass(cached: CachedTargets, keep: torch.Tensor) -> torch.Tensor:
-    """``[..., 1]``: log of the teacher's T=1 mass on the kept ids of a ``sampled`` row, estimated from its draws
-    with :func:`~tasks.targetcodec.sampled_log_weights` (at T_c = 1: the kept share of the draws). 0 for a row
-    with no draws kept (it has no targets left)."""
-    logw = sampled_log_weights(cached)
-    log_kept = torch.logsumexp(torch.where(keep, logw, -math.inf), dim=-1, keepdim=True) \
-        - torch.logsumexp(logw, dim=-1, keepdim=True)
-    return torch.where(torch.isfinite(log_kept), log_kept, 0.0).float()
-
-
-def restrict_vocab(cached: CachedTargets, vocab_size: int) -> CachedTargets:
-    """The cached teacher distribution conditioned on ids ``< vocab_size`` (see the module doc).
-
-    ``full``: log-probs ``[..., V']`` cut to ``[..., vocab_size]`` and renormalised. ``sampled``: draws of dropped
-    ids removed (id 0, count 0), the remaining counts rescaled to sum to N per row, the stored log-probs
-    conditioned on the kept ids too (so ``kl_offset`` estimates the conditioned teacher's KL). ``topk``: dropped
-    ids get log-prob −inf (their slots move to the front so the last slot stays the smallest kept log-prob, which
-    ``at_temperature`` uses to re-temper the tail); ``at_temperature`` renormalises top-k + tail jointly.
-    Targets whose vocabulary is not larger are returned unchanged.
-    """
-    if cached.format == "full":
-        if cached.logprobs.shape[-1] <= vocab_size:
-            return cached
-        return dataclasses.replace(cached, logprobs=torch.log_softmax(cached.logprobs[..., :vocab_size], dim=-1),
-                                   vocab_size=vocab_size)
-    keep = cached.ids < vocab_size
-    if bool(keep.all()) and (cached.vocab_size is None or cached.vocab_size <= vocab_size):
-        return cached
-    ids, lp = torch.where(keep, cached.ids, 0), cached.logprobs
-    if lp is not None:
-        lp = torch.where(keep, lp, -math.inf)
-    if cached.format == "sampled":
-        counts = torch.where(keep, cached.counts, 0.0)
-        counts = counts * (float(cached.num_samples) / counts.sum(-1, keepdim=True).clamp(min=1e-12))
-        if lp is not None:  # T=1 log-probs of the conditioned teacher: minus log(kept mass), estimated from the draws
-            lp = lp - _log_kept_mass(cached, keep)
-        return dataclasses.replace(cached, ids=ids, logprobs=lp, counts=counts, vocab_size=vocab_size)
-    order = torch.sort(torch.where(keep, lp, math.inf), dim=-1, descending=True, stable=True).indices
-    return dataclasses.replace(cached, ids=ids.gather(-1, order), logprobs=lp.gather(-1, order),
-                               vocab_size=vocab_size)
-
-
 def _make_batch(pieces: list[tuple[Any, int, int]], temperature: float, targets: bool,
                 vocab_size: int | None) -> Batch:
     tokens = torch.cat([shard.tokens[a:b] for shard, a, b in pieces])
@@ -130,7 +88,7 @@ def train_batches(cache, *, rank: int, world_size: int, micro_batch_size: int, t
     """Endless ``(batch, position_after)`` pairs from this worker's train shards (see the module doc).
 
     Args:
-        cache: an opened cache (``tasks.softtargets.Cache``): ``shards("train")`` entries and ``read(entry)``.
+        cache: an opened cache (``tasks.cache.shards.Cache``): ``shards("train")`` entries and ``read(entry)``.
         rank, world_size: this worker and the number of workers.
         micro_batch_size: windows per batch; a batch may take windows from two consecutive shards.
         temperature: training temperature T the targets are converted to.

@@ -15,7 +15,7 @@ with the same fields) and returns plain floats:
 
 A shard-like item needs ``tokens`` (``[W, L+1]`` ids; the model reads ``tokens[:, :-1]``, labels are
 ``tokens[:, 1:]``); optional ``teacher_top1`` (``[W, L]``) and ``targets(window_slice)`` (cached targets of
-those windows, ``tasks.targetcodec.CachedTargets``). A metric whose teacher field is missing is ``None``.
+those windows, ``tasks.cache.targets.CachedTargets``). A metric whose teacher field is missing is ``None``.
 
 For distributed evaluation, each rank calls :func:`evaluate_sums` on its own shards, the sums are added
 across ranks (``all_reduce``) and :func:`finalize` turns them into the metrics.
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from raydistill.tasks.losses import divergence, sparse_buckets
 from raydistill.tasks.students import forward_logits
-from raydistill.tasks.targetcodec import DenseTargets, at_temperature
+from raydistill.tasks.cache.targets import DenseTargets, at_temperature
 
 ECE_BINS = 15
 SUM_KEYS = ("nll", "tokens", "agree", "agree_tokens", "kl", "kl_tokens", "seconds")

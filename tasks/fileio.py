@@ -9,7 +9,7 @@ behind, never a damaged target.
     with replace_dir(out / "student") as staging:   # build the whole directory, then swap it in
         model.save_pretrained(staging)
 
-Object stores (the cache's ``s3://…``) are ``tasks.cachestore``'s concern: a PUT is atomic there already.
+Object stores (the cache's ``s3://…``) are ``tasks.cache.store``'s concern: a PUT is atomic there already.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from typing import Iterator
 import torch
 
 from raydistill.tasks.config import ConfigError, TrainConfig
-from raydistill.tasks.targetcodec import DenseTargets
+from raydistill.tasks.cache.targets import DenseTargets
 
 
 def resolve_layer_map(layer_map: list[list[int]] | None, *, copied: list[int] | None, n_student: int,

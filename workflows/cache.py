@@ -19,12 +19,14 @@ import uuid
 import ray
 from tqdm import tqdm
 
-from raydistill.tasks.cachestore import Store
+from raydistill.tasks.cache.formats import format_params
+from raydistill.tasks.cache.manifest import (MANIFEST, SHARD_DIR, CacheCorruptError, add_entry, cache_key, new_manifest,
+                                             shard_file, shard_key, write_manifest)
+from raydistill.tasks.cache.shards import entry_from_file, open_cache
+from raydistill.tasks.cache.store import Store
 from raydistill.tasks.config import PipelineConfig
 from raydistill.tasks.corpus import build_shards
 from raydistill.tasks.errors import DataError
-from raydistill.tasks.softtargets import (MANIFEST, SHARD_DIR, CacheCorruptError, add_entry, entry_from_file,
-                                          format_params, new_manifest, open_cache, shard_file, shard_key, write_manifest)
 from raydistill.tasks.teacher import load_tokenizer, teacher_identity, tokenizer_hash
 from raydistill.workflows import stage
 
@@ -51,14 +53,14 @@ class TeacherActor:
 
     def compute(self, cache_dir: str, name: str, split: str, key: str, tokens, cache_cfg) -> tuple[dict, int, float]:
         """Encode and commit one shard; returns (manifest entry, teacher forwards performed, seconds)."""
-        from raydistill.tasks.softtargets import commit_shard
-        from raydistill.tasks.targetcodec import encode_shard
+        from raydistill.tasks.cache.encode import encode_shard
+        from raydistill.tasks.cache.shards import commit_shard
 
         t0 = time.perf_counter()
-        fields, stats, forwards = encode_shard(self.model, tokens, split, cache_cfg.format,
-                                               format_params(cache_cfg), cache_cfg.temperature,
+        params = format_params(cache_cfg)
+        fields, stats, forwards = encode_shard(self.model, tokens, split, params, cache_cfg.temperature,
                                                cache_cfg.batch_size, key)
-        entry = commit_shard(cache_dir, name, split, key, tokens, fields, stats, cache_cfg.format)
+        entry = commit_shard(cache_dir, name, split, key, tokens, fields, stats, params)
         return entry, forwards, time.perf_counter() - t0
 
 
@@ -68,8 +70,7 @@ def plan(cfg: PipelineConfig) -> tuple[dict, list]:
     identity, tok_hash = teacher_identity(cfg.teacher), tokenizer_hash(tok)
     specs = build_shards(cfg.corpus, tok)
     params = format_params(cfg.cache)
-    keyed = [(s, shard_key(identity, tok_hash, s.content_hash, cfg.cache.format, params, cfg.cache.temperature))
-             for s in specs]
+    keyed = [(s, shard_key(identity, tok_hash, s.content_hash, params, cfg.cache.temperature)) for s in specs]
     manifest = new_manifest(identity, tok_hash, cfg.cache, cfg.corpus)
     manifest["planned_shards"] = len(keyed)
     return manifest, keyed
@@ -176,7 +177,7 @@ def run(cfg: PipelineConfig, action: str | None = None) -> dict:
     write_manifest(cfg.cache_dir, manifest)
     _collect_garbage(store, manifest)
     totals, wall = manifest["totals"], time.time() - t0
-    cache_key = hashlib.sha256("".join(key for _, key in keyed).encode()).hexdigest()
+    key = cache_key(manifest)  # every planned shard, in corpus order
     print(f"cache: {totals['tokens']} tokens, {totals['bytes_per_token']:.1f} bytes/token, {wall:.1f} s, "
           f"{forwards} teacher forwards; teacher held-out NLL {totals['teacher_heldout_nll']}")
     outputs = {"teacher_forwards": forwards, "shards_computed": len(todo), "shards_total": len(keyed),
@@ -184,8 +185,8 @@ def run(cfg: PipelineConfig, action: str | None = None) -> dict:
                "teacher_heldout_nll": totals["teacher_heldout_nll"],
                "teacher_heldout_top1_acc": totals["teacher_heldout_top1_acc"], "wall_s": wall, "actor_s": busy,
                "computed_tokens": computed_tokens, "teacher_tokens_per_s": manifest["teacher_tokens_per_s"],
-               "cache_dir": cfg.cache_dir, "cache_key": cache_key}
-    stage.record(cfg, "cache", cache_key, outputs, paths=[store.url(MANIFEST)])
+               "cache_dir": cfg.cache_dir, "cache_key": key}
+    stage.record(cfg, "cache", key, outputs, paths=[store.url(MANIFEST)])
     return outputs
 
 

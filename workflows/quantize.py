@@ -29,7 +29,7 @@ METRICS = ("heldout_loss", "perplexity", "top1_agreement", "ece", "kl_to_teacher
 
 def heldout_shards(cfg: PipelineConfig) -> tuple[list, dict]:
     """The verified held-out shards of the cache and its totals."""
-    from raydistill.tasks.softtargets import open_cache
+    from raydistill.tasks.cache.shards import open_cache
 
     cache = open_cache(cfg.cache_dir)
     entries = cache.shards("heldout")

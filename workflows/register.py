@@ -45,19 +45,12 @@ def find_version(client, name: str, key: str):
     return max(found, key=lambda v: int(v.version)) if found else None
 
 
-def _cache_key(manifest: dict) -> str | None:
-    """The cache's content key as ``workflows.cache`` computes it: sha256 of its shard keys in corpus order."""
-    keys = [e.get("key") for e in manifest.get("shards") or []]
-    if not keys or not all(keys):
-        return None
-    return hashlib.sha256("".join(keys).encode()).hexdigest()
-
-
 def _cache_lineage(cfg: PipelineConfig) -> dict:
     """Teacher identity and cache key, as the cache stage recorded them."""
     rec = stage.read(cfg, "cache") or {}
     out = rec.get("outputs") or {}
-    from raydistill.tasks.softtargets import open_cache
+    from raydistill.tasks.cache.manifest import cache_key
+    from raydistill.tasks.cache.shards import open_cache
 
     try:
         manifest = open_cache(cfg.cache_dir).manifest  # local or object store
@@ -71,7 +64,7 @@ def _cache_lineage(cfg: PipelineConfig) -> dict:
     return {"teacher.source": str(teacher.get("source", cfg.teacher.source)),
             "teacher.weights_sha256": str(teacher.get("weights_sha256")),
             "teacher.architecture": json.dumps(teacher.get("architecture"), sort_keys=True)[:5000],
-            "cache.key": _cache_key(manifest) or str(out.get("cache_key") or rec.get("key")),
+            "cache.key": cache_key(manifest) or str(out.get("cache_key") or rec.get("key")),
             "cache.format": str(manifest.get("format", cfg.cache.format)),
             "cache.stage_key": str(rec.get("key"))}
 

@@ -109,7 +109,8 @@ def train_driver(cfg: PipelineConfig, *, run_name: str, storage_path: str, callb
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from raydistill.tasks.softtargets import check_compatible, open_cache
+    from raydistill.tasks.cache.manifest import check_compatible
+    from raydistill.tasks.cache.shards import open_cache
 
     tc = cfg.train
     cache = open_cache(cfg.cache_dir)
@@ -233,7 +234,7 @@ def train_fn_per_worker(config: dict) -> None:
     import deepspeed
     import ray.train
 
-    from raydistill.tasks.softtargets import open_cache
+    from raydistill.tasks.cache.shards import open_cache
     from raydistill.tasks.teacher import load_teacher
 
     deepspeed.utils.logger.setLevel(logging.WARNING)

@@ -48,7 +48,7 @@ _ALL = ("run_dir", "teacher", "corpus", "cache", "student", "train", "tune", "qu
 VERBS: dict[str, Verb] = {
     "cache": Verb(
         "raydistill.workflows.cache", "run the teacher once over the corpus and store its soft targets",
-        # its record key is the cache's content key (sha256 of its shard keys: tasks.softtargets.shard_key hashes
+        # its record key is the cache's content key (sha256 of its shard keys: tasks.cache.manifest.shard_key hashes
         # what a shard's bytes depend on in these sections; batch size and actor count do not change them)
         reads=("teacher", "corpus", "cache"), uses=("cluster",), actions=("run", "inspect")),
     "train": Verb(

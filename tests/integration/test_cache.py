@@ -11,8 +11,9 @@ import pytest
 import ray
 
 from raydistill.tasks.config import load_config
+from raydistill.tasks.cache.manifest import check_compatible
+from raydistill.tasks.cache.shards import open_cache
 from raydistill.tasks.errors import DataError
-from raydistill.tasks.softtargets import check_compatible, open_cache
 from raydistill.workflows import cache
 from raydistill.workflows.stage import read as read_stage
 

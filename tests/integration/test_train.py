@@ -200,7 +200,7 @@ def test_train_saves_a_loadable_student_that_beats_its_init(trained):
     from mlflow.tracking import MlflowClient
 
     from raydistill.tasks.evaluate import evaluate
-    from raydistill.tasks.softtargets import open_cache
+    from raydistill.tasks.cache.shards import open_cache
     from raydistill.tasks.students import load_student
     from raydistill.workflows import stage, train
 
@@ -247,7 +247,7 @@ def test_same_run_name_continues_from_the_checkpoint(trained, capfd):
 
 
 def test_a_cache_built_for_another_config_is_refused(tiny_cached, tmp_path):
-    from raydistill.tasks.softtargets import CacheMismatchError
+    from raydistill.tasks.cache.manifest import CacheMismatchError
     from raydistill.workflows import train
 
     cfg = load_config("tiny", [f"run_dir={tmp_path / 'run'}", f"cache.dir={tiny_cached.cache_dir}",

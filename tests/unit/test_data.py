@@ -8,9 +8,10 @@ import torch
 
 from raydistill.tasks.config import CacheConfig, CorpusConfig
 from raydistill.tasks.data import DataPosition, epoch_shards, heldout_shards, train_batches
-from raydistill.tasks.softtargets import (SparseTargets, add_entry, commit_shard, new_manifest, open_cache,
-                                          write_manifest)
-from raydistill.tasks.targetcodec import encode_sampled, heldout_stats
+from raydistill.tasks.cache.formats import sampled
+from raydistill.tasks.cache.manifest import add_entry, new_manifest, write_manifest
+from raydistill.tasks.cache.shards import commit_shard, open_cache
+from raydistill.tasks.cache.targets import SparseTargets, heldout_stats
 
 V, L, W = 40, 4, 3  # vocab, seq_len, windows per shard
 
@@ -20,18 +21,19 @@ def cache(tmp_path_factory):
     """A real (small) sampled cache: 5 train shards + 2 held-out; token [w, 0] is the global window number."""
     d = str(tmp_path_factory.mktemp("cache"))
     teacher = {"kind": "test", "weights_sha256": "0", "architecture": {}, "dtype": "float32"}
-    manifest = new_manifest(teacher, "tok", CacheConfig(num_samples=8), CorpusConfig(seq_len=L))
+    manifest = new_manifest(teacher, "tok", CacheConfig(num_samples=8, sampled_logprobs=True), CorpusConfig(seq_len=L))
     g = torch.Generator().manual_seed(0)
     for s in range(7):
         split = "train" if s < 5 else "heldout"
         tokens = torch.randint(0, V, (W, L + 1), generator=g)
         tokens[:, 0] = torch.arange(s * W, (s + 1) * W)
         logits = torch.randn(W, L, V, generator=g)
-        fields = encode_sampled(logits, 8, 1.0, [torch.Generator().manual_seed(s * 10 + w) for w in range(W)])
+        params = sampled.Params(num_samples=8)
+        fields = sampled.encode(logits, params, 1.0, [torch.Generator().manual_seed(s * 10 + w) for w in range(W)])
         fields.update(heldout_stats(logits, tokens[:, 1:]) if split == "heldout" else {})
         stats = {"vocab_size": V, "teacher_nll_sum": 0.0, "teacher_top1_correct": 0}
         add_entry(manifest, commit_shard(d, f"s{s}", split, f"{s:064x}", tokens.numpy().astype(np.int32), fields,
-                                         stats, "sampled"))
+                                         stats, params))
     manifest["complete"] = True
     write_manifest(d, manifest)
     return open_cache(d)

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from raydistill.tasks.cache.targets import CachedTargets
 from raydistill.tasks.evaluate import evaluate, evaluate_sums, finalize
-from raydistill.tasks.targetcodec import CachedTargets
 
 V, L = 11, 6
 

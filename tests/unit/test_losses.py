@@ -372,7 +372,7 @@ def test_sampled_kd_value_estimates_the_true_kl_when_log_probs_are_stored(temper
     the cache temperature, consistent at another T); the plain value of the empirical distribution exceeds it by
     H(p) − H(p̂) (p̂ has less entropy). The offset moves the value only: gradient identical with and without it,
     fused == autograd."""
-    from raydistill.tasks.targetcodec import CachedTargets, at_temperature
+    from raydistill.tasks.cache.targets import CachedTargets, at_temperature
 
     g = torch.Generator().manual_seed(11)
     v, n_draws, reps = 60, 255 if temperature != 1.0 else 16, 400
@@ -405,8 +405,7 @@ def test_sampled_kd_value_of_a_restricted_vocabulary_estimates_the_conditioned_t
     """A teacher with padding rows past the student's vocabulary (20 % of its mass there): after
     ``restrict_vocab`` the logged forward KL averages to the KL of the teacher *conditioned* on the kept ids,
     not one off by log(kept mass)."""
-    from raydistill.tasks.data import restrict_vocab
-    from raydistill.tasks.targetcodec import CachedTargets, at_temperature
+    from raydistill.tasks.cache.targets import CachedTargets, at_temperature, restrict_vocab
 
     g = torch.Generator().manual_seed(12)
     v, pad, n_draws, reps = 60, 8, 255 if temperature != 1.0 else 16, 400

@@ -9,14 +9,14 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from raydistill.tasks.cache.targets import at_temperature, restrict_vocab
 from raydistill.tasks.config import CacheConfig, CorpusConfig, TrainConfig
-from raydistill.tasks.data import Batch, heldout_shards, restrict_vocab, train_batches
+from raydistill.tasks.data import Batch, heldout_shards, train_batches
 from raydistill.tasks.evaluate import evaluate
 from raydistill.tasks.losses import LOSSES
 from raydistill.tasks.objective import training_loss
 from raydistill.tasks.online import online_teacher, resolve_layer_map, student_with_heads
 from raydistill.tasks.students import copy_layers, forward_logits
-from raydistill.tasks.targetcodec import at_temperature
 
 WORDS = 40  # tokenizer ids; models may have more (padding) rows
 PAD = 8
@@ -123,19 +123,20 @@ def test_hidden_matching_needs_the_heads_module():
 
 def _cache(tmp_path, teacher, fmt):
     """A real cache (3 train + 1 held-out shard) of ``teacher``'s targets in ``fmt``."""
-    from raydistill.tasks.softtargets import (add_entry, commit_shard, format_params, new_manifest, open_cache,
-                                              write_manifest)
-    from raydistill.tasks.targetcodec import encode_shard
+    from raydistill.tasks.cache.encode import encode_shard
+    from raydistill.tasks.cache.formats import format_params
+    from raydistill.tasks.cache.manifest import add_entry, new_manifest, write_manifest
+    from raydistill.tasks.cache.shards import commit_shard, open_cache
 
-    cc, length = CacheConfig(format=fmt, num_samples=16, top_k=8), 6
+    cc, length = CacheConfig(format=fmt, num_samples=16, top_k=8, sampled_logprobs=True), 6  # tests re-temper
     manifest = new_manifest({"kind": "test", "weights_sha256": "0", "architecture": {}, "dtype": "float32"}, "tok",
                             cc, CorpusConfig(seq_len=length))
     g = torch.Generator().manual_seed(0)
     for s in range(4):
         split, key = ("train" if s < 3 else "heldout"), f"{s:064x}"
         tokens = torch.randint(0, WORDS, (2, length + 1), generator=g).numpy().astype(np.int32)
-        fields, stats, _ = encode_shard(teacher, tokens, split, fmt, format_params(cc), 1.0, 2, key)
-        add_entry(manifest, commit_shard(str(tmp_path), f"s{s}", split, key, tokens, fields, stats, fmt))
+        fields, stats, _ = encode_shard(teacher, tokens, split, format_params(cc), 1.0, 2, key)
+        add_entry(manifest, commit_shard(str(tmp_path), f"s{s}", split, key, tokens, fields, stats, format_params(cc)))
     manifest["complete"] = True
     write_manifest(str(tmp_path), manifest)
     return open_cache(str(tmp_path))

@@ -75,11 +75,12 @@ def test_report_steps_are_every_eval_every_checkpoint_and_the_last_step():
 
 def test_training_warns_when_a_sampled_cache_is_used_at_another_temperature():
     assert temperature_warning(load_config("tiny")) is None
-    msg = temperature_warning(load_config("tiny", ["train.temperature=2.0"]))
+    lp = "cache.sampled_logprobs=true"  # re-tempering a sampled cache needs its log-probs (else a config error)
+    msg = temperature_warning(load_config("tiny", [lp, "train.temperature=2.0"]))
     assert "train.temperature=2.0" in msg and "T=1.0" in msg
     for other in (["cache.format=topk"], ["train.teacher_mode=online"],
                   ["cache.temperature=2.0", "tune.temperature=[2.0]"]):
-        assert temperature_warning(load_config("tiny", ["train.temperature=2.0", *other])) is None
+        assert temperature_warning(load_config("tiny", [lp, "train.temperature=2.0", *other])) is None
 
 
 def test_step_sums_are_named_and_averaged_per_micro_batch():

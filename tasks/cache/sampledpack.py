@@ -1,8 +1,8 @@
 """Compact on-disk coding of the ``sampled`` format (docs/cache-format.md, "Sampled entries").
 
-    python -m pytest tests/unit/test_sampledpack.py -q
+    python -m pytest tests/unit/cache/test_sampledpack.py -q
 
-The encoder (:func:`tasks.targetcodec.encode_sampled`) yields per-row unique ids, counts (Σ per row = N) and
+The encoder (:func:`tasks.cache.formats.sampled.encode`) yields per-row unique ids, counts (Σ per row = N) and
 T=1 log-probs. On disk (FORMAT_VERSION 2):
 
 - ids become *ranks* in a per-shard order the reader rebuilds: ids drawn ≥ ``TABLE_MIN_DRAWS`` times in the
@@ -13,7 +13,7 @@ T=1 log-probs. On disk (FORMAT_VERSION 2):
 - counts are byte symbols; a row ends where its counts reach N, so row lengths are not stored.
 - log-probs become ``q = round((log p₁ − log(count/N)) / LOGP_STEP)``, a byte symbol ``q + LOGP_OFFSET``.
 
-Symbols are entropy coded by LZMA (``tasks.cachestore.pack``) after grouping each kind by a context the
+Symbols are entropy coded by LZMA (``tasks.cache.store.pack``) after grouping each kind by a context the
 reader knows when it needs the symbol, so every group is a near-stationary stream: bucket | bit length of the
 row's previous rank (or "first in row"); count | the row's previous count; log-prob | (count, rank class).
 The reader decodes column by column (entry k of every unfinished row at once): at most N numpy steps.

@@ -1,4 +1,4 @@
-"""tasks.sampledpack: the entropy-coded on-disk layout of the ``sampled`` format (FORMAT_VERSION 2)."""
+"""tasks/cache/sampledpack: the entropy-coded on-disk layout of the ``sampled`` format (FORMAT_VERSION 2)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from raydistill.tasks.cachestore import pack, unpack
-from raydistill.tasks.sampledpack import (LOGP_OFFSET, LOGP_STEP, TABLE_MIN_DRAWS, compact_sampled, expand_sampled,
-                                          rank_order)
-from raydistill.tasks.targetcodec import CachedTargets, at_temperature, decode_rows, encode_sampled, window_generator
+from raydistill.tasks.cache.encode import window_generator
+from raydistill.tasks.cache.formats import sampled
+from raydistill.tasks.cache.sampledpack import (LOGP_OFFSET, LOGP_STEP, TABLE_MIN_DRAWS, compact_sampled, expand_sampled,
+                                                rank_order)
+from raydistill.tasks.cache.store import pack, unpack
+from raydistill.tasks.cache.targets import at_temperature
 
 
 def _teacher_logits(W: int, L: int, V: int, seed: int = 0, peak: float = 0.0) -> torch.Tensor:
@@ -28,7 +30,7 @@ def _teacher_logits(W: int, L: int, V: int, seed: int = 0, peak: float = 0.0) ->
 
 
 def _fields(logits: torch.Tensor, n: int, key: str = "k") -> dict[str, np.ndarray]:
-    return encode_sampled(logits, n, 1.0, [window_generator(key, i) for i in range(logits.shape[0])])
+    return sampled.encode(logits, sampled.Params(n), 1.0, [window_generator(key, i) for i in range(logits.shape[0])])
 
 
 def _tokens(W: int, L: int, V: int, seed: int = 0) -> np.ndarray:
@@ -121,8 +123,7 @@ def test_quantised_log_probs_move_retempered_targets_by_at_most_the_bound(T):
     out = _roundtrip(fields, _tokens(4, L, V), V, n)
 
     def target(f):
-        t = decode_rows("sampled", f, slice(0, 4 * L), L)
-        sparse = at_temperature(CachedTargets("sampled", 1.0, t["ids"], t["logprobs"], t["counts"], None, n), T)
+        sparse = at_temperature(sampled.decode(f, slice(0, 4 * L), L, sampled.Params(n), 1.0, None), T)
         return torch.zeros(4, L, V).scatter_add(-1, sparse.ids, sparse.probs)
 
     tv = 0.5 * (target(out) - target(fields)).abs().sum(-1)

@@ -1,0 +1,65 @@
+"""The teacher forward that feeds the formats' encoders, one batch of windows at a time (never more than one
+batch of full logits in memory), and the in-memory encode → decode round trip benchmarks and tests use."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+
+from raydistill.tasks.cache.formats import get_format
+from raydistill.tasks.cache.targets import CachedTargets
+
+
+def window_generator(key: str, window: int) -> torch.Generator:
+    """RNG of one window's draws: seeded by the shard key (which includes cache.seed) and the window index."""
+    seed = int.from_bytes(hashlib.sha256(f"{key}:{window}".encode()).digest()[:8], "little") & (2 ** 63 - 1)
+    return torch.Generator().manual_seed(seed)
+
+
+def encode_shard(model: torch.nn.Module, tokens: np.ndarray, split: str, params, temperature: float,
+                 batch_size: int, key: str) -> tuple[dict[str, np.ndarray], dict, int]:
+    """Run the teacher over one shard and encode its targets in the format of ``params`` (its ``Params``).
+
+    tokens: int32 ``[W, L+1]``. Returns (fields: arrays over the ``W*L`` rows, stats: vocab_size,
+    teacher_nll_sum, teacher_top1_correct, forwards performed). Held-out shards also get ``teacher_top1`` and
+    ``teacher_nll`` per row, so no later stage needs the teacher for evaluation.
+    """
+    fmt = get_format(params.format)  # before any teacher forward
+    parts, nll_sum, correct, forwards, vocab = [], 0.0, 0, 0, None
+    for i in range(0, tokens.shape[0], batch_size):
+        x = torch.tensor(tokens[i: i + batch_size], dtype=torch.long)  # copy: Ray hands read-only arrays
+        with torch.inference_mode():
+            logits = model(input_ids=x[:, :-1], use_cache=False).logits  # [b, L, V]
+            forwards += 1
+            vocab = logits.shape[-1]
+            if int(x.max()) >= vocab:
+                raise ValueError(f"token id {int(x.max())} >= teacher vocab size {vocab}: tokenizer and teacher "
+                                 "do not match")
+            enc = fmt.encode(logits, params, temperature, [window_generator(key, i + b) for b in range(x.shape[0])],
+                             labels=x[:, 1:])
+            held = {k: enc.pop(k) for k in ("teacher_top1", "teacher_nll")}
+            nll_sum += float(held["teacher_nll"].astype(np.float64).sum())
+            correct += int((held["teacher_top1"] == x[:, 1:].reshape(-1).numpy()).sum())
+        parts.append({**enc, **(held if split == "heldout" else {})})
+    fields = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    stats = {"vocab_size": vocab, "teacher_nll_sum": nll_sum, "teacher_top1_correct": correct}
+    return fields, stats, forwards
+
+
+def encode_targets(logits: torch.Tensor, params, *, temperature: float = 1.0,
+                   generators: list[torch.Generator] | None = None) -> CachedTargets:
+    """Teacher logits ``[B, L, V]`` → the targets a cache with ``params`` would give back for these ``B`` windows.
+
+    The in-memory round trip (encode, then decode) that benchmarks and tests use in place of a cache on disk.
+    The one difference from a stored ``sampled`` shard: its log-probs are exact here, the shard keeps them to
+    within ``LOGP_STEP/2`` (:mod:`tasks.cache.sampledpack`). Draws use one generator per window (default:
+    :func:`window_generator` of ``"encode_targets"``).
+    """
+    B, L, V = logits.shape
+    fmt = get_format(params.format)
+    if generators is None:
+        generators = [window_generator("encode_targets", b) for b in range(B)]
+    fields = fmt.encode(logits, params, temperature, generators)
+    return fmt.decode(fields, slice(0, B * L), L, params, temperature, V)

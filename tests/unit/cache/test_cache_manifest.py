@@ -1,0 +1,109 @@
+"""tasks/cache/manifest: shard keys, the cache key, the config compatibility check, manifest errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from cachefakes import L, make_cache
+from raydistill.tasks.cache import manifest
+from raydistill.tasks.cache.formats import full, sampled, topk
+from raydistill.tasks.cache.manifest import (FORMAT_VERSION, CacheCorruptError, CacheMismatchError, cache_key,
+                                             check_compatible, new_manifest, shard_key, write_manifest)
+from raydistill.tasks.cache.shards import open_cache
+from raydistill.tasks.config import CacheConfig, CorpusConfig, TeacherConfig
+
+# Keys written by the code before tasks/cache/ existed (tasks/softtargets.py, FORMAT_VERSION 2): an existing
+# cache's shard files must keep their names.
+IDENT = {"source": "a", "path": "/x", "kind": "gguf", "weights_sha256": "w", "architecture": {"n": 1},
+         "dtype": "float32"}
+PINNED = [(sampled.Params(num_samples=50, seed=0, logprobs=True),
+           "9ff9bc5f0158557da5268af517a2e5c28c98970c53ca5ab0c1faf95d65f1d302"),
+          (sampled.Params(num_samples=64, seed=0, logprobs=False),
+           "97dab1dfa8bb64ec51f245fdacbe7357f3e59d3597811ae51337aeef6b101a4a"),
+          (topk.Params(top_k=32), "bdca8a909aa44d51e1517e453096294fe10ccf4bd5e9db5f1579f99855a08235"),
+          (full.Params(), "de29f1cb166bbc98fbc09bc4c59d58db4db643d5408a848d01b681331e799e45")]
+
+
+@pytest.mark.parametrize("params,key", PINNED)
+def test_shard_keys_did_not_change_with_the_move_to_typed_parameters(params, key):
+    assert shard_key(IDENT, "t", "c", params, 1.0) == key
+
+
+def test_the_cache_key_hashes_the_shard_keys_in_corpus_order(tmp_path):
+    assert cache_key({"shards": []}) is None and cache_key({}) is None
+    cache, *_ = make_cache(tmp_path)
+    (entry,) = cache.shards()
+    assert cache_key(cache.manifest) == hashlib.sha256(entry["key"].encode()).hexdigest()
+    assert cache_key({"shards": [{"key": "a"}, {"key": "b"}]}) != cache_key({"shards": [{"key": "b"}, {"key": "a"}]})
+
+
+def test_shard_keys_are_stable_and_cover_every_field(monkeypatch):
+    ident = {"source": "a", "path": "/x", "kind": "gguf", "weights_sha256": "w", "architecture": {"n": 1},
+             "dtype": "float32"}
+    base = dict(teacher=ident, tok_hash="t", content_hash="c", params=sampled.Params(num_samples=50, seed=0),
+                temperature=1.0)
+    key = shard_key(**base)
+    assert key == shard_key(**base)
+    assert key == shard_key(**{**base, "teacher": {**ident, "path": "/elsewhere", "source": "b"}})
+    variants = [{"teacher": {**ident, "weights_sha256": "w2"}}, {"teacher": {**ident, "dtype": "bfloat16"}},
+                {"teacher": {**ident, "architecture": {"n": 2}}}, {"tok_hash": "t2"}, {"content_hash": "c2"},
+                {"params": topk.Params(top_k=50)}, {"params": sampled.Params(num_samples=49, seed=0)},
+                {"params": sampled.Params(num_samples=50, seed=1)}, {"params": sampled.Params(50, 0, logprobs=False)},
+                {"temperature": 2.0}]
+    keys = {shard_key(**{**base, **v}) for v in variants}
+    assert len(keys) == len(variants) and key not in keys
+    monkeypatch.setattr(manifest, "FORMAT_VERSION", manifest.FORMAT_VERSION + 1)
+    assert shard_key(**base) != key
+
+
+def test_mismatch_names_the_field(tmp_path, tiny_tokenizer):
+    from raydistill.tasks.teacher import teacher_identity, tokenizer_hash
+
+    teacher, corpus = TeacherConfig(source="tiny"), CorpusConfig(seq_len=L)
+    cache_cfg = CacheConfig(format="sampled", num_samples=50, top_k=8)
+    written = new_manifest(teacher_identity(teacher), tokenizer_hash(tiny_tokenizer), cache_cfg, corpus)
+    written["complete"] = True
+    write_manifest(str(tmp_path), written)
+    cache = open_cache(str(tmp_path))
+    check_compatible(cache, teacher, cache_cfg, corpus)
+    cases = [("teacher.dtype", TeacherConfig(source="tiny", dtype="bfloat16"), cache_cfg, corpus),
+             ("teacher.weights_sha256", TeacherConfig(source="tiny", tiny={"seed": 1}), cache_cfg, corpus),
+             ("format", teacher, CacheConfig(format="topk"), corpus),
+             ("num_samples", teacher, CacheConfig(num_samples=20), corpus),
+             ("temperature", teacher, CacheConfig(num_samples=50, temperature=2.0), corpus),
+             ("seq_len", teacher, cache_cfg, CorpusConfig(seq_len=L + 1)),
+             ("corpus.max_tokens", teacher, cache_cfg, CorpusConfig(seq_len=L, max_tokens=99))]
+    for field, t_cfg, c_cfg, k_cfg in cases:
+        if isinstance(t_cfg.tiny, dict):
+            t_cfg.tiny = type(teacher.tiny)(**t_cfg.tiny)
+        with pytest.raises(CacheMismatchError, match=field):
+            check_compatible(cache, t_cfg, c_cfg, k_cfg)
+    cache.manifest["tokenizer_hash"] = "0" * 64
+    with pytest.raises(CacheMismatchError, match="tokenizer"):
+        check_compatible(cache, teacher, cache_cfg, corpus)
+    cache.manifest.update(tokenizer_hash=tokenizer_hash(tiny_tokenizer), format="topk", params={"top_k": 4})
+    with pytest.raises(CacheMismatchError, match="top_k is 4"):
+        check_compatible(cache, teacher, CacheConfig(format="topk", top_k=8), corpus)
+    cache.manifest.update(format="sampled", params={"num_samples": 50, "seed": 0}, complete=False)
+    with pytest.raises(CacheMismatchError, match="incomplete"):
+        check_compatible(cache, teacher, cache_cfg, corpus)
+
+
+def test_caches_of_another_format_version_are_refused(tmp_path):
+    make_cache(tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["format_version"] = FORMAT_VERSION - 1
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheMismatchError, match=f"format_version {FORMAT_VERSION - 1}.*rerun"):
+        open_cache(str(tmp_path))
+
+
+def test_open_cache_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run `raydistill cache`"):
+        open_cache(str(tmp_path))
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(CacheCorruptError, match="manifest.json"):
+        open_cache(str(tmp_path))
