@@ -8,65 +8,17 @@
 Four students (``ce``: true next token only; ``online``: KD from the teacher's softmax computed every step;
 ``topk`` and ``sampled``: KD from targets encoded as the cache stores them, re-tempered as ``tasks.data`` does)
 start from the same layer-copied student, see the same windows in the same order with the training schedule
-(AdamW, warmup + cosine, clipping 1.0) and the training objective (``tasks.online.training_loss``), then are
+(AdamW, warmup + cosine, clipping 1.0) and the training objective (``tasks.objective.training_loss``), then are
 evaluated on the same held-out windows against the exact teacher distribution. One process, no Ray, no
 DeepSpeed.
 
-<<<<<<< HEAD
 Prints one JSON object ``{"rows": [{method, heldout_loss, top1_agreement, ece, kl_to_teacher, wall_s}, …],
 "init", "teacher", "gain_recovered", "checks", "setup"}``; ``gain_recovered[m] = (ce − m) / (ce − online)`` on
-held-out loss; ``checks``: every KD row beats CE-only on loss and agreement, ``sampled`` recovers ≥ 98 % of the
-online gain. docs/benchmarks.md details the data split, timing, how run time scales with ``--steps`` and
+held-out loss; ``checks``: every KD row beats CE-only on loss and agreement, ``sampled`` recovers ≥ 92 % of the
+online gain (the cache's quality target; docs/cache-format.md). Every row trains through the workers' step loop
+(:func:`tasks.trainloop.train_steps` on a plain ``AdamWEngine``) and objective (:func:`tasks.objective.
+training_loss`). docs/benchmarks.md details the data split, timing, how run time scales with ``--steps`` and
 ``--tokens``, and the numbers measured earlier.
-=======
-- ``ce``: cross-entropy on the true next token only (``alpha = 1``, no targets);
-- ``online``: KD from the teacher's full softmax computed inside every step (``train.teacher_mode: online``,
-  no hidden-state matching), the reference the cache formats approximate;
-- ``topk``: KD from the cached top-k log-probs + tail bucket;
-- ``sampled``: KD from the cached sampled targets (N draws per position).
-
-Every method goes through :func:`tasks.objective.training_loss`, the objective the training workers run, with the
-same ``--alpha`` and ``--temperature`` for the three KD rows. ``topk``/``sampled`` targets are encoded exactly as
-the cache stage stores them (cache temperature 1; sampled draws seeded per window from ``--seed``) and
-re-tempered to T with ``at_temperature`` (after ``restrict_vocab``, as :mod:`tasks.data` does). Each row starts
-from the same layer-copied student (``torch.manual_seed(seed)``), sees the same windows in the same order, and
-uses the training schedule: AdamW, linear warmup + cosine (:func:`tasks.trainloop.lr_at`), gradient clipping 1.0,
-through the workers' step loop (:func:`tasks.trainloop.train_steps` on a plain ``AdamWEngine``). One process, no
-Ray, no DeepSpeed.
-
-Data. The corpus's first ``--tokens`` tokens are packed into windows and split as the cache stage does
-(``--heldout-fraction``, by window hash). Training windows are taken in corpus order; when there are at least
-``steps × micro_batch`` of them no window repeats, otherwise they are cycled (``setup.epochs`` > 1). At most
-``--heldout-windows`` held-out windows are used, so evaluation stays cheap. Held-out metrics come from
-:func:`tasks.evaluate.evaluate` against the exact teacher distribution (full log-probs, float16, as a ``full``
-cache stores them): ``heldout_loss``, ``top1_agreement`` with the teacher, ``ece``, ``kl_to_teacher``.
-
-Timing. ``wall_s`` of a row is its training loop (the ``online`` row includes one teacher forward per step; the
-cached rows include re-tempering their targets each step, but not the teacher pre-pass that encodes them, which
-is ``setup.cache_teacher_s``: a cache is computed once and reused by every run). ``setup.total_s`` is the whole
-script. A progress line per method goes to stderr (and a line every 20 steps).
-
-Output: one JSON object ``{"rows": [{method, heldout_loss, top1_agreement, ece, kl_to_teacher, wall_s}, …],
-"init", "teacher", "gain_recovered", "checks", "setup"}``. ``gain_recovered[m]`` is
-``(ce − m) / (ce − online)`` on held-out loss (null when online KD does not beat CE); ``checks`` are the targets:
-every KD row beats CE-only on held-out loss *and* top-1 agreement, and ``sampled`` recovers ≥ 98 % of the online
-gain. With ``--num-samples N1,N2,…`` the ``sampled`` row uses N1 and a row ``sampled_n<N>`` (with its own
-``gain_recovered``) is added for each further N; the checks still read the four issue rows only. The draws of
-each N are seeded as the ``sampled`` row's, so the sweep leaves the other rows unchanged.
-
-Scaling. Cost per training step is roughly linear in ``micro_batch × seq_len`` (student forward + backward);
-the ``online`` row adds one teacher forward per step, and the pre-pass one teacher forward per micro-batch of
-distinct training windows. Total time ≈ rows (4, plus one per swept N) × steps × step cost + the pre-passes
-+ an evaluation of the held-out windows per row and two more, so it grows linearly with ``--steps``. To scale
-up, raise ``--steps`` and ``--tokens`` together: non-repeating windows need
-``tokens ≳ steps × micro_batch × seq_len / (1 − heldout_fraction)`` plus a margin for the hash split (the
-script says when it has to cycle); more ``--threads`` shortens every row alike. To scale down, lower
-``--steps`` (and ``--tokens``) or ``--seq-len``. Measured here (2 cores, default student): ≈ 2.5–3.2 s per
-ce/topk/sampled step, ≈ 5.3–7 s per online step, ≈ 1 s per window of teacher pre-pass; the default run takes
-≈ 15 min on idle cores, ``--num-samples 32,64,128`` 25 min, ``--tokens 80000`` ≈ 23 min on busy ones. The
-held-out set is the ``heldout_fraction`` of the same ``--tokens`` (12 windows at the default): raise both for
-tighter numbers.
->>>>>>> recipe
 """
 
 from __future__ import annotations
@@ -94,6 +46,7 @@ from raydistill.tasks.teacher import load_teacher, load_tokenizer
 from raydistill.tasks.trainloop import AdamWEngine, train_steps
 
 METHODS = ("ce", "online", "topk", "sampled")
+SAMPLED_TARGET = 0.92  # share of online KD's held-out-loss gain the default sampled cache must keep
 WARMUP_FRACTION = 5 / 60  # the measured setup's schedule; fixed here so a new train.steps default cannot move it
 KD_METHODS = ("online", "topk", "sampled")
 METRICS = ("heldout_loss", "top1_agreement", "ece", "kl_to_teacher")
@@ -323,7 +276,7 @@ def main(argv=None) -> dict:
         del student, engine, online
 
     rows = [{"method": k, **_round(m), "wall_s": round(m["wall_s"], 1)} for k, m in measured.items()]
-    gain_recovered, checks = None, {"every_kd_beats_ce": None, "sampled_recovers_98pct": None}
+    gain_recovered, checks = None, {"every_kd_beats_ce": None, "sampled_recovers_92pct": None}
     if "ce" in measured:
         ce = measured["ce"]
         if "online" in measured:
@@ -331,7 +284,7 @@ def main(argv=None) -> dict:
             gain_recovered = {k: (round((ce["heldout_loss"] - measured[k]["heldout_loss"]) / gain, 4) if gain > 0
                                   else None) for k in measured if k != "ce"}
             if gain_recovered.get("sampled") is not None:
-                checks["sampled_recovers_98pct"] = gain_recovered["sampled"] >= 0.98
+                checks["sampled_recovers_92pct"] = gain_recovered["sampled"] >= SAMPLED_TARGET
         kd = [k for k in KD_METHODS if k in measured]
         if kd:
             checks["every_kd_beats_ce"] = all(measured[k]["heldout_loss"] < ce["heldout_loss"]

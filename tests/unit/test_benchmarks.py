@@ -31,9 +31,9 @@ def test_kd_quality_rows_and_checks_follow_the_measurements(capsys):
     ce, online = rows["ce"]["heldout_loss"], rows["online"]["heldout_loss"]
     if ce - online > 1e-3:  # gain_recovered comes from unrounded losses; the rows are rounded to 4 decimals
         assert out["gain_recovered"]["online"] == 1.0
-        assert out["checks"]["sampled_recovers_98pct"] == (out["gain_recovered"]["sampled"] >= 0.98)
+        assert out["checks"]["sampled_recovers_92pct"] == (out["gain_recovered"]["sampled"] >= 0.92)
     elif ce - online < -1e-3:
-        assert out["gain_recovered"]["sampled"] is None and out["checks"]["sampled_recovers_98pct"] is None
+        assert out["gain_recovered"]["sampled"] is None and out["checks"]["sampled_recovers_92pct"] is None
     kd = [rows[m] for m in ("online", "topk", "sampled")]
     if all(r["heldout_loss"] != ce and r["top1_agreement"] != rows["ce"]["top1_agreement"] for r in kd):
         beats = all(r["heldout_loss"] < ce and r["top1_agreement"] > rows["ce"]["top1_agreement"] for r in kd)
