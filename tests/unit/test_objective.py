@@ -7,37 +7,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from raydistill.tasks.cache.targets import at_temperature, restrict_vocab
 from raydistill.tasks.config import CacheConfig, CorpusConfig, TrainConfig
-from raydistill.tasks.data import Batch, heldout_shards, train_batches
+from raydistill.tasks.data import heldout_shards, train_batches
 from raydistill.tasks.evaluate import evaluate
 from raydistill.tasks.losses import LOSSES
 from raydistill.tasks.objective import training_loss
 from raydistill.tasks.online import online_teacher, resolve_layer_map, student_with_heads
 from raydistill.tasks.students import copy_layers, forward_logits
-
-WORDS = 40  # tokenizer ids; models may have more (padding) rows
-PAD = 8
-
-
-def _llama(rows: int, layers: int = 2, seed: int = 0, pad_mass: bool = False) -> LlamaForCausalLM:
-    """A tiny Llama with ``rows`` embedding/output rows; ``pad_mass``: output rows ≥ WORDS copy rows 0.. so the
-    padding ids carry real probability (what a cache then stores)."""
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=rows, hidden_size=16, intermediate_size=32,
-                                         num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
-                                         max_position_embeddings=64, tie_word_embeddings=not pad_mass))
-    if pad_mass:
-        with torch.no_grad():
-            model.lm_head.weight[WORDS:] = model.lm_head.weight[: rows - WORDS] * 2.0
-    return model.eval()
-
-
-def _batch(b=2, length=6, seed=0) -> Batch:
-    ids = torch.randint(0, WORDS, (b, length + 1), generator=torch.Generator().manual_seed(seed))
-    return Batch(ids[:, :-1], ids[:, 1:], None)
+from tinyllama import PAD, WORDS, tiny_batch, tiny_llama
 
 
 def _online_cfg(**kw) -> TrainConfig:
@@ -50,12 +29,12 @@ def _online_cfg(**kw) -> TrainConfig:
 def test_a_student_equal_to_the_teacher_has_zero_kd_and_hidden_loss(loss):
     """All layers copied, fewer output rows: KD and MSE (identity projections) vanish exactly — the teacher
     distribution is renormalised over the student's ids, not lumped into a tail."""
-    teacher = _llama(WORDS + PAD, pad_mass=True)
+    teacher = tiny_llama(WORDS + PAD, pad_mass=True)
     student = copy_layers(teacher, [0, 1], vocab_size=WORDS).train()
     tc = _online_cfg(loss=loss, hidden_loss="mse", alpha=0.5)
     layer_map = resolve_layer_map(None, copied=[0, 1], n_student=2, n_teacher=2)
     online = online_teacher(teacher, tc, layer_map)
-    out = training_loss(student_with_heads(student, tc, layer_map, teacher.config.hidden_size), _batch(), tc, online)
+    out = training_loss(student_with_heads(student, tc, layer_map, teacher.config.hidden_size), tiny_batch(), tc, online)
     assert out["kd"].item() == pytest.approx(0.0, abs=1e-5) and out["hidden"].item() == pytest.approx(0.0, abs=1e-8)
     assert out["total"].item() == pytest.approx(0.5 * out["ce"].item(), rel=1e-4)
 
@@ -63,7 +42,7 @@ def test_a_student_equal_to_the_teacher_has_zero_kd_and_hidden_loss(loss):
 @pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("hidden", ["mse", "cosine"])
 def test_online_objective_trains_student_and_projections_with_every_kd_loss(loss, hidden):
-    teacher = _llama(WORDS + PAD, layers=2, pad_mass=True)  # teacher has padding rows, student does not
+    teacher = tiny_llama(WORDS + PAD, layers=2, pad_mass=True)  # teacher has padding rows, student does not
     student = copy_layers(teacher, [0], vocab_size=WORDS).train()
     tc = _online_cfg(loss=loss, hidden_loss=hidden, hidden_weight=0.5, alpha=0.2, hidden_layer_map=[[0, -1]])
     # (the default map, student layer 0 ↔ teacher layer 0, starts at hidden = 0: same input, same weights)
@@ -72,7 +51,7 @@ def test_online_objective_trains_student_and_projections_with_every_kd_loss(loss
     model = student_with_heads(student, tc, layer_map, teacher.config.hidden_size)
     heads_before = model.projections[0].weight.detach().clone()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)  # one optimizer: the student and its heads
-    batch, totals = _batch(seed=4), []
+    batch, totals = tiny_batch(seed=4), []
     for _ in range(4):
         out = training_loss(model, batch, tc, online)
         assert out["hidden"].item() > 0
@@ -88,12 +67,12 @@ def test_online_objective_trains_student_and_projections_with_every_kd_loss(loss
 
 
 def test_online_teacher_with_fewer_rows_than_the_student_trains_the_padding_rows_down():
-    teacher = _llama(WORDS)
+    teacher = tiny_llama(WORDS)
     student = copy_layers(teacher, [0], vocab_size=WORDS + PAD).train()
     tc = _online_cfg(alpha=0.0)
     online = online_teacher(teacher, tc, [])
     opt = torch.optim.AdamW(student.parameters(), lr=3e-2)
-    batch = _batch(seed=5)
+    batch = tiny_batch(seed=5)
 
     def pad_mass():
         with torch.no_grad():
@@ -108,14 +87,14 @@ def test_online_teacher_with_fewer_rows_than_the_student_trains_the_padding_rows
 
 
 def test_hidden_matching_needs_the_heads_module():
-    teacher = _llama(WORDS)
+    teacher = tiny_llama(WORDS)
     student = copy_layers(teacher, [0], vocab_size=WORDS).train()
     tc = _online_cfg(hidden_loss="mse")
     online = online_teacher(teacher, tc, [(0, 0)])
     assert online.layers == [0] and not any(p.requires_grad for p in teacher.parameters())
     with pytest.raises(ValueError, match="one projection per"):  # a bare student returns no projected states
-        training_loss(student, _batch(), tc, online)
-    out = training_loss(student, _batch(), _online_cfg(), online_teacher(teacher, _online_cfg(), [(0, 0)]))
+        training_loss(student, tiny_batch(), tc, online)
+    out = training_loss(student, tiny_batch(), _online_cfg(), online_teacher(teacher, _online_cfg(), [(0, 0)]))
     assert out["hidden"].item() == 0.0  # hidden_loss none: no teacher layers asked for, no hidden term
 
 
@@ -144,7 +123,7 @@ def _cache(tmp_path, teacher, fmt):
 
 @pytest.mark.parametrize("fmt", ["sampled", "topk", "full"])
 def test_cache_with_teacher_padding_rows_trains_a_smaller_student(fmt, tmp_path):
-    teacher = _llama(WORDS + PAD, pad_mass=True)
+    teacher = tiny_llama(WORDS + PAD, pad_mass=True)
     cache = _cache(tmp_path, teacher, fmt)
     raw, _ = next(train_batches(cache, rank=0, world_size=1, micro_batch_size=2, temperature=2.0))
     student = copy_layers(teacher, [0], vocab_size=WORDS).train()
@@ -174,7 +153,7 @@ def test_cache_with_teacher_padding_rows_trains_a_smaller_student(fmt, tmp_path)
 
 
 def test_restricted_full_targets_equal_the_renormalised_teacher(tmp_path):
-    teacher = _llama(WORDS + PAD, pad_mass=True)
+    teacher = tiny_llama(WORDS + PAD, pad_mass=True)
     cache = _cache(tmp_path, teacher, "full")
     shard = cache.read(cache.shards("train")[0])
     with torch.no_grad():
@@ -187,7 +166,7 @@ def test_restricted_full_targets_equal_the_renormalised_teacher(tmp_path):
 
 
 def test_cache_of_a_smaller_teacher_trains_a_padded_student(tmp_path):
-    teacher = _llama(WORDS)
+    teacher = tiny_llama(WORDS)
     cache = _cache(tmp_path, teacher, "sampled")
     student = copy_layers(teacher, [0], vocab_size=WORDS + PAD).train()
     batch, _ = next(train_batches(cache, rank=0, world_size=1, micro_batch_size=2, temperature=1.0,

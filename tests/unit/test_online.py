@@ -8,17 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from raydistill.tasks.config import ConfigError, StudentConfig, TeacherConfig, TinyModelConfig, TrainConfig
-from raydistill.tasks.data import Batch
 from raydistill.tasks.losses import hidden_state_loss
 from raydistill.tasks.online import (StudentWithHeads, capture_layer_outputs, make_projections, resolve_layer_map,
                                      student_with_heads, teacher_outputs)
 from raydistill.tasks.students import check_vocab, copy_layers, forward_logits, write_init_student
-
-WORDS = 40  # tokenizer ids; models may have more (padding) rows
-PAD = 8
+from tinyllama import PAD, WORDS, tiny_batch, tiny_llama
 
 
 def _tokenizer(words: list[str], eos: str = "<eos>"):
@@ -28,24 +25,6 @@ def _tokenizer(words: list[str], eos: str = "<eos>"):
 
 
 BASE_WORDS = ["<eos>"] + [f"w{i}" for i in range(1, WORDS)]
-
-
-def _llama(rows: int, layers: int = 2, seed: int = 0, pad_mass: bool = False) -> LlamaForCausalLM:
-    """A tiny Llama with ``rows`` embedding/output rows; ``pad_mass``: output rows ≥ WORDS copy rows 0.. so the
-    padding ids carry real probability (what a cache then stores)."""
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=rows, hidden_size=16, intermediate_size=32,
-                                         num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
-                                         max_position_embeddings=64, tie_word_embeddings=not pad_mass))
-    if pad_mass:
-        with torch.no_grad():
-            model.lm_head.weight[WORDS:] = model.lm_head.weight[: rows - WORDS] * 2.0
-    return model.eval()
-
-
-def _batch(b=2, length=6, seed=0) -> Batch:
-    ids = torch.randint(0, WORDS, (b, length + 1), generator=torch.Generator().manual_seed(seed))
-    return Batch(ids[:, :-1], ids[:, 1:], None)
 
 
 # ------------------------------------------------------------------------------------------------ config, maps
@@ -80,8 +59,8 @@ def test_projections_start_as_identity_or_seeded():
 # ------------------------------------------------------------------------------------------------ teacher side
 
 def test_captured_layer_outputs_are_the_pre_norm_residual_stream():
-    model = _llama(WORDS, layers=3)
-    ids = _batch().input_ids
+    model = tiny_llama(WORDS, layers=3)
+    ids = tiny_batch().input_ids
     with torch.no_grad():
         model(input_ids=ids, output_hidden_states=True)  # Hugging Face installs its own capturing hooks once
     hooks = dict(model.model.layers[0]._forward_hooks)
@@ -95,8 +74,8 @@ def test_captured_layer_outputs_are_the_pre_norm_residual_stream():
 
 
 def test_teacher_outputs_cut_extra_rows_renormalise_and_can_be_saved_for_backward():
-    teacher = _llama(WORDS + PAD, pad_mass=True)
-    ids = _batch().input_ids
+    teacher = tiny_llama(WORDS + PAD, pad_mass=True)
+    ids = tiny_batch().input_ids
     targets, states = teacher_outputs(teacher, ids, temperature=2.0, vocab_size=WORDS, layers=[1, 0, 1])
     with torch.no_grad():
         logits = teacher(input_ids=ids).logits
@@ -109,14 +88,14 @@ def test_teacher_outputs_cut_extra_rows_renormalise_and_can_be_saved_for_backwar
 
 
 def test_student_with_heads_returns_the_students_logits_and_its_projected_layers():
-    teacher = _llama(WORDS + PAD, pad_mass=True)
+    teacher = tiny_llama(WORDS + PAD, pad_mass=True)
     student = copy_layers(teacher, [0, 1], vocab_size=WORDS).train()
     tc = TrainConfig(teacher_mode="online", hidden_loss="mse", hidden_layer_map=[[1, 0], [0, 1]])
     model = student_with_heads(student, tc, resolve_layer_map(tc.hidden_layer_map, copied=[0, 1], n_student=2,
                                                               n_teacher=2), teacher_dim=24)
     assert model.layers == [1, 0] and [h.weight.shape for h in model.projections] == [(24, 16), (24, 16)]
     assert {k.split(".")[0] for k in model.state_dict()} == {"student", "projections"}  # one module, one owner
-    ids = _batch().input_ids
+    ids = tiny_batch().input_ids
     out = model(input_ids=ids)
     with capture_layer_outputs(student, [0, 1]) as states:
         logits = forward_logits(student, ids)
