@@ -80,3 +80,21 @@ def test_train_step_reports_ratios_of_its_own_timings(capsys):
     assert out["cached_over_ce"] == pytest.approx(out["cached_kd_step_s"] / out["ce_step_s"], abs=2e-3)
     assert out["online_over_cached"] == pytest.approx(out["online_kd_step_s"] / out["cached_kd_step_s"], abs=2e-3)
     assert 0 < out["setup"]["size_ratio"] < 1
+
+
+@pytest.mark.slow
+def test_cache_frontier_joins_bytes_per_token_and_gain_per_row(capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # it imports its two sibling benchmarks
+    frontier = _load("cache_frontier")
+    out = frontier.main(["--teacher", "tiny", "--bytes-tokens", "1024", "--num-samples", "16,32", "--",
+                         "--layers", "0", "--seq-len", "32", "--tokens", "4096", "--steps", "3", "--threads", "1",
+                         "--heldout-windows", "4"])
+    assert json.loads(capsys.readouterr().out) == out
+    assert [r["targets"] for r in out["rows"]] == ["sampled N=16", "sampled N=32", "topk k=32"]
+    gains = out["kd_quality"]["gain_recovered"] or {}
+    for row, label in zip(out["rows"], ("sampled", "sampled_n32", "topk")):
+        assert row["gain_recovered"] == gains.get(label)
+    n16, n32 = out["rows"][:2]
+    assert n16["bytes_per_token"] < n32["bytes_per_token"]  # more draws keep more ids
+    assert n16["bytes_per_token_with_logprobs"] > n16["bytes_per_token"]  # log-probs cost bytes
+    assert out["checks"]["default_within_bytes"] is None  # the default N (64) was not measured
