@@ -1,6 +1,6 @@
 """Run every stage in order: cache → tune → train → quantize → register → promote → serve (one request).
 
-    raydistill pipeline                      # SmolLM2-135M → 4-layer student on Shakespeare, ~15 min on 2 CPUs
+    raydistill pipeline                      # SmolLM2-135M → 4-layer student on Shakespeare
     raydistill pipeline --config tiny        # a tiny random teacher, a few minutes
     raydistill pipeline pipeline.tune=false serve.keep_serving=true   # no search; keep serving at the end
 
@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from raydistill.tasks.config import PipelineConfig, resolve_paths
+from raydistill.tasks.fileio import atomic_write_json
 from raydistill.workflows.verbs import STAGES, VERBS
 
 
@@ -46,7 +47,7 @@ def run(cfg: PipelineConfig, action: str | None = None) -> dict:
         timings["serve"] = round(time.time() - t0, 1)
     timings["total"] = round(time.time() - started, 1)
     summary = build_summary(cfg, results, served, timings)
-    Path(cfg.run_dir, "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    atomic_write_json(Path(cfg.run_dir, "summary.json"), summary, default=str)
     print_summary(summary)
     if served and cfg.serve.keep_serving:
         _block_until_interrupt()

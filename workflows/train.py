@@ -38,6 +38,7 @@ from raydistill.tasks.config import (ConfigError, PeftConfig, PipelineConfig, Tr
                                      to_dict)
 from raydistill.tasks.data import DataPosition, heldout_shards, train_batches
 from raydistill.tasks.evaluate import evaluate_sums, finalize
+from raydistill.tasks.fileio import atomic_write_json
 from raydistill.tasks.online import StudentWithHeads, online_teacher, resolve_layer_map, student_with_heads
 from raydistill.tasks.students import load_student, wrap_peft
 from raydistill.tasks.trainloop import Step, checkpoint_step, temperature_warning, train_steps
@@ -301,7 +302,7 @@ def run(cfg: PipelineConfig, action: str | None = None) -> dict:
     else:
         active = tracking.start_run(cfg, "train", tags={"raydistill.stage": "train", "raydistill.stage_key": key})
     with active as mlrun:
-        run_file.write_text(json.dumps({"key": key, "run_id": mlrun.info.run_id}))
+        atomic_write_json(run_file, {"key": key, "run_id": mlrun.info.run_id})
         tracking.log_params(tracking.flat_params(to_dict(cfg.train), "train."))
         tracking.log_params(tracking.flat_params(to_dict(cfg.student), "student."))
         result = train_driver(cfg, run_name=f"train-{key[:12]}", storage_path=str((train_dir / "ray").resolve()),

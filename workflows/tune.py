@@ -11,7 +11,6 @@ MLflow child run of one parent run. The best trial's hyperparameters go to ``<ru
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import ray
@@ -19,6 +18,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from raydistill.tasks.config import PipelineConfig, from_dict, resolve_paths, to_dict
+from raydistill.tasks.fileio import atomic_write_json
 from raydistill.tasks.trainloop import report_steps
 from raydistill.workflows import stage, tracking
 
@@ -132,7 +132,7 @@ def run(cfg: PipelineConfig, action: str | None = None) -> dict:
         parent_id = parent.info.run_id
 
     outputs = {"params": params, "metrics": metrics, "trials": trials, "mlflow_parent_run_id": parent_id}
-    (out_dir / "best.json").write_text(json.dumps(outputs, indent=2, default=str))
+    atomic_write_json(out_dir / "best.json", outputs, default=str)
     print(f"[tune] {len(trials)} trials; best {params} → {METRIC}={metrics.get(METRIC)}")
     stage.record(cfg, "tune", key, outputs, paths=[out_dir / "best.json"])
     return outputs
