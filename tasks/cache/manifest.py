@@ -17,6 +17,7 @@ from typing import Any, TypedDict
 from raydistill.tasks.cache.formats import format_params
 from raydistill.tasks.cache.store import Store
 from raydistill.tasks.config import CacheConfig, ConfigError, CorpusConfig, TeacherConfig
+from raydistill.tasks.errors import DataError
 from raydistill.tasks.teacher import identity_key_fields, load_tokenizer, teacher_identity, tokenizer_hash
 
 FORMAT_VERSION = 2  # 2: sampled entries entropy-coded (tasks/cache/sampledpack.py); 1 is refused
@@ -27,8 +28,8 @@ REQUIRED = ("format_version", "format", "params", "temperature", "teacher", "tok
             "totals")
 
 
-class CacheCorruptError(RuntimeError):
-    """A shard (or the manifest) fails verification; the message names it."""
+class CacheCorruptError(DataError, RuntimeError):
+    """A shard (or the manifest) fails verification; the message names it (the CLI exits 1 with it)."""
 
 
 class CacheMismatchError(ConfigError):
