@@ -102,7 +102,11 @@ def jobs_client(address: str):
     """The Ray Jobs client for ``address`` (the one network dependency; tests replace it)."""
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(address)
+    try:
+        return JobSubmissionClient(address)
+    except ConnectionError as e:
+        raise JobError(f"cannot reach a Ray cluster's Jobs API at submit.address={address!r} ({e}); give the "
+                       "head's dashboard address (http://HEAD:8265) and check that the cluster is up") from None
 
 
 def run(cfg: PipelineConfig, action: str | None = None) -> dict:

@@ -1,6 +1,7 @@
 """Job submission: ids make resubmission resume, never double a running attempt; the config travels; the verb a
 job runs is ``submit.verb``, never the verb the local CLI dispatched on."""
 
+import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -110,3 +111,14 @@ def test_a_submitted_config_keeps_its_paths_for_the_cluster_to_resolve(monkeypat
     (job,) = client.submitted
     assert job["config"]["run_dir"] == "runs/x" and job["config"]["submit"]["verb"] == "pipeline"
     assert job["entrypoint"] == "raydistill pipeline --config config.yaml"
+
+
+def test_cli_submit_to_an_address_nothing_listens_on_is_a_clear_error(monkeypatch, capsys):
+    """A real Jobs client against a closed port on this machine: a message naming submit.address, exit 1."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert cli.main(["submit", "--config", "tiny", f"submit.address=http://127.0.0.1:{port}"]) == 1
+    err = capsys.readouterr().err
+    assert f"submit.address='http://127.0.0.1:{port}'" in err and "Traceback" not in err
