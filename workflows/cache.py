@@ -166,11 +166,12 @@ def run(cfg: PipelineConfig, action: str | None = None) -> dict:
     store.clean_temps(("", SHARD_DIR))
     todo = _reuse(store, cfg.cache_dir, manifest, keyed)
     print(f"cache: {len(keyed) - len(todo)}/{len(keyed)} shards cached, computing {len(todo)}")
+    previous = _previous_throughput(cfg.cache_dir)  # read before the planned manifest replaces the old one
     write_manifest(cfg.cache_dir, manifest)
     forwards, busy = _compute(cfg, todo, manifest) if todo else (0, 0.0)
     computed_tokens = sum(spec.tokens.shape[0] * cfg.corpus.seq_len for spec, _ in todo)
     # teacher throughput inside the actors (encode + commit, no start-up): the summary's teacher tokens/s
-    manifest["teacher_tokens_per_s"] = computed_tokens / busy if busy else _previous_throughput(cfg.cache_dir)
+    manifest["teacher_tokens_per_s"] = computed_tokens / busy if busy else previous
     order = {spec.name: i for i, (spec, _) in enumerate(keyed)}
     manifest["shards"].sort(key=lambda e: order[e["name"]])
     manifest["complete"] = True

@@ -32,6 +32,9 @@ def test_tiny_cache_then_rerun_performs_no_teacher_forward(tiny_cached):
     again = cache.run(cfg, None)
     assert again["teacher_forwards"] == 0 and again["shards_computed"] == 0
     assert again["cache_key"] == first["key"] == read_stage(cfg, "cache")["key"]
+    # the teacher's measured throughput survives a rerun that measures nothing (the summary's teacher row)
+    assert first["outputs"]["teacher_tokens_per_s"] > 0
+    assert again["teacher_tokens_per_s"] == first["outputs"]["teacher_tokens_per_s"]
     held = c.read(c.shards("heldout")[0])
     assert held.teacher_nll is not None and held.teacher_nll.shape == held.tokens[:, 1:].shape
 
