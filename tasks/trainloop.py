@@ -42,7 +42,7 @@ def report_steps(tc: TrainConfig, steps: int) -> list[int]:
 
     ``len(report_steps(...))`` is the number of results Tune sees per trial (ASHA's ``max_t`` counts them).
     """
-    return [s for s in range(1, steps + 1) if s % tc.eval_every == 0 or s % tc.checkpoint_every == 0 or s == steps]
+    return [s for s in range(1, steps + 1) if s % tc.eval_every == 0 or checkpoint_step(tc, s, steps)]
 
 
 def checkpoint_step(tc: TrainConfig, step: int, total: int) -> bool:
