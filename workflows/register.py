@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from raydistill import copy_package
 from raydistill.tasks.config import PipelineConfig, dump_yaml, to_dict
 from raydistill.tasks.fileio import atomic_write_json
 from raydistill.workflows import stage, tracking
@@ -103,19 +104,6 @@ def _log_run(cfg: PipelineConfig, key: str, report: dict, int8_dir: Path) -> tup
         return run.info.run_id, info
 
 
-def _code_package(dst: Path) -> Path:
-    """``dst/raydistill`` holding the namespace's ``__init__`` and ``tasks/`` (what the logged model imports)."""
-    import raydistill
-    import raydistill.tasks
-
-    pkg = dst / "raydistill"
-    pkg.mkdir(parents=True)
-    shutil.copy(raydistill.__file__, pkg / "__init__.py")
-    shutil.copytree(Path(raydistill.tasks.__file__).parent, pkg / "tasks",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    return pkg
-
-
 def _log_model(int8_dir: Path):
     """The int8 student as a pyfunc from code (``mlflow_model.py``); its params are the generation settings."""
     from raydistill.workflows.mlflow_model import PARAM_DEFAULTS
@@ -123,7 +111,7 @@ def _log_model(int8_dir: Path):
     with tempfile.TemporaryDirectory(prefix="raydistill-code-") as tmp:
         return tracking.log_pyfunc_model(MODEL_ARTIFACT, Path(__file__).with_name("mlflow_model.py"),
                                          artifacts={"model": str(int8_dir)},
-                                         code_paths=[str(_code_package(Path(tmp)))],
+                                         code_paths=[str(copy_package(Path(tmp) / "raydistill", ("tasks",)))],
                                          pip_requirements=_requirements(), params_example=PARAM_DEFAULTS)
 
 

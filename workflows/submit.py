@@ -21,19 +21,18 @@ import difflib
 import hashlib
 import os
 import re
-import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import yaml
 
+from raydistill import copy_package
 from raydistill.tasks.config import ConfigError, PipelineConfig, dump_yaml, to_dict
 from raydistill.tasks.errors import JobError
 from raydistill.workflows.verbs import VERBS
 
 _ACTIVE = {"PENDING", "RUNNING"}
-_HERE = Path(__file__).resolve().parent.parent  # a checkout (raydistill/, tasks/, …) or the installed package
 
 
 def job_command(cfg: PipelineConfig) -> list[str]:
@@ -80,22 +79,11 @@ def build_job(cfg: PipelineConfig, command: list[str], upload_code: bool, workdi
     runtime_env: dict = {"working_dir": str(workdir), "env_vars": {"HF_HUB_OFFLINE": "1"}}
     args = f"{' '.join(command)} --config config.yaml"
     if upload_code:
-        _copy_package(workdir / "raydistill")
+        copy_package(workdir / "raydistill")
         entrypoint = f"python -m raydistill {args}"
     else:
         entrypoint = f"raydistill {args}"
     return {"entrypoint": entrypoint, "runtime_env": runtime_env}
-
-
-def _copy_package(dest: Path) -> None:
-    """This raydistill as the installed layout ``raydistill/{tasks,workflows,cluster}`` under ``dest``."""
-    ignore = shutil.ignore_patterns("__pycache__")
-    if not (_HERE / "raydistill").is_dir():  # installed: this directory is the package
-        shutil.copytree(_HERE, dest, ignore=ignore)
-        return
-    shutil.copytree(_HERE / "raydistill", dest, ignore=ignore)
-    for layer in ("tasks", "workflows", "cluster"):
-        shutil.copytree(_HERE / layer, dest / layer, ignore=ignore)
 
 
 def jobs_client(address: str):
