@@ -162,9 +162,12 @@ class PeftConfig:
 class StudentConfig:
     """The student model."""
 
-    init: Literal["layers", "config"] = "layers"
+    init: Literal["layers", "config", "born_again"] = "layers"
     """``layers``: copy embeddings, final norm and the teacher layers in ``layers`` (DistilBERT-style);
-    ``config``: a fresh model from ``teacher``'s architecture with the overrides in ``overrides``."""
+    ``config``: a fresh model from ``teacher``'s architecture with the overrides in ``overrides``;
+    ``born_again``: a fresh (seeded) model of exactly the teacher's architecture, all its layers (born-again
+    self-distillation; only ``overrides.vocab_size`` may be set). With ``pipeline.generations`` > 1 each
+    generation's student teaches the next."""
     layers: list[int] = field(default_factory=lambda: [0, 10, 20, 29])
     """Teacher layer indices copied into the student (``init: layers``); negative indices count from the end."""
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -241,6 +244,13 @@ class TrainConfig:
     """``[[student_layer, teacher_layer], …]`` (negative indices count from the end). ``null``: for
     ``student.init: layers`` each student layer ↔ the teacher layer it was copied from; for ``init: config``
     student layer i of n ↔ teacher layer ⌈(i+1)·m/n⌉−1 of m (evenly spread, last ↔ last)."""
+    init_from: str | None = None
+    """Start the student from these weights instead of building them from the teacher (continual distillation):
+    ``champion`` (the current ``models:/<registry.model_name>@champion``; while there is none, the student is
+    built from the teacher as usual), a registry URI (``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``: the
+    registered int8 student, dequantized to float32) or a local student directory (Hugging Face dir with
+    safetensors, e.g. a ``train/student`` export). Its architecture must be the one ``student`` builds. An alias is
+    resolved when training starts; the train record and ``train/init/init_key.json`` say which version it was."""
 
     def __post_init__(self):
         _positive(self, "num_workers", "cpus_per_worker", "steps", "micro_batch_size", "grad_accum",
@@ -261,6 +271,9 @@ class TrainConfig:
             raise ConfigError("train.beta and train.skew must be in [0, 1]")
         if self.eval_windows is not None and self.eval_windows <= 0:
             raise ConfigError("train.eval_windows must be > 0 or null")
+        if self.init_from is not None and not self.init_from.strip():
+            raise ConfigError("train.init_from must be champion, models:/NAME@ALIAS, models:/NAME/VERSION, a "
+                              "student directory, or null (build the student from the teacher)")
 
 
 @dataclass
@@ -403,6 +416,14 @@ class PipelineStagesConfig:
     serve: bool = True
     """End with one demo request (``serve.prompt``) to the promoted model on Ray Serve (``serve.keep_serving``
     keeps the app up after it)."""
+    generations: int = 1
+    """Self-distillation: run the stages this many times; generation k+1's teacher is generation k's trained
+    student (its float32 ``train/student`` export). Generation 0 runs in ``run_dir``, generation k in
+    ``<run_dir>/gen-<k>`` with its own cache (its teacher's weights are in every shard key) and the same
+    registry. Use with ``student.init: born_again`` for born-again networks."""
+
+    def __post_init__(self):
+        _positive(self, "generations")
 
 
 @dataclass

@@ -7,7 +7,8 @@ embeddings, final norm, lm_head (tied or not) and the listed decoder layers are 
 student is constructed fresh from a config, so every attention module's ``layer_idx`` is its *new* position
 (the KV cache indexes layers by it). ``overrides: {vocab_size: N}`` cuts the embedding rows to N or pads them
 (new rows: the mean embedding). ``init: config``: a freshly initialised model of the teacher's
-architecture with ``student.overrides`` applied. Either may be wrapped in a PEFT adapter.
+architecture with ``student.overrides`` applied; ``init: born_again``: the same with no overrides but
+``vocab_size`` (the teacher's own architecture, every layer: born-again self-distillation). Either may be wrapped in a PEFT adapter.
 
 Vocabulary: the student's tokenizer (``student.tokenizer``, default the teacher's) must agree with the teacher's
 on every shared id; embedding rows past the tokenizer on either side are padding (:func:`check_vocab`).
@@ -24,6 +25,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import hashlib
 import json
 from pathlib import Path
 
@@ -99,6 +101,10 @@ def copy_layers(teacher: PreTrainedModel, layers: list[int], vocab_size: int | N
     return student
 
 
+def _derived_seed(purpose: str, seed: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{purpose}:{seed}".encode()).digest()[:4], "big") & 0x7FFFFFFF
+
+
 def build_student(student_cfg: StudentConfig, teacher_model: PreTrainedModel, *, seed: int = 0):
     """The student before training: ``init: layers`` or ``init: config``, then the PEFT adapter if any."""
     if student_cfg.init == "layers":
@@ -107,13 +113,18 @@ def build_student(student_cfg: StudentConfig, teacher_model: PreTrainedModel, *,
             raise ConfigError(f"student.overrides {other}: with init: layers only vocab_size may be overridden "
                               "(the layers are the teacher's); use init: config for a new architecture")
         model = copy_layers(teacher_model, student_cfg.layers, student_cfg.overrides.get("vocab_size"))
-    elif student_cfg.init == "config":
+    elif student_cfg.init in ("config", "born_again"):
+        other = sorted(set(student_cfg.overrides) - {"vocab_size"})
+        if student_cfg.init == "born_again" and other:
+            raise ConfigError(f"student.overrides {other}: a born_again student has the teacher's own architecture "
+                              "(only vocab_size may be overridden); use init: config for another one")
         n = teacher_model.config.num_hidden_layers
-        torch.manual_seed(seed)
+        # born-again: a seed of its own, so it never reproduces a teacher initialised with the same seed
+        torch.manual_seed(seed if student_cfg.init == "config" else _derived_seed("born_again", seed))
         model = AutoModelForCausalLM.from_config(
             _student_config(teacher_model.config, n, overrides=student_cfg.overrides), dtype=torch.float32)
     else:
-        raise ConfigError(f"student.init must be 'layers' or 'config', got {student_cfg.init!r}")
+        raise ConfigError(f"student.init must be 'layers', 'config' or 'born_again', got {student_cfg.init!r}")
     return wrap_peft(model, student_cfg.peft)
 
 
@@ -208,16 +219,22 @@ def _shape(model) -> dict:
 
 
 def write_init_student(teacher_cfg: TeacherConfig, student_cfg: StudentConfig, out_dir: str | Path, *,
-                       seed: int = 0) -> dict:
+                       seed: int = 0, init_from: str | Path | None = None) -> dict:
     """Build the student from the teacher, :func:`check_vocab` it, save it with its tokenizer to ``out_dir``.
 
+    ``init_from``: a model directory whose weights replace the built ones (``tasks.warmstart``; same architecture).
     Returns ``{"teacher": shape, "student": shape, "copied": teacher layer ids | None}``, a shape being
     ``{num_hidden_layers, hidden_size, vocab_rows}`` (``copied``: ``init: layers`` only).
     """
     from raydistill.tasks.teacher import load_teacher, load_tokenizer
+    from raydistill.tasks.warmstart import check_architecture, load_init_weights
 
     teacher, _ = load_teacher(teacher_cfg)
     student = build_student(student_cfg, teacher, seed=seed)
+    if init_from is not None:
+        loaded = load_init_weights(init_from)
+        check_architecture(student, loaded, repr(str(init_from)))
+        student = loaded
     info = {"teacher": _shape(teacher), "student": _shape(student), "copied": None}
     if student_cfg.init == "layers":
         info["copied"] = resolve_layers(student_cfg.layers, teacher.config.num_hidden_layers)

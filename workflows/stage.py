@@ -1,14 +1,24 @@
 """Stage records in the run directory, and :func:`start`, the first call of every stage verb's ``run()``.
 
-``<run_dir>/stages/<stage>.json`` holds the stage's content key and its outputs. A stage is done when its
-record exists with the same key and every output path it lists still exists. The key covers the config
-fields the verb table declares the stage ``reads`` plus the keys of the stages it ``needs``
-(``workflows/verbs.py``; a unit test checks the declaration against the code), so changing anything a stage
-depends on reruns it and everything after it.
+``<run_dir>/stages/<stage>.json`` holds the stage's content key, its outputs and a digest of its local output
+files. A stage is done when its record exists with the same key and every output path it lists still exists.
+The key covers the config fields the verb table declares the stage ``reads`` plus the *content* of what it
+consumes from the stages it ``needs`` (``workflows/verbs.py``; a unit test checks the declaration against the
+code), so changing anything a stage depends on reruns it and everything after it:
+
+- the cache: the key of the cache as it is now (:func:`tasks.cache.manifest.cache_key` of the manifest in
+  ``cache.dir``, a hash of its shard keys), not the cache stage's record: new corpus files, or a cache dir another
+  run grew, change it even when this run dir's record is stale;
+- any other stage: its record's key and the digest of the files it wrote (the trained student's weights, the
+  quantized model and its report), so a retrained student re-quantizes and registers a new version;
+- ``train.init_from`` naming a local directory: the digest of its weight files (a registry URI is keyed as written:
+  a version is immutable, and an alias such as ``@champion`` is resolved when training starts, see
+  ``workflows/continual.py``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -32,11 +42,51 @@ def read(cfg: PipelineConfig, stage: str) -> dict | None:
     return json.loads(p.read_text())
 
 
+def consumed(cfg: PipelineConfig, need: str):
+    """What a stage consumes of the earlier stage ``need``: the cache's content key (read from the cache itself),
+    or the record's key and output digest; None when it has not run."""
+    if need == "cache":
+        from raydistill.tasks.cache.manifest import cache_key, read_manifest
+
+        try:
+            return cache_key(read_manifest(cfg.cache_dir))
+        except FileNotFoundError:
+            return None
+    rec = read(cfg, need)
+    return None if rec is None else {"key": rec.get("key"), "digest": rec.get("digest")}
+
+
 def key(cfg: PipelineConfig, stage: str, extra: dict | None = None) -> str:
-    """The content key of ``stage`` for ``cfg``: its declared ``reads`` and the keys of its ``needs``."""
+    """The content key of ``stage`` for ``cfg``: its declared ``reads`` and what it consumes of its ``needs``."""
     verb = VERBS[stage]
-    upstream = {s: (read(cfg, s) or {}).get("key") for s in verb.needs}
+    upstream = {s: consumed(cfg, s) for s in verb.needs}
+    init_from = getattr(cfg.train, "init_from", None) if "train" in verb.reads else None
+    if init_from and "://" not in init_from and Path(init_from).expanduser().is_dir():
+        from raydistill.tasks.warmstart import weights_digest
+
+        upstream["init_from_weights"] = weights_digest(Path(init_from).expanduser())
     return section_key(cfg, *verb.reads, extra={**upstream, **(extra or {})} or None)
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def digest(paths) -> str | None:
+    """sha256 over the local files under ``paths`` (names and bytes, sorted); object-store paths are skipped."""
+    h, seen = hashlib.sha256(), False
+    for root in paths:
+        root = Path(root)
+        if "://" in str(root) or not root.exists():
+            continue
+        for f in sorted([root] if root.is_file() else (p for p in root.rglob("*") if p.is_file())):
+            seen = True
+            h.update(str(f.relative_to(root.parent)).encode() + b"\0" + _file_sha256(f).encode())
+    return h.hexdigest() if seen else None
 
 
 def done(cfg: PipelineConfig, stage: str, stage_key: str) -> dict | None:
@@ -53,7 +103,7 @@ def done(cfg: PipelineConfig, stage: str, stage_key: str) -> dict | None:
 def record(cfg: PipelineConfig, stage: str, stage_key: str, outputs: dict, paths: list = ()) -> dict:
     """Atomically write a stage record."""
     rec = {"stage": stage, "key": stage_key, "finished_at": time.time(), "paths": [str(x) for x in paths],
-           "outputs": outputs}
+           "digest": digest(paths), "outputs": outputs}
     atomic_write_json(_record_path(cfg, stage), rec, default=str)
     return rec
 

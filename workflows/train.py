@@ -52,21 +52,26 @@ PRESET_DIR = Path(__file__).resolve().parent.parent / "cluster" / "deepspeed"
 def prepare_student(cfg: PipelineConfig) -> Path:
     """Build the initial student from the teacher once (``<run_dir>/train/init``); reused while the key holds.
 
-    ``init_key.json`` also records both models' shapes and the copied teacher layers (:func:`init_info`).
+    With ``train.init_from`` its weights are those of the resolved version or directory
+    (:func:`workflows.continual.resolve`). ``init_key.json`` also records both models' shapes, the copied teacher
+    layers (:func:`init_info`) and ``init_from`` (where the weights came from, or null).
     """
     from raydistill.tasks.fileio import replace_dir
     from raydistill.tasks.students import write_init_student
+    from raydistill.workflows.continual import resolve
 
     init_dir = Path(cfg.run_dir, "train", "init")
     spec = {k: v for k, v in to_dict(cfg.student).items() if k != "peft"}  # adapters are added per worker
-    key = section_key(cfg, "teacher", extra={**spec, "seed": cfg.train.seed, "layout": 2})
+    warm = resolve(cfg)  # train.init_from: None, or the weights the student starts from (weights_sha256 keys them)
+    warm_key = warm and {k: warm.get(k) for k in ("source", "version", "weights_sha256")}
+    key = section_key(cfg, "teacher", extra={**spec, "seed": cfg.train.seed, "layout": 2, "init_from": warm_key})
     key_file = init_dir / "init_key.json"
     if key_file.exists() and json.loads(key_file.read_text()).get("key") == key:
         return init_dir
     with replace_dir(init_dir) as tmp:
         info = write_init_student(cfg.teacher, dataclasses.replace(cfg.student, peft=PeftConfig()), tmp,
-                                  seed=cfg.train.seed)
-        (tmp / "init_key.json").write_text(json.dumps({"key": key, "info": info}))
+                                  seed=cfg.train.seed, init_from=warm and warm["dir"])
+        (tmp / "init_key.json").write_text(json.dumps({"key": key, "info": {**info, "init_from": warm}}))
     return init_dir
 
 
@@ -139,7 +144,8 @@ def train_driver(cfg: PipelineConfig, *, run_name: str, storage_path: str, callb
     result = trainer.fit()
     metrics = json.loads((out / "metrics.json").read_text())
     return {"metrics": metrics, "student_dir": str(out / "student"), "metrics_path": str(out / "metrics.json"),
-            "checkpoint": result.checkpoint.path if result.checkpoint else None, "steps": metrics["step"]}
+            "checkpoint": result.checkpoint.path if result.checkpoint else None, "steps": metrics["step"],
+            "init_from": json.loads((init_dir / "init_key.json").read_text())["info"].get("init_from")}
 
 
 # ---------------------------------------------------------------------------------------------- worker side

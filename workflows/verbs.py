@@ -53,10 +53,13 @@ VERBS: dict[str, Verb] = {
         reads=("teacher", "corpus", "cache"), uses=("cluster",), actions=("run", "inspect")),
     "train": Verb(
         "raydistill.workflows.train", "train the student from the cache (Ray Train + DeepSpeed)",
-        reads=("teacher", "corpus", "cache", "student", "train"), uses=("cluster",), needs=("cache",)),
+        # registry.model_name: train.init_from=champion starts from that model's @champion (workflows/continual.py)
+        reads=("teacher", "corpus", "cache", "student", "train", "registry.model_name"), uses=("cluster",),
+        needs=("cache",)),
     "tune": Verb(
         "raydistill.workflows.tune", "search alpha, T, lr, loss over the same cache (Ray Tune + ASHA)",
-        reads=("teacher", "corpus", "cache", "student", "train", "tune"), uses=("cluster",), needs=("cache",)),
+        reads=("teacher", "corpus", "cache", "student", "train", "tune", "registry.model_name"), uses=("cluster",),
+        needs=("cache",)),
     "quantize": Verb(
         "raydistill.workflows.quantize", "quantize the trained student and score it against the teacher",
         reads=("quantize", "serve.prompt"), needs=("train",),

@@ -130,3 +130,52 @@ def test_verb_modules_define_run_with_an_action_exactly_when_the_table_gives_act
         assert [a.arg for a in run.args.args] == ["cfg", "action"], name
         assert not [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in ("add_arguments",
                                                                                            "stage_key")], name
+
+
+def _shard_entry(name: str, key: str) -> dict:
+    return {"name": name, "split": "train", "key": key, "file": f"shards/{name}-{key[:16]}.st", "sha256": "0" * 64,
+            "bytes": 10, "tokens": 64, "windows": 1, "vocab_size": 97, "teacher_nll_sum": 1.0,
+            "teacher_top1_correct": 1}
+
+
+def test_train_and_tune_keys_follow_the_cache_content_even_when_the_cache_record_is_stale(tmp_path):
+    """The bug of issue 13: new corpus files changed the cache, yet train was skipped and the old student was
+    registered again. The key reads the cache's manifest itself (a cache dir grown by another run, a record
+    that was not rewritten), and a retrained student changes everything downstream."""
+    from raydistill.tasks.cache.manifest import add_entry, cache_key, new_manifest, write_manifest
+
+    cfg = load_config("tiny", [f"run_dir={tmp_path}"])
+    manifest = new_manifest({"kind": "tiny"}, "tok", cfg.cache, cfg.corpus)
+    add_entry(manifest, _shard_entry("train-a-00000", "a" * 64))
+    write_manifest(cfg.cache_dir, manifest)
+    stage.record(cfg, "cache", cache_key(manifest), {})
+    train_before, tune_before = stage.key(cfg, "train"), stage.key(cfg, "tune")
+    assert stage.key(cfg, "train") == train_before  # stable while nothing changes
+
+    add_entry(manifest, _shard_entry("train-new-file-00000", "b" * 64))  # a new corpus file's shard
+    write_manifest(cfg.cache_dir, manifest)  # the cache record still holds the old key
+    assert stage.key(cfg, "train") != train_before
+    assert stage.key(cfg, "tune") != tune_before
+
+
+def test_downstream_keys_follow_the_files_the_previous_stage_wrote(tmp_path):
+    cfg = load_config("tiny", [f"run_dir={tmp_path}"])
+    student = tmp_path / "train" / "student"
+    student.mkdir(parents=True)
+    (student / "model.safetensors").write_bytes(b"weights one")
+    stage.record(cfg, "train", "same-key", {"student_dir": str(student)}, paths=[student])
+    first = stage.key(cfg, "quantize")
+    (student / "model.safetensors").write_bytes(b"weights two")
+    stage.record(cfg, "train", "same-key", {"student_dir": str(student)}, paths=[student])
+    assert stage.read(cfg, "train")["digest"] and stage.key(cfg, "quantize") != first
+
+
+def test_a_local_init_from_directory_is_keyed_by_its_weights(tmp_path):
+    init = tmp_path / "prev"
+    init.mkdir()
+    (init / "model.safetensors").write_bytes(b"generation one")
+    cfg = load_config("tiny", [f"run_dir={tmp_path}", f"train.init_from={init}"])
+    first = stage.key(cfg, "train")
+    (init / "model.safetensors").write_bytes(b"generation two")
+    assert stage.key(cfg, "train") != first
+    assert stage.key(load_config("tiny", [f"run_dir={tmp_path}"]), "train") != first

@@ -145,3 +145,49 @@ def test_student_of_a_quantized_teacher_is_plain_and_resaves(teacher, ids, tmp_p
 def test_load_student_rejects_a_non_model_dir(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_student(tmp_path)
+
+
+def test_born_again_student_has_the_teachers_architecture_and_fresh_weights(teacher, ids):
+    student = build_student(StudentConfig(init="born_again", overrides={"vocab_size": VOCAB}), teacher)
+    for name in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size"):
+        assert getattr(student.config, name) == getattr(teacher.config, name), name
+    assert set(student.state_dict()) == set(teacher.state_dict())
+    assert not torch.equal(student.model.layers[0].mlp.up_proj.weight, teacher.model.layers[0].mlp.up_proj.weight)
+    again = build_student(StudentConfig(init="born_again"), teacher)  # seeded: the same fresh weights
+    assert torch.equal(again.model.layers[0].mlp.up_proj.weight, student.model.layers[0].mlp.up_proj.weight)
+    with pytest.raises(ConfigError, match=r"born_again.*teacher's own architecture"):
+        build_student(StudentConfig(init="born_again", overrides={"num_hidden_layers": 1}), teacher)
+
+
+def test_init_from_loads_a_student_export_or_a_dequantized_int8_model(teacher, ids, tmp_path):
+    from raydistill.tasks.quantize import load_quantized, quantize_dynamic_int8, save_quantized
+    from raydistill.tasks.warmstart import check_architecture, load_init_weights, weights_digest
+
+    trained = build_student(StudentConfig(layers=[0, 2]), teacher).eval()
+    with torch.no_grad():
+        trained.model.layers[0].mlp.up_proj.weight.add_(0.5)  # weights the teacher's layers do not have
+    export = save_student(trained, None, tmp_path / "export")
+    loaded = load_init_weights(export)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), trained.state_dict().values()))
+    save_quantized(quantize_dynamic_int8(trained), None, tmp_path / "int8")
+    dq = load_init_weights(tmp_path / "int8")  # what the registry holds: the champion as it is served
+    with torch.no_grad():
+        want = forward_logits(load_quantized(tmp_path / "int8"), ids)
+        assert torch.allclose(forward_logits(dq, ids), want, atol=0.05)
+        assert torch.allclose(dq.model.layers[0].mlp.up_proj.weight, trained.model.layers[0].mlp.up_proj.weight,
+                              atol=0.02)
+    assert weights_digest(export) != weights_digest(tmp_path / "int8")
+    check_architecture(build_student(StudentConfig(layers=[1, 3]), teacher), loaded, "x")  # same shape: fine
+    with pytest.raises(ConfigError, match=r"train.init_from x: num_hidden_layers is 2 there but 1 in the student"):
+        check_architecture(build_student(StudentConfig(layers=[0]), teacher), loaded, "x")
+
+
+def test_init_from_refuses_pickle_weights_and_non_model_dirs(tmp_path):
+    from raydistill.tasks.warmstart import load_init_weights
+
+    with pytest.raises(ConfigError, match="not a model directory"):
+        load_init_weights(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(ConfigError, match=r"no \*.safetensors weights there \(pickle weight files are never loaded"):
+        load_init_weights(tmp_path)
