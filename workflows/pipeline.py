@@ -6,10 +6,17 @@
 
 Each stage is skipped when its outputs for the same inputs already exist in ``run_dir`` (content keys in
 ``run_dir/stages``); the cache resumes shard by shard, so a rerun performs zero teacher forward passes.
+
+Continual distillation (``train.init_from=champion``, see ``workflows/continual.py``): after corpus files are
+added, a rerun computes only the new files' shards and trains a student that starts from the current champion.
+Self-distillation (``pipeline.generations=N``, usually with ``student.init=born_again``): the stages run N times;
+generation k (k ≥ 1) runs in ``<run_dir>/gen-<k>`` with generation k−1's trained student as its teacher, its own
+cache and the first generation's registry (:func:`generation_config`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import time
@@ -21,8 +28,41 @@ from raydistill.workflows.verbs import STAGES, VERBS
 
 
 def run(cfg: PipelineConfig, action: str | None = None) -> dict:
-    """Every stage in order (``pipeline.tune``: with the search first), then ``pipeline.serve``'s demo request."""
+    """Every stage in order (``pipeline.tune``: with the search first), then ``pipeline.serve``'s demo request;
+    ``pipeline.generations`` times, each generation taught by the previous one's student."""
     cfg = resolve_paths(cfg)
+    n = cfg.pipeline.generations
+    generations, summary = [], {}
+    for g in range(n):
+        gcfg = generation_config(cfg, g, generations[-1]["student_dir"] if generations else None)
+        if n > 1:
+            print(f"\n##### generation {g} of {n}: teacher {gcfg.teacher.source} → {gcfg.run_dir}", flush=True)
+        summary = _run_once(gcfg, serve=cfg.pipeline.serve and g == n - 1)
+        generations.append({"generation": g, "run_dir": gcfg.run_dir, "teacher": gcfg.teacher.source,
+                            "cache_key": summary["cache"].get("cache_key"), "model": summary["model"],
+                            "student_dir": summary["student_dir"]})
+    if n > 1:
+        summary = {**summary, "generations": generations}
+        atomic_write_json(Path(cfg.run_dir, "summary.json"), summary, default=str)
+    return summary
+
+
+def generation_config(cfg: PipelineConfig, g: int, teacher_dir: str | None) -> PipelineConfig:
+    """Generation ``g``'s config: generation 0 is ``cfg``; generation k ≥ 1 runs in ``<run_dir>/gen-<k>`` (an
+    explicit ``cache.dir`` gets ``/gen-<k>`` too: one cache per teacher) with ``teacher_dir`` (generation k−1's
+    exported student) as its teacher, logging to generation 0's tracking store."""
+    if g == 0:
+        return cfg
+    tokenizer = cfg.teacher.tokenizer  # None: the exported student carries the teacher's tokenizer files
+    return dataclasses.replace(
+        cfg, run_dir=str(Path(cfg.run_dir, f"gen-{g}")),
+        teacher=dataclasses.replace(cfg.teacher, source=teacher_dir, tokenizer=tokenizer),
+        cache=dataclasses.replace(cfg.cache, dir=cfg.cache.dir and f"{cfg.cache.dir.rstrip('/')}/gen-{g}"),
+        registry=dataclasses.replace(cfg.registry, tracking_uri=cfg.tracking_uri))
+
+
+def _run_once(cfg: PipelineConfig, serve: bool) -> dict:
+    """One pass over the stages (and the demo request when ``serve``); the summary, also in ``summary.json``."""
     started = time.time()
     results, timings = {}, {}
     for stage in STAGES:
@@ -40,7 +80,7 @@ def run(cfg: PipelineConfig, action: str | None = None) -> dict:
             print(f"[pipeline] training the student with the tuned {results['tune']['params']}")
 
     served = None
-    if cfg.pipeline.serve:
+    if serve:
         print("\n=== raydistill serve (demo request) ===", flush=True)
         t0 = time.time()
         served = _serve_demo(cfg, keep=cfg.serve.keep_serving)
@@ -105,7 +145,10 @@ def build_summary(cfg: PipelineConfig, results: dict, served: dict | None, timin
         "promoted": promo.get("promoted"),
         "promotion_reason": promo.get("reason"),
         "cache": {k: results.get("cache", {}).get(k) for k in
-                  ("teacher_forwards", "shards_total", "shards_computed", "tokens", "bytes_per_token")},
+                  ("teacher_forwards", "shards_total", "shards_computed", "tokens", "bytes_per_token",
+                   "cache_key")},
+        "student_dir": (results.get("train") or {}).get("student_dir"),
+        "init_from": (results.get("train") or {}).get("init_from"),
         "tuned": (results.get("tune") or {}).get("params"),
         "served": served,
         "stage_seconds": timings,

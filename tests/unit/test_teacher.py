@@ -93,3 +93,27 @@ def test_smollm2_teacher_predicts_shakespeare(tiny_tokenizer):
         logits = model(ids).logits
     nll = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
     assert logits.shape[-1] == 49152 and float(nll) < 4.0
+
+
+def test_a_trained_students_export_teaches_the_next_generation(tmp_path, tiny_tokenizer):
+    """Self-distillation: generation k's ``train/student`` directory is generation k+1's teacher."""
+    from raydistill.tasks.config import PeftConfig, StudentConfig
+    from raydistill.tasks.students import build_student, save_student
+
+    tiny = TeacherConfig(source="tiny", tiny=TinyModelConfig(num_layers=1, hidden_size=32, intermediate_size=64))
+    teacher, _ = load_teacher(tiny)
+    student = build_student(StudentConfig(init="born_again"), teacher).eval()
+    export = save_student(student, tiny_tokenizer, tmp_path / "gen0" / "student")
+    cfg = TeacherConfig(source=str(export))
+    identity = teacher_identity(cfg)
+    assert identity["kind"] == "hf" and identity["architecture"]["num_hidden_layers"] == 1
+    assert identity["weights_sha256"] != teacher_identity(tiny)["weights_sha256"]  # another cache key
+    model, _ = load_teacher(cfg)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, student(ids).logits)
+    assert load_tokenizer(cfg).get_vocab() == tiny_tokenizer.get_vocab()
+    prefix = build_student(StudentConfig(init="born_again", peft=PeftConfig(method="prefix", num_virtual_tokens=2)),
+                           teacher)
+    with pytest.raises(ConfigError, match="student with a prefix adapter, which cannot teach"):
+        teacher_identity(TeacherConfig(source=str(save_student(prefix, tiny_tokenizer, tmp_path / "prefix"))))

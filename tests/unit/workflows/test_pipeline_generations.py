@@ -1,0 +1,17 @@
+"""pipeline.generations: generation k's config (no Ray: the stages themselves run in tests/integration)."""
+
+from raydistill.tasks.config import load_config, resolve_paths
+from raydistill.workflows.pipeline import generation_config
+
+
+def test_generation_k_is_taught_by_generation_k_minus_1_in_its_own_run_dir_cache_and_shared_registry(tmp_path):
+    cfg = resolve_paths(load_config("tiny", [f"run_dir={tmp_path}", "pipeline.generations=3",
+                                             "student.init=born_again"]))
+    assert generation_config(cfg, 0, None) is cfg
+    g1 = generation_config(cfg, 1, str(tmp_path / "train" / "student"))
+    assert g1.run_dir == str(tmp_path / "gen-1") and g1.cache_dir == str(tmp_path / "gen-1" / "cache")
+    assert g1.teacher.source == str(tmp_path / "train" / "student")
+    assert g1.tracking_uri == cfg.tracking_uri  # one registry for every generation
+    assert g1.student == cfg.student and g1.train == cfg.train
+    shared = resolve_paths(load_config("tiny", [f"run_dir={tmp_path}", f"cache.dir={tmp_path}/caches"]))
+    assert generation_config(shared, 2, "x").cache_dir == f"{tmp_path}/caches/gen-2"  # one cache per teacher
