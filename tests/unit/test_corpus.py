@@ -89,6 +89,19 @@ def test_adding_files_anywhere_in_the_sort_order_keeps_every_existing_shard(tmp_
     assert {s.doc_id for s in new} == {"0-first.txt", "m2.md", "z/last.txt"}
 
 
+def test_the_held_out_set_of_a_grown_corpus_is_the_old_one_plus_the_new_files_held_out_windows(tmp_path,
+                                                                                               tiny_tokenizer):
+    _write_docs(tmp_path, {"m.txt": _text(0, 2000), "n.txt": _text(1, 2000)})
+
+    def held(shards):
+        return {(s.doc_id, w.tobytes()) for s in shards if s.split == "heldout" for w in s.tokens}
+
+    before = held(build_shards(_cfg(tmp_path), tiny_tokenizer))
+    _write_docs(tmp_path, {"a.txt": _text(2, 2000)})
+    after = held(build_shards(_cfg(tmp_path), tiny_tokenizer))
+    assert before and before < after and {doc for doc, _ in after - before} == {"a.txt"}
+
+
 def test_a_file_shorter_than_a_window_is_named_in_a_warning(tmp_path, tiny_tokenizer):
     _write_docs(tmp_path, {"a.txt": _text(0), "tiny.txt": "the fox"})
     with pytest.warns(UserWarning, match=r"1 file\(s\) shorter than one window \(17 tokens\).*'tiny.txt'"):
