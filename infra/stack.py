@@ -176,7 +176,9 @@ def mlflow_up(root: Path, state: dict) -> None:
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend, "--serve-artifacts",
            "--artifacts-destination", f"s3://{BUCKET}/mlartifacts", "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1"]
-    state["pids"]["mlflow"] = spawn(cmd, log, env={**os.environ, **s3_env(state)})
+    # no background job runner (GenAI evaluation jobs): raydistill does not use it, and it forks 7 workers
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ, **s3_env(state)}
+    state["pids"]["mlflow"] = spawn(cmd, log, env=env)
     wait_until(lambda: http_ok(f"{state['tracking_uri']}/health"), "mlflow server", log, 180,
                pid=state["pids"]["mlflow"])
 

@@ -78,9 +78,13 @@ def check_gate(metrics: dict, gate: GateConfig, champion: dict | None = None) ->
             if name not in worse:
                 passed = False
                 reasons.append(f"{name} missing from the version's metrics (the champion has it)")
-                continue
-            need(name, lambda d, m=margin: d <= m, f"worse than the champion's {champion[name]:.4g} by more "
-                 f"than {margin} (regression {worse[name]:+.4g})", value=worse[name])
+            elif worse[name] <= margin:
+                reasons.append(f"{name} {metrics[name]:.4g} vs the champion's {champion[name]:.4g}: regression "
+                               f"{worse[name]:+.4g} within {margin}")
+            else:
+                passed = False
+                reasons.append(f"FAILED: {name} {metrics[name]:.4g} is worse than the champion's "
+                               f"{champion[name]:.4g} by {worse[name]:.4g} (more than {margin})")
     if gate.require_better_than_champion and champion and champion.get("heldout_loss") is not None:
         best = champion["heldout_loss"]
         need("heldout_loss", lambda v: v < best, f"< champion's {best:.4g}")

@@ -38,7 +38,7 @@ def test_a_regression_beyond_the_margin_against_the_champion_fails_the_gate(cand
     passed, reasons = check_gate(candidate, GateConfig(), CHAMPION)
     assert passed is (not failed)
     assert sorted(r.split()[1] for r in reasons if r.startswith("FAILED")) == failed
-    assert all("worse than the champion" in r for r in reasons if r.startswith("FAILED"))
+    assert all("worse than the champion's" in r and "more than" in r for r in reasons if r.startswith("FAILED"))
 
 
 def test_without_champion_comparison_only_the_absolute_thresholds_count():
