@@ -41,6 +41,8 @@ URI_SCHEME = "models:/"
 def setup(cfg: PipelineConfig) -> str:
     """Point this process at the run's tracking store and experiment; returns the experiment id."""
     uri = cfg.tracking_uri
+    if redact(uri, env={}) != uri:  # MLflow prints "View run at <tracking URI>": never with its password in it
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     client = MlflowClient(uri)
