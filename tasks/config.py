@@ -20,6 +20,7 @@ import functools
 import hashlib
 import inspect
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -337,6 +338,26 @@ class GateConfig:
     """Also require a lower held-out loss than the current champion."""
     max_kl_to_teacher: float | None = None
     """Highest allowed mean KL(teacher ‖ student) on the held-out split; ``null`` = not checked."""
+    compare_to_champion: bool = True
+    """Evaluate the candidate and the current ``@champion`` on the same frozen held-out set (the cache's held-out
+    shards, recorded by digest) and refuse a regression beyond the margins below."""
+    max_loss_regression: float = 0.05
+    """Largest allowed increase of held-out loss (nats/token) over the champion's, on the same held-out set."""
+    max_agreement_regression: float = 0.02
+    """Largest allowed drop of top-1 teacher agreement (a share, 0–1) below the champion's."""
+    max_ece_regression: float = 0.02
+    """Largest allowed increase of expected calibration error over the champion's."""
+    max_windows: int | None = None
+    """Held-out windows the gate evaluates (the first N in shard-key order); ``null`` = all of them."""
+    lock_timeout_s: float = 60.0
+    """How long ``promote`` waits for another promotion of the same model to release the registry lock."""
+
+    def __post_init__(self):
+        for name in ("max_loss_regression", "max_agreement_regression", "max_ece_regression"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"registry.gate.{name} must be >= 0 (a margin), got {getattr(self, name)}")
+        if self.max_windows is not None and self.max_windows <= 0:
+            raise ConfigError(f"registry.gate.max_windows must be >= 1 or null, got {self.max_windows}")
 
 
 @dataclass
@@ -354,8 +375,13 @@ class RegistryConfig:
     promote_version: int | None = None
     """``promote``: the model version to gate and promote; ``null`` = the one ``register`` wrote to
     ``<run_dir>/register/version.json``."""
+    lineage_uri: str | None = None
+    """``lineage``: the version to trace (``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``; the CLI takes it as
+    a bare word, ``raydistill lineage models:/tiny-student/1``); ``null`` = ``models:/<model_name>@champion``."""
 
     def __post_init__(self):
+        check_name("registry.model_name", self.model_name)
+        check_name("registry.experiment", self.experiment)
         if self.promote_version is not None and self.promote_version <= 0:
             raise ConfigError(f"registry.promote_version must be a version number >= 1 or null "
                               f"(got {self.promote_version})")
@@ -517,6 +543,22 @@ class PipelineConfig:
 # ---------------------------------------------------------------------------------------------------------
 # building configs from dicts / YAML / overrides
 # ---------------------------------------------------------------------------------------------------------
+
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_name(key: str, value: str) -> str:
+    """A registry/run name that is safe in MLflow filter strings and file paths, or a ConfigError naming ``key``.
+
+    Letters, digits, ``.``, ``_`` and ``-``, starting with a letter or digit, at most 128 characters, never
+    ``..``: no quotes (filter-string injection), no ``/`` or ``\\`` (path traversal), no ``@`` (alias syntax).
+    """
+    if not isinstance(value, str) or not SAFE_NAME.fullmatch(value) or ".." in value:
+        closest = re.sub(r"[^A-Za-z0-9._-]+", "-", str(value)).replace("..", ".").strip(".-_")[:128] or "my-model"
+        raise ConfigError(f"{key}={value!r} is not a safe name: use letters, digits, '.', '_' and '-' "
+                          f"(no quotes, '/', '\\', '@' or '..'), e.g. {key}={closest}")
+    return value
+
 
 def _positive(obj, *names):
     for n in names:

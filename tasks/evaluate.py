@@ -17,12 +17,18 @@ A shard-like item needs ``tokens`` (``[W, L+1]`` ids; the model reads ``tokens[:
 ``tokens[:, 1:]``); optional ``teacher_top1`` (``[W, L]``) and ``targets(window_slice)`` (cached targets of
 those windows, ``tasks.cache.targets.CachedTargets``). A metric whose teacher field is missing is ``None``.
 
+The promotion gate compares two models on one *frozen* held-out set: :func:`heldout_digest` names it (the
+sorted held-out shard keys and the window cap) and :func:`regressions` says how much worse a candidate is than
+the champion on each gated metric.
+
 For distributed evaluation, each rank calls :func:`evaluate_sums` on its own shards, the sums are added
 across ranks (``all_reduce``) and :func:`finalize` turns them into the metrics.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from typing import Iterable
@@ -135,3 +141,21 @@ def evaluate(model, shards: Iterable, *, max_windows: int | None = None, teacher
     return finalize(evaluate_sums(model, shards, max_windows=max_windows, teacher_targets=teacher_targets,
                                   batch_size=batch_size))
 
+
+
+GATED = {"heldout_loss": 1.0, "top1_agreement": -1.0, "ece": 1.0}
+"""Metrics the promotion gate compares with the champion, and the sign of "worse" (+1: higher is worse)."""
+
+
+def heldout_digest(shard_keys: Iterable[str], max_windows: int | None = None) -> str:
+    """sha256 naming a frozen held-out set: the *sorted* shard keys (a set: where the shards sort in the corpus
+    does not matter) and the window cap. Two evaluations with the same digest saw the same windows."""
+    payload = {"heldout_shard_keys": sorted(shard_keys), "max_windows": max_windows}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def regressions(candidate: dict, champion: dict) -> dict:
+    """How much worse ``candidate`` is than ``champion`` per :data:`GATED` metric (negative = better); a metric
+    missing from either side is left out."""
+    return {k: sign * (candidate[k] - champion[k]) for k, sign in GATED.items()
+            if candidate.get(k) is not None and champion.get(k) is not None}

@@ -281,7 +281,9 @@ def load_student(path: str | Path, *, dtype: torch.dtype = torch.float32):
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} is not a student directory (no config.json)")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    from raydistill.tasks.guard import refuse_pickle
+
+    model = AutoModelForCausalLM.from_pretrained(refuse_pickle(path), dtype=dtype, use_safetensors=True)
     meta = json.loads((path / META_FILE).read_text()) if (path / META_FILE).exists() else {}
     if meta.get("adapter"):
         from peft import PeftModel

@@ -224,6 +224,8 @@ def load_teacher(cfg: TeacherConfig) -> tuple[torch.nn.Module, dict]:
     elif kind == "gguf":
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        from raydistill.tasks.guard import refuse_pickle
+
+        model = AutoModelForCausalLM.from_pretrained(refuse_pickle(path), dtype=dtype, use_safetensors=True)
     model.eval()
     return model, identity

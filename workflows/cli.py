@@ -102,6 +102,8 @@ def _split_words(parser: argparse.ArgumentParser, name: str, verb: Verb, words: 
     action = verb.actions[0] if verb.actions else None
     if len(bare) == 1 and bare[0] in verb.actions:
         action = bare[0]
+    elif len(bare) == 1 and verb.argument:  # e.g. `raydistill lineage models:/m/3`
+        overrides.insert(0, f"{verb.argument}={bare[0]}")
     elif bare:
         hint = f"; actions of '{name}': {', '.join(verb.actions)}" if verb.actions else ""
         parser.error(f"unexpected argument(s) {' '.join(bare)}: overrides look like a.b=c{hint}")

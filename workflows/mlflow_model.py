@@ -31,7 +31,9 @@ class QuantizedStudent(PythonModel):
 
         from raydistill.tasks.quantize import load_quantized
 
-        model_dir = context.artifacts["model"]
+        from raydistill.tasks.guard import refuse_pickle
+
+        model_dir = refuse_pickle(context.artifacts["model"])  # safetensors only: a pickle file is refused
         self.model = load_quantized(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
 

@@ -4,14 +4,25 @@
     raydistill promote --config tiny registry.promote_version=3   # a chosen version
     raydistill promote rollback --config tiny                     # @champion back to the champion before it
 
-Gate (``registry.gate``): the version's int8 held-out loss ≤ ``max_heldout_loss``, its top-1 agreement with the
-teacher ≥ ``min_top1_agreement``, optionally KL to the teacher ≤ ``max_kl_to_teacher`` and a lower held-out loss
-than the current champion. Metrics come from the version's ``metric.int8.*`` tags (written by ``register``), so
-the gate judges exactly what was registered. The verdict is recorded on the version (``gate.*`` tags) whether it
-passes or not; a failing version leaves every alias unchanged.
+Fair gate (``registry.gate``): the candidate and the current ``@champion`` are evaluated
+(``tasks.evaluate.evaluate``) on the same *frozen* held-out set — the cache's held-out shards, sorted by shard
+key, the first ``gate.max_windows`` windows — named by :func:`~raydistill.tasks.evaluate.heldout_digest`.
+The candidate must pass the absolute thresholds (held-out loss ≤ ``max_heldout_loss``, top-1 agreement with
+the teacher ≥ ``min_top1_agreement``, optionally KL ≤ ``max_kl_to_teacher``) **and** be no worse than the
+champion beyond ``max_loss_regression`` / ``max_agreement_regression`` / ``max_ece_regression`` (optionally
+strictly better on loss: ``require_better_than_champion``). A version's numbers on a set are cached in its tag
+``gate.eval.<digest16>``, so a champion is evaluated once per held-out set. With
+``gate.compare_to_champion=false`` the gate reads the ``metric.int8.*`` tags ``register`` wrote instead (each
+version's own held-out split: not comparable across runs, so no champion comparison is made then).
 
-Champion history: the registered model's tag ``raydistill.champion_history`` lists the champions in order and the
-alias ``@previous`` points at the one before the current champion; ``rollback`` pops the history.
+Recorded on the version whether it passes or not: ``gate.heldout_digest``, ``gate.candidate.<metric>``,
+``gate.champion.<metric>``, ``gate.champion_version``, ``gate.passed``, ``gate.reasons``, ``gate.decision``.
+
+Compare-and-set: the alias moves inside :func:`tracking.registry_lock` and only if ``@champion`` is still the
+version the gate compared against; a promotion that lost a race is refused (``gate.decision=lost-race``) and
+leaves every alias as the winner set it. Champion history: the registered model's tag
+``raydistill.champion_history`` lists the champions in order and ``@previous`` points at the one before the
+current champion; ``rollback`` pops the history and says which version it restored.
 """
 
 from __future__ import annotations
@@ -20,6 +31,8 @@ import json
 import time
 
 from raydistill.tasks.config import ConfigError, GateConfig, PipelineConfig
+from raydistill.tasks.errors import DataError
+from raydistill.tasks.evaluate import heldout_digest, regressions
 from raydistill.workflows import stage, tracking
 
 HISTORY_TAG = "raydistill.champion_history"
@@ -33,12 +46,15 @@ def version_metrics(mv) -> dict:
 
 
 def check_gate(metrics: dict, gate: GateConfig, champion: dict | None = None) -> tuple[bool, list[str]]:
-    """``(passed, reasons)``; each reason says which check failed or passed and with what numbers."""
+    """``(passed, reasons)``; each reason says which check failed or passed and with what numbers.
+
+    ``champion``: the champion's metrics *on the same held-out set* (None: no champion, absolute checks only).
+    """
     reasons, passed = [], True
 
-    def need(name: str, ok, text: str):
+    def need(name: str, ok, text: str, value=None):
         nonlocal passed
-        value = metrics.get(name)
+        value = metrics.get(name) if value is None else value
         if value is None:
             passed = False
             reasons.append(f"{name} missing from the version's metrics")
@@ -52,10 +68,64 @@ def check_gate(metrics: dict, gate: GateConfig, champion: dict | None = None) ->
     need("top1_agreement", lambda v: v >= gate.min_top1_agreement, f">= {gate.min_top1_agreement}")
     if gate.max_kl_to_teacher is not None:
         need("kl_to_teacher", lambda v: v <= gate.max_kl_to_teacher, f"<= {gate.max_kl_to_teacher}")
+    if champion and gate.compare_to_champion:
+        margins = {"heldout_loss": gate.max_loss_regression, "top1_agreement": gate.max_agreement_regression,
+                   "ece": gate.max_ece_regression}
+        worse = regressions(metrics, champion)
+        for name, margin in margins.items():
+            if champion.get(name) is None:
+                continue
+            if name not in worse:
+                passed = False
+                reasons.append(f"{name} missing from the version's metrics (the champion has it)")
+            elif worse[name] <= margin:
+                reasons.append(f"{name} {metrics[name]:.4g} vs the champion's {champion[name]:.4g}: regression "
+                               f"{worse[name]:+.4g} within {margin}")
+            else:
+                passed = False
+                reasons.append(f"FAILED: {name} {metrics[name]:.4g} is worse than the champion's "
+                               f"{champion[name]:.4g} by {worse[name]:.4g} (more than {margin})")
     if gate.require_better_than_champion and champion and champion.get("heldout_loss") is not None:
         best = champion["heldout_loss"]
         need("heldout_loss", lambda v: v < best, f"< champion's {best:.4g}")
     return passed, reasons
+
+
+# -------------------------------------------------------------------------------- the frozen held-out set
+
+EVAL_KEYS = ("heldout_loss", "top1_agreement", "ece", "kl_to_teacher", "tokens")
+
+
+class FrozenHeldout:
+    """The cache's held-out shards in shard-key order, named by their digest; evaluates registry versions."""
+
+    def __init__(self, cfg: PipelineConfig):
+        from raydistill.tasks.cache.shards import open_cache
+
+        self.cfg, self.cache = cfg, open_cache(cfg.cache_dir)
+        self.entries = sorted(self.cache.shards("heldout"), key=lambda e: e["key"])
+        if not self.entries:
+            raise DataError(f"promote: the cache at {cfg.cache_dir} has no held-out shards to gate on; rebuild it "
+                            "with corpus.heldout_fraction > 0, or set registry.gate.compare_to_champion=false")
+        self.max_windows = cfg.registry.gate.max_windows
+        self.digest = heldout_digest([e["key"] for e in self.entries], self.max_windows)
+        self._shards = None
+
+    def metrics(self, client, mv) -> dict:
+        """The version's metrics on this set (from its ``gate.eval.<digest16>`` tag when evaluated before)."""
+        tag = f"gate.eval.{self.digest[:16]}"
+        if tag in mv.tags:
+            return json.loads(mv.tags[tag])
+        from raydistill.tasks.evaluate import evaluate
+        from raydistill.workflows.register import load_registered
+
+        if self._shards is None:
+            self._shards = [self.cache.read(e) for e in self.entries]
+        model, _, _ = load_registered(self.cfg.tracking_uri, tracking.model_uri(mv.name, version=mv.version))
+        found = evaluate(model, self._shards, max_windows=self.max_windows)
+        found = {k: found[k] for k in EVAL_KEYS}
+        client.set_model_version_tag(mv.name, str(mv.version), tag, json.dumps(found, sort_keys=True))
+        return found
 
 
 def _history(client, name: str) -> list[int]:
@@ -77,70 +147,120 @@ def _target_version(cfg: PipelineConfig) -> int:
     return int(registered["outputs"]["version"])
 
 
-def promote(client, name: str, version: int, gate: GateConfig) -> dict:
-    """Gate ``version`` of ``name`` and, if it passes, make it ``@champion`` (the old one becomes ``@previous``)."""
+def _verdict_tags(gate: GateConfig, passed: bool, reasons: list, candidate: dict, champion_mv, champion: dict | None,
+                  digest: str | None) -> dict:
+    tags = {"gate.passed": str(passed).lower(), "gate.reasons": "; ".join(reasons)[:5000],
+            "gate.checked_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "gate.config": json.dumps(vars(gate), sort_keys=True),
+            "gate.champion_version": str(champion_mv.version) if champion_mv else "none",
+            "gate.heldout_digest": digest or "none (each version's own metric.int8.* tags)",
+            "gate.decision": "promoted" if passed else "rejected"}
+    for side, numbers in (("candidate", candidate), ("champion", champion or {})):
+        tags.update({f"gate.{side}.{k}": repr(float(v)) for k, v in numbers.items() if v is not None})
+    return tags
+
+
+def promote(client, name: str, version: int, gate: GateConfig, heldout: FrozenHeldout | None = None) -> dict:
+    """Gate ``version`` of ``name`` and, if it passes, make it ``@champion`` (the old one becomes ``@previous``).
+
+    ``heldout``: the frozen set both are evaluated on; None = the versions' ``metric.int8.*`` tags, no champion
+    comparison (see the module doc).
+    """
     try:
         mv = tracking.get_version(client, name, version)
     except LookupError:
         raise ConfigError(f"promote: {name} has no version {version}") from None
-    champion = tracking.alias_version(client, name, CHAMPION)
-    if champion is not None and int(champion.version) == version:
+    champion_mv = tracking.alias_version(client, name, CHAMPION)
+    if champion_mv is not None and int(champion_mv.version) == version:
         return {"promoted": True, "version": version, "champion_version": version, "reason": "already @champion"}
-    passed, reasons = check_gate(version_metrics(mv), gate, version_metrics(champion) if champion else None)
-    verdict = {"gate.passed": str(passed).lower(), "gate.reasons": "; ".join(reasons)[:5000],
-               "gate.checked_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-               "gate.config": json.dumps(vars(gate), sort_keys=True),
-               "gate.champion_version": str(champion.version) if champion else "none"}
-    for k, v in verdict.items():
-        client.set_model_version_tag(name, str(version), k, v)
-    if not passed:
-        return {"promoted": False, "version": version, "reasons": reasons,
-                "champion_version": int(champion.version) if champion else None,
-                "reason": "gate failed: " + "; ".join(r for r in reasons if r.startswith("FAILED") or "missing" in r)}
-    history = _history(client, name)
-    if champion is not None and (not history or history[-1] != int(champion.version)):
-        history.append(int(champion.version))  # the alias was moved by hand: keep it rollback-able
-    _set_champion(client, name, history + [version])
-    client.set_model_version_tag(name, str(version), "raydistill.promoted_at", verdict["gate.checked_at"])
-    return {"promoted": True, "version": version, "champion_version": version, "reasons": reasons,
-            "previous_version": int(champion.version) if champion else None, "reason": "gate passed"}
-
-
-def rollback(client, name: str) -> dict:
-    """Move ``@champion`` back to the champion before it."""
-    champion = tracking.alias_version(client, name, CHAMPION)
-    if champion is None:
-        raise ConfigError(f"rollback: {name} has no @champion")
-    current = int(champion.version)
-    history = _history(client, name)
-    if current in history:
-        history = history[:len(history) - history[::-1].index(current)]  # up to its last promotion
+    if heldout is None:
+        candidate, champion = version_metrics(mv), None
     else:
-        history.append(current)
-    if len(history) < 2:
-        raise ConfigError(f"rollback: {name}@champion (version {current}) has no previous champion")
-    history.pop()
-    _set_champion(client, name, history)
-    client.set_model_version_tag(name, str(current), "raydistill.rolled_back_at", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        candidate = heldout.metrics(client, mv)
+        champion = heldout.metrics(client, champion_mv) if champion_mv is not None else None
+    passed, reasons = check_gate(candidate, gate, champion)
+    verdict = _verdict_tags(gate, passed, reasons, candidate, champion_mv, champion, heldout and heldout.digest)
+    expected = int(champion_mv.version) if champion_mv else None
+    base = {"version": version, "reasons": reasons, "candidate": candidate, "champion": champion,
+            "heldout_digest": heldout.digest if heldout else None}
+    if not passed:
+        _tag_version(client, name, version, verdict)
+        return {**base, "promoted": False, "champion_version": expected,
+                "reason": "gate failed: " + "; ".join(r for r in reasons if r.startswith("FAILED") or "missing" in r)}
+    with tracking.registry_lock(client, name, gate.lock_timeout_s):
+        now = tracking.alias_version(client, name, CHAMPION)
+        now = int(now.version) if now else None
+        if now != expected:  # compare-and-set: another promotion moved @champion while this gate ran
+            _tag_version(client, name, version, {**verdict, "gate.decision": "lost-race"})
+            return {**base, "promoted": False, "champion_version": now,
+                    "reason": f"@champion moved from {expected} to {now} while the gate ran (another promotion "
+                              "won the race); rerun promote to gate against the new champion"}
+        history = _history(client, name)
+        if expected is not None and (not history or history[-1] != expected):
+            history.append(expected)  # the alias was moved by hand: keep it rollback-able
+        _set_champion(client, name, history + [version])
+        _tag_version(client, name, version, {**verdict, "raydistill.promoted_at": verdict["gate.checked_at"]})
+    return {**base, "promoted": True, "champion_version": version, "previous_version": expected,
+            "reason": "gate passed"}
+
+
+def _tag_version(client, name: str, version: int, tags: dict) -> None:
+    for k, v in tags.items():
+        client.set_model_version_tag(name, str(version), k, v)
+
+
+def rollback(client, name: str, lock_timeout_s: float = 60.0) -> dict:
+    """Move ``@champion`` back to the champion before it (under the registry lock); says which it restored."""
+    with tracking.registry_lock(client, name, lock_timeout_s):
+        champion = tracking.alias_version(client, name, CHAMPION)
+        if champion is None:
+            raise ConfigError(f"rollback: {name} has no @champion")
+        current = int(champion.version)
+        history = _history(client, name)
+        if current in history:
+            history = history[:len(history) - history[::-1].index(current)]  # up to its last promotion
+        else:
+            history.append(current)
+        if len(history) < 2:
+            raise ConfigError(f"rollback: {name}@champion (version {current}) has no previous champion")
+        history.pop()
+        _set_champion(client, name, history)
+        _tag_version(client, name, current, {"raydistill.rolled_back_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                             "raydistill.rolled_back_to": str(history[-1])})
     return {"promoted": True, "rolled_back_from": current, "champion_version": history[-1],
-            "version": history[-1], "reason": f"rolled back from version {current}"}
+            "restored_version": history[-1], "version": history[-1],
+            "reason": f"rolled back from version {current}; restored version {history[-1]}"}
 
 
 def run(cfg: PipelineConfig, action: str | None = None) -> dict:
     """Gate and promote a version; ``rollback`` moves ``@champion`` back instead. Never skipped."""
     stage.start(cfg, "promote", skip=False)
     name = cfg.registry.model_name
+    gate = cfg.registry.gate
     if action == "rollback":
-        result = rollback(tracking.client(cfg), name)
+        result = rollback(tracking.client(cfg), name, gate.lock_timeout_s)
     else:
         version = _target_version(cfg)  # before touching the registry: a wrong run_dir creates nothing
-        result = promote(tracking.client(cfg), name, version, cfg.registry.gate)
+        client = tracking.client(cfg)
+        try:
+            tracking.get_version(client, name, version)  # a wrong version says so before the cache is opened
+        except LookupError:
+            raise ConfigError(f"promote: {name} has no version {version}") from None
+        heldout = FrozenHeldout(cfg) if gate.compare_to_champion else None
+        result = promote(client, name, version, gate, heldout)
     if result.get("promoted"):
         print(f"[promote] {name}@champion = version {result['champion_version']} ({result['reason']})")
     else:
         print(f"[promote] version {result['version']} NOT promoted: {result['reason']}; "
               f"@champion stays at {result['champion_version']}")
-        for r in result["reasons"]:
-            print(f"  - {r}")
+    for r in result.get("reasons", []):
+        print(f"  - {r}")
+    if result.get("heldout_digest"):
+        print(f"[promote] frozen held-out set {result['heldout_digest'][:16]}: candidate {_fmt(result['candidate'])}"
+              + (f"; champion {_fmt(result['champion'])}" if result.get("champion") else ""))
     stage.record(cfg, "promote", stage.key(cfg, "promote", extra={"version": result.get("version")}), result)
     return result
+
+
+def _fmt(m: dict) -> str:
+    return ", ".join(f"{k} {m[k]:.4g}" for k in ("heldout_loss", "top1_agreement", "ece") if m.get(k) is not None)

@@ -5,8 +5,17 @@
 One MLflow run (params = the flattened config, metrics = teacher / student fp32 / student int8 on the held-out
 split, artifacts = the quantize report, train metrics, the resolved config) logs the int8 student as a
 "models from code" pyfunc (``workflows/mlflow_model.py`` + the safetensors directory + ``raydistill.tasks`` as code; no
-pickle) and registers it as a new version of ``registry.model_name``. The version carries lineage tags (teacher
-identity and weights hash, cache key, config hash, stage keys, metrics) and gets the alias ``@challenger``;
+pickle) and registers it as a new version of ``registry.model_name``. The version carries lineage tags and gets
+the alias ``@challenger``; ``raydistill lineage models:/NAME/VERSION`` prints them as a chain:
+
+- ``lineage.train_run_id`` / ``lineage.tune_parent_run_id``: the MLflow runs of the train and tune stages;
+- ``cache.key`` (the cache manifest digest), ``cache.shards_sha256`` (sorted shard keys) and
+  ``cache.heldout_digest`` (the held-out set, as the gate names it); the run's artifact ``lineage/shards.json``
+  lists every shard (split, name, key, file, sha256) the student was trained and scored on;
+- ``corpus.sha256`` (corpus settings + every shard's name, split and size: the corpus as tokenized and windowed;
+  the tokens themselves are pinned by the shard keys, which hash each shard's content),
+  ``teacher.weights_sha256``, ``raydistill.quantization``, ``code.version`` (git commit, ``+dirty`` with
+  uncommitted changes, else the package version), config hash, stage keys and metrics;
 ``raydistill promote`` moves ``@champion`` through the quality gate. Rerunning with the same inputs finds the
 version by its ``raydistill.stage_key`` tag instead of creating a second one.
 """
@@ -17,6 +26,7 @@ import hashlib
 import importlib.metadata
 import json
 import shutil
+import subprocess
 import tempfile
 import warnings
 from pathlib import Path
@@ -26,10 +36,12 @@ import yaml
 from raydistill import copy_package
 from raydistill.tasks.config import PipelineConfig, dump_yaml, to_dict
 from raydistill.tasks.fileio import atomic_write_json
+from raydistill.tasks.guard import redact, refuse_pickle
 from raydistill.workflows import stage, tracking
 
 KEY_TAG = "raydistill.stage_key"
 MODEL_ARTIFACT = "student"
+SHARDS_ARTIFACT = "lineage/shards.json"
 REQUIREMENTS = ("torch", "transformers", "tokenizers", "safetensors", "mlflow")
 METRIC_GROUPS = ("teacher", "fp32", "int8")
 
@@ -42,12 +54,47 @@ def config_hash(cfg: PipelineConfig) -> str:
 
 def find_version(client, name: str, key: str):
     """The model version of ``name`` registered with stage key ``key``, or None."""
-    found = client.search_model_versions(f"name = '{name}' and tags.`{KEY_TAG}` = '{key}'")
+    found = tracking.search_versions(client, name, {KEY_TAG: key})
     return max(found, key=lambda v: int(v.version)) if found else None
 
 
+def code_version() -> str:
+    """``git:<commit>`` of the raydistill checkout (``+dirty`` with uncommitted tracked changes), else
+    ``raydistill==<version>`` of the installed package."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    top = git("rev-parse", "--show-toplevel")
+    commit = git("rev-parse", "HEAD") if top and Path(top).resolve() == root else None
+    if commit:
+        return f"git:{commit}" + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    return f"raydistill=={importlib.metadata.version('raydistill')}"
+
+
+def shard_lineage(manifest: dict) -> dict:
+    """What the student was trained and scored on: every shard of the cache, with the digests that name them."""
+    from raydistill.tasks.cache.manifest import cache_key
+    from raydistill.tasks.evaluate import heldout_digest
+
+    shards = [{k: e.get(k) for k in ("split", "name", "key", "file", "sha256", "windows", "tokens")}
+              for e in manifest.get("shards") or []]
+    corpus = {"corpus": manifest.get("corpus"), "seq_len": manifest.get("seq_len"),
+              "tokenizer_hash": manifest.get("tokenizer_hash"),
+              "shards": sorted((e["name"], e["split"], e["windows"], e["tokens"]) for e in shards)}
+    return {"cache_key": cache_key(manifest), "shards": shards,
+            "shards_sha256": hashlib.sha256(json.dumps(sorted(e["key"] for e in shards)).encode()).hexdigest(),
+            "heldout_digest": heldout_digest([e["key"] for e in shards if e["split"] == "heldout"]),
+            "corpus_sha256": hashlib.sha256(json.dumps(corpus, sort_keys=True, default=str).encode()).hexdigest()}
+
+
 def _cache_lineage(cfg: PipelineConfig) -> dict:
-    """Teacher identity and cache key, as the cache stage recorded them."""
+    """Teacher identity, cache key and shard digests, as the cache stage recorded them."""
     rec = stage.read(cfg, "cache") or {}
     out = rec.get("outputs") or {}
     from raydistill.tasks.cache.manifest import cache_key
@@ -67,13 +114,26 @@ def _cache_lineage(cfg: PipelineConfig) -> dict:
             "teacher.architecture": json.dumps(teacher.get("architecture"), sort_keys=True)[:5000],
             "cache.key": cache_key(manifest) or str(out.get("cache_key") or rec.get("key")),
             "cache.format": str(manifest.get("format", cfg.cache.format)),
-            "cache.stage_key": str(rec.get("key"))}
+            "cache.stage_key": str(rec.get("key")), **_shard_tags(manifest)}
+
+
+def _shard_tags(manifest: dict) -> dict:
+    if not manifest:
+        return {}
+    lin = shard_lineage(manifest)
+    return {"cache.shards_sha256": lin["shards_sha256"], "cache.heldout_digest": lin["heldout_digest"],
+            "cache.shards": str(len(lin["shards"])), "corpus.sha256": lin["corpus_sha256"],
+            "lineage.shards_artifact": SHARDS_ARTIFACT}
 
 
 def lineage_tags(cfg: PipelineConfig, key: str, report: dict) -> dict:
     stages = {s: (stage.read(cfg, s) or {}).get("key") for s in ("train", "tune", "quantize")}
-    tags = {KEY_TAG: key, "raydistill.config_sha256": config_hash(cfg),
-            "raydistill.quantization": str(report.get("method")), **_cache_lineage(cfg)}
+    runs = {"lineage.train_run_id": ((stage.read(cfg, "train") or {}).get("outputs") or {}).get("mlflow_run_id"),
+            "lineage.tune_parent_run_id": ((stage.read(cfg, "tune") or {}).get("outputs") or {})
+            .get("mlflow_parent_run_id")}
+    tags = {KEY_TAG: key, "raydistill.config_sha256": config_hash(cfg), "code.version": code_version(),
+            "raydistill.quantization": str(report.get("method")), **_cache_lineage(cfg),
+            **{k: str(v or "none") for k, v in runs.items()}}
     tags.update({f"{s}.stage_key": str(k) for s, k in stages.items()})
     for group in METRIC_GROUPS:
         for name, value in (report.get(group) or {}).items():
@@ -95,6 +155,12 @@ def _log_run(cfg: PipelineConfig, key: str, report: dict, int8_dir: Path) -> tup
         tracking.log_metrics(metrics)
         tracking.log_dict(report, "quantize/report.json")
         tracking.log_text(dump_yaml(cfg), "config.yaml")
+        try:
+            from raydistill.tasks.cache.shards import open_cache
+
+            tracking.log_dict(shard_lineage(open_cache(cfg.cache_dir).manifest), SHARDS_ARTIFACT)
+        except FileNotFoundError:  # no cache here (registering elsewhere): the tags still name it
+            pass
         train_metrics = Path(cfg.stage_dir("train"), "metrics.json")
         if train_metrics.exists():
             tracking.log_file(train_metrics, "train")
@@ -137,7 +203,7 @@ def run(cfg: PipelineConfig, action: str | None = None) -> dict:
     outputs = {"name": name, "version": int(mv.version), "run_id": mv.run_id, "alias": "challenger",
                "model_uri": tracking.model_uri(name, version=mv.version), "tracking_uri": cfg.tracking_uri,
                "stage_key": key, "tags": dict(tracking.get_version(client, name, mv.version).tags)}
-    out = atomic_write_json(Path(cfg.stage_dir("register"), "version.json"), outputs)
+    out = atomic_write_json(Path(cfg.stage_dir("register"), "version.json"), redact(outputs))
     stage.record(cfg, "register", key, outputs, paths=[out])
     return outputs
 
@@ -156,7 +222,7 @@ def load_registered(tracking_uri: str, uri: str):
     try:
         local, mv = tracking.download_version(tracking_uri, uri, tmp)
         mlmodel = yaml.safe_load((local / "MLmodel").read_text())
-        model_dir = local / mlmodel["flavors"]["python_function"]["artifacts"]["model"]["path"]
+        model_dir = refuse_pickle(local / mlmodel["flavors"]["python_function"]["artifacts"]["model"]["path"])
         model, tokenizer = load_quantized(model_dir), AutoTokenizer.from_pretrained(model_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from raydistill.tasks.config import PipelineConfig, section_key
 from raydistill.tasks.errors import StageMissingError
+from raydistill.tasks.guard import redact
 from raydistill.tasks.fileio import atomic_write_json
 from raydistill.workflows.verbs import VERBS
 
@@ -101,9 +102,9 @@ def done(cfg: PipelineConfig, stage: str, stage_key: str) -> dict | None:
 
 
 def record(cfg: PipelineConfig, stage: str, stage_key: str, outputs: dict, paths: list = ()) -> dict:
-    """Atomically write a stage record."""
-    rec = {"stage": stage, "key": stage_key, "finished_at": time.time(), "paths": [str(x) for x in paths],
-           "digest": digest(paths), "outputs": outputs}
+    """Atomically write a stage record (secrets redacted: records are shared, copied and shown)."""
+    rec = {"stage": stage, "key": stage_key, "finished_at": time.time(), "paths": redact([str(x) for x in paths]),
+           "digest": digest(paths), "outputs": redact(json.loads(json.dumps(outputs, default=str)))}
     atomic_write_json(_record_path(cfg, stage), rec, default=str)
     return rec
 

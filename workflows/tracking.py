@@ -11,9 +11,12 @@ which MLflow itself imports when the model is loaded. Registry URIs are built an
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import random
 import time
+import uuid
 from pathlib import Path
 from typing import NamedTuple
 
@@ -22,7 +25,8 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from raydistill.tasks.config import PipelineConfig
+from raydistill.tasks.config import PipelineConfig, check_name
+from raydistill.tasks.guard import redact
 
 # alembic/mlflow print migration chatter on every new sqlite db
 logging.getLogger("alembic").setLevel(logging.WARNING)
@@ -37,6 +41,8 @@ URI_SCHEME = "models:/"
 def setup(cfg: PipelineConfig) -> str:
     """Point this process at the run's tracking store and experiment; returns the experiment id."""
     uri = cfg.tracking_uri
+    if redact(uri, env={}) != uri:  # MLflow prints "View run at <tracking URI>": never with its password in it
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     client = MlflowClient(uri)
@@ -84,8 +90,8 @@ def flat_params(d: dict, prefix: str = "") -> dict:
 
 
 def log_params(params: dict) -> None:
-    """Params of the active run, in calls of at most :data:`MAX_PARAMS_PER_CALL`."""
-    items = sorted(params.items())
+    """Params of the active run (secrets redacted), in calls of at most :data:`MAX_PARAMS_PER_CALL`."""
+    items = sorted(redact(params).items())
     for i in range(0, len(items), MAX_PARAMS_PER_CALL):
         mlflow.log_params(dict(items[i:i + MAX_PARAMS_PER_CALL]))
 
@@ -96,17 +102,26 @@ def log_metrics(metrics: dict) -> None:
 
 
 def log_dict(data: dict, artifact_file: str) -> None:
-    """``data`` as a JSON (or YAML, by extension) artifact of the active run."""
-    mlflow.log_dict(data, artifact_file)
+    """``data`` as a JSON (or YAML, by extension) artifact of the active run (secrets redacted)."""
+    mlflow.log_dict(redact(data), artifact_file)
 
 
 def log_text(text: str, artifact_file: str) -> None:
-    """``text`` as an artifact file of the active run."""
-    mlflow.log_text(text, artifact_file)
+    """``text`` as an artifact file of the active run (secrets redacted)."""
+    mlflow.log_text(redact(text), artifact_file)
 
 
 def log_file(path: str | os.PathLike, artifact_dir: str | None = None) -> None:
-    """A local file as an artifact of the active run, under ``artifact_dir``."""
+    """A local file as an artifact of the active run, under ``artifact_dir`` (text files: secrets redacted)."""
+    path = Path(path)
+    if path.suffix in (".json", ".yaml", ".yml", ".txt", ".log"):
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            clean = Path(tmp) / path.name
+            clean.write_text(redact(path.read_text(errors="replace")))
+            mlflow.log_artifact(str(clean), artifact_dir)
+        return
     mlflow.log_artifact(str(path), artifact_dir)
 
 
@@ -231,6 +246,81 @@ def set_alias(client: MlflowClient, name: str, alias: str, version: int | str | 
         client.delete_registered_model_alias(name, alias)
 
 
+def search_versions(client: MlflowClient, name: str, tags: dict[str, str] | None = None) -> list:
+    """Versions of ``name`` whose tags equal ``tags``; names and values are checked before they enter the filter
+    string (no quotes can close it)."""
+    check_name("registry.model_name", name)
+    clauses = [f"name = '{name}'"]
+    for k, v in (tags or {}).items():
+        if "`" in k or "'" in str(v) or "\\" in str(v):
+            raise ValueError(f"search_versions: tag {k!r}={v!r} would break the filter string")
+        clauses.append(f"tags.`{k}` = '{v}'")
+    return list(client.search_model_versions(" and ".join(clauses)))
+
+
+LOCK_SUFFIX = ".promote-lock"
+LOCK_LEASE_S = 120.0
+
+
+@contextlib.contextmanager
+def registry_lock(client: MlflowClient, name: str, timeout_s: float = 60.0, lease_s: float = LOCK_LEASE_S):
+    """Hold the promotion lock of registered model ``name`` for the ``with`` block; yields the lock's token.
+
+    MLflow has no compare-and-set on aliases, so the lock is built from the one atomic, server-side primitive it
+    has: creating a registered model whose name already exists fails (``RESOURCE_ALREADY_EXISTS``, a unique key
+    in the backend database). The lock is the registered model ``<name>.promote-lock``, created with a unique
+    token and a lease expiry as tags, deleted on exit only if it still carries our token.
+
+    Guarantee: two raydistill processes (any hosts, one tracking server) never hold the lock of the same model
+    at the same time while the holder finishes within ``lease_s``, so a check of ``@champion`` and the move
+    that depends on it, both inside the block, form a compare-and-set. Limits, said plainly: a holder stalled
+    past its lease can be overtaken (its contender deletes the expired lock), and with two contenders breaking
+    the same expired lock at the same instant one may delete the other's fresh lock; anything that moves the
+    alias without this lock (the MLflow UI, another tool) is not excluded. ``TimeoutError`` after ``timeout_s``.
+    """
+    lock, token = name + LOCK_SUFFIX, uuid.uuid4().hex
+    check_name("registry.model_name", lock)
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            client.create_registered_model(lock, tags={"raydistill.lock_token": token,
+                                                       "raydistill.lock_expires": repr(time.time() + lease_s)},
+                                           description=f"raydistill: promotion lock of {name} (transient)")
+            break
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            _break_expired_lock(client, lock)
+            if time.time() > deadline:
+                raise TimeoutError(f"registry lock {lock} still held after {timeout_s:.0f} s: another promotion "
+                                   "of this model is running (or raise registry.gate.lock_timeout_s)") from None
+            time.sleep(0.05 + 0.2 * random.random())
+    try:
+        yield token
+    finally:
+        _release_lock(client, lock, token)
+
+
+def _lock_tags(client: MlflowClient, lock: str) -> dict | None:
+    try:
+        return dict(client.get_registered_model(lock).tags)
+    except MlflowException:
+        return None
+
+
+def _break_expired_lock(client: MlflowClient, lock: str) -> None:
+    tags = _lock_tags(client, lock)
+    if tags and float(tags.get("raydistill.lock_expires", "inf")) < time.time():
+        _release_lock(client, lock, tags.get("raydistill.lock_token"))
+
+
+def _release_lock(client: MlflowClient, lock: str, token: str | None) -> None:
+    tags = _lock_tags(client, lock)
+    if tags is not None and tags.get("raydistill.lock_token") == token:
+        with contextlib.suppress(MlflowException):  # already released by a contender that found it expired
+            client.delete_registered_model(lock)
+
+
 def resolve_version(tracking_uri: str, uri: str):
     """The ``ModelVersion`` a registry URI points at now (clear error if the alias or version is unknown)."""
     ref = parse_model_uri(uri)
@@ -241,6 +331,20 @@ def resolve_version(tracking_uri: str, uri: str):
         return client.get_model_version(ref.name, str(ref.version))
     except MlflowException as e:
         raise LookupError(f"{uri} not found in {tracking_uri}: {e.message}") from None
+
+
+def load_run_dict(tracking_uri: str, run_id: str, artifact_file: str) -> dict:
+    """The JSON artifact ``artifact_file`` of run ``run_id``; ``LookupError`` if it is not there."""
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="raydistill-artifact-") as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=f"runs:/{run_id}/{artifact_file}",
+                                                        dst_path=tmp, tracking_uri=tracking_uri)
+        except (MlflowException, OSError) as e:
+            raise LookupError(f"run {run_id} has no artifact {artifact_file}: {e}") from None
+        return json.loads(Path(local).read_text())
 
 
 def download_version(tracking_uri: str, uri: str, dst: str | os.PathLike) -> tuple[Path, object]:

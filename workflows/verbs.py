@@ -35,6 +35,9 @@ class Verb:
     """Stages that must have finished in ``run_dir`` first; their keys enter this verb's key."""
     actions: tuple[str, ...] = ()
     """Bare words saying what to do (``cache inspect``); the first is the default."""
+    argument: str | None = None
+    """Config field that one bare word which is not an action sets (``lineage models:/m/3`` sets
+    ``registry.lineage_uri``)."""
 
     @property
     def sections(self) -> tuple[str, ...]:
@@ -71,6 +74,10 @@ VERBS: dict[str, Verb] = {
         "raydistill.workflows.promote", "move @champion to a model version if it passes the quality gate",
         reads=("registry.model_name", "registry.gate", "registry.promote_version", "registry.tracking_uri"),
         actions=("run", "rollback")),  # rollback: @champion back to the champion before it (no gate)
+    "lineage": Verb(
+        "raydistill.workflows.lineage", "print a model version's lineage: runs, cache shards, corpus, teacher, code",
+        reads=("registry.lineage_uri", "registry.model_name", "registry.tracking_uri"),
+        argument="registry.lineage_uri"),  # raydistill lineage models:/NAME/VERSION
     "serve": Verb(
         "raydistill.workflows.serve", "serve models:/<name>@champion over HTTP (OpenAI-style completions)",
         reads=("serve", "registry.model_name", "registry.tracking_uri"), uses=("cluster",),

@@ -60,3 +60,14 @@ def test_the_metric_sink_logs_each_step_once_across_a_restart(tmp_path):
     assert sorted(m.step for m in history) == [1, 2, 3, 4]
     assert [m.value for m in sorted(history, key=lambda m: m.step)] == [3.0, 2.0, 1.0, 0.5]
     tracking.MetricSink(None, None).log({"loss": 1.0}, 5)  # other ranks: nothing, no error
+
+
+def test_lineage_takes_the_model_uri_as_its_one_bare_word():
+    from raydistill.workflows.cli import _split_words, build_parser
+    from raydistill.workflows.verbs import VERBS
+
+    parser, verb = build_parser(), VERBS["lineage"]
+    action, overrides = _split_words(parser, "lineage", verb, ["models:/tiny-student/3", "run_dir=x"])
+    assert action is None and overrides == ["registry.lineage_uri=models:/tiny-student/3", "run_dir=x"]
+    with pytest.raises(SystemExit):
+        _split_words(parser, "lineage", verb, ["models:/a/1", "models:/b/2"])
