@@ -42,12 +42,15 @@ class TeacherActor:
     def __init__(self, teacher_cfg, threads: int, device: str = "cpu"):
         import torch
 
-        from raydistill.tasks.device import resolve_device
+        from raydistill.tasks.device import DeviceError, resolve_device
         from raydistill.tasks.teacher import load_teacher
 
         torch.set_num_threads(threads)
-        # the driver planned `device` from the cluster's GPUs; this process must really see one (DeviceError)
-        self.model, _ = load_teacher(teacher_cfg, resolve_device(device))
+        self.model, self.error = None, None
+        try:  # the driver planned `device` from the cluster's GPUs; this process must really see one
+            self.model, _ = load_teacher(teacher_cfg, resolve_device(device))
+        except DeviceError as e:  # raised by compute(): a typed error on the driver, not a dead actor
+            self.error = e
 
     @ray.method(concurrency_group="control")
     def pid(self) -> int:
@@ -59,6 +62,8 @@ class TeacherActor:
         from raydistill.tasks.cache.encode import encode_shard
         from raydistill.tasks.cache.shards import commit_shard
 
+        if self.error is not None:
+            raise self.error
         t0 = time.perf_counter()
         params = format_params(cache_cfg)
         fields, stats, forwards = encode_shard(self.model, tokens, split, params, cache_cfg.temperature,
