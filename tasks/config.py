@@ -97,9 +97,12 @@ class CorpusConfig:
     """Share of windows held out for evaluation (chosen by a hash of the window: deterministic, stable)."""
     windows_per_shard: int = 16
     """Windows per cache shard: the unit of caching, resuming and streaming."""
+    max_record_bytes: int = 16_000_000
+    """Longest line of a text file, JSONL record or Parquet value read (bytes). Files are read line by line, so a
+    longer one is refused (naming the file and line) without ever being held whole; raise it for longer records."""
 
     def __post_init__(self):
-        _positive(self, "seq_len", "windows_per_shard")
+        _positive(self, "seq_len", "windows_per_shard", "max_record_bytes")
         if self.max_tokens is not None and self.max_tokens <= 0:
             raise ConfigError("corpus.max_tokens must be > 0 or null")
         if not 0.0 < self.heldout_fraction < 1.0:

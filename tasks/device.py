@@ -8,8 +8,9 @@
   request (``cache.num_gpus_per_actor``), whether Ray Train workers ``use_gpu`` (NCCL) and which dtype the
   teacher's identity records (so a cache computed on GPUs never mixes with shards computed on CPUs);
 - in each process that computes, against ``torch.cuda.is_available()`` (:func:`resolve_device`): a GPU node
-  with a CPU-only torch build, or an actor that Ray gave no GPU, is a :class:`DeviceError` there, never a
-  silent CPU run.
+  with a CPU-only torch build is a :class:`DeviceError` there, never a silent CPU run. A process planned for
+  ``cpu`` stays on the CPU even where it could see GPUs (Ray 2.60 no longer hides a node's GPUs from actors
+  that requested none), so the planned device is passed to every actor and worker rather than guessed there.
 
 Dtypes (:func:`resolve_dtype`): ``auto`` is ``bfloat16`` on CUDA and ``float32`` on CPU. Whatever the teacher
 runs in, its logits are upcast to float32 before a cache format encodes them (``tasks.cache.encode``), so the
@@ -67,7 +68,7 @@ def resolve_device(requested: str, key: str = "cluster.device") -> torch.device:
         if torch.version.cuda is None:
             why.append(f"torch {torch.__version__} is a CPU-only build")
         if os.environ.get("CUDA_VISIBLE_DEVICES") == "":
-            why.append("CUDA_VISIBLE_DEVICES is empty: Ray gave this process no GPU")
+            why.append("CUDA_VISIBLE_DEVICES is empty: this process was given no GPU")
         reason = "; ".join(why) or "no CUDA driver or device"
         raise DeviceError(f"{key}=cuda but torch.cuda.is_available() is False in this process ({reason}): run on "
                           "GPU nodes with a CUDA build of torch, or set cluster.device=cpu (or auto)")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -263,6 +264,8 @@ def _metric_sink(config: dict):
 
 def train_fn_per_worker(config: dict) -> None:
     """One worker: build the student (+ heads) and teacher, resume, run the shared step loop, export."""
+    if config.get("device", "cpu") == "cpu":  # DeepSpeed would pick CUDA wherever it sees a GPU
+        os.environ["DS_ACCELERATOR"] = "cpu"
     import deepspeed
     import ray.train
     import ray.train.torch

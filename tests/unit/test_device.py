@@ -37,8 +37,8 @@ def test_cuda_asked_for_where_torch_sees_none_is_a_config_error_naming_the_key_a
     assert "set cluster.device=cpu" in str(e.value)
     if torch.version.cuda is None:
         assert "CPU-only build" in str(e.value)
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # what Ray sets for an actor that requested no GPU
-    with pytest.raises(DeviceError, match="Ray gave this process no GPU"):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # Ray's for a GPU-less process (RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=1)
+    with pytest.raises(DeviceError, match="this process was given no GPU"):
         resolve_device("cuda")
 
 
