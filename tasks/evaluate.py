@@ -36,6 +36,7 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
+from raydistill.tasks.device import module_device, to_device
 from raydistill.tasks.losses import divergence, sparse_buckets
 from raydistill.tasks.students import forward_logits
 from raydistill.tasks.cache.targets import DenseTargets, at_temperature
@@ -52,7 +53,7 @@ def _empty_sums() -> torch.Tensor:
 def _kl_rows(logits: torch.Tensor, cached) -> torch.Tensor:
     """Forward KL per position ``(w*L,)``: ``logits`` ``(w, L, V)`` vs cached targets at the cache temperature."""
     t = cached.cache_temperature
-    targets = at_temperature(cached, t)
+    targets = to_device(at_temperature(cached, t), logits.device)
     log_q = F.log_softmax(logits.float().reshape(-1, logits.shape[-1]) / t, dim=-1)
     if isinstance(targets, DenseTargets):
         log_p = targets.logprobs.reshape(log_q.shape[0], -1)
@@ -67,15 +68,17 @@ def _kl_rows(logits: torch.Tensor, cached) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_sums(model, shards: Iterable, *, max_windows: int | None = None, teacher_targets: bool = True,
-                  batch_size: int = 8) -> torch.Tensor:
-    """Additive evaluation statistics over the windows of ``shards`` (see :func:`finalize`)."""
+                  batch_size: int = 8, device: torch.device | str | None = None) -> torch.Tensor:
+    """Additive evaluation statistics over the windows of ``shards`` (see :func:`finalize`), as a CPU tensor;
+    the forwards run on ``device`` (default: where ``model``'s parameters are)."""
     was_training = getattr(model, "training", False)
     model.eval()
-    sums, seen = _empty_sums(), 0
+    sums, seen = _empty_sums(), 0  # on the CPU; the forward and its per-position math on the model's device
     bins = sums[len(SUM_KEYS):].view(3, ECE_BINS)
+    device = torch.device(device) if device is not None else module_device(model)
     try:
         for shard in shards:
-            tokens = torch.as_tensor(shard.tokens).long()
+            tokens = torch.as_tensor(shard.tokens).long().to(device)
             top1 = getattr(shard, "teacher_top1", None)
             for a in range(0, tokens.shape[0], batch_size):
                 if max_windows is not None and seen >= max_windows:
@@ -93,15 +96,15 @@ def evaluate_sums(model, shards: Iterable, *, max_windows: int | None = None, te
                 sums[1] += labels.numel()
                 conf, pred = F.softmax(flat, dim=-1).max(dim=-1)
                 if top1 is not None:
-                    sums[2] += (pred == torch.as_tensor(top1[a:b]).reshape(-1).long()).sum().item()
+                    sums[2] += (pred == torch.as_tensor(top1[a:b]).reshape(-1).long().to(device)).sum().item()
                     sums[3] += labels.numel()
                 if teacher_targets and hasattr(shard, "targets"):
                     sums[4] += _kl_rows(logits, shard.targets(slice(a, b))).double().sum().item()
                     sums[5] += labels.numel()
                 which = (conf.double() * ECE_BINS).long().clamp(max=ECE_BINS - 1)
-                bins[0] += torch.bincount(which, minlength=ECE_BINS).double()
-                bins[1] += torch.bincount(which, weights=conf.double(), minlength=ECE_BINS)
-                bins[2] += torch.bincount(which, weights=(pred == labels).double(), minlength=ECE_BINS)
+                bins[0] += torch.bincount(which, minlength=ECE_BINS).double().cpu()
+                bins[1] += torch.bincount(which, weights=conf.double(), minlength=ECE_BINS).cpu()
+                bins[2] += torch.bincount(which, weights=(pred == labels).double(), minlength=ECE_BINS).cpu()
         return sums
     finally:
         model.train(was_training)

@@ -28,6 +28,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from raydistill.tasks.device import module_device
+
 
 def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
     """Token ids of each prompt (plain text, no special tokens added)."""
@@ -87,10 +89,11 @@ class _Decoder:
     """Step-by-step forward with the KV cache over a left-padded batch."""
 
     def __init__(self, model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor):
-        self.model, self.mask, self.cache = model, mask, None
+        device = module_device(model)  # the model's; sampling and log-probs stay on the CPU (CPU generators)
+        self.model, self.mask, self.cache = model, mask.to(device), None
         self.keep = "logits_to_keep" in inspect.signature(model.forward).parameters
-        self.next_ids = input_ids
-        self.positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        self.next_ids = input_ids.to(device)
+        self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
 
     def step(self) -> torch.Tensor:
         """Logits ``(batch, vocab)`` for the next token after everything fed so far."""
@@ -98,11 +101,11 @@ class _Decoder:
         out = self.model(input_ids=self.next_ids, attention_mask=self.mask, position_ids=self.positions,
                          cache=self.cache, use_cache=True, **kwargs)
         self.cache = out.cache
-        return out.logits[:, -1, :].float()
+        return out.logits[:, -1, :].float().cpu()
 
     def feed(self, tokens: torch.Tensor) -> None:
         """Append one token per row (``(batch,)``)."""
-        self.next_ids = tokens[:, None]
+        self.next_ids = tokens[:, None].to(self.mask.device)
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
         self.positions = self.positions[:, -1:] + 1
 

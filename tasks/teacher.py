@@ -22,6 +22,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from raydistill.tasks.config import ConfigError, TeacherConfig
+from raydistill.tasks.device import check_dtype, resolve_dtype
 from raydistill.tasks.fileio import replace_dir
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -144,8 +145,10 @@ def _architecture(kind: str, path: Path | None, cfg: TeacherConfig) -> dict:
             **{k: meta[f"{arch}.{k}"] for k in fields if f"{arch}.{k}" in meta}}
 
 
-def teacher_identity(cfg: TeacherConfig) -> dict:
-    """What the teacher *is*, without loading it: kind, weights sha256, architecture, dtype.
+def teacher_identity(cfg: TeacherConfig, device: str | torch.device = "cpu") -> dict:
+    """What the teacher *is*, without loading it: kind, weights sha256, architecture, and the dtype it runs in
+    on ``device`` (``teacher.dtype: auto`` resolved there: a cache computed on GPUs in bf16 has other keys than
+    one computed on CPUs in fp32).
 
     ``source`` and ``path`` are informational; :func:`identity_key_fields` is what cache keys hash, so the
     same weights found under another path give the same cache.
@@ -156,7 +159,8 @@ def teacher_identity(cfg: TeacherConfig) -> dict:
     else:
         weights = _weights_sha256(kind, path)
     return {"source": cfg.source, "path": str(path) if path else None, "kind": kind,
-            "weights_sha256": weights, "architecture": _architecture(kind, path, cfg), "dtype": cfg.dtype}
+            "weights_sha256": weights, "architecture": _architecture(kind, path, cfg),
+            "dtype": resolve_dtype(cfg.dtype, device, "teacher.dtype")}
 
 
 def identity_key_fields(identity: dict) -> dict:
@@ -214,11 +218,13 @@ def _tiny_model(cfg: TeacherConfig) -> LlamaForCausalLM:
         return LlamaForCausalLM(config)
 
 
-def load_teacher(cfg: TeacherConfig) -> tuple[torch.nn.Module, dict]:
-    """``(model in eval mode, identity)``. GGUF loading de-quantizes to ``teacher.dtype`` (the slow part)."""
-    identity = teacher_identity(cfg)
+def load_teacher(cfg: TeacherConfig, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    """``(model in eval mode on device, identity)``. GGUF loading de-quantizes to ``teacher.dtype`` resolved for
+    ``device`` (the slow part); a dtype the device cannot run is a :class:`~tasks.device.DeviceError`."""
+    device = torch.device(device)
+    identity = teacher_identity(cfg, device)
     kind, path = _resolve(cfg.source)
-    dtype = getattr(torch, cfg.dtype)
+    dtype = check_dtype(identity["dtype"], device, "teacher.dtype")
     if kind == "tiny":
         model = _tiny_model(cfg).to(dtype)
     elif kind == "gguf":
@@ -227,5 +233,5 @@ def load_teacher(cfg: TeacherConfig) -> tuple[torch.nn.Module, dict]:
         from raydistill.tasks.guard import refuse_pickle
 
         model = AutoModelForCausalLM.from_pretrained(refuse_pickle(path), dtype=dtype, use_safetensors=True)
-    model.eval()
+    model.to(device).eval()
     return model, identity

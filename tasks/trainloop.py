@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from raydistill.tasks.config import PipelineConfig, TrainConfig
+from raydistill.tasks.device import module_device, to_device
 from raydistill.tasks.objective import training_loss
 from raydistill.tasks.online import OnlineTeacher
 
@@ -88,6 +89,8 @@ class StepSums:
         if not (dist.is_available() and dist.is_initialized()):
             return self
         flat = torch.tensor(dataclasses.astuple(self), dtype=torch.float64)
+        if dist.get_backend() == "nccl":  # NCCL reduces CUDA tensors only (on this rank's current device)
+            flat = flat.cuda()
         dist.all_reduce(flat)
         return StepSums(*flat.tolist())
 
@@ -132,6 +135,7 @@ def train_steps(engine, batches: Iterator, tc: TrainConfig, *, total: int, start
     """
     hidden = online is not None and bool(online.layers)
     reports, window = set(report_steps(tc, total)), []
+    device = module_device(engine)  # batches come from the CPU; the model may live on a GPU
     for step in range(start + 1, total + 1):
         t0 = time.perf_counter()
         lr = lr_at(step, tc, total)
@@ -139,6 +143,7 @@ def train_steps(engine, batches: Iterator, tc: TrainConfig, *, total: int, start
         sums = StepSums()
         for _ in range(tc.grad_accum):
             batch, position = next(batches)
+            batch = to_device(batch, device)
             losses = training_loss(engine, batch, tc, online)
             engine.backward(losses["total"])
             engine.step()  # the optimizer runs at the accumulation boundary only
@@ -173,6 +178,11 @@ class AdamWEngine:
 
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the module's parameters are (inputs go there)."""
+        return module_device(self.module)
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.grad_accum).backward()

@@ -24,8 +24,9 @@ from raydistill.tasks.cache.manifest import (MANIFEST, SHARD_DIR, CacheCorruptEr
                                              shard_file, shard_key, write_manifest)
 from raydistill.tasks.cache.shards import entry_from_file, open_cache
 from raydistill.tasks.cache.store import Store
-from raydistill.tasks.config import PipelineConfig
+from raydistill.tasks.config import CacheConfig, PipelineConfig
 from raydistill.tasks.corpus import build_shards
+from raydistill.tasks.device import plan_device
 from raydistill.tasks.errors import DataError
 from raydistill.tasks.teacher import load_tokenizer, teacher_identity, tokenizer_hash
 from raydistill.workflows import stage
@@ -38,13 +39,18 @@ MAX_RESTARTS = 3
 class TeacherActor:
     """Holds one teacher (loaded once) and encodes + commits whole shards."""
 
-    def __init__(self, teacher_cfg, threads: int):
+    def __init__(self, teacher_cfg, threads: int, device: str = "cpu"):
         import torch
 
+        from raydistill.tasks.device import DeviceError, resolve_device
         from raydistill.tasks.teacher import load_teacher
 
         torch.set_num_threads(threads)
-        self.model, _ = load_teacher(teacher_cfg)
+        self.model, self.error = None, None
+        try:  # the driver planned `device` from the cluster's GPUs; this process must really see one
+            self.model, _ = load_teacher(teacher_cfg, resolve_device(device))
+        except DeviceError as e:  # raised by compute(): a typed error on the driver, not a dead actor
+            self.error = e
 
     @ray.method(concurrency_group="control")
     def pid(self) -> int:
@@ -56,6 +62,8 @@ class TeacherActor:
         from raydistill.tasks.cache.encode import encode_shard
         from raydistill.tasks.cache.shards import commit_shard
 
+        if self.error is not None:
+            raise self.error
         t0 = time.perf_counter()
         params = format_params(cache_cfg)
         fields, stats, forwards = encode_shard(self.model, tokens, split, params, cache_cfg.temperature,
@@ -64,10 +72,11 @@ class TeacherActor:
         return entry, forwards, time.perf_counter() - t0
 
 
-def plan(cfg: PipelineConfig) -> tuple[dict, list]:
-    """(manifest skeleton, [(ShardSpec, key)]) for ``cfg``: everything the driver knows before the teacher runs."""
+def plan(cfg: PipelineConfig, device: str = "cpu") -> tuple[dict, list]:
+    """(manifest skeleton, [(ShardSpec, key)]) for ``cfg`` with the teacher on ``device``: everything the driver
+    knows before the teacher runs."""
     tok = load_tokenizer(cfg.teacher)
-    identity, tok_hash = teacher_identity(cfg.teacher), tokenizer_hash(tok)
+    identity, tok_hash = teacher_identity(cfg.teacher, device), tokenizer_hash(tok)
     specs = build_shards(cfg.corpus, tok)
     params = format_params(cfg.cache)
     keyed = [(s, shard_key(identity, tok_hash, s.content_hash, params, cfg.cache.temperature)) for s in specs]
@@ -104,14 +113,25 @@ def _reuse(store: Store, cache_dir: str, manifest: dict, keyed: list) -> list:
     return todo
 
 
-def _compute(cfg: PipelineConfig, todo: list, manifest: dict) -> tuple[int, float]:
+def device_of(cfg: PipelineConfig) -> str:
+    """``"cuda"`` or ``"cpu"``: ``cluster.device`` against the GPUs the (started) Ray cluster offers."""
+    return plan_device(cfg.cluster.device, ray.cluster_resources().get("GPU", 0))
+
+
+def actor_options(cache_cfg: CacheConfig, device: str) -> dict:
+    """Ray resources of one teacher actor: ``cpus_per_actor`` CPUs, and ``num_gpus_per_actor`` GPUs on CUDA."""
+    return {"num_cpus": cache_cfg.cpus_per_actor, "num_gpus": cache_cfg.num_gpus_per_actor if device == "cuda" else 0}
+
+
+def _compute(cfg: PipelineConfig, todo: list, manifest: dict, device: str = "cpu") -> tuple[int, float]:
     """Run the actor pool over ``todo``; records entries as they finish.
 
     Returns (teacher forwards, actor seconds spent encoding + committing: throughput without start-up)."""
     n_actors = min(cfg.cache.num_actors, len(todo))
     run_id = uuid.uuid4().hex[:8]
-    actors = [TeacherActor.options(num_cpus=cfg.cache.cpus_per_actor, name=f"{ACTOR_PREFIX}{run_id}-{i}")
-              .remote(cfg.teacher, cfg.cache.cpus_per_actor) for i in range(n_actors)]
+    options = actor_options(cfg.cache, device)
+    actors = [TeacherActor.options(**options, name=f"{ACTOR_PREFIX}{run_id}-{i}")
+              .remote(cfg.teacher, cfg.cache.cpus_per_actor, device) for i in range(n_actors)]
     queue, pending, forwards, busy = list(todo), {}, 0, 0.0
 
     def submit(actor):
@@ -161,14 +181,15 @@ def run(cfg: PipelineConfig, action: str | None = None) -> dict:
         return inspect(cfg)
     t0 = time.time()
     stage.start(cfg, "cache", skip=False, ray=True)
-    manifest, keyed = plan(cfg)
+    device = device_of(cfg)
+    manifest, keyed = plan(cfg, device)
     store = Store(cfg.cache_dir)
     store.clean_temps(("", SHARD_DIR))
     todo = _reuse(store, cfg.cache_dir, manifest, keyed)
-    print(f"cache: {len(keyed) - len(todo)}/{len(keyed)} shards cached, computing {len(todo)}")
+    print(f"cache: {len(keyed) - len(todo)}/{len(keyed)} shards cached, computing {len(todo)} on {device}")
     previous = _previous_throughput(cfg.cache_dir)  # read before the planned manifest replaces the old one
     write_manifest(cfg.cache_dir, manifest)
-    forwards, busy = _compute(cfg, todo, manifest) if todo else (0, 0.0)
+    forwards, busy = _compute(cfg, todo, manifest, device) if todo else (0, 0.0)
     computed_tokens = sum(spec.tokens.shape[0] * cfg.corpus.seq_len for spec, _ in todo)
     # teacher throughput inside the actors (encode + commit, no start-up): the summary's teacher tokens/s
     manifest["teacher_tokens_per_s"] = computed_tokens / busy if busy else previous

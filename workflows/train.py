@@ -1,4 +1,5 @@
-"""Train the student from the teacher cache: Ray Train (TorchTrainer, gloo) + DeepSpeed ZeRO per worker.
+"""Train the student from the teacher cache: Ray Train (TorchTrainer; NCCL on GPUs, gloo on CPUs) + DeepSpeed ZeRO
+per worker.
 
     raydistill train --config tiny train.steps=10 train.zero_stage=3
     raydistill train --config tiny train.teacher_mode=online train.hidden_loss=mse
@@ -25,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -37,6 +39,7 @@ import torch.distributed as dist
 from raydistill.tasks.config import (ConfigError, PeftConfig, PipelineConfig, TrainConfig, from_dict, section_key,
                                      to_dict)
 from raydistill.tasks.data import DataPosition, heldout_shards, train_batches
+from raydistill.tasks.device import DeviceError, plan_device, resolve_device, resolve_dtype
 from raydistill.tasks.evaluate import evaluate_sums, finalize
 from raydistill.tasks.fileio import atomic_write_json
 from raydistill.tasks.online import StudentWithHeads, online_teacher, resolve_layer_map, student_with_heads
@@ -84,8 +87,11 @@ def init_info(cfg: PipelineConfig, init_dir: Path) -> dict:
     return info
 
 
-def deepspeed_config(tc: TrainConfig, world_size: int) -> dict:
-    """The DeepSpeed JSON (``train.deepspeed_config`` or the preset for ``zero_stage``) with sizes from ``tc``."""
+def deepspeed_config(tc: TrainConfig, world_size: int, device: str = "cpu") -> dict:
+    """The DeepSpeed JSON (``train.deepspeed_config`` or the preset for ``zero_stage``) with sizes from ``tc`` and
+    the precision of ``train.dtype`` on ``device`` (``bf16.enabled``; fp16 is never used: it needs loss scaling).
+    A JSON whose own ``bf16``/``fp16`` switch says otherwise is a :class:`ConfigError` (one truth: ``train.dtype``).
+    """
     name = "zero3_offload" if tc.offload and tc.zero_stage == 3 else f"zero{tc.zero_stage}"
     path = Path(tc.deepspeed_config) if tc.deepspeed_config else PRESET_DIR / f"{name}.json"
     if not path.is_file():
@@ -100,9 +106,28 @@ def deepspeed_config(tc: TrainConfig, world_size: int) -> dict:
     ds.update(train_micro_batch_size_per_gpu=tc.micro_batch_size, gradient_accumulation_steps=tc.grad_accum,
               train_batch_size=tc.micro_batch_size * tc.grad_accum * world_size, gradient_clipping=tc.grad_clip,
               zero_force_ds_cpu_optimizer=False)
-    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()  # never on a CPU
-    ds["bf16"], ds["fp16"] = {"enabled": bool(bf16 and ds.get("bf16", {}).get("enabled", True))}, {"enabled": False}
+    dtype = resolve_dtype(tc.dtype, device, "train.dtype")
+    if dtype == "bfloat16" and device != "cuda":
+        raise DeviceError("train.dtype=bfloat16 needs the workers on CUDA (cluster.device); on CPU use "
+                          "train.dtype=auto or float32")
+    want = {"bf16": dtype == "bfloat16", "fp16": False}
+    for name, on in want.items():
+        if ds.get(name, {}).get("enabled", on) != on:
+            raise ConfigError(f"{path} sets {name}.enabled={ds[name]['enabled']} but train.dtype={tc.dtype} gives "
+                              f"{name}.enabled={on} on {device}: drop {name!r} from the JSON (train.dtype sets it)")
+        ds[name] = {**ds.get(name, {}), "enabled": on}
     return ds
+
+
+def scaling(tc: TrainConfig, device: str) -> tuple:
+    """``(ScalingConfig, TorchConfig)`` of the workers: one GPU each and NCCL on CUDA, gloo on CPU."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchConfig
+
+    gpu = device == "cuda"
+    resources = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if gpu else {})}
+    return (ScalingConfig(num_workers=tc.num_workers, use_gpu=gpu, resources_per_worker=resources),
+            TorchConfig(backend="nccl" if gpu else "gloo"))
 
 
 def train_driver(cfg: PipelineConfig, *, run_name: str, storage_path: str, callbacks=(), steps: int | None = None,
@@ -112,8 +137,9 @@ def train_driver(cfg: PipelineConfig, *, run_name: str, storage_path: str, callb
     Everything trial-specific is in ``cfg`` (Tune applies hyperparameters to ``cfg.train``); ``steps``
     overrides ``cfg.train.steps``; the student goes to ``output_dir`` (default ``<run_dir>/train``).
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
 
     from raydistill.tasks.cache.manifest import check_compatible
     from raydistill.tasks.cache.shards import open_cache
@@ -129,17 +155,20 @@ def train_driver(cfg: PipelineConfig, *, run_name: str, storage_path: str, callb
         raise ConfigError(f"the cache has {n_train} train shards but train.num_workers={tc.num_workers}")
     init_dir = prepare_student(cfg)
     out = Path(output_dir or Path(cfg.run_dir, "train")).resolve()
+    device = plan_device(cfg.cluster.device, ray.cluster_resources().get("GPU", 0))
+    scaling_config, torch_config = scaling(tc, device)
     loop_config = {"cfg": to_dict(cfg), "steps": steps or tc.steps, "init_dir": str(init_dir.resolve()),
+                   "device": device,
                    "output_dir": str(out), "tracking_uri": cfg.tracking_uri if mlflow_run_id else None,
                    "mlflow_run_id": mlflow_run_id, "layer_map": init_info(cfg, init_dir)["layer_map"]}
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=tc.num_workers, resources_per_worker={"CPU": tc.cpus_per_worker}),
+        scaling_config=scaling_config,
         run_config=RunConfig(name=run_name, storage_path=storage_path, callbacks=list(callbacks),
                              failure_config=FailureConfig(max_failures=tc.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        torch_config=TorchConfig(backend="gloo"),
+        torch_config=torch_config,
     )
     result = trainer.fit()
     metrics = json.loads((out / "metrics.json").read_text())
@@ -171,9 +200,12 @@ def _evaluate(engine, cache, tc: TrainConfig, rank: int, world: int) -> dict:
     vocab = engine.module.student.config.vocab_size
     shards = heldout_shards(cache, rank=rank if split else 0, world_size=world if split else 1, vocab_size=vocab)
     max_windows = None if tc.eval_windows is None else (-(-tc.eval_windows // world) if split else tc.eval_windows)
-    sums = evaluate_sums(engine.module, shards, max_windows=max_windows, batch_size=tc.micro_batch_size)
-    if split:
+    sums = evaluate_sums(engine.module, shards, max_windows=max_windows, batch_size=tc.micro_batch_size,
+                         device=engine.device)
+    if split:  # NCCL reduces device tensors only
+        sums = sums.to(engine.device)
         dist.all_reduce(sums)
+        sums = sums.cpu()
     rename = {"tokens": "eval_tokens", "tokens_per_s": "eval_tokens_per_s"}  # keep training's tokens_per_s
     return {rename.get(k, k): v for k, v in finalize(sums).items()}
 
@@ -210,7 +242,7 @@ def _report(engine, s: Step, *, cfg: PipelineConfig, cache, rank: int, world: in
     return metrics
 
 
-def _engine(model: StudentWithHeads, tc: TrainConfig, rank: int, world: int, checkpoint) -> tuple:
+def _engine(model: StudentWithHeads, tc: TrainConfig, rank: int, world: int, checkpoint, device: str) -> tuple:
     """``(DeepSpeed engine over model, checkpoint state, data position)``, resumed from ``checkpoint`` if any:
     weights (heads included) go into the module before DeepSpeed partitions it, AdamW moments after."""
     import deepspeed
@@ -221,7 +253,7 @@ def _engine(model: StudentWithHeads, tc: TrainConfig, rank: int, world: int, che
             state, optim, position = ckpt.read_checkpoint(d, model, rank, tc.zero_stage)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr,
                                   weight_decay=tc.weight_decay)  # one AdamW: the student and its heads
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(tc, world))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(tc, world, device))
     if optim is not None:
         ckpt.load_optimizer_tensors(engine, optim)
     return engine, state, position
@@ -238,8 +270,11 @@ def _metric_sink(config: dict):
 
 def train_fn_per_worker(config: dict) -> None:
     """One worker: build the student (+ heads) and teacher, resume, run the shared step loop, export."""
+    if config.get("device", "cpu") == "cpu":  # DeepSpeed would pick CUDA wherever it sees a GPU
+        os.environ["DS_ACCELERATOR"] = "cpu"
     import deepspeed
     import ray.train
+    import ray.train.torch
 
     from raydistill.tasks.cache.shards import open_cache
     from raydistill.tasks.teacher import load_teacher
@@ -251,12 +286,16 @@ def train_fn_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(tc.cpus_per_worker)
+    device = resolve_device(config.get("device", "cpu"))  # DeviceError: planned cuda, but none here
+    if device.type == "cuda":  # Ray Train's GPU for this worker (its local rank's), where DeepSpeed puts the model
+        device = ray.train.torch.get_device()
+        torch.cuda.set_device(device)
     cache = open_cache(cfg.cache_dir)
     online = None
     if tc.teacher_mode == "online":  # loaded once per worker; frozen, outside DeepSpeed
-        online = online_teacher(load_teacher(cfg.teacher)[0], tc, [tuple(p) for p in config["layer_map"]])
+        online = online_teacher(load_teacher(cfg.teacher, device)[0], tc, [tuple(p) for p in config["layer_map"]])
     model = _student(config, cfg, online.model.config.hidden_size if online else None)
-    engine, state, position = _engine(model, tc, rank, world, ray.train.get_checkpoint())
+    engine, state, position = _engine(model, tc, rank, world, ray.train.get_checkpoint(), device.type)
 
     start, metrics = state["step"], state.get("metrics", {})
     sink = _metric_sink(config if rank == 0 else {})

@@ -10,6 +10,7 @@ import torch
 
 from raydistill.tasks.cache.formats import get_format
 from raydistill.tasks.cache.targets import CachedTargets
+from raydistill.tasks.device import module_device
 
 
 def window_generator(key: str, window: int) -> torch.Generator:
@@ -27,11 +28,15 @@ def encode_shard(model: torch.nn.Module, tokens: np.ndarray, split: str, params,
     ``teacher_nll`` per row, so no later stage needs the teacher for evaluation.
     """
     fmt = get_format(params.format)  # before any teacher forward
+    device = module_device(model)
     parts, nll_sum, correct, forwards, vocab = [], 0.0, 0, 0, None
     for i in range(0, tokens.shape[0], batch_size):
         x = torch.tensor(tokens[i: i + batch_size], dtype=torch.long)  # copy: Ray hands read-only arrays
         with torch.inference_mode():
-            logits = model(input_ids=x[:, :-1], use_cache=False).logits  # [b, L, V]
+            logits = model(input_ids=x[:, :-1].to(device), use_cache=False).logits  # [b, L, V]
+            # formats encode fp32 logits on the CPU (their CPU generators draw the same ids on every device), so
+            # a bf16/fp16 teacher on a GPU stores targets in the same format as an fp32 one on a CPU
+            logits = logits.float().cpu()
             forwards += 1
             vocab = logits.shape[-1]
             if int(x.max()) >= vocab:

@@ -160,6 +160,8 @@ def check_compatible(cache, teacher: TeacherConfig, cache_cfg: CacheConfig, corp
     m, cache_dir = cache.manifest, cache.dir
     want = identity_key_fields(teacher_identity(teacher))
     have = identity_key_fields(m["teacher"])
+    if teacher.dtype == "auto" and have["dtype"] in ("float32", "bfloat16"):  # what auto resolved to where it ran
+        want["dtype"] = have["dtype"]
     if have != want:
         raise CacheMismatchError(f"cache {cache_dir} was built for another teacher: "
                                  f"{_first_difference(have, want, 'teacher')}")

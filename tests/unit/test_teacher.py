@@ -117,3 +117,51 @@ def test_a_trained_students_export_teaches_the_next_generation(tmp_path, tiny_to
                            teacher)
     with pytest.raises(ConfigError, match="student with a prefix adapter, which cannot teach"):
         teacher_identity(TeacherConfig(source=str(save_student(prefix, tiny_tokenizer, tmp_path / "prefix"))))
+
+def test_auto_dtype_is_resolved_in_the_identity_so_gpu_and_cpu_caches_never_share_shard_keys():
+    """``teacher.dtype: auto`` means bf16 where the teacher runs on CUDA and fp32 on CPU: the identity (hashed into
+    every shard key) records what it resolved to, and an explicit dtype is recorded as it is."""
+    auto = TeacherConfig(source="tiny", tiny=TINY)
+    on_cpu, on_gpu = teacher_identity(auto), teacher_identity(auto, "cuda")
+    assert on_cpu["dtype"] == "float32" and on_gpu["dtype"] == "bfloat16"
+    assert identity_key_fields(on_cpu) != identity_key_fields(on_gpu)
+    assert on_cpu == teacher_identity(TeacherConfig(source="tiny", tiny=TINY, dtype="float32"))  # old caches keep keys
+    assert teacher_identity(TeacherConfig(source="tiny", tiny=TINY, dtype="float16"), "cuda")["dtype"] == "float16"
+
+
+def test_a_teacher_loaded_in_bf16_gives_fp32_targets_of_the_same_format(tiny_tokenizer):
+    """What a GPU actor does, on the CPU: the teacher in bf16, its logits upcast before the format encodes them, so
+    the shard's fields have the dtypes and shapes of an fp32 teacher's and its draws differ only by rounding."""
+    import numpy as np
+
+    from raydistill.tasks.cache.encode import encode_shard
+    from raydistill.tasks.cache.formats import sampled
+
+    tokens = np.arange(2 * 9, dtype=np.int32).reshape(2, 9) + 100
+    params = sampled.Params(num_samples=16, seed=0, logprobs=True)
+    fp32, _ = load_teacher(TeacherConfig(source="tiny", tiny=TINY))
+    bf16, ident = load_teacher(TeacherConfig(source="tiny", tiny=TINY, dtype="bfloat16"))
+    assert ident["dtype"] == "bfloat16" and next(bf16.parameters()).dtype == torch.bfloat16
+    a, _, _ = encode_shard(fp32, tokens, "heldout", params, 1.0, 2, "k")
+    b, _, _ = encode_shard(bf16, tokens, "heldout", params, 1.0, 2, "k")
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype for k in a)
+    assert a["logp"].dtype == np.float32 and a["row_len"].shape == b["row_len"].shape
+    assert np.abs(a["teacher_nll"] - b["teacher_nll"]).max() < 0.1  # the same teacher, rounded to bf16
+
+
+def test_a_train_config_with_dtype_auto_accepts_the_cache_whatever_auto_resolved_to(tmp_path, tiny_tokenizer):
+    """A cache computed on GPUs (auto → bf16) is what ``teacher.dtype: auto`` asked for, also when training runs
+    elsewhere; an explicit dtype must match the cache's."""
+    from raydistill.tasks.cache.manifest import CacheMismatchError, check_compatible, new_manifest, write_manifest
+    from raydistill.tasks.cache.shards import open_cache
+    from raydistill.tasks.config import CacheConfig, CorpusConfig
+
+    auto, cache_cfg, corpus = TeacherConfig(source="tiny", tiny=TINY), CacheConfig(), CorpusConfig(seq_len=8)
+    written = new_manifest(teacher_identity(auto, "cuda"), tokenizer_hash(tiny_tokenizer), cache_cfg, corpus)
+    written["complete"] = True
+    write_manifest(str(tmp_path), written)
+    cache = open_cache(str(tmp_path))
+    check_compatible(cache, auto, cache_cfg, corpus)
+    check_compatible(cache, TeacherConfig(source="tiny", tiny=TINY, dtype="bfloat16"), cache_cfg, corpus)
+    with pytest.raises(CacheMismatchError, match="teacher.dtype"):
+        check_compatible(cache, TeacherConfig(source="tiny", tiny=TINY, dtype="float32"), cache_cfg, corpus)
