@@ -179,7 +179,8 @@ class CompletionServer:
 
     def _model_id(self, info: dict | None = None) -> str:
         info = info or self._current[2]
-        return f"{info.get('name', 'model')}/{info.get('version', '?')}"
+        name = info.get("name", "model")  # a model directory has no version
+        return name if info.get("version") is None else f"{name}/{info['version']}"
 
     @staticmethod
     def _identity(info: dict) -> dict:

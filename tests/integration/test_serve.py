@@ -5,6 +5,7 @@ health, batching, and a model swap under load when the registry alias moves.
 One Serve instance per module: the registered app at ``/``, a deliberately slow model at ``/slow`` (50 ms per
 forward, no chat template: the refusals that need long requests) and, for one test, an app that has no model."""
 
+import http.client
 import json
 import socket
 import threading
@@ -50,7 +51,7 @@ def register_tiny_version(cfg, tokenizer, seed: int, loss: float) -> int:
 def app(tmp_path_factory, ray_cluster, tiny_tokenizer):
     run_dir = tmp_path_factory.mktemp("serve") / "run"
     cfg = load_config("tiny", [f"run_dir={run_dir}", f"serve.port={free_port()}", "serve.alias_poll_s=0.3",
-                               "serve.max_prompt_tokens=32", "serve.max_batch_size=4",
+                               "serve.max_prompt_tokens=64", "serve.max_batch_size=4",
                                "serve.batch_wait_timeout_s=0.2", "serve.num_cpus=1", "serve.max_body_bytes=4096", "serve.max_tokens_limit=256",
                                f"serve.request_timeout_s={REQUEST_TIMEOUT_S}"])
     v1 = register_tiny_version(cfg, tiny_tokenizer, seed=1, loss=5.0)
@@ -162,7 +163,7 @@ def test_completion_with_logprobs_matches_the_registered_model(app):
     (dict(json={"prompt": 7}), "prompt"),
     (dict(json={"prompt": "hi", "max_tokens": 10_000}), "max_tokens"),
     (dict(json={"prompt": "hi", "temperature": -0.5}), "temperature"),
-    (dict(json={"prompt": "word " * 100}), "prompt"),  # 100 tokens > serve.max_prompt_tokens=32
+    (dict(json={"prompt": "word " * 100}), "prompt"),  # 100 tokens > serve.max_prompt_tokens=64
     (dict(json={"prompt": ["a"] * 5}), "prompt"),  # more prompts than serve.max_batch_size
 ])
 def test_bad_requests_get_400_with_a_message(app, kwargs, param):
@@ -256,8 +257,9 @@ def test_a_body_over_max_body_bytes_gets_413_before_it_is_read(app):
     with socket.create_connection((host, int(port)), timeout=30) as sock:  # announce 20 MB, send 1 KB
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 20000000\r\n\r\n" + b"x" * 1024)
-        head = sock.recv(65536).decode(errors="replace")  # answered without waiting for the other 19.99 MB
-    assert head.startswith("HTTP/1.1 413") and "max_body_bytes" in head
+        response = http.client.HTTPResponse(sock)
+        response.begin()  # answered without waiting for the other 19.99 MB
+        assert response.status == 413 and "max_body_bytes" in json.loads(response.read())["error"]["message"]
 
     def chunked():  # no Content-Length: the server counts while reading
         for _ in range(64):
@@ -384,3 +386,20 @@ def test_alias_move_swaps_the_served_version_under_load_without_a_failed_request
     body = post(url, {"prompt": "ROMEO.", "max_tokens": 2, "temperature": 0}).json()
     assert body["model"] == f"{cfg.registry.model_name}/{v2}" and body["raydistill"]["version"] == v2
     assert requests.get(f"{url}/healthz", timeout=30).json()["swaps"] == 1
+
+
+def test_directory_loader_serves_fp32_and_quantized_students_and_says_which(tmp_path, tiny_tokenizer):
+    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                         tie_word_embeddings=False, eos_token_id=tiny_tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    fp32 = LlamaForCausalLM(config).eval()
+    fp32.save_pretrained(tmp_path / "student")
+    tiny_tokenizer.save_pretrained(tmp_path / "student")
+    save_quantized(quantize_dynamic_int8(fp32), tiny_tokenizer, tmp_path / "int8")
+    for name, quantized, method in [("student", False, None), ("int8", True, "dynamic_int8")]:
+        model, tokenizer, info = serve.DirectoryLoader(str(tmp_path / name))(None)
+        assert (info["name"], info["quantized"], info["quantization"]) == (name, quantized, method)
+        out = complete(model, tokenizer, ["ROMEO."], max_tokens=3, temperature=0.0)[0]
+        assert len(out["token_ids"]) == 3 or out["finish_reason"] == "stop"
+        assert serve.DirectoryLoader(str(tmp_path / name))(info) is None  # a directory never swaps

@@ -68,10 +68,12 @@ def running_replicas() -> int:
 
 
 def replica_pids() -> set[int]:
+    import ray
     from ray.util.state import list_actors
 
     name = f"ServeReplica:{serve.APP_NAME}:{serve.DEPLOYMENT}"
-    return {a.pid for a in list_actors(filters=[("class_name", "=", name), ("state", "=", "ALIVE")])}
+    return {a.pid for a in list_actors(address=ray.get_runtime_context().gcs_address,
+                                  filters=[("class_name", "=", name), ("state", "=", "ALIVE")])}
 
 
 @pytest.fixture(scope="module")
