@@ -21,11 +21,12 @@ object:
 """
 
 import argparse
+import contextlib
 import json
 import os
 import signal
 import socket
-import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -260,8 +261,9 @@ def main(argv=None) -> dict:
     cfg = load_config("tiny", base)
     init_ray(ClusterConfig(num_cpus=args.num_cpus))
     tokenizer = load_tokenizer(cfg.teacher)
-    v1 = register_tiny(cfg, tokenizer, 1, args.hidden, args.layers)
-    v2 = register_tiny(cfg, tokenizer, 2, args.hidden, args.layers)
+    with contextlib.redirect_stdout(sys.stderr):  # register's progress lines: stdout holds only the JSON
+        v1 = register_tiny(cfg, tokenizer, 1, args.hidden, args.layers)
+        v2 = register_tiny(cfg, tokenizer, 2, args.hidden, args.layers)
     client, name = tracking.client(cfg), cfg.registry.model_name
     client.set_registered_model_alias(name, "champion", str(v1))
     model, tok, _ = register.load_registered(cfg.tracking_uri, tracking.model_uri(name, version=v1))
