@@ -430,9 +430,31 @@ class ServeConfig:
     """``pipeline``: keep the app running after the demo request (until Ctrl-C)."""
     prompt: str = "ROMEO.\nBut soft, what light"
     """Prompt of the demo request (``pipeline``, ``serve once``) and of ``quantize``'s decoding-latency timing."""
+    version: int | None = None
+    """Serve this registry version instead of ``alias`` (pinned: no alias polling)."""
+    model_dir: str | None = None
+    """Serve this model directory instead of the registry: a Hugging Face dir (an fp32 student, e.g.
+    ``<run_dir>/train/student``) or a quantized one (``<run_dir>/quantize/int8``)."""
+    num_replicas: int = 1
+    """Serve replicas of the deployment (each loads the model; ``num_cpus`` each)."""
+    max_ongoing_requests: int = 32
+    """Requests one replica works on at once (they share its forward batches); more wait at the proxy."""
+    max_queued_requests: int = 64
+    """Requests waiting at the proxy beyond ``max_ongoing_requests`` × replicas; more are refused with HTTP 503
+    and a ``Retry-After`` header (Ray Serve's own queue limit)."""
+    retry_after_s: float = 1.0
+    """``Retry-After`` (seconds) of a 503 for a full queue."""
+    request_timeout_s: float = 120.0
+    """End-to-end limit of one HTTP request (Ray Serve's ``http_options.request_timeout_s``): past it the
+    client gets HTTP 408 and the request's generation stops."""
+    max_body_bytes: int = 1 << 20
+    """Largest request body; a larger one gets HTTP 413 before it is read (``Content-Length`` or while
+    reading a chunked body)."""
 
     def __post_init__(self):
-        _positive(self, "port", "max_batch_size", "max_tokens_limit", "max_prompt_tokens", "num_cpus")
+        _positive(self, "port", "max_batch_size", "max_tokens_limit", "max_prompt_tokens", "num_cpus",
+                  "num_replicas", "max_ongoing_requests", "max_queued_requests", "request_timeout_s",
+                  "max_body_bytes")
         if self.batch_wait_timeout_s < 0 or self.alias_poll_s < 0 or self.max_logprobs < 0:
             raise ConfigError("serve.batch_wait_timeout_s, serve.alias_poll_s and serve.max_logprobs must be >= 0")
 

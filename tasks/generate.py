@@ -16,13 +16,20 @@ Log-probabilities are the model's own (``log_softmax`` of the logits at temperat
 was used to pick the token: they score the text, as OpenAI's ``logprobs`` do. ``max_tokens``, ``temperature``,
 ``logprobs`` and ``seed`` may be one value for all prompts or a list with one value per prompt (so one forward
 batch can serve requests with different settings).
+
+Per prompt, ``stop`` lists strings that end the completion where they first appear in the generated text (the
+text is cut before them, ``finish_reason: "stop"``); ``cancel`` holds objects with ``is_set()`` (a
+``threading.Event``) checked between tokens: a set one ends that prompt at once (``finish_reason:
+"cancelled"``) and the batch stops when no prompt is left, so a caller that went away frees the forward batch;
+``on_token`` holds callbacks called after each generated token with ``{"delta", "token", "token_id",
+"logprob", "top_logprobs"}`` (``delta`` is the new text, held back while it may be the start of a stop
+string), which is how a server streams. The callbacks run on the generating thread.
 """
 
 from __future__ import annotations
 
 import inspect
 import os
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -110,6 +117,36 @@ class _Decoder:
         self.positions = self.positions[:, -1:] + 1
 
 
+class _Text:
+    """The text of one prompt's generated tokens: cut at the first stop string, and the streamed part held back
+    while its end may begin a stop string (or is an incomplete UTF-8 character)."""
+
+    def __init__(self, tokenizer, stop: Sequence[str]):
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.ids, self.text, self.sent = [], "", 0
+
+    def push(self, token_id: int) -> tuple[str, bool]:
+        """Add a token; returns ``(new text safe to send, whether a stop string was reached)``."""
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        hits = [text.find(s) for s in self.stop if s in text]
+        if hits:
+            self.text = text[:min(hits)]
+            return self.flush(), True
+        hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        if text.endswith("\ufffd"):
+            hold = max(hold, 1)
+        self.text = text
+        safe = text[:len(text) - hold]
+        delta, self.sent = safe[self.sent:], max(self.sent, len(safe))
+        return delta, False
+
+    def flush(self) -> str:
+        """The text not sent yet (at the end of the completion)."""
+        delta, self.sent = self.text[self.sent:], len(self.text)
+        return delta
+
+
 def _choose(logits: torch.Tensor, temperature: list, generators: list) -> torch.Tensor:
     """Next token per row: argmax at temperature 0, else a draw from ``softmax(logits / T)``."""
     chosen = logits.argmax(dim=-1)
@@ -123,19 +160,26 @@ def _choose(logits: torch.Tensor, temperature: list, generators: list) -> torch.
 @torch.inference_mode()
 def complete(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_tokens: int | list[int] = 16,
              temperature: float | list[float] = 0.0, logprobs: int | None | list = None,
-             seed: int | None | list = None) -> list[dict]:
+             seed: int | None | list = None, stop: Sequence[str] | list | None = None,
+             cancel: Sequence | None = None, on_token: Sequence | None = None) -> list[dict]:
     """Complete each prompt; one dict per prompt (see the module doc for the semantics).
 
     Returns ``[{text, tokens, token_ids, token_logprobs, top_logprobs, finish_reason, usage}]``: ``tokens`` are
     the decoded strings of the generated tokens, ``token_logprobs`` their log-probabilities, ``top_logprobs``
     one ``{token: logprob}`` dict of the ``logprobs`` most likely tokens per position (``None`` when
     ``logprobs`` is ``None``; ``token_logprobs`` is always filled), ``usage`` the prompt/completion token counts.
+    ``stop``, ``cancel`` and ``on_token`` are ``None`` or one entry per prompt (``stop`` may also be one list
+    of strings for all).
     """
     if isinstance(prompts, str) or not prompts:
         raise ValueError("prompts must be a non-empty list of strings")
     n = len(prompts)
     max_tokens, temperature = _per_prompt(max_tokens, n, "max_tokens"), _per_prompt(temperature, n, "temperature")
     logprobs, seed = _per_prompt(logprobs, n, "logprobs"), _per_prompt(seed, n, "seed")
+    if stop is None or (isinstance(stop, (list, tuple)) and all(isinstance(x, str) for x in stop)):
+        stop = [list(stop or [])] * n
+    stop, cancel, on_token = _per_prompt(list(stop), n, "stop"), _per_prompt(cancel, n, "cancel"), \
+        _per_prompt(on_token, n, "on_token")
     vocab = model.get_output_embeddings().out_features if hasattr(model, "get_output_embeddings") else None
     _check(max_tokens, temperature, logprobs, vocab or 1 << 30)
     ids = encode_prompts(tokenizer, prompts)
@@ -143,126 +187,72 @@ def complete(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_tokens:
         if not x:
             raise ValueError(f"prompt {i} is empty (no tokens)")
     model.eval()
-    stop = eos_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(stop) if stop else 0)
+    eos = eos_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(eos) if eos else 0)
     decoder = _Decoder(model, *_left_pad(ids, pad_id))
     generators = [_generator(s) if t > 0 else None for s, t in zip(seed, temperature)]
-    out = [{"token_ids": [], "token_logprobs": [], "top": [], "finish_reason": None} for _ in range(n)]
+    out = [{"token_ids": [], "token_logprobs": [], "top": [], "finish_reason": None,
+            "text": _Text(tokenizer, st) if (st or cb) else None} for st, cb in zip(stop, on_token)]
     kmax = max((k for k in logprobs if k), default=0)
     for _ in range(max(max_tokens)):
+        for o, c in zip(out, cancel):
+            if c is not None and c.is_set() and not o["finish_reason"]:
+                o["finish_reason"] = "cancelled"
+        if all(o["finish_reason"] for o in out):
+            break
         logits = decoder.step()
         logp = torch.log_softmax(logits, dim=-1)
         chosen = _choose(logits, temperature, generators)
         top = logp.topk(kmax, dim=-1) if kmax else None
         for i, o in enumerate(out):
-            if o["finish_reason"]:
-                continue
-            tok = int(chosen[i])
-            if tok in stop:
-                o["finish_reason"] = "stop"
-                continue
-            o["token_ids"].append(tok)
-            o["token_logprobs"].append(float(logp[i, tok]))
-            if logprobs[i]:
-                o["top"].append(list(zip(top.indices[i, :logprobs[i]].tolist(),
-                                         top.values[i, :logprobs[i]].tolist())))
-            if len(o["token_ids"]) >= max_tokens[i]:
-                o["finish_reason"] = "length"
+            if not o["finish_reason"]:
+                _advance(tokenizer, o, i, int(chosen[i]), logp, top, eos, logprobs[i], max_tokens[i], on_token[i])
         if all(o["finish_reason"] for o in out):
             break
         decoder.feed(chosen)
     return [_result(tokenizer, o, len(x), logprobs[i]) for i, (o, x) in enumerate(zip(out, ids))]
 
 
+def _advance(tokenizer, o: dict, i: int, tok: int, logp, top, eos: set, k: int | None, limit: int, on_token):
+    """Row ``i`` of the batch takes token ``tok``: record it, check EOS / stop strings / length, report it."""
+    if tok in eos:
+        o["finish_reason"] = "stop"
+        if on_token is not None:
+            on_token({"delta": o["text"].flush(), "token": None, "token_id": None, "logprob": None,
+                      "top_logprobs": None})
+        return
+    o["token_ids"].append(tok)
+    o["token_logprobs"].append(float(logp[i, tok]))
+    alternatives = None
+    if k:
+        o["top"].append(list(zip(top.indices[i, :k].tolist(), top.values[i, :k].tolist())))
+        alternatives = _top_dict(tokenizer, o["top"][-1])
+    delta, stopped = o["text"].push(tok) if o["text"] is not None else ("", False)
+    if stopped:
+        o["finish_reason"] = "stop"
+    elif len(o["token_ids"]) >= limit:
+        o["finish_reason"] = "length"
+        delta += o["text"].flush() if o["text"] is not None else ""
+    if on_token is not None:
+        on_token({"delta": delta, "token": tokenizer.decode([tok]), "token_id": tok,
+                  "logprob": o["token_logprobs"][-1], "top_logprobs": alternatives})
+
+
+def _top_dict(tokenizer, alternatives: list) -> dict:
+    d = {}
+    for tid, lp in alternatives:
+        d.setdefault(tokenizer.decode([tid]), lp)  # two ids may decode alike: keep the likelier
+    return d
+
+
 def _result(tokenizer, o: dict, prompt_tokens: int, logprobs: int | None) -> dict:
     tokens = [tokenizer.decode([t]) for t in o["token_ids"]]
     top = None
     if logprobs is not None:
-        top = []
-        for alternatives in (o["top"] or [[] for _ in tokens]):
-            d = {}
-            for tid, lp in alternatives:
-                d.setdefault(tokenizer.decode([tid]), lp)  # two ids may decode alike: keep the likelier
-            top.append(d)
+        top = [_top_dict(tokenizer, alternatives) for alternatives in (o["top"] or [[] for _ in tokens])]
     n = len(o["token_ids"])
-    return {"text": tokenizer.decode(o["token_ids"], skip_special_tokens=True), "tokens": tokens,
+    text = o["text"].text if o["text"] is not None else tokenizer.decode(o["token_ids"], skip_special_tokens=True)
+    return {"text": text, "tokens": tokens,
             "token_ids": o["token_ids"], "token_logprobs": o["token_logprobs"], "top_logprobs": top,
             "finish_reason": o["finish_reason"],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}}
-
-
-# -------------------------------------------------------------------------------------------------------
-# OpenAI-style request bodies (pure; the Serve app maps RequestError to HTTP 400)
-# -------------------------------------------------------------------------------------------------------
-
-class RequestError(ValueError):
-    """A completion request is invalid; ``param`` names the offending field."""
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
-
-
-@dataclass(frozen=True)
-class CompletionRequest:
-    prompts: tuple[str, ...]
-    max_tokens: int = 16
-    temperature: float = 1.0
-    logprobs: int | None = None
-    seed: int | None = None
-
-
-_UNSUPPORTED = {"stream": (None, False), "echo": (None, False), "n": (None, 1), "best_of": (None, 1),
-                "stop": (None,), "suffix": (None,)}
-
-
-def _int_field(body: dict, name: str, default, low: int, high: int | None):
-    value = body.get(name, default)
-    if value is None and default is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise RequestError(f"'{name}' must be an integer, got {value!r}", name)
-    if value < low or (high is not None and value > high):
-        raise RequestError(f"'{name}' must be in [{low}, {high if high is not None else '∞'}], got {value}", name)
-    return value
-
-
-def parse_completion_request(body, *, max_tokens_limit: int, max_prompts: int, max_prompt_chars: int,
-                             max_logprobs: int = 20) -> CompletionRequest:
-    """Check an OpenAI ``/v1/completions`` body; raise :class:`RequestError` saying what is wrong.
-
-    ``prompt`` (a non-empty string or a list of 1..``max_prompts`` of them, each ≤ ``max_prompt_chars``),
-    ``max_tokens`` (1..``max_tokens_limit``, default 16), ``temperature`` (0..2, default 1), ``logprobs``
-    (null or 0..``max_logprobs``), ``seed`` (null or an integer). Streaming, ``echo``, ``n``/``best_of`` > 1,
-    ``stop`` and ``suffix`` are refused rather than silently ignored; other OpenAI fields are ignored.
-    """
-    if not isinstance(body, dict):
-        raise RequestError("the request body must be a JSON object")
-    if "prompt" not in body:
-        raise RequestError("'prompt' is required", "prompt")
-    prompt = body["prompt"]
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-        raise RequestError("'prompt' must be a string or a list of strings", "prompt")
-    if not 1 <= len(prompts) <= max_prompts:
-        raise RequestError(f"'prompt' must hold 1 to {max_prompts} prompts, got {len(prompts)}", "prompt")
-    for p in prompts:
-        if not p:
-            raise RequestError("'prompt' must not be empty", "prompt")
-        if len(p) > max_prompt_chars:
-            raise RequestError(f"a prompt is {len(p)} characters long; the limit is {max_prompt_chars}", "prompt")
-    temperature = body.get("temperature", 1.0)
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 <= temperature <= 2:
-        raise RequestError(f"'temperature' must be a number in [0, 2], got {temperature!r}", "temperature")
-    for name, allowed in _UNSUPPORTED.items():
-        if name in body and body[name] not in allowed:
-            raise RequestError(f"'{name}'={body[name]!r} is not supported by this server", name)
-    if "model" in body and not isinstance(body["model"], str):
-        raise RequestError("'model' must be a string", "model")
-    return CompletionRequest(
-        prompts=tuple(prompts),
-        max_tokens=_int_field(body, "max_tokens", min(16, max_tokens_limit), 1, max_tokens_limit),
-        temperature=float(temperature),
-        logprobs=_int_field(body, "logprobs", None, 0, max_logprobs),
-        seed=_int_field(body, "seed", None, 0, 2**63 - 1),
-    )

@@ -1,62 +1,115 @@
-"""Serve ``models:/<registry.model_name>@<serve.alias>`` over HTTP, OpenAI completions style (Ray Serve).
+"""Serve ``models:/<registry.model_name>@<serve.alias>`` over HTTP, OpenAI style (Ray Serve + FastAPI ingress).
 
     raydistill serve --config tiny            # blocks until Ctrl-C
     raydistill serve once --config tiny       # start, answer one demo request (serve.prompt), stop
+    serve run cluster/serve/champion.yaml     # the same app from a Serve config file (also `serve deploy`)
     curl -s http://127.0.0.1:8123/v1/completions -H 'Content-Type: application/json' \\
          -d '{"prompt": "ROMEO.\\nBut soft", "max_tokens": 16, "temperature": 0, "logprobs": 2}'
 
-Routes: ``POST /v1/completions``, ``GET /v1/models``, ``GET /healthz``. Requests are batched across clients with
-``@serve.batch`` (up to ``serve.max_batch_size`` prompts, waiting at most ``serve.batch_wait_timeout_s``) and
-generated in one left-padded forward batch (``tasks.generate.complete``). Bad requests get HTTP 400 with an
-OpenAI-style ``{"error": {"message", "type", "param"}}`` body.
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (the tokenizer's chat template), both with
+``stream: true`` (server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``), ``stop``,
+``logprobs``; ``GET /v1/models``, ``GET /healthz``. Requests are batched across clients with ``@serve.batch`` (up
+to ``serve.max_batch_size`` prompts, waiting at most ``serve.batch_wait_timeout_s``) and generated in one
+left-padded forward batch (``tasks.generate.complete``). Bad requests get HTTP 400 with an OpenAI-style
+``{"error": {"message", "type", "param"}}`` body; a body over ``serve.max_body_bytes`` gets 413 before it is read.
+Ray Serve itself answers 503 + ``Retry-After`` when more than ``serve.max_queued_requests`` wait, and 408 past
+``serve.request_timeout_s``; a timed-out or disconnected request's generation stops at its next token (a cancel
+event per request, checked between tokens).
 
 The deployment takes its ``loader`` as an argument: ``loader(current_info) -> (model, tokenizer, info) | None``.
 It is called once with ``None`` at start-up, then every ``serve.alias_poll_s`` seconds with the loaded version's
 info; returning a new triple swaps the model (in-flight batches finish on the old one), ``None`` keeps it. The
-default, :class:`RegistryLoader`, reloads when the alias moves to another version.
+default, :class:`RegistryLoader`, reloads when the alias moves to another version; :class:`DirectoryLoader`
+serves a model directory (fp32 or quantized). Until a model is loaded, ``check_health`` fails (Serve restarts
+the replica) and ``/healthz`` answers 503.
 """
 
-from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import threading
 import time
-import uuid
+from dataclasses import dataclass, field
 
+from fastapi import FastAPI
 from ray import serve
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, StreamingResponse
 
 from raydistill.tasks.config import PipelineConfig, to_dict
 from raydistill.tasks.errors import StageMissingError
 
 APP_NAME = "raydistill"
+DEPLOYMENT = "CompletionServer"
 logger = logging.getLogger("ray.serve")
 
 
 class RegistryLoader:
-    """Loads ``models:/name@alias`` from the registry; ``None`` while the alias still names the loaded version."""
+    """Loads ``models:/name@alias`` (or a pinned ``version``) from the registry; ``None`` while the alias still
+    names the loaded version (a pinned version never reloads)."""
 
-    def __init__(self, tracking_uri: str, name: str, alias: str):
-        self.tracking_uri, self.name, self.alias = tracking_uri, name, alias
+    def __init__(self, tracking_uri: str, name: str, alias: str | None = None, version: int | None = None):
+        self.tracking_uri, self.name, self.alias, self.version = tracking_uri, name, alias, version
 
     def __call__(self, current: dict | None):
         from raydistill.workflows import tracking
         from raydistill.workflows.register import load_registered
 
-        uri = tracking.model_uri(self.name, alias=self.alias)
+        if self.version is not None:
+            if current is not None:
+                return None
+            uri = tracking.model_uri(self.name, version=self.version)
+        else:
+            uri = tracking.model_uri(self.name, alias=self.alias)
         if current is not None:
             version = int(tracking.resolve_version(self.tracking_uri, uri).version)
             if version == current.get("version"):
                 return None
             uri = tracking.model_uri(self.name, version=version)  # exactly the version just seen
-        model, tokenizer, info = load_registered(self.tracking_uri, uri)
-        return model, tokenizer, {**info, "alias": self.alias}
+        model, tokenizer, info = load_registered(self.tracking_uri, uri)  # always the quantized loader
+        method = info.get("tags", {}).get("raydistill.quantization") or "int8"
+        return model, tokenizer, {**info, "alias": self.alias, "quantized": True, "quantization": method}
+
+
+class DirectoryLoader:
+    """Loads a model directory once: quantized (``tasks.quantize.load_quantized``) when it holds quantization
+    metadata, else a Hugging Face fp32 model (e.g. ``<run_dir>/train/student``)."""
+
+    def __init__(self, model_dir: str):
+        self.model_dir = model_dir
+
+    def __call__(self, current: dict | None):
+        if current is not None:
+            return None
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from raydistill.tasks import quantize
+
+        method = None
+        if os.path.exists(os.path.join(self.model_dir, quantize.META_FILE)):
+            method = quantize.read_quantization_info(self.model_dir)["method"]
+            model = quantize.load_quantized(self.model_dir)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype="float32").eval()
+        info = {"name": os.path.basename(os.path.normpath(self.model_dir)), "version": None,
+                "model_uri": os.path.abspath(self.model_dir), "quantized": method is not None,
+                "quantization": method}
+        return model, AutoTokenizer.from_pretrained(self.model_dir), info
 
 
 def _prompt_count(items: list) -> int:
-    return sum(len(r.prompts) for r in items)
+    return sum(len(job.prompts) for job in items)
+
+
+class ApiError(Exception):
+    """An HTTP error answered with an OpenAI-style body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
 
 
 def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
@@ -64,21 +117,59 @@ def _error(status: int, message: str, param: str | None = None, kind: str = "inv
                         status_code=status)
 
 
-@serve.deployment(name="CompletionServer")
+api = FastAPI(title="raydistill", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@api.exception_handler(ApiError)
+async def _api_error(request: Request, e: ApiError):
+    return _error(e.status, e.message, e.param, e.kind)
+
+
+@api.exception_handler(HTTPException)
+async def _http_error(request: Request, e: HTTPException):  # FastAPI's own 404/405 in the same shape
+    hint = "; routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /healthz"
+    kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+    return _error(e.status_code, f"{request.method} {request.url.path}: {e.detail}{hint}", kind=kind)
+
+
+def _sse(obj: dict) -> str:
+    """One server-sent event (defined above the deployment: Serve pickles its class by value)."""
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+@dataclass
+class _Job:
+    """One request's share of a forward batch: its prompts and settings, its cancel event, its token callback."""
+
+    req: object
+    prompts: tuple
+    cancel: threading.Event = field(default_factory=threading.Event)
+    on_token: object = None
+
+
+@serve.deployment(name=DEPLOYMENT, health_check_period_s=5, health_check_timeout_s=30)
+@serve.ingress(api)
 class CompletionServer:
     def __init__(self, loader, settings: dict):
         import torch
 
         torch.set_num_threads(max(1, int(settings["num_cpus"])))
         self._loader, self._s = loader, settings
-        self._current = self._check(loader(None))
         self._swaps, self._poll_error, self._batches, self._prompts = 0, None, 0, 0
+        self._counts = {"cancelled": 0, "generated_tokens": 0, "active": 0}
+        self._current = None
+        try:
+            loaded = loader(None)
+            self._current = self._check(loaded) if loaded is not None else None
+        except Exception as e:  # keep the replica up without a model: check_health says why, the poll retries
+            self._poll_error = f"{type(e).__name__}: {e}"
+            logger.exception("no model loaded")
         self._generate.set_max_batch_size(settings["max_batch_size"])
         self._generate.set_batch_wait_timeout_s(settings["batch_wait_timeout_s"])
         self._stop = threading.Event()
         if settings["alias_poll_s"] > 0:
             threading.Thread(target=self._poll, name="alias-poll", daemon=True).start()
-        logger.info(f"serving {self._model_id()}")
+        logger.info(f"serving {self._model_id() if self._current else 'nothing yet'}")
 
     @staticmethod
     def _check(loaded):
@@ -88,145 +179,265 @@ class CompletionServer:
 
     def _model_id(self, info: dict | None = None) -> str:
         info = info or self._current[2]
-        return f"{info.get('name', 'model')}/{info.get('version', '?')}"
+        name = info.get("name", "model")  # a model directory has no version
+        return name if info.get("version") is None else f"{name}/{info['version']}"
+
+    @staticmethod
+    def _identity(info: dict) -> dict:
+        return {k: info.get(k) for k in ("name", "version", "alias", "quantized", "quantization")}
 
     def _poll(self) -> None:
         while not self._stop.wait(self._s["alias_poll_s"]):
             try:
-                new = self._loader(self._current[2])
+                new = self._loader(self._current[2] if self._current else None)
                 if new is not None:
-                    old = self._model_id()
+                    old = self._model_id() if self._current else "nothing"
                     self._current = self._check(new)
                     self._swaps += 1
                     logger.info(f"alias moved: now serving {self._model_id()} (was {old})")
                 self._poll_error = None
             except Exception as e:  # keep serving the loaded model; report the problem on /healthz
                 self._poll_error = f"{type(e).__name__}: {e}"
-                logger.warning(f"alias poll failed, still serving {self._model_id()}: {self._poll_error}")
+                logger.warning(f"alias poll failed: {self._poll_error}")
 
     def __del__(self):
         if hasattr(self, "_stop"):
             self._stop.set()
 
-    async def __call__(self, request: Request):
-        path, method = request.url.path.rstrip("/") or "/", request.method
-        routes = {"/v1/completions": ("POST", self._completions), "/v1/models": ("GET", self._models),
-                  "/healthz": ("GET", self._health)}
-        if path not in routes:
-            return _error(404, f"no route {path}; try POST /v1/completions, GET /v1/models, GET /healthz",
-                          kind="not_found_error")
-        want, handler = routes[path]
-        if method != want:
-            return _error(405, f"{path} accepts {want}, not {method}")
-        return await handler(request)
+    def check_health(self) -> None:
+        """Ray Serve's health check: fails (and Serve replaces the replica) while no model is loaded."""
+        if self._current is None:
+            raise RuntimeError(f"no model loaded (last error: {self._poll_error})")
 
-    async def _models(self, request: Request):
-        info = self._current[2]
-        return JSONResponse({"object": "list", "data": [{
+    def _loaded(self):
+        if self._current is None:
+            raise ApiError(503, f"no model loaded yet (last error: {self._poll_error})", kind="server_error")
+        return self._current
+
+    @api.get("/v1/models")
+    async def models(self):
+        info = self._loaded()[2]
+        return {"object": "list", "data": [{
             "id": self._model_id(), "object": "model", "owned_by": "raydistill", "version": info.get("version"),
-            "alias": info.get("alias"), "source": info.get("model_uri")}]})
+            "alias": info.get("alias"), "source": info.get("model_uri"), "quantized": info.get("quantized"),
+            "quantization": info.get("quantization")}]}
 
-    async def _health(self, request: Request):
-        return JSONResponse({"status": "ok", "model": self._model_id(), "version": self._current[2].get("version"),
-                             "swaps": self._swaps, "last_poll_error": self._poll_error,
-                             "batches": self._batches, "prompts": self._prompts})
+    @api.get("/healthz")
+    async def health(self):
+        body = {"status": "ok" if self._current else "no model", "swaps": self._swaps,
+                "last_poll_error": self._poll_error, "batches": self._batches, "prompts": self._prompts,
+                "pid": os.getpid(), **self._counts}
+        if self._current is not None:
+            body.update(model=self._model_id(), **{k: v for k, v in self._identity(self._current[2]).items()
+                                                   if k not in ("name",)})
+        return JSONResponse(body, status_code=200 if self._current else 503)
 
-    async def _completions(self, request: Request):
-        from raydistill.tasks.generate import RequestError, encode_prompts, parse_completion_request
-
+    async def _read_json(self, request: Request):
+        """The JSON body, refused with 413 past ``max_body_bytes``: by its Content-Length before reading
+        anything, or while reading a chunked body (never holding more than the limit)."""
+        limit = self._s["max_body_bytes"]
+        too_big = f"the request body is larger than serve.max_body_bytes = {limit} bytes"
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise ApiError(413, too_big)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, too_big)
+            chunks.append(chunk)
         try:
-            body = await request.json()
-        except Exception:
-            return _error(400, "the request body is not valid JSON")
-        s = self._s
+            return json.loads(b"".join(chunks))
+        except ValueError:
+            raise ApiError(400, "the request body is not valid JSON") from None
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request):
+        from raydistill.tasks.openai_api import RequestError, parse_completion_request
+
+        body, s = await self._read_json(request), self._s
         try:
             req = parse_completion_request(body, max_tokens_limit=s["max_tokens_limit"],
                                            max_prompts=s["max_batch_size"],  # one request fits one batch
                                            max_prompt_chars=s["max_prompt_tokens"] * 16,  # cheap pre-check
                                            max_logprobs=s["max_logprobs"])
         except RequestError as e:
-            return _error(400, str(e), e.param)
-        model, tokenizer, _ = self._current
-        context = getattr(model.config, "max_position_embeddings", None) or 1 << 30
-        for ids in encode_prompts(tokenizer, req.prompts):
-            if len(ids) > s["max_prompt_tokens"] or len(ids) + req.max_tokens > context:
-                return _error(400, f"a prompt has {len(ids)} tokens; the limit is {s['max_prompt_tokens']} and "
-                                   f"prompt + max_tokens must fit the model's {context}-token context", "prompt")
+            raise ApiError(400, str(e), e.param) from None
+        return await self._answer(req, req.prompts)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        from raydistill.tasks.openai_api import RequestError, chat_prompt, parse_chat_request
+
+        body, s = await self._read_json(request), self._s
         try:
-            outs, info = await self._generate(req)
+            req = parse_chat_request(body, max_tokens_limit=s["max_tokens_limit"],
+                                     max_prompt_chars=s["max_prompt_tokens"] * 16, max_logprobs=s["max_logprobs"])
+            prompt = chat_prompt(self._loaded()[1], req.messages)
+        except RequestError as e:
+            raise ApiError(400, str(e), e.param) from None
+        return await self._answer(req, (prompt,))
+
+    def _check_lengths(self, req, prompts: tuple) -> None:
+        from raydistill.tasks.generate import encode_prompts
+
+        model, tokenizer, _ = self._loaded()
+        limit, context = self._s["max_prompt_tokens"], getattr(model.config, "max_position_embeddings", None)
+        for ids in encode_prompts(tokenizer, prompts):
+            if len(ids) > limit:
+                raise ApiError(400, f"a prompt has {len(ids)} tokens; serve.max_prompt_tokens is {limit}", "prompt")
+            if context and len(ids) + req.max_tokens > context:
+                raise ApiError(400, f"the prompt ({len(ids)} tokens) + max_tokens ({req.max_tokens}) is over the "
+                                    f"model's context of {context} tokens; ask for max_tokens <= "
+                                    f"{max(0, context - len(ids))}", "max_tokens")
+
+    async def _answer(self, req, prompts: tuple):
+        from raydistill.tasks.openai_api import chat_response, completion_response
+
+        self._check_lengths(req, prompts)
+        if req.stream:
+            return StreamingResponse(self._stream(req, prompts), media_type="text/event-stream")
+        job = _Job(req, prompts)
+        try:
+            outs, info = await self._run(job)
+        except asyncio.CancelledError:  # timed out (408) or the client went away: stop its generation
+            job.cancel.set()
+            self._counts["cancelled"] += 1
+            raise
+        if req.messages:
+            return chat_response(req, outs[0], self._model_id(info), self._identity(info))
+        return completion_response(req, outs, self._model_id(info), self._identity(info))
+
+    async def _run(self, job: _Job):
+        self._counts["active"] += 1
+        try:
+            return await self._generate(job)
+        except asyncio.CancelledError:
+            raise
         except Exception as e:
             logger.exception("generation failed")
-            return _error(500, f"generation failed: {type(e).__name__}: {e}", kind="server_error")
-        return JSONResponse(_response(req, outs, self._model_id(info)))
+            raise ApiError(500, f"generation failed: {type(e).__name__}: {e}", kind="server_error") from None
+        finally:
+            self._counts["active"] -= 1
+
+    async def _stream(self, req, prompts: tuple):
+        """Server-sent events: one chunk per generated token (fed by ``complete``'s ``on_token`` on the
+        generating thread), a last chunk with ``finish_reason``, then ``data: [DONE]``."""
+        from raydistill.tasks.openai_api import stream_chunk, stream_head, usage_chunk
+
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        job = _Job(req, prompts, on_token=lambda e: loop.call_soon_threadsafe(queue.put_nowait, e))
+        task = asyncio.ensure_future(self._run(job))
+        task.add_done_callback(lambda _: queue.put_nowait(None))
+        head = stream_head(req, self._model_id(), self._identity(self._current[2]))
+        try:
+            if req.messages:
+                yield _sse(stream_chunk(req, head, None))
+            while (event := await queue.get()) is not None:
+                if event["token"] is not None or event["delta"]:
+                    yield _sse(stream_chunk(req, head, event))
+            try:
+                outs, _ = task.result()
+            except ApiError as e:
+                yield _sse({"error": {"message": e.message, "type": e.kind, "param": None, "code": None}})
+                return
+            yield _sse(stream_chunk(req, head, {"delta": "", "token": None}, outs[0]["finish_reason"]))
+            if req.include_usage:
+                yield _sse(usage_chunk(req, head, outs[0]))
+            yield "data: [DONE]\n\n"
+        finally:
+            if not task.done():  # the client disconnected (or timed out) mid-stream
+                job.cancel.set()
+                self._counts["cancelled"] += 1
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02, batch_size_fn=_prompt_count)
-    async def _generate(self, reqs: list) -> list:
+    async def _generate(self, jobs: list) -> list:
         from raydistill.tasks.generate import complete
 
         model, tokenizer, info = self._current  # one model for the whole batch, even if a swap happens now
-        prompts, settings = [], {"max_tokens": [], "temperature": [], "logprobs": [], "seed": []}
-        for r in reqs:
-            for p in r.prompts:
+        prompts, settings = [], {"max_tokens": [], "temperature": [], "logprobs": [], "seed": [], "stop": [],
+                                 "cancel": [], "on_token": []}
+        for job in jobs:
+            for p in job.prompts:
                 prompts.append(p)
-                for k in settings:
-                    settings[k].append(getattr(r, k))
+                for k in ("max_tokens", "temperature", "logprobs", "seed"):
+                    settings[k].append(getattr(job.req, k))
+                settings["stop"].append(list(job.req.stop))
+                settings["cancel"].append(job.cancel)
+                settings["on_token"].append(job.on_token)
         outs = await asyncio.to_thread(complete, model, tokenizer, prompts, **settings)
         self._batches, self._prompts = self._batches + 1, self._prompts + len(prompts)
+        self._counts["generated_tokens"] += sum(o["usage"]["completion_tokens"] for o in outs)
         results, start = [], 0
-        for r in reqs:
-            results.append((outs[start:start + len(r.prompts)], info))
-            start += len(r.prompts)
+        for job in jobs:
+            results.append((outs[start:start + len(job.prompts)], info))
+            start += len(job.prompts)
         return results
-
-
-def _response(req, outs: list[dict], model_id: str) -> dict:
-    choices = []
-    for i, (prompt, o) in enumerate(zip(req.prompts, outs)):
-        logprobs = None
-        if req.logprobs is not None:
-            offsets, at = [], len(prompt)
-            for t in o["tokens"]:
-                offsets.append(at)
-                at += len(t)
-            logprobs = {"tokens": o["tokens"], "token_logprobs": o["token_logprobs"],
-                        "top_logprobs": o["top_logprobs"], "text_offset": offsets}
-        choices.append({"text": o["text"], "index": i, "logprobs": logprobs, "finish_reason": o["finish_reason"]})
-    usage = {k: sum(o["usage"][k] for o in outs) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
-    return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-            "model": model_id, "choices": choices, "usage": usage}
 
 
 # -------------------------------------------------------------------------------------------------------
 # driver side
 # -------------------------------------------------------------------------------------------------------
 
+def default_loader(cfg: PipelineConfig):
+    """``serve.model_dir`` if set, else the registry: version ``serve.version`` if set, else ``@serve.alias``."""
+    s = cfg.serve
+    if s.model_dir:
+        return DirectoryLoader(s.model_dir)
+    if s.version is not None:
+        return RegistryLoader(cfg.tracking_uri, cfg.registry.model_name, version=s.version)
+    return RegistryLoader(cfg.tracking_uri, cfg.registry.model_name, alias=s.alias)
+
+
 def build_app(cfg: PipelineConfig, loader=None):
-    """The Serve application; ``loader`` defaults to the registry alias ``serve.alias``."""
-    loader = loader or RegistryLoader(cfg.tracking_uri, cfg.registry.model_name, cfg.serve.alias)
-    settings = to_dict(cfg.serve)
+    """The Serve application (:func:`default_loader` unless ``loader``); a Serve config file's ``deployments:``
+    entry for ``CompletionServer`` overrides these options."""
+    from ray.serve.config import BackpressureConfig
+
+    s = cfg.serve
     return CompletionServer.options(
-        ray_actor_options={"num_cpus": cfg.serve.num_cpus},
-        max_ongoing_requests=max(16, 4 * cfg.serve.max_batch_size),  # enough queued requests to fill batches
-    ).bind(loader, settings)
+        num_replicas=s.num_replicas, ray_actor_options={"num_cpus": s.num_cpus},
+        max_ongoing_requests=s.max_ongoing_requests, max_queued_requests=s.max_queued_requests,
+        backpressure_config=BackpressureConfig(retry_after_s=s.retry_after_s),
+    ).bind(loader or default_loader(cfg), to_dict(s))
+
+
+APP_ARGS = ("model_uri", "tracking_uri", "preset", "overrides")
+
+
+def application(args: dict | None = None):
+    """Application builder for Serve config files (``cluster/serve/champion.yaml``: ``serve run``/``serve
+    deploy``, and the KubeRay RayService that embeds it).
+
+    ``args``: ``model_uri`` (``models:/<name>@<alias>`` or ``models:/<name>/<version>``), ``tracking_uri``,
+    ``preset`` and dotted ``overrides`` (``["serve.max_batch_size=16"]``). The environment fills what they leave
+    out: ``MLFLOW_TRACKING_URI``, ``RAYDISTILL_MODEL_NAME``, ``RAYDISTILL_MODEL_ALIAS``.
+    """
+    import difflib
+
+    from raydistill.tasks.config import ConfigError, load_config
+    from raydistill.workflows import tracking
+
+    args = dict(args or {})
+    for key in args:
+        if key not in APP_ARGS:
+            close = difflib.get_close_matches(key, APP_ARGS, n=1)
+            raise ConfigError(f"unknown Serve application arg {key!r}"
+                              f"{f'; did you mean {close[0]!r}?' if close else ''} (valid: {', '.join(APP_ARGS)})")
+    env = {"registry.tracking_uri": args.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI"),
+           "registry.model_name": os.environ.get("RAYDISTILL_MODEL_NAME"),
+           "serve.alias": os.environ.get("RAYDISTILL_MODEL_ALIAS")}
+    if args.get("model_uri"):
+        ref = tracking.parse_model_uri(args["model_uri"])
+        env["registry.model_name"] = ref.name
+        env["serve.alias" if ref.alias else "serve.version"] = ref.alias or ref.version
+    overrides = [f"{k}={v}" for k, v in env.items() if v] + list(args.get("overrides", []))
+    return build_app(load_config(args.get("preset"), overrides))
 
 
 def app_from_env(args: dict | None = None):
-    """Application builder for ``serve run workflows.serve:app_from_env`` and KubeRay RayService.
-
-    Reads ``MLFLOW_TRACKING_URI``, ``RAYDISTILL_MODEL_NAME``, ``RAYDISTILL_MODEL_ALIAS`` (default champion);
-    ``args`` (the Serve config's ``args:``) may give ``preset`` and dotted ``overrides`` instead or on top.
-    """
-    import os
-
-    from raydistill.tasks.config import load_config
-
-    args = dict(args or {})
-    overrides = list(args.get("overrides", []))
-    env = {"registry.tracking_uri": os.environ.get("MLFLOW_TRACKING_URI"),
-           "registry.model_name": os.environ.get("RAYDISTILL_MODEL_NAME"),
-           "serve.alias": os.environ.get("RAYDISTILL_MODEL_ALIAS")}
-    overrides = [f"{k}={v}" for k, v in env.items() if v] + overrides
-    return build_app(load_config(args.get("preset"), overrides))
+    """The builder the earlier RayService manifest named; the same as :func:`application`."""
+    return application(args)
 
 
 def base_url(cfg: PipelineConfig) -> str:
@@ -240,17 +451,19 @@ def start_app(cfg: PipelineConfig, loader=None) -> str:
 
     from raydistill.workflows import stage
 
-    if loader is None:  # fail here, with a clear message, rather than in a replica that keeps restarting
+    if loader is None and not cfg.serve.model_dir:  # fail here, clearly, rather than in a restarting replica
         from raydistill.workflows import tracking
 
-        uri = tracking.model_uri(cfg.registry.model_name, alias=cfg.serve.alias)
+        uri = tracking.model_uri(cfg.registry.model_name, alias=None if cfg.serve.version else cfg.serve.alias,
+                                 version=cfg.serve.version)
         try:
             tracking.resolve_version(cfg.tracking_uri, uri)
         except LookupError as e:
             raise StageMissingError(f"{e}; register and promote a model first "
                                     "(`raydistill register`, `raydistill promote`)") from None
     stage.start(cfg, "serve", skip=False, ray=True)
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port,
+                              "request_timeout_s": cfg.serve.request_timeout_s})
     serve.run(build_app(cfg, loader), name=APP_NAME, route_prefix="/")
     url = base_url(cfg)
     deadline = time.time() + 60

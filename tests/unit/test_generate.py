@@ -5,7 +5,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from raydistill.tasks.generate import RequestError, complete, encode_prompts, parse_completion_request
+from raydistill.tasks.generate import complete, encode_prompts
+from raydistill.tasks.openai_api import RequestError, parse_completion_request
 
 PROMPTS = ["ROMEO.\nBut soft, what light", "Hi", "To be, or not to be, that is the question"]
 
@@ -116,11 +117,86 @@ def test_parse_request_defaults_and_lists():
     ({"prompt": "a", "max_tokens": True}, "max_tokens"), ({"prompt": "a", "temperature": -1}, "temperature"),
     ({"prompt": "a", "temperature": "hot"}, "temperature"), ({"prompt": "a", "logprobs": 21}, "logprobs"),
     ({"prompt": "a", "logprobs": 1.5}, "logprobs"), ({"prompt": "a", "seed": -1}, "seed"),
-    ({"prompt": "a", "stream": True}, "stream"), ({"prompt": "a", "n": 2}, "n"),
-    ({"prompt": "a", "stop": "\n"}, "stop"),
+    ({"prompt": "a", "stream": "yes"}, "stream"), ({"prompt": ["a", "b"], "stream": True}, "stream"),
+    ({"prompt": "a", "n": 2}, "n"), ({"prompt": "a", "stop": 5}, "stop"), ({"prompt": "a", "stop": [""]}, "stop"),
+    ({"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"prompt": "a", "echo": True}, "echo"),
     ({"prompt": "a", "model": 5}, "model"),
 ])
 def test_parse_request_rejects(body, param):
     with pytest.raises(RequestError) as e:
         parse_completion_request(body, **LIMITS)
     assert e.value.param == param and str(e.value)
+
+
+def test_stop_strings_cut_the_text_where_they_first_appear(model, tiny_tokenizer):
+    free = complete(model, tiny_tokenizer, PROMPTS[:1], max_tokens=12, temperature=0.0)[0]
+    assert len(free["text"]) > 4
+    stop = free["text"][3:5]  # a string the greedy completion is known to produce
+    cut = complete(model, tiny_tokenizer, PROMPTS[:1], max_tokens=12, temperature=0.0, stop=[stop])[0]
+    assert cut["finish_reason"] == "stop" and cut["text"] == free["text"][:free["text"].find(stop)]
+    assert stop not in cut["text"] and len(cut["token_ids"]) <= len(free["token_ids"])
+
+
+def test_streamed_deltas_add_up_to_the_text_and_hold_back_a_stop_string(model, tiny_tokenizer):
+    free = complete(model, tiny_tokenizer, PROMPTS[:1], max_tokens=12, temperature=0.0, logprobs=2)[0]
+    events = []
+    streamed = complete(model, tiny_tokenizer, PROMPTS[:1], max_tokens=12, temperature=0.0, logprobs=2,
+                        on_token=[events.append])[0]
+    assert streamed == free
+    assert "".join(e["delta"] for e in events) == free["text"]
+    assert [e["token_id"] for e in events] == free["token_ids"]
+    assert [e["logprob"] for e in events] == free["token_logprobs"]
+    stop = free["text"][3:6]
+    events = []
+    cut = complete(model, tiny_tokenizer, PROMPTS[:1], max_tokens=12, temperature=0.0, stop=[stop],
+                   on_token=[events.append])[0]
+    assert "".join(e["delta"] for e in events) == cut["text"]  # no piece of the stop string was ever sent
+
+
+def test_a_set_cancel_event_ends_only_its_prompt(model, tiny_tokenizer):
+    import threading
+
+    cancel = threading.Event()
+    seen = []
+
+    def on_token(event):  # cancel after the third token, as a disconnecting client would
+        seen.append(event)
+        if len(seen) == 3:
+            cancel.set()
+
+    out = complete(model, tiny_tokenizer, PROMPTS[:2], max_tokens=10, temperature=0.0,
+                   cancel=[cancel, None], on_token=[on_token, None])
+    assert out[0]["finish_reason"] == "cancelled" and len(out[0]["token_ids"]) == 3
+    assert out[1]["finish_reason"] == "length" and len(out[1]["token_ids"]) == 10
+
+
+def test_parse_chat_request_and_the_chat_template(tiny_tokenizer):
+    from raydistill.tasks.openai_api import chat_prompt, parse_chat_request
+
+    body = {"messages": [{"role": "system", "content": "Be brief."},
+                         {"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+            "max_tokens": 4, "temperature": 0, "logprobs": True, "top_logprobs": 2, "stop": "\n", "stream": True}
+    r = parse_chat_request(body, max_tokens_limit=8, max_prompt_chars=100)
+    assert (r.max_tokens, r.logprobs, r.stop, r.stream) == (4, 2, ("\n",), True)
+    assert r.messages[1] == {"role": "user", "content": "Hi"}
+    prompt = chat_prompt(tiny_tokenizer, r.messages)
+    assert prompt.index("Be brief.") < prompt.index("Hi") and prompt.endswith("assistant\n")
+    for bad, param in [({"messages": []}, "messages"), ({"messages": [{"role": "bot", "content": "x"}]}, "messages"),
+                       ({"messages": [{"role": "user", "content": 3}]}, "messages"),
+                       ({"messages": [{"role": "user", "content": "x"}], "logprobs": 2}, "logprobs"),
+                       ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs")]:
+        with pytest.raises(RequestError) as e:
+            parse_chat_request(bad, max_tokens_limit=8, max_prompt_chars=100)
+        assert e.value.param == param
+
+
+def test_chat_prompt_refuses_a_tokenizer_without_a_template(tiny_tokenizer):
+    import copy
+
+    from raydistill.tasks.openai_api import chat_prompt
+
+    plain = copy.deepcopy(tiny_tokenizer)
+    plain.chat_template = None
+    with pytest.raises(RequestError, match="no chat template") as e:
+        chat_prompt(plain, [{"role": "user", "content": "hi"}])
+    assert e.value.param == "messages"
