@@ -101,11 +101,14 @@ def deepspeed_config(tc: TrainConfig, world_size: int) -> dict:
 
 
 def train_driver(cfg: PipelineConfig, *, run_name: str, storage_path: str, callbacks=(), steps: int | None = None,
-                 output_dir: str | None = None, mlflow_run_id: str | None = None) -> dict:
+                 output_dir: str | None = None, mlflow_run_id: str | None = None, init_dir: str | None = None,
+                 qad: dict | None = None) -> dict:
     """Run distributed training; returns ``{"metrics", "student_dir", "metrics_path", "checkpoint", "steps"}``.
 
     Everything trial-specific is in ``cfg`` (Tune applies hyperparameters to ``cfg.train``); ``steps``
     overrides ``cfg.train.steps``; the student goes to ``output_dir`` (default ``<run_dir>/train``).
+    ``init_dir`` starts from that student instead of the teacher-built one; ``qad`` (``{"bits", "group_size"}``)
+    fake-quantizes its linear layers (quantization-aware distillation, :func:`qad_train`).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -122,11 +125,12 @@ def train_driver(cfg: PipelineConfig, *, run_name: str, storage_path: str, callb
     n_train = len(cache.shards("train"))
     if n_train < tc.num_workers:
         raise ConfigError(f"the cache has {n_train} train shards but train.num_workers={tc.num_workers}")
-    init_dir = prepare_student(cfg)
+    layer_map = [] if init_dir else init_info(cfg, prepare_student(cfg))["layer_map"]
+    init_dir = Path(init_dir or prepare_student(cfg))
     out = Path(output_dir or Path(cfg.run_dir, "train")).resolve()
     loop_config = {"cfg": to_dict(cfg), "steps": steps or tc.steps, "init_dir": str(init_dir.resolve()),
                    "output_dir": str(out), "tracking_uri": cfg.tracking_uri if mlflow_run_id else None,
-                   "mlflow_run_id": mlflow_run_id, "layer_map": init_info(cfg, init_dir)["layer_map"]}
+                   "mlflow_run_id": mlflow_run_id, "layer_map": layer_map, "qad": qad}
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config=loop_config,
@@ -154,6 +158,10 @@ def _student(config: dict, cfg: PipelineConfig, teacher_dim: int | None) -> Stud
     """The initial student (PEFT adapters seeded alike on every worker) with its projection heads, if any."""
     torch.manual_seed(cfg.train.seed)
     student = wrap_peft(load_student(config["init_dir"]).train(), cfg.student.peft)
+    if config.get("qad"):  # same parameters, fake-quantized forward (straight-through gradients)
+        from raydistill.tasks.quantize import fake_quantize_model
+
+        fake_quantize_model(student, config["qad"]["bits"], config["qad"]["group_size"])
     if teacher_dim is None:
         return StudentWithHeads(student)
     return student_with_heads(student, cfg.train, [tuple(p) for p in config["layer_map"]], teacher_dim)
@@ -280,6 +288,31 @@ def train_fn_per_worker(config: dict) -> None:
         _log(f"[train] student → {Path(config['output_dir']) / 'student'}")
     if dist.is_initialized():
         dist.barrier()
+
+
+def qad_train(cfg: PipelineConfig, student, out_dir: Path):
+    """Quantization-aware distillation for ``quantize``'s ``qad``: the trained ``student`` (PEFT merged) with
+    int4 fake-quantized linear layers, fine-tuned ``quantize.qad_steps`` steps on the cached teacher targets with
+    the train stage's objective and workers; returns the fine-tuned float student (round it with int4 RTN)."""
+    from transformers import AutoTokenizer
+
+    from raydistill.tasks.quantize.methods import unwrap
+    from raydistill.tasks.students import save_student
+
+    base, adapter = unwrap(student)
+    if adapter is not None:
+        raise ConfigError("quantize.methods: qad fine-tunes the full weights; a prefix/prompt student cannot be "
+                          "merged into them. Drop qad from quantize.methods or train a full/LoRA student")
+    q = cfg.quantize
+    init = Path(out_dir) / "init"
+    save_student(base, AutoTokenizer.from_pretrained(Path(cfg.stage_dir("train")) / "student"), init)
+    tc = dataclasses.replace(cfg.train, lr=q.qad_lr, warmup_steps=0, teacher_mode="cache", hidden_loss="none",
+                             eval_every=q.qad_steps, checkpoint_every=q.qad_steps)
+    qcfg = dataclasses.replace(cfg, train=tc, student=dataclasses.replace(cfg.student, peft=PeftConfig()))
+    result = train_driver(qcfg, run_name=f"qad-{Path(cfg.run_dir).name}", steps=q.qad_steps,
+                          storage_path=str((Path(out_dir) / "ray").resolve()), output_dir=str(out_dir),
+                          init_dir=str(init), qad={"bits": 4, "group_size": q.group_size})
+    return load_student(result["student_dir"])
 
 
 # ---------------------------------------------------------------------------------------------- the verb
