@@ -199,3 +199,19 @@ def test_unknown_method_names_the_known_ones():
         quantize(llama(), "int3")
     with pytest.raises(ValueError, match="needs calibration"):
         quantize(llama(), "gptq")
+
+
+@pytest.mark.parametrize("kind", ["none", "prompt"])
+def test_a_quantized_student_generates_as_serve_calls_it(tmp_path, tiny_tokenizer, kind):
+    from raydistill.tasks.config import PeftConfig
+    from raydistill.tasks.generate import complete
+    from raydistill.tasks.students import wrap_peft
+
+    model = llama(vocab=len(tiny_tokenizer))
+    if kind != "none":
+        model = wrap_peft(model, PeftConfig(method=kind, num_virtual_tokens=4))
+    q = quantize(model, "int4_weight_only", group_size=32)
+    save_quantized(q, tiny_tokenizer, tmp_path / "q")
+    loaded = load_quantized(tmp_path / "q")
+    (a,), (b,) = (complete(m, tiny_tokenizer, ["ROMEO."], max_tokens=4, logprobs=1) for m in (q, loaded))
+    assert a["token_ids"] == b["token_ids"] and len(a["token_ids"]) == 4
