@@ -16,6 +16,7 @@ chosen method's. The candidates and the choice are also logged to MLflow (one ``
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -171,8 +172,6 @@ def quantized_model(cfg: PipelineConfig, method: str, fp32_model, shards: list, 
         plan = greedy_plan(base, sens, q.size_budget, q.group_size)
         return quantize(fp32_model, "mixed", group_size=q.group_size, plan=plan), {"plan": plan, "sensitivity": sens}
     if method == "qad":
-        from raydistill.workflows.train import qad_train
-
         trained = qad_train(cfg, fp32_model, out_dir / "qad_train")
         return quantize(trained, "qad", group_size=q.group_size, embedding_bits=q.embedding_bits), {
             "qad_steps": q.qad_steps, "qad_lr": q.qad_lr}
@@ -181,6 +180,33 @@ def quantized_model(cfg: PipelineConfig, method: str, fp32_model, shards: list, 
 
         return quantize_dynamic_int8(fp32_model), {"deprecated": "torch.ao dynamic int8 (use int8_dynamic)"}
     return quantize(fp32_model, method, group_size=q.group_size, embedding_bits=q.embedding_bits), {}
+
+
+def qad_train(cfg: PipelineConfig, student, out_dir: Path):
+    """Quantization-aware distillation for ``quantize``'s ``qad``: the trained ``student`` (PEFT merged) with
+    int4 fake-quantized linear layers, fine-tuned ``quantize.qad_steps`` steps on the cached teacher targets with
+    the train stage's objective and workers; returns the fine-tuned float student (round it with int4 RTN)."""
+    from transformers import AutoTokenizer
+
+    from raydistill.tasks.config import ConfigError, PeftConfig
+    from raydistill.tasks.quantize.methods import unwrap
+    from raydistill.tasks.students import load_student, save_student
+    from raydistill.workflows.train import train_driver
+
+    base, adapter = unwrap(student)
+    if adapter is not None:
+        raise ConfigError("quantize.methods: qad fine-tunes the full weights; a prefix/prompt student cannot be "
+                          "merged into them. Drop qad from quantize.methods or train a full/LoRA student")
+    q = cfg.quantize
+    init = Path(out_dir) / "init"
+    save_student(base, AutoTokenizer.from_pretrained(Path(cfg.stage_dir("train")) / "student"), init)
+    tc = dataclasses.replace(cfg.train, lr=q.qad_lr, warmup_steps=0, teacher_mode="cache", hidden_loss="none",
+                             eval_every=q.qad_steps, checkpoint_every=q.qad_steps)
+    qcfg = dataclasses.replace(cfg, train=tc, student=dataclasses.replace(cfg.student, peft=PeftConfig()))
+    result = train_driver(qcfg, run_name=f"qad-{Path(cfg.run_dir).name}", steps=q.qad_steps,
+                          storage_path=str((Path(out_dir) / "ray").resolve()), output_dir=str(out_dir),
+                          init_dir=str(init), qad={"bits": 4, "group_size": q.group_size})
+    return load_student(result["student_dir"])
 
 
 def _track(cfg: PipelineConfig, key: str, report: dict, path: Path) -> None:

@@ -290,31 +290,6 @@ def train_fn_per_worker(config: dict) -> None:
         dist.barrier()
 
 
-def qad_train(cfg: PipelineConfig, student, out_dir: Path):
-    """Quantization-aware distillation for ``quantize``'s ``qad``: the trained ``student`` (PEFT merged) with
-    int4 fake-quantized linear layers, fine-tuned ``quantize.qad_steps`` steps on the cached teacher targets with
-    the train stage's objective and workers; returns the fine-tuned float student (round it with int4 RTN)."""
-    from transformers import AutoTokenizer
-
-    from raydistill.tasks.quantize.methods import unwrap
-    from raydistill.tasks.students import save_student
-
-    base, adapter = unwrap(student)
-    if adapter is not None:
-        raise ConfigError("quantize.methods: qad fine-tunes the full weights; a prefix/prompt student cannot be "
-                          "merged into them. Drop qad from quantize.methods or train a full/LoRA student")
-    q = cfg.quantize
-    init = Path(out_dir) / "init"
-    save_student(base, AutoTokenizer.from_pretrained(Path(cfg.stage_dir("train")) / "student"), init)
-    tc = dataclasses.replace(cfg.train, lr=q.qad_lr, warmup_steps=0, teacher_mode="cache", hidden_loss="none",
-                             eval_every=q.qad_steps, checkpoint_every=q.qad_steps)
-    qcfg = dataclasses.replace(cfg, train=tc, student=dataclasses.replace(cfg.student, peft=PeftConfig()))
-    result = train_driver(qcfg, run_name=f"qad-{Path(cfg.run_dir).name}", steps=q.qad_steps,
-                          storage_path=str((Path(out_dir) / "ray").resolve()), output_dir=str(out_dir),
-                          init_dir=str(init), qad={"bits": 4, "group_size": q.group_size})
-    return load_student(result["student_dir"])
-
-
 # ---------------------------------------------------------------------------------------------- the verb
 
 def run(cfg: PipelineConfig, action: str | None = None) -> dict:
