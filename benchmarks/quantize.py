@@ -9,7 +9,7 @@ Needs a finished ``raydistill pipeline`` (or ``cache`` + ``train``) for that con
 "kl_to_teacher", "heldout_loss", …}], "checks": {…}}``, every method measured side by side in one process:
 size = weight bytes on disk (embeddings and ``lm_head`` included) / fp32's; tokens/s = forward throughput on
 held-out windows at batch 8 (``tokens_per_s_ratio``) and batch 1 (``tokens_per_s_ratio_batch1``), medians of
-``--repeats``; KL and loss on ``--windows`` held-out windows of the cache. ``qad`` runs its fine-tuning
+``--repeats`` interleaved rounds (every model timed once per round: load drift hits all alike); KL and loss on ``--windows`` held-out windows of the cache. ``qad`` runs its fine-tuning
 in-process here (the shared step loop on an ``AdamWEngine``; the quantize stage runs it on Ray Train).
 """
 
@@ -48,24 +48,25 @@ def parse_args(argv=None):
     p.add_argument("--qad-lr", type=float, default=1e-4)
     p.add_argument("--calibration-windows", type=int, default=32)
     p.add_argument("--sensitivity-windows", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     return p.parse_args(argv)
 
 
-def median_s(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def tokens_per_s(model, windows: torch.Tensor, batch: int, repeats: int) -> float:
-    ids = windows[:batch]
+def interleaved_speeds(models: dict, windows: torch.Tensor, repeats: int) -> dict:
+    """``{name: {"tokens_per_s_batch8", "tokens_per_s_batch1"}}``: medians over ``repeats`` rounds, each round
+    timing every model once in turn, so that a change of machine load hits all models alike."""
+    times = {n: {8: [], 1: []} for n in models}
     with torch.inference_mode():
-        return ids.numel() / median_s(lambda: model(input_ids=ids, use_cache=False), repeats)
+        for model in models.values():  # warm-up (builds the dequantized weights, torchao layers)
+            model(input_ids=windows[:1], use_cache=False)
+        for _ in range(repeats):
+            for name, model in models.items():
+                for batch in (8, 1):
+                    ids = windows[:batch]
+                    t0 = time.perf_counter()
+                    model(input_ids=ids, use_cache=False)
+                    times[name][batch].append(ids.numel() / (time.perf_counter() - t0))
+    return {n: {f"tokens_per_s_batch{b}": statistics.median(v) for b, v in t.items()} for n, t in times.items()}
 
 
 def qad_student(cfg, fp32, args):
@@ -121,21 +122,22 @@ def main(argv=None) -> dict:
     def measure(name, model, model_dir):
         m = evaluate(model, shards, max_windows=args.windows)
         return {"method": name, "size_bytes": model_file_size(model_dir), "kl_to_teacher": m["kl_to_teacher"],
-                "heldout_loss": m["heldout_loss"], "top1_agreement": m["top1_agreement"],
-                "tokens_per_s_batch8": tokens_per_s(model, windows, 8, args.repeats),
-                "tokens_per_s_batch1": tokens_per_s(model, windows, 1, args.repeats)}
+                "heldout_loss": m["heldout_loss"], "top1_agreement": m["top1_agreement"]}
 
-    base = measure("fp32", fp32, tmp / "fp32")
-    budget = None
+    base, models, budget = measure("fp32", fp32, tmp / "fp32"), {"fp32": fp32}, None
     for method in args.methods.split(","):
         t0 = time.perf_counter()
         q = build(method, cfg, fp32, shards, calib, budget or 0.30, args)
         save_quantized(q, None, tmp / method)
-        rows[method] = {**measure(method, load_quantized(tmp / method), tmp / method),
+        models[method] = load_quantized(tmp / method)
+        rows[method] = {**measure(method, models[method], tmp / method),
                         "quantize_s": round(time.perf_counter() - t0, 1)}
         if method == "int8_dynamic":  # mixed is measured at int8's size
             budget = rows[method]["size_bytes"] / base["size_bytes"]
         print(f"[bench] {method}: {rows[method]}", flush=True)
+    speeds = interleaved_speeds(models, windows, args.repeats)
+    for name, r in [("fp32", base), *rows.items()]:
+        r.update(speeds[name])
     return report(args, cfg, base, rows, budget)
 
 
