@@ -11,7 +11,7 @@ from raydistill.tasks.config import load_config
 from raydistill.tasks.quantize import load_quantized, read_quantization_info
 from raydistill.workflows import quantize, stage
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # a Ray Train run: ~2 min idle, 6 min loaded
 
 
 @pytest.fixture(scope="module")
