@@ -324,8 +324,29 @@ class TuneConfig:
 class QuantizeConfig:
     """Post-training quantization of the student."""
 
-    method: Literal["dynamic_int8"] = "dynamic_int8"
-    """``dynamic_int8``: int8 weights (per output channel), activations quantized on the fly (torch.ao)."""
+    method: str | None = None
+    """One method only (overrides ``methods``): ``bf16``, ``int8_dynamic`` (torchao), ``int8_weight_only``,
+    ``int4_weight_only``, ``gptq``, ``qad`` or ``mixed`` (see ``tasks/quantize/methods.py``); ``dynamic_int8`` is the
+    old torch.ao path (deprecated by torch; kept loadable)."""
+    methods: list[str] = field(default_factory=lambda: ["bf16", "int8_dynamic", "int8_weight_only",
+                                                        "int4_weight_only", "gptq", "mixed"])
+    """Methods tried in one run; the stage keeps the one the registry gate accepts with the best tokens/s within
+    ``size_budget`` (``qad`` is opt-in: it starts a Ray Train run)."""
+    group_size: int = 32
+    """Input columns sharing one scale in the group-wise int8/int4 methods (must divide every layer's width)."""
+    embedding_bits: int | None = None
+    """Bits of ``lm_head`` and the input embedding (8 or 4; ``null`` = the method's own bits)."""
+    size_budget: float = 0.30
+    """Largest weight size as a fraction of the float32 student's bytes: the choice among ``methods`` and the
+    ``mixed`` plan both honour it."""
+    calibration_windows: int = 32
+    """Train-split windows of the cache's corpus GPTQ collects layer inputs on."""
+    sensitivity_windows: int = 8
+    """Held-out windows on which ``mixed`` measures each layer's KL sensitivity."""
+    qad_steps: int = 20
+    """Quantization-aware distillation steps (fake-quantized int4 student, cached teacher targets, Ray Train)."""
+    qad_lr: float = 1.0e-4
+    """Learning rate of the QAD fine-tuning."""
     eval_max_windows: int | None = None
     """Held-out windows scored for fp32 vs int8 (``null`` = all)."""
     eval_batch_size: int = 8
@@ -339,6 +360,26 @@ class QuantizeConfig:
             raise ConfigError("quantize.eval_max_windows must be > 0 or null")
         if self.bench_tokens < 0:
             raise ConfigError("quantize.bench_tokens must be >= 0")
+        from difflib import get_close_matches
+
+        known = ("bf16", "int8_dynamic", "int8_weight_only", "int4_weight_only", "gptq", "qad", "mixed", "dynamic_int8")
+        for m in ([self.method] if self.method else []) + list(self.methods):
+            if m not in known:
+                close = get_close_matches(m, known, n=1)
+                raise ConfigError(f"quantize.methods: unknown method {m!r}"
+                                  + (f"; did you mean {close[0]!r}?" if close else f"; known: {known}"))
+        if not self.method and not self.methods:
+            raise ConfigError("quantize.methods must name at least one method, e.g. [int8_dynamic]")
+        if self.embedding_bits not in (None, 4, 8):
+            raise ConfigError("quantize.embedding_bits must be 4, 8 or null")
+        if not 0 < self.size_budget <= 1:
+            raise ConfigError("quantize.size_budget must be in (0, 1], e.g. 0.30")
+        _positive(self, "group_size", "calibration_windows", "sensitivity_windows", "qad_steps")
+
+    @property
+    def tried(self) -> list[str]:
+        """The methods this run quantizes with."""
+        return [self.method] if self.method else list(self.methods)
 
 
 @dataclass

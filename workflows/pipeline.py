@@ -129,15 +129,17 @@ def _block_until_interrupt() -> None:
 
 
 def build_summary(cfg: PipelineConfig, results: dict, served: dict | None, timings: dict) -> dict:
-    """Teacher vs student vs int8 student on the held-out split, plus where everything is."""
+    """Teacher vs student vs the quantized student (the method quantize chose) on the held-out split, plus where
+    everything is."""
     report = json.loads(Path(cfg.run_dir, "quantize", "report.json").read_text())
     rows = [_row("teacher", {**report.get("teacher", {}), **_teacher_size_speed(cfg)}),
             _row("student fp32", report.get("fp32", {})),
-            _row("student int8", report.get("int8", {}))]
+            _row(f"student {report.get('method')}", report.get("quantized", report.get("int8", {})))]
     reg = results.get("register") or {}
     promo = results.get("promote") or {}
     return {
         "rows": rows,
+        "quantization": report.get("method"),
         "run_dir": str(Path(cfg.run_dir).resolve()),
         "mlflow_tracking_uri": cfg.tracking_uri,
         "model": reg.get("model_uri"),  # built by register (tracking.model_uri)
@@ -185,11 +187,11 @@ def _fmt(v, spec):
 
 def print_summary(summary: dict) -> None:
     print("\n=== raydistill summary (held-out split) ===")
-    header = f"{'model':<14}{'loss':>9}{'ppl':>10}{'top1 agree':>12}{'size MB':>10}{'tokens/s':>10}"
+    header = f"{'model':<26}{'loss':>9}{'ppl':>10}{'top1 agree':>12}{'size MB':>10}{'tokens/s':>10}"
     print(header)
     print("-" * len(header))
     for r in summary["rows"]:
-        print(f"{r['model']:<14}{_fmt(r['heldout_loss'], '.3f'):>9}{_fmt(r['perplexity'], '.1f'):>10}"
+        print(f"{r['model']:<26}{_fmt(r['heldout_loss'], '.3f'):>9}{_fmt(r['perplexity'], '.1f'):>10}"
               f"{_fmt(r['top1_agreement'], '.1%'):>12}{_fmt(r['size_mb'], '.1f'):>10}"
               f"{_fmt(r['tokens_per_s'], '.0f'):>10}")
     c = summary["cache"]

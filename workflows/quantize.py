@@ -1,17 +1,22 @@
-"""Quantize the trained student to int8 and score fp32 vs int8 against the cached teacher on the held-out split.
+"""Quantize the trained student by every method in ``quantize.methods``, score each against the cached teacher on
+the held-out split, and keep the one the registry gate accepts with the best tokens/s within the size budget.
 
-    raydistill quantize --config tiny          # skipped when done for the same key
-    raydistill quantize rerun --config tiny    # quantize and score again anyway
+    raydistill quantize --config tiny                                  # skipped when done for the same key
+    raydistill quantize rerun --config tiny                            # quantize and score again anyway
+    raydistill quantize --config tiny 'quantize.methods=[gptq,qad]'    # qad starts a Ray Train run
 
-Runs in-process (one model, a few forward passes: Ray would add nothing). Reads ``<run_dir>/train/student``,
-writes ``<run_dir>/quantize/int8/`` (safetensors int8 weights + scales, config, tokenizer) and
-``<run_dir>/quantize/report.json``: for the teacher (from the cache manifest), the fp32 student and the int8
-student (scored *as reloaded from disk*): held-out loss, perplexity, top-1 agreement with the teacher, ECE, KL
-to the teacher, forward tokens/s, greedy decoding ms/token (batch 1) and weight bytes on disk.
+In-process except ``qad`` (fake-quantized fine-tuning on Ray Train workers with ``workflows.train``'s worker).
+Reads ``<run_dir>/train/student``, writes ``<run_dir>/quantize/<method>/`` (safetensors, config, tokenizer,
+``quantization.json``) per method and ``<run_dir>/quantize/report.json``: the teacher (cache manifest), the
+fp32 student, one row per candidate (scored *as reloaded from disk*: held-out loss, perplexity, top-1 agreement,
+ECE, KL to the teacher, tokens/s, decode ms/token, bytes, ratios to fp32, gate verdict) and the choice.
+``report["quantized"]`` (alias ``int8``, read by register/promote) and ``model_dir`` (alias ``int8_dir``) are the
+chosen method's. The candidates and the choice are also logged to MLflow (one ``quantize`` run).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -73,63 +78,186 @@ def _ratio(a, b):
     return a / b if a is not None and b else None
 
 
-def build_report(cfg: PipelineConfig, fp32: dict, int8: dict, teacher: dict, student_dir: Path,
-                 int8_dir: Path) -> dict:
+def calibration_windows(cfg: PipelineConfig) -> torch.Tensor:
+    """Token windows ``(N, L)`` of the cache's train split (the corpus the student learnt from), for GPTQ."""
+    from raydistill.tasks.cache.shards import open_cache
+
+    cache = open_cache(cfg.cache_dir)
+    rows, need = [], cfg.quantize.calibration_windows
+    for entry in cache.shards("train"):
+        rows.append(torch.as_tensor(cache.read(entry).tokens[:, :-1]).long())
+        if sum(r.shape[0] for r in rows) >= need:
+            break
+    return torch.cat(rows)[:need]
+
+
+def candidate_row(method: str, m: dict, fp32: dict, gate, budget: float) -> dict:
+    from raydistill.workflows.promote import check_gate
+
+    passed, reasons = check_gate(m, gate)
+    size = _ratio(m["size_bytes"], fp32["size_bytes"])
+    return {"method": method, **m, "size_ratio": size, "tokens_per_s_ratio": _ratio(m["tokens_per_s"], fp32["tokens_per_s"]),
+            "kl_ratio": _ratio(m.get("kl_to_teacher"), fp32.get("kl_to_teacher")), "gate_passed": passed,
+            "gate_reasons": reasons, "within_budget": size is not None and size <= budget}
+
+
+def choose(rows: dict[str, dict]) -> tuple[str, str]:
+    """``(method, reason)``: best tokens/s among rows that pass the gate within the budget; else the smallest
+    passing one; else the lowest KL (the gate will then refuse it at promote, as it should)."""
+    ok = [r for r in rows.values() if r["gate_passed"] and r["within_budget"]]
+    if ok:
+        best = max(ok, key=lambda r: r["tokens_per_s"] or 0.0)
+        return best["method"], "passes the gate within quantize.size_budget with the best tokens/s"
+    passing = [r for r in rows.values() if r["gate_passed"]]
+    if passing:
+        best = min(passing, key=lambda r: r["size_bytes"])
+        return best["method"], "no method passes within quantize.size_budget: the smallest that passes the gate"
+    best = min(rows.values(), key=lambda r: r.get("kl_to_teacher") or float("inf"))
+    return best["method"], "no method passes the gate: the lowest KL to the teacher"
+
+
+def build_report(cfg: PipelineConfig, fp32: dict, rows: dict, teacher: dict, student_dir: Path, out_dir: Path,
+                 chosen: str, reason: str, notes: dict) -> dict:
+    q = rows[chosen]
+    metrics = {k: q.get(k) for k in METRICS + ("perplexity", "top1_accuracy", "tokens") if k in q}
+    model_dir = str(out_dir / chosen)
     return {
-        "method": cfg.quantize.method, "torch_version": torch.__version__,
-        "student_dir": str(student_dir), "int8_dir": str(int8_dir),
-        "teacher": teacher, "fp32": fp32, "int8": int8,
-        "ratios": {"size": _ratio(int8["size_bytes"], fp32["size_bytes"]),
-                   "tokens_per_s": _ratio(int8["tokens_per_s"], fp32["tokens_per_s"]),
-                   "decode_latency": _ratio(int8["decode_ms_per_token"], fp32["decode_ms_per_token"])},
-        "delta": {k: int8[k] - fp32[k] for k in ("heldout_loss", "top1_agreement", "kl_to_teacher")
-                  if int8.get(k) is not None and fp32.get(k) is not None},
+        "method": chosen, "reason": reason, "methods": list(rows), "torch_version": torch.__version__,
+        "size_budget": cfg.quantize.size_budget, "student_dir": str(student_dir), "model_dir": model_dir,
+        "int8_dir": model_dir, "teacher": teacher, "fp32": fp32, "quantized": metrics, "int8": metrics,
+        "candidates": rows, "notes": notes,
+        "ratios": {"size": _ratio(q["size_bytes"], fp32["size_bytes"]),
+                   "tokens_per_s": _ratio(q["tokens_per_s"], fp32["tokens_per_s"]),
+                   "decode_latency": _ratio(q["decode_ms_per_token"], fp32["decode_ms_per_token"])},
+        "delta": {k: q[k] - fp32[k] for k in ("heldout_loss", "top1_agreement", "kl_to_teacher")
+                  if q.get(k) is not None and fp32.get(k) is not None},
     }
 
 
 def print_report(report: dict) -> None:
-    cols = ("heldout_loss", "perplexity", "top1_agreement", "kl_to_teacher", "tokens_per_s", "decode_ms_per_token",
-            "size_bytes")
-    heads = ("loss", "ppl", "top1 agr", "KL→T", "tok/s", "ms/tok", "MB")
-    print(f"{'':<9}" + "".join(f"{h:>10}" for h in heads))
-    for name in ("teacher", "fp32", "int8"):
-        row = report[name]
+    cols = ("heldout_loss", "top1_agreement", "kl_to_teacher", "tokens_per_s", "decode_ms_per_token", "size_bytes")
+    heads = ("loss", "top1 agr", "KL→T", "tok/s", "ms/tok", "MB")
+    print(f"{'':<18}" + "".join(f"{h:>10}" for h in heads) + "  gate budget")
+    named = [("teacher", report["teacher"]), ("fp32", report["fp32"]), *report["candidates"].items()]
+    for name, row in named:
         cells = []
         for c in cols:
             v = row.get(c)
             v = v / 2**20 if c == "size_bytes" and v is not None else v
             cells.append(f"{v:>10.3f}" if isinstance(v, float) else f"{v if v is not None else '-':>10}")
-        print(f"{name:<9}" + "".join(cells))
+        flags = f"  {row['gate_passed']!s:>5} {row['within_budget']!s:>6}" if "gate_passed" in row else ""
+        print(f"{name:<18}" + "".join(cells) + flags)
     r = report["ratios"]
-    print("int8/fp32: " + ", ".join(f"{k} {v:.2f}x" for k, v in r.items() if v is not None))
+    print(f"chosen: {report['method']} ({report['reason']}); vs fp32: "
+          + ", ".join(f"{k} {v:.2f}x" for k, v in r.items() if v is not None))
+
+
+def quantized_model(cfg: PipelineConfig, method: str, fp32_model, shards: list, out_dir: Path) -> tuple:
+    """``(quantized model, note)`` for one method; ``mixed`` measures sensitivities, ``qad`` trains first."""
+    from raydistill.tasks.evaluate import evaluate
+    from raydistill.tasks.quantize import quantize
+    from raydistill.tasks.quantize.methods import unwrap
+
+    q = cfg.quantize
+    if method == "gptq":
+        return quantize(fp32_model, "gptq", group_size=q.group_size, embedding_bits=q.embedding_bits,
+                        calibration=calibration_windows(cfg)), {"calibration_windows": q.calibration_windows}
+    if method == "mixed":
+        from raydistill.tasks.quantize.mixed import candidate_layers, greedy_plan, sensitivities
+
+        base = unwrap(fp32_model)[0]
+        kl = lambda m: evaluate(m, shards, max_windows=q.sensitivity_windows,  # noqa: E731
+                                batch_size=q.eval_batch_size)["kl_to_teacher"]
+        sens = sensitivities(base, kl, q.group_size, candidate_layers(base))
+        plan = greedy_plan(base, sens, q.size_budget, q.group_size)
+        return quantize(fp32_model, "mixed", group_size=q.group_size, plan=plan), {"plan": plan, "sensitivity": sens}
+    if method == "qad":
+        trained = qad_train(cfg, fp32_model, out_dir / "qad_train")
+        return quantize(trained, "qad", group_size=q.group_size, embedding_bits=q.embedding_bits), {
+            "qad_steps": q.qad_steps, "qad_lr": q.qad_lr}
+    if method == "dynamic_int8":
+        from raydistill.tasks.quantize import quantize_dynamic_int8
+
+        return quantize_dynamic_int8(fp32_model), {"deprecated": "torch.ao dynamic int8 (use int8_dynamic)"}
+    return quantize(fp32_model, method, group_size=q.group_size, embedding_bits=q.embedding_bits), {}
+
+
+def qad_train(cfg: PipelineConfig, student, out_dir: Path):
+    """Quantization-aware distillation for ``quantize``'s ``qad``: the trained ``student`` (PEFT merged) with
+    int4 fake-quantized linear layers, fine-tuned ``quantize.qad_steps`` steps on the cached teacher targets with
+    the train stage's objective and workers; returns the fine-tuned float student (round it with int4 RTN)."""
+    from transformers import AutoTokenizer
+
+    from raydistill.tasks.config import ConfigError, PeftConfig
+    from raydistill.tasks.quantize.methods import unwrap
+    from raydistill.tasks.students import load_student, save_student
+    from raydistill.workflows.train import train_driver
+
+    base, adapter = unwrap(student)
+    if adapter is not None:
+        raise ConfigError("quantize.methods: qad fine-tunes the full weights; a prefix/prompt student cannot be "
+                          "merged into them. Drop qad from quantize.methods or train a full/LoRA student")
+    q = cfg.quantize
+    init = Path(out_dir) / "init"
+    save_student(base, AutoTokenizer.from_pretrained(Path(cfg.stage_dir("train")) / "student"), init)
+    tc = dataclasses.replace(cfg.train, lr=q.qad_lr, warmup_steps=0, teacher_mode="cache", hidden_loss="none",
+                             eval_every=q.qad_steps, checkpoint_every=q.qad_steps)
+    qcfg = dataclasses.replace(cfg, train=tc, student=dataclasses.replace(cfg.student, peft=PeftConfig()))
+    result = train_driver(qcfg, run_name=f"qad-{Path(cfg.run_dir).name}", steps=q.qad_steps,
+                          storage_path=str((Path(out_dir) / "ray").resolve()), output_dir=str(out_dir),
+                          init_dir=str(init), qad={"bits": 4, "group_size": q.group_size})
+    return load_student(result["student_dir"])
+
+
+def _track(cfg: PipelineConfig, key: str, report: dict, path: Path) -> None:
+    """The candidates' rows and the choice in one MLflow run (``workflows.tracking``)."""
+    from raydistill.workflows import tracking
+
+    with tracking.start_run(cfg, "quantize", tags={"raydistill.stage": "quantize", "raydistill.stage_key": key}):
+        tracking.log_params({"quantize.chosen": report["method"], "quantize.methods": ",".join(report["methods"])})
+        tracking.log_metrics({f"{m}.{k}": float(v) for m, row in report["candidates"].items() for k, v in row.items()
+                              if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        tracking.log_file(path, "quantize")
 
 
 def run(cfg: PipelineConfig, action: str | None = None) -> dict:
-    """Quantize and score (skipped when done for the same key); ``rerun`` does it again anyway."""
+    """Quantize by each method and score (skipped when done for the same key); ``rerun`` does it again anyway."""
     from transformers import AutoTokenizer
 
-    from raydistill.tasks.quantize import load_quantized, quantize_dynamic_int8, save_quantized
+    from raydistill.tasks.quantize import load_quantized, save_quantized
     from raydistill.tasks.students import load_student
 
-    started = stage.start(cfg, "quantize", skip=action != "rerun")
+    tried = cfg.quantize.tried
+    started = stage.start(cfg, "quantize", skip=action != "rerun", ray="qad" in tried)
     if started.done:
-        print(f"[quantize] already done for these inputs: {started.done['outputs']['int8_dir']}")
+        print(f"[quantize] already done for these inputs: {started.done['outputs']['model_dir']}")
         return started.done["outputs"]
     key, train = started.key, started.needs["train"]
     student_dir = Path((train.get("outputs") or {}).get("student_dir") or cfg.stage_dir("train") / "student")
     out_dir = cfg.stage_dir("quantize")
-    int8_dir = out_dir / "int8"
     shards, totals = heldout_shards(cfg)
     tokenizer = AutoTokenizer.from_pretrained(student_dir)
     fp32_model = load_student(student_dir)
-    save_quantized(quantize_dynamic_int8(fp32_model), tokenizer, int8_dir,
-                   recipe={"source": str(student_dir), "train_stage_key": train.get("key")})
     fp32 = score(cfg, fp32_model, tokenizer, shards, student_dir)
-    int8 = score(cfg, load_quantized(int8_dir), tokenizer, shards, int8_dir)
-    report = build_report(cfg, fp32, int8, teacher_metrics(totals), student_dir, int8_dir)
+    rows, notes = {}, {}
+    for method in tried:
+        t0 = time.perf_counter()
+        model, notes[method] = quantized_model(cfg, method, fp32_model, shards, out_dir)
+        save_quantized(model, tokenizer, out_dir / method, recipe={"source": str(student_dir), "method": method,
+                                                                   "train_stage_key": train.get("key")})
+        loaded = load_quantized(out_dir / method)
+        m = score(cfg, loaded, tokenizer, shards, out_dir / method)
+        rows[method] = {**candidate_row(method, m, fp32, cfg.registry.gate, cfg.quantize.size_budget),
+                        "quantize_seconds": time.perf_counter() - t0,
+                        "higher_precision": (getattr(loaded, "_raydistill_quant", None) or {}).get("higher_precision")}
+        print(f"[quantize] {method}: size {rows[method]['size_ratio']:.3f}x, KL {m.get('kl_to_teacher')}, "
+              f"{m['tokens_per_s']:.0f} tok/s", flush=True)
+    chosen, reason = choose(rows)
+    report = build_report(cfg, fp32, rows, teacher_metrics(totals), student_dir, out_dir, chosen, reason, notes)
     path = out_dir / "report.json"
     atomic_write_json(path, report)
     print_report(report)
+    _track(cfg, key, report, path)
     outputs = {**report, "report": str(path)}
-    stage.record(cfg, "quantize", key, outputs, paths=[int8_dir, path])
+    stage.record(cfg, "quantize", key, outputs, paths=[out_dir / m for m in tried] + [path])
     return outputs

@@ -42,7 +42,7 @@ from raydistill.workflows import stage, tracking
 KEY_TAG = "raydistill.stage_key"
 MODEL_ARTIFACT = "student"
 SHARDS_ARTIFACT = "lineage/shards.json"
-REQUIREMENTS = ("torch", "transformers", "tokenizers", "safetensors", "mlflow")
+REQUIREMENTS = ("torch", "transformers", "tokenizers", "safetensors", "mlflow", "torchao", "peft")
 METRIC_GROUPS = ("teacher", "fp32", "int8")
 
 

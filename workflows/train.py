@@ -131,11 +131,14 @@ def scaling(tc: TrainConfig, device: str) -> tuple:
 
 
 def train_driver(cfg: PipelineConfig, *, run_name: str, storage_path: str, callbacks=(), steps: int | None = None,
-                 output_dir: str | None = None, mlflow_run_id: str | None = None) -> dict:
+                 output_dir: str | None = None, mlflow_run_id: str | None = None, init_dir: str | None = None,
+                 qad: dict | None = None) -> dict:
     """Run distributed training; returns ``{"metrics", "student_dir", "metrics_path", "checkpoint", "steps"}``.
 
     Everything trial-specific is in ``cfg`` (Tune applies hyperparameters to ``cfg.train``); ``steps``
     overrides ``cfg.train.steps``; the student goes to ``output_dir`` (default ``<run_dir>/train``).
+    ``init_dir`` starts from that student instead of the teacher-built one; ``qad`` (``{"bits", "group_size"}``)
+    fake-quantizes its linear layers (quantization-aware distillation, :func:`qad_train`).
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
@@ -153,14 +156,15 @@ def train_driver(cfg: PipelineConfig, *, run_name: str, storage_path: str, callb
     n_train = len(cache.shards("train"))
     if n_train < tc.num_workers:
         raise ConfigError(f"the cache has {n_train} train shards but train.num_workers={tc.num_workers}")
-    init_dir = prepare_student(cfg)
+    layer_map = [] if init_dir else init_info(cfg, prepare_student(cfg))["layer_map"]
+    init_dir = Path(init_dir or prepare_student(cfg))
     out = Path(output_dir or Path(cfg.run_dir, "train")).resolve()
     device = plan_device(cfg.cluster.device, ray.cluster_resources().get("GPU", 0))
     scaling_config, torch_config = scaling(tc, device)
     loop_config = {"cfg": to_dict(cfg), "steps": steps or tc.steps, "init_dir": str(init_dir.resolve()),
                    "device": device,
                    "output_dir": str(out), "tracking_uri": cfg.tracking_uri if mlflow_run_id else None,
-                   "mlflow_run_id": mlflow_run_id, "layer_map": init_info(cfg, init_dir)["layer_map"]}
+                   "mlflow_run_id": mlflow_run_id, "layer_map": layer_map, "qad": qad}
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config=loop_config,
@@ -189,6 +193,10 @@ def _student(config: dict, cfg: PipelineConfig, teacher_dim: int | None) -> Stud
     """The initial student (PEFT adapters seeded alike on every worker) with its projection heads, if any."""
     torch.manual_seed(cfg.train.seed)
     student = wrap_peft(load_student(config["init_dir"]).train(), cfg.student.peft)
+    if config.get("qad"):  # same parameters, fake-quantized forward (straight-through gradients)
+        from raydistill.tasks.quantize import fake_quantize_model
+
+        fake_quantize_model(student, config["qad"]["bits"], config["qad"]["group_size"])
     if teacher_dim is None:
         return StudentWithHeads(student)
     return student_with_heads(student, cfg.train, [tuple(p) for p in config["layer_map"]], teacher_dim)

@@ -64,8 +64,9 @@ VERBS: dict[str, Verb] = {
         reads=("teacher", "corpus", "cache", "student", "train", "tune", "registry.model_name"), uses=("cluster",),
         needs=("cache",)),
     "quantize": Verb(
-        "raydistill.workflows.quantize", "quantize the trained student and score it against the teacher",
-        reads=("quantize", "serve.prompt"), needs=("train",),
+        "raydistill.workflows.quantize",
+        "quantize the trained student by each method, score them against the teacher, keep the best",
+        reads=("quantize", "serve.prompt", "registry.gate"), needs=("train",),  # the gate decides the choice
         actions=("run", "rerun")),  # rerun: quantize and score again even if done for the same key
     "register": Verb(
         "raydistill.workflows.register", "register the quantized student in MLflow with lineage tags",

@@ -39,15 +39,17 @@ def test_quantize_report_and_resume(cfg, registered):
     report, _ = registered
     saved = json.loads(Path(cfg.run_dir, "quantize", "report.json").read_text())
     assert saved["fp32"] == report["fp32"] and saved["int8"] == report["int8"]
-    fp32, int8, teacher = report["fp32"], report["int8"], report["teacher"]
-    for m in (fp32, int8):
+    fp32, int8, teacher = report["fp32"], report["candidates"]["int8_dynamic"], report["teacher"]
+    assert report["int8"] == report["quantized"] == {k: v for k, v in report["candidates"][report["method"]].items()
+                                                      if k in report["quantized"]}  # the chosen method's metrics
+    for m in (fp32, int8, report["int8"]):
         assert m["heldout_loss"] > 0 and 0 <= m["top1_agreement"] <= 1 and m["kl_to_teacher"] >= 0
         assert m["tokens_per_s"] > 0 and m["decode_ms_per_token"] > 0
     assert teacher["heldout_loss"] > 0 and teacher["top1_agreement"] == 1.0
     assert report["ratios"]["size"] < 0.6
     assert abs(int8["heldout_loss"] - fp32["heldout_loss"]) < 0.1
     before = stage.read(cfg, "quantize")["finished_at"]
-    assert quantize.run(cfg, None)["int8"] == int8  # same inputs: not redone
+    assert quantize.run(cfg, None)["int8"] == report["int8"]  # same inputs: not redone
     assert stage.read(cfg, "quantize")["finished_at"] == before
 
 
@@ -80,7 +82,7 @@ def test_load_registered_by_alias_round_trip(cfg, registered):
     name = cfg.registry.model_name
     model, tokenizer, info = register.load_registered(cfg.tracking_uri, tracking.model_uri(name, alias="challenger"))
     assert info["version"] == reg["version"] and info["alias"] == "challenger"
-    local = load_quantized(Path(cfg.run_dir, "quantize", "int8"))
+    local = load_quantized(Path(cfg.run_dir, "quantize", stage.read(cfg, "quantize")["outputs"]["method"]))
     ids = torch.tensor([tokenizer("ROMEO.\nBut soft, what light", add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, local(input_ids=ids).logits)

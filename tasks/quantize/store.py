@@ -1,0 +1,136 @@
+"""Save and load quantized models: one ``model.safetensors`` (no pickle), ``quantization.json``, config, tokenizer.
+
+``quantization.json`` holds the method, the layer table (:func:`methods.apply_plan`: each replaced layer's kind,
+bits, group size and shape), the float dtype of everything else, what stays in higher precision, and, for a
+prefix/prompt PEFT student, the adapter sub-directory (PEFT's own safetensors). Loading rebuilds the
+architecture from ``config.json``, swaps in empty layers of the stored kinds and loads the state dict strictly
+(a tied embedding is stored once, as the ``lm_head`` integers). Directories written by the old torch.ao
+``dynamic_int8`` code still load (:mod:`.legacy`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from raydistill.tasks.fileio import replace_dir
+from raydistill.tasks.quantize import legacy
+from raydistill.tasks.quantize.methods import METHODS, rebuild
+
+FORMAT_VERSION = 2
+WEIGHTS_FILE, META_FILE, ADAPTER_DIR = "model.safetensors", "quantization.json", "adapter"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+class UnsafeCheckpointError(ValueError):
+    """A model directory holds a pickle file (arbitrary code on load): refused."""
+
+
+def _tensors(model: nn.Module) -> dict:
+    """The state dict with each shared tensor once (a tied embedding is stored as the ``lm_head`` entries)."""
+    seen, out = set(), {}
+    for k, v in reversed(list(model.state_dict().items())):  # lm_head comes last: its names win
+        if v.data_ptr() not in seen:
+            seen.add(v.data_ptr())
+            out[k] = v.detach().contiguous()
+    return dict(reversed(out.items()))
+
+
+def save_quantized(model: nn.Module, tokenizer, out_dir: str | os.PathLike, recipe: dict | None = None) -> Path:
+    """Write a model from :func:`raydistill.tasks.quantize.quantize` (or the legacy torch.ao one) to ``out_dir``,
+    atomically (written beside it, then renamed over it)."""
+    info = getattr(model, "_raydistill_quant", None)
+    if info is None:
+        if legacy.quantized_layers(model):
+            return legacy.save_quantized(model, tokenizer, out_dir, recipe)
+        raise ValueError("save_quantized: the model has no quantized layers; call quantize(model, method) first")
+    base, adapter = info["base"], info["adapter"]
+    meta = {"format_version": FORMAT_VERSION, **{k: v for k, v in info.items() if k not in ("base", "adapter")},
+            "adapter": ADAPTER_DIR if adapter is not None else None, "torch_version": torch.__version__,
+            "recipe": recipe or {}}
+    out = Path(out_dir)
+    with replace_dir(out) as tmp:
+        save_file(_tensors(base), str(tmp / WEIGHTS_FILE),
+                  metadata={"format": "pt", "raydistill": info["method"]})
+        base.config.save_pretrained(tmp)
+        if adapter is not None:
+            adapter.save_pretrained(tmp / ADAPTER_DIR, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def refuse_pickle(model_dir: Path) -> None:
+    """Raise :class:`UnsafeCheckpointError` if any file under ``model_dir`` is a pickle format."""
+    bad = [p for p in model_dir.rglob("*") if p.suffix in PICKLE_SUFFIXES]
+    if bad:
+        raise UnsafeCheckpointError(f"{bad[0]} is a pickle file; raydistill loads only safetensors. Remove it "
+                                    "and re-export the model with save_quantized")
+
+
+def read_quantization_info(model_dir: str | os.PathLike) -> dict:
+    """``quantization.json`` of a quantized model directory, checked for a method this code can load."""
+    path = Path(model_dir) / META_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{model_dir} is not a quantized model directory (no {META_FILE})")
+    meta = json.loads(path.read_text())
+    known = (*METHODS, *legacy.METHODS)
+    if meta.get("method") not in known:
+        raise ValueError(f"{path}: unsupported quantization method {meta.get('method')!r}; known: {known}")
+    want = legacy.FORMAT_VERSION if meta["method"] in legacy.METHODS else FORMAT_VERSION
+    if meta.get("format_version") != want:
+        raise ValueError(f"{path}: format_version {meta.get('format_version')} != {want}")
+    return meta
+
+
+def load_quantized(model_dir: str | os.PathLike) -> nn.Module:
+    """THE loader of quantized students (Serve, MLflow pyfunc, register): a model directory written by
+    :func:`save_quantized` → the model (eval mode, CPU), with its prefix/prompt adapter attached if it has one."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_dir = Path(model_dir)
+    refuse_pickle(model_dir)
+    meta = read_quantization_info(model_dir)
+    if meta["method"] in legacy.METHODS:
+        return legacy.load_quantized(model_dir)
+    dtype = getattr(torch, meta["dtype"])
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=dtype).eval()
+    rebuild(model, meta["layers"])
+    tensors = load_file(str(model_dir / WEIGHTS_FILE))
+    expected = _tensors(model).keys()
+    if set(expected) != set(tensors):
+        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        raise ValueError(f"{model_dir / WEIGHTS_FILE} does not match the architecture in config.json: "
+                         f"missing {missing[:5]}, unexpected {extra[:5]}")
+    try:
+        model.load_state_dict(tensors, strict=False)
+    except RuntimeError as e:
+        raise ValueError(f"{model_dir / WEIGHTS_FILE} does not fit config.json: {str(e)[:500]}") from None
+    for m in model.modules():
+        if hasattr(m, "_w"):
+            m._w = None  # drop any dequantized cache built before the integers were loaded
+    model._raydistill_quant = {**meta, "base": model, "adapter": None}
+    if meta.get("adapter"):
+        from peft import PeftModel
+
+        peft = PeftModel.from_pretrained(model, model_dir / meta["adapter"], is_trainable=False).eval()
+        peft.word_embeddings = model.get_input_embeddings()  # PEFT finds it by parameter shape: it has buffers
+        peft._raydistill_quant = {**meta, "base": model, "adapter": peft}
+        return peft
+    return model
+
+
+def model_file_size(model_dir: str | os.PathLike) -> int:
+    """Bytes of the weight files (``*.safetensors``, ``*.bin``, ``*.pt``) in ``model_dir`` and its adapter
+    sub-directory (not the tokenizer)."""
+    model_dir = Path(model_dir)
+    files = [p for p in model_dir.rglob("*") if p.suffix in (".safetensors", ".bin", ".pt") and p.is_file()]
+    if not files:
+        raise FileNotFoundError(f"no weight files in {model_dir}")
+    return sum(p.stat().st_size for p in files)
