@@ -3,7 +3,7 @@
 import pytest
 
 from raydistill.tasks.config import ConfigError, load_config, resolve_paths
-from raydistill.workflows import continual, tracking
+from raydistill.workflows import continual
 
 
 def _cfg(tmp_path, init_from):
@@ -25,5 +25,8 @@ def test_champion_before_the_first_promotion_builds_from_the_teacher_but_a_missi
                                                                                                       capsys):
     assert continual.resolve(_cfg(tmp_path, "champion")) is None
     assert "no models:/tiny-student@champion yet; building the student from the teacher" in capsys.readouterr().out
-    with pytest.raises(ConfigError, match=r"train.init_from 'models:/tiny-student/7': .*not found"):
-        continual.resolve(_cfg(tmp_path, tracking.model_uri("tiny-student", version=7)))
+    from raydistill.workflows.tracking import model_uri
+
+    missing = model_uri("tiny-student", version=7)
+    with pytest.raises(ConfigError, match=rf"train.init_from '{missing}': .*not found"):
+        continual.resolve(_cfg(tmp_path, missing))
