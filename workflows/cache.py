@@ -51,6 +51,11 @@ class TeacherActor:
         """The actor's process id (its own thread group: answers while a shard is being computed)."""
         return os.getpid()
 
+    @ray.method(concurrency_group="control")
+    def node_id(self) -> str:
+        """The Ray node this actor runs on (stage records list them: where the cache was computed)."""
+        return ray.get_runtime_context().get_node_id()
+
     def compute(self, cache_dir: str, name: str, split: str, key: str, tokens, cache_cfg) -> tuple[dict, int, float]:
         """Encode and commit one shard; returns (manifest entry, teacher forwards performed, seconds)."""
         from raydistill.tasks.cache.encode import encode_shard
@@ -104,15 +109,18 @@ def _reuse(store: Store, cache_dir: str, manifest: dict, keyed: list) -> list:
     return todo
 
 
-def _compute(cfg: PipelineConfig, todo: list, manifest: dict) -> tuple[int, float]:
-    """Run the actor pool over ``todo``; records entries as they finish.
+def _compute(cfg: PipelineConfig, todo: list, manifest: dict, nodes: set | None = None) -> tuple[int, float]:
+    """Run the actor pool over ``todo``; records entries as they finish (and in ``nodes`` the Ray nodes that
+    computed them).
 
     Returns (teacher forwards, actor seconds spent encoding + committing: throughput without start-up)."""
     n_actors = min(cfg.cache.num_actors, len(todo))
     run_id = uuid.uuid4().hex[:8]
-    actors = [TeacherActor.options(num_cpus=cfg.cache.cpus_per_actor, name=f"{ACTOR_PREFIX}{run_id}-{i}")
+    spread = {"scheduling_strategy": "SPREAD"} if cfg.cluster.spread else {}
+    actors = [TeacherActor.options(num_cpus=cfg.cache.cpus_per_actor, name=f"{ACTOR_PREFIX}{run_id}-{i}", **spread)
               .remote(cfg.teacher, cfg.cache.cpus_per_actor) for i in range(n_actors)]
     queue, pending, forwards, busy = list(todo), {}, 0, 0.0
+    nodes = set() if nodes is None else nodes
 
     def submit(actor):
         spec, key = queue.pop(0)
@@ -129,6 +137,7 @@ def _compute(cfg: PipelineConfig, todo: list, manifest: dict) -> tuple[int, floa
             [ref], _ = ray.wait(list(pending), num_returns=1)
             actor = pending.pop(ref)
             entry, n, seconds = ray.get(ref)
+            nodes.add(ray.get(actor.node_id.remote()))
             forwards, busy = forwards + n, busy + seconds
             tokens += entry["tokens"]
             add_entry(manifest, entry)
@@ -168,7 +177,8 @@ def run(cfg: PipelineConfig, action: str | None = None) -> dict:
     print(f"cache: {len(keyed) - len(todo)}/{len(keyed)} shards cached, computing {len(todo)}")
     previous = _previous_throughput(cfg.cache_dir)  # read before the planned manifest replaces the old one
     write_manifest(cfg.cache_dir, manifest)
-    forwards, busy = _compute(cfg, todo, manifest) if todo else (0, 0.0)
+    nodes: set = set()
+    forwards, busy = _compute(cfg, todo, manifest, nodes) if todo else (0, 0.0)
     computed_tokens = sum(spec.tokens.shape[0] * cfg.corpus.seq_len for spec, _ in todo)
     # teacher throughput inside the actors (encode + commit, no start-up): the summary's teacher tokens/s
     manifest["teacher_tokens_per_s"] = computed_tokens / busy if busy else previous
@@ -186,7 +196,7 @@ def run(cfg: PipelineConfig, action: str | None = None) -> dict:
                "teacher_heldout_nll": totals["teacher_heldout_nll"],
                "teacher_heldout_top1_acc": totals["teacher_heldout_top1_acc"], "wall_s": wall, "actor_s": busy,
                "computed_tokens": computed_tokens, "teacher_tokens_per_s": manifest["teacher_tokens_per_s"],
-               "cache_dir": cfg.cache_dir, "cache_key": key}
+               "cache_dir": cfg.cache_dir, "cache_key": key, "actor_nodes": sorted(nodes)}
     stage.record(cfg, "cache", key, outputs, paths=[store.url(MANIFEST)])
     return outputs
 

@@ -130,7 +130,8 @@ def train_driver(cfg: PipelineConfig, *, run_name: str, storage_path: str, callb
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=tc.num_workers, resources_per_worker={"CPU": tc.cpus_per_worker}),
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, resources_per_worker={"CPU": tc.cpus_per_worker},
+                                     placement_strategy="SPREAD" if cfg.cluster.spread else "PACK"),
         run_config=RunConfig(name=run_name, storage_path=storage_path, callbacks=list(callbacks),
                              failure_config=FailureConfig(max_failures=tc.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
@@ -233,6 +234,7 @@ def _metric_sink(config: dict):
 def train_fn_per_worker(config: dict) -> None:
     """One worker: build the student (+ heads) and teacher, resume, run the shared step loop, export."""
     import deepspeed
+    import ray
     import ray.train
 
     from raydistill.tasks.cache.shards import open_cache
@@ -274,8 +276,11 @@ def train_fn_per_worker(config: dict) -> None:
                               init=state.get("init"), sink=sink)
 
     fresh = lambda: _student(config, cfg, None).student  # noqa: E731  (the exported structure: no heads)
+    nodes = [ray.get_runtime_context().get_node_id()] * world  # each rank's Ray node, for the stage record
+    if dist.is_initialized():
+        dist.all_gather_object(nodes, nodes[0])
     ckpt.export_student(engine, tc.zero_stage, rank, config["output_dir"], fresh, config["init_dir"],
-                        {**metrics, "step": total, "init": state.get("init")})
+                        {**metrics, "step": total, "init": state.get("init"), "worker_nodes": nodes})
     if rank == 0:
         _log(f"[train] student → {Path(config['output_dir']) / 'student'}")
     if dist.is_initialized():
