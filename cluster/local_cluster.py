@@ -69,6 +69,8 @@ class LocalCluster:
         self.workers, self.head, self.worker = workers, head or NodeSpec(), worker or NodeSpec()
         self.object_store_mb, self.timeout_s = object_store_mb, timeout_s
         self.state: dict = {}
+        self.procs: dict[str, subprocess.Popen] = {}
+        """This process's ``ray start --block`` children by node name (``head``, ``worker0``, …)."""
 
     # ------------------------------------------------------------------------------------------ lifecycle
     def start(self) -> "LocalCluster":
@@ -87,10 +89,10 @@ class LocalCluster:
             self._node("head", self.head, ["--head", f"--port={gcs}", "--dashboard-host=127.0.0.1",
                                            f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
                                            "--include-dashboard=true"])
-            self._wait(1)
+            self.wait_nodes(1)
             for i in range(self.workers):
                 self.add_worker(self.worker, name=f"worker{i}")
-            self._wait(1 + self.workers)
+                self.wait_nodes(1 + self.workers)
         except BaseException:
             self.stop()
             raise
@@ -105,7 +107,7 @@ class LocalCluster:
         nm, om, agent, agent_grpc, rt_env, metrics = free_ports(6)
         cmd = [str(Path(sys.executable).with_name("ray")), "start", "--block", "--node-ip-address=127.0.0.1",
                f"--num-cpus={spec.num_cpus}", f"--num-gpus={spec.num_gpus}",
-               f"--resources={json.dumps(spec.resources)}", f"--object-store-memory={self.object_store_mb << 20}",
+               f"--resources={json.dumps({**spec.resources, marker(name): 1})}", f"--object-store-memory={self.object_store_mb << 20}",
                f"--temp-dir={self.root / 'ray'}", f"--node-manager-port={nm}", f"--object-manager-port={om}",
                f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
                f"--runtime-env-agent-port={rt_env}", f"--metrics-export-port={metrics}",
@@ -116,11 +118,13 @@ class LocalCluster:
         proc = subprocess.Popen(cmd, env=env,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.state["pids"].append(proc.pid)
+        self.procs[name] = proc
         (self.root / STATE).write_text(json.dumps(self.state, indent=1))
         return proc
 
-    def stop_node(self, proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-        """End one node (``SIGKILL``: as if its machine died), e.g. one :meth:`add_worker` started."""
+    def stop_node(self, name: str, sig: int = signal.SIGTERM) -> None:
+        """End one node (``SIGKILL``: as if its machine died) and wait until its processes are gone."""
+        proc = self.procs.pop(name)
         _signal_group(proc.pid, sig)
         try:
             proc.wait(15)
@@ -176,17 +180,25 @@ class LocalCluster:
         r.raise_for_status()
         return [n for n in r.json()["data"]["result"]["result"] if n["state"] == "ALIVE"]
 
-    def _wait(self, n: int) -> None:
+    def wait_nodes(self, n: int, name: str | None = None) -> None:
+        """Until ``n`` nodes are alive, one of them ``name`` if given (``TimeoutError`` with the nodes' logs after
+        ``timeout_s``)."""
         deadline, last = time.time() + self.timeout_s, None
         while time.time() < deadline:
             try:
-                if len(self.nodes()) >= n:
+                nodes = self.nodes()
+                if len(nodes) >= n and (name is None or any(marker(name) in x["resources_total"] for x in nodes)):
                     return
             except Exception as e:  # the dashboard is still starting
                 last = e
             time.sleep(1)
         logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in self.root.glob("*.log"))
         raise TimeoutError(f"{n} Ray nodes not alive after {self.timeout_s:.0f} s ({last}); logs:\n{logs}")
+
+
+def marker(name: str) -> str:
+    """The custom resource naming a node (``rdc_worker0``): tests find a node by it."""
+    return f"rdc_{name}"
 
 
 def load_state(root: str | Path) -> dict:

@@ -44,7 +44,7 @@ def test_a_node_started_without_the_token_cannot_join(two_nodes, tmp_path):
         assert len(nodes) == 2 and not any("rogue" in n["resources_total"] for n in nodes)
         assert rogue.poll() not in (None, 0)  # `ray start` gave up: the head refused it
     finally:
-        two_nodes.stop_node(rogue)
+        two_nodes.stop_node("rogue")
 
 
 def test_clients_without_the_token_are_refused(two_nodes, tmp_path, monkeypatch, capsys):
