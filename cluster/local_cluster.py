@@ -262,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     nodes = cluster.nodes()
     print(json.dumps({"address": cluster.address, "gcs_address": cluster.gcs_address, "nodes": len(nodes),
                       "cpus": sum(n["resources_total"].get("CPU", 0) for n in nodes)}))
-    print("\n".join(f"export {k}={v}" for k, v in {**cluster.env(), "RAY_ADDRESS": cluster.address}.items()))
+    client_env = {k: v for k, v in cluster.env().items() if k != "PATH"}
+    print("\n".join(f"export {k}={v}" for k, v in {**client_env, "RAY_ADDRESS": cluster.address}.items()))
     return 0
 
 
