@@ -20,16 +20,12 @@ def test_launcher_starts_every_node_with_token_auth_and_ships_the_token():
     assert "~/.ray/auth_token" in cfg["file_mounts"]
 
 
-def test_rayjob_gives_every_container_and_the_submitter_the_token():
+def test_rayjob_turns_on_token_auth_for_its_cluster_and_submitter():
     job = yaml.safe_load((ROOT / "cluster/kuberay/rayjob.yaml").read_text())["spec"]
-    spec = job["rayClusterSpec"]
-    pods = [spec["headGroupSpec"]["template"], *(g["template"] for g in spec["workerGroupSpecs"]),
-            job["submitterPodTemplate"]]
-    for pod in pods:
-        for container in pod["spec"]["containers"]:
-            env = _env(container)
-            assert env["RAY_AUTH_MODE"] == "token"
-            assert env["RAY_AUTH_TOKEN"] == {"secretKeyRef": {"name": "raydistill-ray-token", "key": "auth_token"}}
+    assert job["rayClusterSpec"]["authOptions"] == {"mode": "token"}  # KubeRay >= 1.5.1: every container
+    for group in [job["rayClusterSpec"]["headGroupSpec"], *job["rayClusterSpec"]["workerGroupSpecs"]]:
+        for container in group["template"]["spec"]["containers"]:  # nothing turns it back off
+            assert _env(container).get("RAY_AUTH_MODE", "token") == "token"
 
 
 def test_local_cluster_gives_every_node_its_own_token_file(tmp_path):
