@@ -135,6 +135,8 @@ class LocalCluster:
     def stop(self) -> None:
         """End this cluster's processes only, then remove its directory."""
         state = self.state or load_state(self.root)
+        if not state:  # not a cluster's directory: touch nothing
+            return
         for pid in reversed(state.get("pids", [])):
             _signal_group(pid, signal.SIGTERM)
         deadline = time.time() + 8  # ray start --block stops its processes on SIGTERM
@@ -238,7 +240,7 @@ def _kill_naming(root: str) -> None:
             pass
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m raydistill.cluster.local_cluster",
                                       description="Start, inspect or stop a multi-node Ray cluster on 127.0.0.1.")
     parser.add_argument("command", choices=["start", "stop", "status"])
@@ -254,18 +256,17 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "stop":
         cluster.stop()
         print(f"stopped {args.dir}")
-        return 0
+        return
     cluster.state = load_state(args.dir)
     if not cluster.state:
-        print(f"no cluster in {args.dir}", file=sys.stderr)
-        return 1
+        parser.error(f"no cluster in {args.dir} (start one: python -m raydistill.cluster.local_cluster start "
+                     f"--dir {args.dir})")
     nodes = cluster.nodes()
     print(json.dumps({"address": cluster.address, "gcs_address": cluster.gcs_address, "nodes": len(nodes),
                       "cpus": sum(n["resources_total"].get("CPU", 0) for n in nodes)}))
     client_env = {k: v for k, v in cluster.env().items() if k != "PATH"}
     print("\n".join(f"export {k}={v}" for k, v in {**client_env, "RAY_ADDRESS": cluster.address}.items()))
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
