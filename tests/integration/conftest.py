@@ -25,12 +25,15 @@ def s3_server():
     server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(100):
+        deadline = time.time() + 60  # a loaded machine: moto's first answer can take seconds
+        while True:
             try:
-                requests.get(f"http://127.0.0.1:{port}/", timeout=1)
+                requests.get(f"http://127.0.0.1:{port}/", timeout=10)
                 break
-            except requests.ConnectionError:
-                time.sleep(0.2)
+            except requests.RequestException:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.3)
         base = f"s3://testing:testing@rd/{{}}?endpoint_override=http://127.0.0.1:{port}&region=us-east-1"
         pafs.FileSystem.from_uri(base.format("x") + "&allow_bucket_creation=true")[0].create_dir("rd")
         yield base.format
