@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -59,8 +58,8 @@ def main(argv=None) -> dict:
     from raydistill.tasks.teacher import smollm2_gguf
 
     teacher = args.teacher or str(smollm2_gguf())
-    with LocalCluster(workers=1, head=NodeSpec(num_cpus=2), worker=NodeSpec(num_cpus=2)) as cluster:
-        os.environ.update({k: v for k, v in cluster.env().items() if k != "PATH"})  # before Ray reads its config
+    cluster = LocalCluster(workers=1, head=NodeSpec(num_cpus=2), worker=NodeSpec(num_cpus=2))
+    with cluster, cluster.as_client():
         import ray
 
         one = _run(args, teacher, cluster.gcs_address, actors=1, threads=2, spread=False)

@@ -17,6 +17,7 @@ Importable too: ``with LocalCluster(root, workers=1) as c: ...`` (the tests' fix
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -170,6 +171,22 @@ class LocalCluster:
         return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.root / TOKEN),
                 "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
 
+    @contextlib.contextmanager
+    def as_client(self):
+        """This process as the cluster's client (drivers, Jobs SDK) inside the block, its environment restored
+        after. Ray reads ``RAY_AUTH_MODE`` into its config once and caches the first token it loads, so both
+        are refreshed here (what ``ray.init`` does when it turns token auth on by itself)."""
+        saved = {k: os.environ.get(k) for k in (*self.env(), "RAY_AUTH_TOKEN")}
+        os.environ.update({k: v for k, v in self.env().items() if k != "PATH"})
+        os.environ.pop("RAY_AUTH_TOKEN", None)
+        _refresh_ray_auth()
+        try:
+            yield self
+        finally:
+            for k, v in saved.items():
+                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+            _refresh_ray_auth()
+
     def token(self) -> str:
         return (self.root / TOKEN).read_text().strip()
 
@@ -206,6 +223,16 @@ def marker(name: str) -> str:
 def load_state(root: str | Path) -> dict:
     path = Path(root) / STATE
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _refresh_ray_auth() -> None:
+    """Make an already imported Ray see the current ``RAY_AUTH_*`` environment (nothing to do before import)."""
+    if "ray" not in sys.modules:
+        return
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 def _alive(pid: int) -> bool:
