@@ -194,3 +194,21 @@ def test_job_verbs_act_on_the_latest_attempt_of_the_same_config(monkeypatch, tmp
     # another config has no attempt: a JobError saying how to find one
     assert cli.main(["job", "status", *args, "train.lr=0.5"]) == 1
     assert "raydistill job list" in capsys.readouterr().err
+
+
+def test_a_job_driver_does_not_set_again_what_the_jobs_runtime_env_sets(monkeypatch, tmp_path):
+    """Ray refuses ``ray.init(runtime_env=…)`` naming a variable the job's runtime env names (a submitted
+    pipeline died at its first ``ray.init``)."""
+    import json
+
+    from raydistill.cluster import ray_init
+
+    job = build_job(load_config("tiny"), ["pipeline"], False, tmp_path)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": job["runtime_env"]}))
+    seen = {}
+    monkeypatch.setattr(ray_init.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray_init.ray, "init", lambda **kw: seen.update(kw))
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    ray_init.init_ray()
+    assert seen["address"] == "127.0.0.1:6379"
+    assert not set(seen["runtime_env"]["env_vars"]) & set(job["runtime_env"]["env_vars"])
