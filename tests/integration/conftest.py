@@ -13,7 +13,7 @@ import pytest
 
 @pytest.fixture(scope="module")
 def s3_server():
-    """``moto_server`` on a free port; yields an ``s3://`` URI factory ``uri(prefix)`` (bucket ``rd``, credentials
+    """``moto_server`` on a free port; yields an ``s3://`` URI factory ``uri(prefix)`` (bucket ``rd-cluster``, credentials
     in the URI: the cluster's processes never see this test's environment)."""
     pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install -e .[test])")
     import pyarrow.fs as pafs
@@ -34,8 +34,8 @@ def s3_server():
                 if time.time() > deadline:
                     raise
                 time.sleep(0.3)
-        base = f"s3://testing:testing@rd/{{}}?endpoint_override=http://127.0.0.1:{port}&region=us-east-1"
-        pafs.FileSystem.from_uri(base.format("x") + "&allow_bucket_creation=true")[0].create_dir("rd")
+        base = f"s3://testing:testing@rd-cluster/{{}}?endpoint_override=http://127.0.0.1:{port}&region=us-east-1"
+        pafs.FileSystem.from_uri(base.format("x") + "&allow_bucket_creation=true")[0].create_dir("rd-cluster")
         yield base.format
     finally:
         server.terminate()

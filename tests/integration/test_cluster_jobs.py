@@ -76,7 +76,7 @@ def test_submitted_pipeline_runs_on_both_nodes_reaches_champion_and_never_shows_
     ml = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
     runs = ml.search_runs([e.experiment_id for e in ml.search_experiments()])
     assert runs and all(token not in json.dumps(r.data.params) + json.dumps(r.data.tags) for r in runs)
-    leaked = [p for root in (run_dir, cluster_env.root / "ray") for p in root.rglob("*")
+    leaked = [p for root in (run_dir, cluster_env.root) for p in root.rglob("*")
               if p.is_file() and p.name != "auth_token" and token.encode() in p.read_bytes()]
     assert leaked == []  # run dir (MLflow db + artifacts, stage records) and every Ray log of the cluster
 
