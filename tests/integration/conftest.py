@@ -13,8 +13,8 @@ import pytest
 
 @pytest.fixture(scope="module")
 def s3_server():
-    """``moto_server`` on a free port; yields an ``s3://`` URI factory ``uri(prefix)`` (bucket ``rd-cluster``, credentials
-    in the URI: the cluster's processes never see this test's environment)."""
+    """``moto_server`` on a free port; yields an ``s3://`` URI factory ``uri(prefix)`` (bucket ``rd-cluster``,
+    credentials in the URI: the cluster's processes never see this test's environment)."""
     pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install -e .[test])")
     import pyarrow.fs as pafs
     import requests
