@@ -110,7 +110,8 @@ class LocalCluster:
         nm, om, agent, agent_grpc, rt_env, metrics = free_ports(6)
         cmd = [str(Path(sys.executable).with_name("ray")), "start", "--block", "--node-ip-address=127.0.0.1",
                f"--num-cpus={spec.num_cpus}", f"--num-gpus={spec.num_gpus}",
-               f"--resources={json.dumps({**spec.resources, marker(name): 1})}", f"--object-store-memory={self.object_store_mb << 20}",
+               f"--resources={json.dumps({**spec.resources, marker(name): 1})}",
+               f"--object-store-memory={self.object_store_mb << 20}",
                f"--temp-dir={self.root / name}", f"--node-manager-port={nm}", f"--object-manager-port={om}",
                f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
                f"--runtime-env-agent-port={rt_env}", f"--metrics-export-port={metrics}",
