@@ -6,6 +6,7 @@ Local runs start an embedded cluster; under ``ray job submit`` (``RAY_ADDRESS`` 
 
 from __future__ import annotations
 
+import json
 import os
 
 import ray
@@ -17,6 +18,12 @@ _LOCAL_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
 }
+
+
+def _job_env_vars() -> dict:
+    """``env_vars`` of the runtime env of the Ray job this driver runs in (``raydistill submit``), else ``{}``."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    return ((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}) if raw else {}
 
 
 def init_ray(cluster: ClusterConfig | None = None) -> None:
@@ -31,6 +38,8 @@ def init_ray(cluster: ClusterConfig | None = None) -> None:
                                            "OMP_NUM_THREADS", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
                 if k in os.environ}
     env_vars.setdefault("HF_HUB_OFFLINE", "1")
+    for k in _job_env_vars():  # Ray refuses a ray.init that sets a variable the job's runtime env sets too
+        env_vars.pop(k, None)
     if address:
         ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
     else:

@@ -513,6 +513,9 @@ class ClusterConfig:
     ``cache.num_gpus_per_actor`` GPUs, Train workers one GPU each (NCCL); an error when the Ray cluster offers no
     GPUs or a process sees no CUDA device. ``cpu``: no GPU is requested or used (gloo). ``auto``: ``cuda`` when
     the Ray cluster offers GPUs, else ``cpu``."""
+    spread: bool = False
+    """Place cache actors and train workers on different nodes where possible (Ray's ``SPREAD`` strategy)
+    instead of packing them onto as few nodes as fit; results do not change, only where work runs."""
 
 
 @dataclass
@@ -549,6 +552,11 @@ class SubmitConfig:
     """Follow the job's logs until it ends; a job that does not succeed is then an error."""
     timeout_s: float | None = None
     """With ``wait``: stop following after this many seconds (``null`` = until the job ends)."""
+    job_id: str | None = None
+    """The job ``raydistill job status|logs|stop`` acts on; ``null`` = the latest attempt submitted with this
+    config and ``submit.verb``."""
+    follow: bool = False
+    """``raydistill job logs``: keep printing new log lines until the job ends (like ``ray job logs -f``)."""
 
     def __post_init__(self):
         if not self.verb.split():

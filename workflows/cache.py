@@ -57,6 +57,11 @@ class TeacherActor:
         """The actor's process id (its own thread group: answers while a shard is being computed)."""
         return os.getpid()
 
+    @ray.method(concurrency_group="control")
+    def node_id(self) -> str:
+        """The Ray node this actor runs on (stage records list them: where the cache was computed)."""
+        return ray.get_runtime_context().get_node_id()
+
     def compute(self, cache_dir: str, name: str, split: str, key: str, tokens, cache_cfg) -> tuple[dict, int, float]:
         """Encode and commit one shard; returns (manifest entry, teacher forwards performed, seconds)."""
         from raydistill.tasks.cache.encode import encode_shard
@@ -123,16 +128,21 @@ def actor_options(cache_cfg: CacheConfig, device: str) -> dict:
     return {"num_cpus": cache_cfg.cpus_per_actor, "num_gpus": cache_cfg.num_gpus_per_actor if device == "cuda" else 0}
 
 
-def _compute(cfg: PipelineConfig, todo: list, manifest: dict, device: str = "cpu") -> tuple[int, float]:
-    """Run the actor pool over ``todo``; records entries as they finish.
+def _compute(cfg: PipelineConfig, todo: list, manifest: dict, device: str = "cpu",
+             nodes: set | None = None) -> tuple[int, float]:
+    """Run the actor pool over ``todo``; records entries as they finish (and in ``nodes`` the Ray nodes that
+    computed them).
 
     Returns (teacher forwards, actor seconds spent encoding + committing: throughput without start-up)."""
     n_actors = min(cfg.cache.num_actors, len(todo))
     run_id = uuid.uuid4().hex[:8]
     options = actor_options(cfg.cache, device)
+    if cfg.cluster.spread:
+        options["scheduling_strategy"] = "SPREAD"
     actors = [TeacherActor.options(**options, name=f"{ACTOR_PREFIX}{run_id}-{i}")
               .remote(cfg.teacher, cfg.cache.cpus_per_actor, device) for i in range(n_actors)]
     queue, pending, forwards, busy = list(todo), {}, 0, 0.0
+    nodes = set() if nodes is None else nodes
 
     def submit(actor):
         spec, key = queue.pop(0)
@@ -149,6 +159,7 @@ def _compute(cfg: PipelineConfig, todo: list, manifest: dict, device: str = "cpu
             [ref], _ = ray.wait(list(pending), num_returns=1)
             actor = pending.pop(ref)
             entry, n, seconds = ray.get(ref)
+            nodes.add(ray.get(actor.node_id.remote()))
             forwards, busy = forwards + n, busy + seconds
             tokens += entry["tokens"]
             add_entry(manifest, entry)
@@ -189,7 +200,8 @@ def run(cfg: PipelineConfig, action: str | None = None) -> dict:
     print(f"cache: {len(keyed) - len(todo)}/{len(keyed)} shards cached, computing {len(todo)} on {device}")
     previous = _previous_throughput(cfg.cache_dir)  # read before the planned manifest replaces the old one
     write_manifest(cfg.cache_dir, manifest)
-    forwards, busy = _compute(cfg, todo, manifest, device) if todo else (0, 0.0)
+    nodes: set = set()
+    forwards, busy = _compute(cfg, todo, manifest, device, nodes) if todo else (0, 0.0)
     computed_tokens = sum(spec.tokens.shape[0] * cfg.corpus.seq_len for spec, _ in todo)
     # teacher throughput inside the actors (encode + commit, no start-up): the summary's teacher tokens/s
     manifest["teacher_tokens_per_s"] = computed_tokens / busy if busy else previous
@@ -207,7 +219,7 @@ def run(cfg: PipelineConfig, action: str | None = None) -> dict:
                "teacher_heldout_nll": totals["teacher_heldout_nll"],
                "teacher_heldout_top1_acc": totals["teacher_heldout_top1_acc"], "wall_s": wall, "actor_s": busy,
                "computed_tokens": computed_tokens, "teacher_tokens_per_s": manifest["teacher_tokens_per_s"],
-               "cache_dir": cfg.cache_dir, "cache_key": key}
+               "cache_dir": cfg.cache_dir, "cache_key": key, "actor_nodes": sorted(nodes)}
     stage.record(cfg, "cache", key, outputs, paths=[store.url(MANIFEST)])
     return outputs
 

@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             print(config_help(paths))
             return 0
         cfg = load_config(args.config, overrides)
-        if args.verb != "submit":  # a submitted job resolves its paths on the cluster
+        if args.verb not in ("submit", "job"):  # a submitted job resolves its paths on the cluster
             cfg = resolve_paths(cfg)
     except ConfigError as e:
         print(f"raydistill: config error: {e}", file=sys.stderr)

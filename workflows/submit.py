@@ -38,7 +38,7 @@ _ACTIVE = {"PENDING", "RUNNING"}
 def job_command(cfg: PipelineConfig) -> list[str]:
     """``submit.verb`` as ``[verb]`` or ``[verb, action]``, checked against the verb table."""
     words = cfg.submit.verb.split()
-    verbs = [v for v in VERBS if v != "submit"]
+    verbs = [v for v in VERBS if v not in ("submit", "job")]
     if words[0] not in verbs:
         close = difflib.get_close_matches(words[0], verbs, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
@@ -86,31 +86,58 @@ def build_job(cfg: PipelineConfig, command: list[str], upload_code: bool, workdi
     return {"entrypoint": entrypoint, "runtime_env": runtime_env}
 
 
+def auth_headers() -> dict:
+    """``Authorization: Bearer <token>`` from ``RAY_AUTH_TOKEN`` or the file ``RAY_AUTH_TOKEN_PATH`` (Ray's
+    order), or nothing (Ray then sends ``~/.ray/auth_token`` itself when ``RAY_AUTH_MODE=token``). Sent
+    explicitly because Ray's own loader keeps the first token a process saw: a process that talked to another
+    cluster would send that one."""
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if not token and path:
+        try:
+            token = Path(path).read_text().strip()
+        except OSError as e:
+            raise JobError(f"RAY_AUTH_TOKEN_PATH={path!r} cannot be read ({e}); point it at the cluster's token "
+                           "file (`ray get-auth-token` prints a token)") from None
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def jobs_client(address: str):
-    """The Ray Jobs client for ``address`` (the one network dependency; tests replace it)."""
+    """The Ray Jobs client for ``address`` (the one network dependency; tests replace it), sending the token."""
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     try:
-        return JobSubmissionClient(address)
+        return JobSubmissionClient(address, headers=auth_headers())
     except ConnectionError as e:
         raise JobError(f"cannot reach a Ray cluster's Jobs API at submit.address={address!r} ({e}); give the "
                        "head's dashboard address (http://HEAD:8265) and check that the cluster is up") from None
+    except AuthenticationError as e:
+        raise JobError(f"the cluster at submit.address={address!r} refused this client's token "
+                       f"({str(e).splitlines()[0]}); set RAY_AUTH_TOKEN_PATH to the cluster's token file "
+                       "(or RAY_AUTH_MODE=token with the token in ~/.ray/auth_token)") from None
+
+
+def connect(cfg: PipelineConfig):
+    """``(address, client)`` for ``submit.address`` or ``$RAY_ADDRESS``."""
+    address = cfg.submit.address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise ConfigError("submit.address is not set: give submit.address=http://HEAD:8265 or set RAY_ADDRESS")
+    return address, jobs_client(address)
 
 
 def run(cfg: PipelineConfig, action: str | None = None) -> dict:
     """Submit ``submit.verb`` with this config as a Ray job (``submit.wait``: follow it to the end)."""
     command = job_command(cfg)
     s = cfg.submit
-    address = s.address or os.environ.get("RAY_ADDRESS")
-    if not address:
-        raise ConfigError("submit.address is not set: give submit.address=http://HEAD:8265 or set RAY_ADDRESS")
-    client = jobs_client(address)
+    address, client = connect(cfg)
     sid = next_submission_id(client.list_jobs(), submission_prefix(cfg, command))
     with tempfile.TemporaryDirectory(prefix="raydistill-job-") as tmp:
         job = build_job(cfg, command, s.upload_code, Path(tmp))
         client.submit_job(entrypoint=job["entrypoint"], runtime_env=job["runtime_env"], submission_id=sid,
                           metadata={"raydistill.verb": " ".join(command), "raydistill.run_dir": cfg.run_dir})
-    print(f"submitted {sid}: {job['entrypoint']}\n  logs: ray job logs --address {address} -f {sid}")
+    print(f"submitted {sid}: {job['entrypoint']}\n  logs: raydistill job logs submit.job_id={sid} "
+          f"submit.address={address} submit.follow=true")
     result = {"submission_id": sid, "entrypoint": job["entrypoint"], "address": address}
     if s.wait:
         result["status"] = _follow(client, sid, s.timeout_s)

@@ -119,14 +119,16 @@ def deepspeed_config(tc: TrainConfig, world_size: int, device: str = "cpu") -> d
     return ds
 
 
-def scaling(tc: TrainConfig, device: str) -> tuple:
-    """``(ScalingConfig, TorchConfig)`` of the workers: one GPU each and NCCL on CUDA, gloo on CPU."""
+def scaling(tc: TrainConfig, device: str, spread: bool = False) -> tuple:
+    """``(ScalingConfig, TorchConfig)`` of the workers: one GPU each and NCCL on CUDA, gloo on CPU; ``spread``
+    places them on different nodes where possible (``cluster.spread``)."""
     from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig
 
     gpu = device == "cuda"
     resources = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if gpu else {})}
-    return (ScalingConfig(num_workers=tc.num_workers, use_gpu=gpu, resources_per_worker=resources),
+    return (ScalingConfig(num_workers=tc.num_workers, use_gpu=gpu, resources_per_worker=resources,
+                          placement_strategy="SPREAD" if spread else "PACK"),
             TorchConfig(backend="nccl" if gpu else "gloo"))
 
 
@@ -160,7 +162,7 @@ def train_driver(cfg: PipelineConfig, *, run_name: str, storage_path: str, callb
     init_dir = Path(init_dir or prepare_student(cfg))
     out = Path(output_dir or Path(cfg.run_dir, "train")).resolve()
     device = plan_device(cfg.cluster.device, ray.cluster_resources().get("GPU", 0))
-    scaling_config, torch_config = scaling(tc, device)
+    scaling_config, torch_config = scaling(tc, device, cfg.cluster.spread)
     loop_config = {"cfg": to_dict(cfg), "steps": steps or tc.steps, "init_dir": str(init_dir.resolve()),
                    "device": device,
                    "output_dir": str(out), "tracking_uri": cfg.tracking_uri if mlflow_run_id else None,
@@ -281,6 +283,7 @@ def train_fn_per_worker(config: dict) -> None:
     if config.get("device", "cpu") == "cpu":  # DeepSpeed would pick CUDA wherever it sees a GPU
         os.environ["DS_ACCELERATOR"] = "cpu"
     import deepspeed
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -327,8 +330,11 @@ def train_fn_per_worker(config: dict) -> None:
                               init=state.get("init"), sink=sink)
 
     fresh = lambda: _student(config, cfg, None).student  # noqa: E731  (the exported structure: no heads)
+    nodes = [ray.get_runtime_context().get_node_id()] * world  # each rank's Ray node, for the stage record
+    if dist.is_initialized():
+        dist.all_gather_object(nodes, nodes[0])
     ckpt.export_student(engine, tc.zero_stage, rank, config["output_dir"], fresh, config["init_dir"],
-                        {**metrics, "step": total, "init": state.get("init")})
+                        {**metrics, "step": total, "init": state.get("init"), "worker_nodes": nodes})
     if rank == 0:
         _log(f"[train] student → {Path(config['output_dir']) / 'student'}")
     if dist.is_initialized():

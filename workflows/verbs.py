@@ -88,6 +88,9 @@ VERBS: dict[str, Verb] = {
     "submit": Verb(
         "raydistill.workflows.submit", "submit a verb as a Ray job to a remote cluster (the config travels)",
         reads=("submit",)),
+    "job": Verb(
+        "raydistill.workflows.jobs", "list submitted jobs, or show the status or logs of one, or stop it",
+        reads=("submit",), actions=("status", "logs", "stop", "list")),
 }
 
 STAGES = ("cache", "tune", "train", "quantize", "register", "promote")

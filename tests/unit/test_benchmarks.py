@@ -98,3 +98,30 @@ def test_cache_frontier_joins_bytes_per_token_and_gain_per_row(capsys, monkeypat
     assert n16["bytes_per_token"] < n32["bytes_per_token"]  # more draws keep more ids
     assert n16["bytes_per_token_with_logprobs"] > n16["bytes_per_token"]  # log-probs cost bytes
     assert out["checks"]["default_within_bytes"] is None  # the default N (64) was not measured
+
+
+@pytest.mark.slow
+def test_cache_scaling_compares_one_node_with_two_on_a_real_cluster(capsys):
+    scaling = _load("cache_scaling")
+    out = scaling.main(["--teacher", "tiny", "--tokens", "4096", "--seq-len", "64", "--batch-size", "8"])
+    assert json.loads(capsys.readouterr().out) == out
+    one, two = out["one_node"], out["two_nodes"]
+    assert (one["actors"], one["threads_per_actor"], two["actors"], two["threads_per_actor"]) == (1, 2, 2, 1)
+    assert one["tokens"] == two["tokens"] == out["tokens"] > 0  # the same corpus, all of it computed each time
+    assert out["scaling_efficiency"] == pytest.approx(two["tokens_per_s"] / one["tokens_per_s"], abs=2e-3)
+    assert two["nodes"] == 2 and out["checks"]["two_nodes_used"]
+
+
+@pytest.mark.slow
+def test_submit_overhead_times_the_same_pipeline_locally_and_as_a_job(capsys):
+    overhead = _load("submit_overhead")
+    out = overhead.main(["--teacher", "tiny", "train.steps=2"])
+    assert json.loads(capsys.readouterr().out) == out
+    assert out["job_over_local"] == pytest.approx(out["job_wall_s"] / out["local_wall_s"], abs=5e-3)
+    assert out["local_wall_s"] > 0 and out["job_wall_s"] > 0
+
+
+def test_cluster_benchmarks_take_teacher_and_corpus_like_the_others():
+    for name in ("cache_scaling", "submit_overhead"):
+        args = _load(name).parse_args(["--teacher", "some/dir", "--corpus", "texts"])
+        assert (args.teacher, args.corpus) == ("some/dir", "texts")

@@ -122,3 +122,93 @@ def test_cli_submit_to_an_address_nothing_listens_on_is_a_clear_error(monkeypatc
     assert cli.main(["submit", "--config", "tiny", f"submit.address=http://127.0.0.1:{port}"]) == 1
     err = capsys.readouterr().err
     assert f"submit.address='http://127.0.0.1:{port}'" in err and "Traceback" not in err
+
+
+def test_the_token_is_sent_from_ray_auth_token_or_its_file(monkeypatch, tmp_path):
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    assert submit.auth_headers() == {}  # Ray's own default (~/.ray/auth_token under RAY_AUTH_MODE=token)
+    (tmp_path / "tok").write_text("from-file\n")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "tok"))
+    assert submit.auth_headers() == {"Authorization": "Bearer from-file"}
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "from-env")  # Ray's precedence: the variable, then the file
+    assert submit.auth_headers() == {"Authorization": "Bearer from-env"}
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
+    with pytest.raises(JobError, match="RAY_AUTH_TOKEN_PATH"):
+        submit.auth_headers()
+
+
+class FakeJobInfo(SimpleNamespace):
+    pass
+
+
+class FakeCluster(FakeJobs):
+    """FakeJobs plus what ``raydistill job`` asks: info, logs, stop."""
+
+    def __init__(self, address):
+        super().__init__(address)
+        self.status, self.stopped = {}, []
+
+    def list_jobs(self):
+        return [FakeJobInfo(submission_id=s["submission_id"], status=self.status[s["submission_id"]],
+                            start_time=i, end_time=None, message="", metadata=s["metadata"])
+                for i, s in enumerate(self.submitted)]
+
+    def submit_job(self, **kwargs):
+        super().submit_job(**kwargs)
+        self.status[kwargs["submission_id"]] = "JobStatus.RUNNING"
+
+    def get_job_info(self, sid):
+        return FakeJobInfo(status=self.status[sid], message="", metadata={})
+
+    def get_job_logs(self, sid):
+        return f"logs of {sid}\n"
+
+    def get_job_status(self, sid):
+        return self.status[sid]
+
+    def stop_job(self, sid):
+        self.stopped.append(sid)
+        self.status[sid] = "JobStatus.STOPPED"
+
+
+def test_job_verbs_act_on_the_latest_attempt_of_the_same_config(monkeypatch, tmp_path, capsys):
+    client = FakeCluster("http://head:8265")
+    monkeypatch.setattr(submit, "jobs_client", lambda address: client)
+    args = ["--config", "tiny", f"run_dir={tmp_path}", "submit.address=http://head:8265", "submit.verb=train"]
+    assert cli.main(["submit", *args]) == 0
+    first = client.submitted[0]["submission_id"]
+    assert cli.main(["job", "stop", *args]) == 0 and client.stopped == [first]
+    assert cli.main(["submit", *args]) == 0  # the next attempt
+    second = client.submitted[1]["submission_id"]
+    assert second == first[:-1] + "2"
+    capsys.readouterr()
+    assert cli.main(["job", "status", *args]) == 0 and capsys.readouterr().out == f"{second}: RUNNING\n"
+    assert cli.main(["job", "logs", *args]) == 0 and capsys.readouterr().out == f"logs of {second}\n"
+    assert cli.main(["job", "logs", *args, f"submit.job_id={first}"]) == 0
+    assert capsys.readouterr().out == f"logs of {first}\n"
+    assert cli.main(["job", "list", "submit.address=http://head:8265"]) == 0
+    listed = capsys.readouterr().out
+    assert first in listed and "STOPPED" in listed and second in listed and "train" in listed
+    # another config has no attempt: a JobError saying how to find one
+    assert cli.main(["job", "status", *args, "train.lr=0.5"]) == 1
+    assert "raydistill job list" in capsys.readouterr().err
+
+
+def test_a_job_driver_does_not_set_again_what_the_jobs_runtime_env_sets(monkeypatch, tmp_path):
+    """Ray refuses ``ray.init(runtime_env=…)`` naming a variable the job's runtime env names (a submitted
+    pipeline died at its first ``ray.init``)."""
+    import json
+
+    from raydistill.cluster import ray_init
+
+    job = build_job(load_config("tiny"), ["pipeline"], False, tmp_path)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": job["runtime_env"]}))
+    seen = {}
+    monkeypatch.setattr(ray_init.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray_init.ray, "init", lambda **kw: seen.update(kw))
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    ray_init.init_ray()
+    assert seen["address"] == "127.0.0.1:6379"
+    assert not set(seen["runtime_env"]["env_vars"]) & set(job["runtime_env"]["env_vars"])

@@ -1,0 +1,61 @@
+"""Fixtures of the multi-node tests: a real 2-node Ray cluster (``ray start`` processes, token auth) and an S3
+server (moto, as its own process), both on 127.0.0.1 with free ports, both stopped even when a test fails."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """``moto_server`` on a free port; yields an ``s3://`` URI factory ``uri(prefix)`` (bucket ``rd-cluster``,
+    credentials in the URI: the cluster's processes never see this test's environment)."""
+    pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install -e .[test])")
+    import pyarrow.fs as pafs
+    import requests
+
+    from raydistill.cluster.local_cluster import free_ports
+
+    port = free_ports(1)[0]
+    server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60  # a loaded machine: moto's first answer can take seconds
+        while True:
+            try:
+                requests.get(f"http://127.0.0.1:{port}/", timeout=10)
+                break
+            except requests.RequestException:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.3)
+        base = f"s3://testing:testing@rd-cluster/{{}}?endpoint_override=http://127.0.0.1:{port}&region=us-east-1"
+        pafs.FileSystem.from_uri(base.format("x") + "&allow_bucket_creation=true")[0].create_dir("rd-cluster")
+        yield base.format
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    """A head and one worker node, 1 CPU each, token auth on; ``LocalCluster`` (address, env(), token())."""
+    from raydistill.cluster.local_cluster import LocalCluster
+
+    with LocalCluster(workers=1) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def cluster_env(two_nodes, monkeypatch):
+    """This process as a client of ``two_nodes``: its token file and address in the environment."""
+    for k, v in two_nodes.env().items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("RAY_ADDRESS", two_nodes.address)
+    return two_nodes
