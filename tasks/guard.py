@@ -71,7 +71,8 @@ def _redact(obj: Any, secrets: list[str]) -> Any:
     if isinstance(obj, str):
         return redact_text(obj, secrets)
     if isinstance(obj, Mapping):
-        return {k: (MASK if isinstance(k, str) and SECRET_NAME.search(k) and obj[k] not in (None, "", False)
+        # only a string value can be a secret: ``decode_ms_per_token: 45.3`` is a number, not a token
+        return {k: (MASK if isinstance(k, str) and SECRET_NAME.search(k) and isinstance(v, str) and v
                     else _redact(v, secrets)) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return type(obj)(_redact(v, secrets) for v in obj)

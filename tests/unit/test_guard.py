@@ -24,11 +24,13 @@ def test_secret_env_values_are_masked_wherever_they_appear_and_nothing_else_is()
     env = {"RAY_AUTH_TOKEN": "fake-ray-token-xyz", "AWS_SECRET_ACCESS_KEY": "fakeAwsSecret99",
            "AWS_ACCESS_KEY_ID": "raydistill", "TOKENIZERS_PARALLELISM": "false-but-long", "MY_PASSWORD": "1"}
     record = {"outputs": {"log": "auth with fake-ray-token-xyz then fakeAwsSecret99", "tokens": 512,
-                          "max_tokens": 16, "name": "raydistill", "tokenizer": "false-but-long"},
+                          "max_tokens": 16, "name": "raydistill", "tokenizer": "false-but-long",
+                          "decode_ms_per_token": 45.3},
               "hf_token": "hf_abcdef", "password": "x", "list": ("fake-ray-token-xyz", 3)}
     out = redact(record, env=env)
     assert out["outputs"]["log"] == f"auth with {MASK} then {MASK}"
     assert out["outputs"]["tokens"] == 512 and out["outputs"]["max_tokens"] == 16
+    assert out["outputs"]["decode_ms_per_token"] == 45.3  # a number is never a secret
     assert out["outputs"]["name"] == "raydistill" and out["outputs"]["tokenizer"] == "false-but-long"
     assert out["hf_token"] == MASK and out["password"] == MASK and out["list"] == (MASK, 3)
     assert record["hf_token"] == "hf_abcdef"  # a copy: the input is untouched
