@@ -17,7 +17,7 @@ from typing import Any, TypedDict
 from raydistill.tasks.cache.formats import format_params
 from raydistill.tasks.cache.store import Store
 from raydistill.tasks.config import CacheConfig, ConfigError, CorpusConfig, TeacherConfig
-from raydistill.tasks.errors import DataError
+from raydistill.tasks.errors import DataError, StageMissingError
 from raydistill.tasks.teacher import identity_key_fields, load_tokenizer, teacher_identity, tokenizer_hash
 
 FORMAT_VERSION = 2  # 2: sampled entries entropy-coded (tasks/cache/sampledpack.py); 1 is refused
@@ -30,6 +30,11 @@ REQUIRED = ("format_version", "format", "params", "temperature", "teacher", "tok
 
 class CacheCorruptError(DataError, RuntimeError):
     """A shard (or the manifest) fails verification; the message names it (the CLI exits 1 with it)."""
+
+
+class CacheMissingError(StageMissingError, FileNotFoundError):
+    """No cache at the configured place: the cache stage has not run there (a FileNotFoundError too, for callers
+    that treat a missing cache as "nothing here yet")."""
 
 
 class CacheMismatchError(ConfigError):
@@ -130,7 +135,7 @@ def read_manifest(cache_dir: str) -> Manifest:
     """Load and validate ``<cache_dir>/manifest.json`` (FileNotFoundError, CacheCorruptError, CacheMismatchError)."""
     store = Store(cache_dir)
     if not store.exists(MANIFEST):
-        raise FileNotFoundError(f"no teacher cache at {cache_dir} (no {MANIFEST}); run `raydistill cache` first")
+        raise CacheMissingError(f"no teacher cache at {cache_dir} (no {MANIFEST}); run `raydistill cache` first")
     try:
         manifest = json.loads(store.read(MANIFEST))
     except json.JSONDecodeError as e:

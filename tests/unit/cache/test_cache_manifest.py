@@ -10,8 +10,8 @@ import pytest
 from cachefakes import L, make_cache
 from raydistill.tasks.cache import manifest
 from raydistill.tasks.cache.formats import full, sampled, topk
-from raydistill.tasks.cache.manifest import (FORMAT_VERSION, CacheCorruptError, CacheMismatchError, cache_key,
-                                             check_compatible, new_manifest, shard_key, write_manifest)
+from raydistill.tasks.cache.manifest import (FORMAT_VERSION, CacheCorruptError, CacheMismatchError, CacheMissingError,
+                                             cache_key, check_compatible, new_manifest, shard_key, write_manifest)
 from raydistill.tasks.cache.shards import open_cache
 from raydistill.tasks.config import CacheConfig, CorpusConfig, TeacherConfig
 
@@ -102,7 +102,7 @@ def test_caches_of_another_format_version_are_refused(tmp_path):
 
 
 def test_open_cache_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="run `raydistill cache`"):
+    with pytest.raises(CacheMissingError, match="run `raydistill cache`"):
         open_cache(str(tmp_path))
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(CacheCorruptError, match="manifest.json"):
