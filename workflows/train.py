@@ -49,15 +49,16 @@ PRESET_DIR = Path(__file__).resolve().parent.parent / "cluster" / "deepspeed"
 
 # ---------------------------------------------------------------------------------------------- driver side
 
-def prepare_student(cfg: PipelineConfig) -> Path:
-    """Build the initial student from the teacher once (``<run_dir>/train/init``); reused while the key holds.
+def prepare_student(cfg: PipelineConfig, init_dir: str | Path | None = None) -> Path:
+    """Build the initial student from the teacher once (``init_dir``, default ``<run_dir>/train/init``; a Tune
+    trial searching ``student.layers`` has its own); reused while the key holds.
 
     ``init_key.json`` also records both models' shapes and the copied teacher layers (:func:`init_info`).
     """
     from raydistill.tasks.fileio import replace_dir
     from raydistill.tasks.students import write_init_student
 
-    init_dir = Path(cfg.run_dir, "train", "init")
+    init_dir = Path(init_dir or Path(cfg.run_dir, "train", "init"))
     spec = {k: v for k, v in to_dict(cfg.student).items() if k != "peft"}  # adapters are added per worker
     key = section_key(cfg, "teacher", extra={**spec, "seed": cfg.train.seed, "layout": 2})
     key_file = init_dir / "init_key.json"
@@ -101,7 +102,8 @@ def deepspeed_config(tc: TrainConfig, world_size: int) -> dict:
 
 
 def train_driver(cfg: PipelineConfig, *, run_name: str, storage_path: str, callbacks=(), steps: int | None = None,
-                 output_dir: str | None = None, mlflow_run_id: str | None = None) -> dict:
+                 output_dir: str | None = None, mlflow_run_id: str | None = None,
+                 init_dir: str | None = None) -> dict:
     """Run distributed training; returns ``{"metrics", "student_dir", "metrics_path", "checkpoint", "steps"}``.
 
     Everything trial-specific is in ``cfg`` (Tune applies hyperparameters to ``cfg.train``); ``steps``
@@ -122,7 +124,7 @@ def train_driver(cfg: PipelineConfig, *, run_name: str, storage_path: str, callb
     n_train = len(cache.shards("train"))
     if n_train < tc.num_workers:
         raise ConfigError(f"the cache has {n_train} train shards but train.num_workers={tc.num_workers}")
-    init_dir = prepare_student(cfg)
+    init_dir = prepare_student(cfg, init_dir)
     out = Path(output_dir or Path(cfg.run_dir, "train")).resolve()
     loop_config = {"cfg": to_dict(cfg), "steps": steps or tc.steps, "init_dir": str(init_dir.resolve()),
                    "output_dir": str(out), "tracking_uri": cfg.tracking_uri if mlflow_run_id else None,
