@@ -53,7 +53,7 @@ class Section:
 
 
 def _new(ncols: int, nrows: int = 1, w: float = 4.2, h: float = 3.2) -> tuple[Figure, list]:
-    fig = Figure(figsize=(w * ncols, h * nrows), dpi=90, layout="constrained")
+    fig = Figure(figsize=(w * ncols, h * nrows), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel().tolist()
     return fig, axes
@@ -66,9 +66,9 @@ def _save(fig: Figure, path: Path) -> Path:
 
 
 def curves_figure(runs: list[Curves], path: Path, panels=(("loss", "training loss (per step)"),
-                                                        ("heldout_loss", "held-out loss (per report)"))) -> Path:
+                                                        ("heldout_loss", "held-out loss (step 0: init)"))) -> Path:
     """One panel per metric, one line per run; trials thin, the final run thick black, stopped trials dashed."""
-    fig, axes = _new(len(panels))
+    fig, axes = _new(len(panels), w=4.8, h=3.4)
     for ax, (metric, title) in zip(axes, panels):
         for r in runs:
             pts = r.series.get(metric) or []
@@ -195,7 +195,7 @@ def _cell(v) -> str:
 def _short(v: float) -> str:
     if v == 0 or not math.isfinite(v):
         return str(v)
-    return f"{v:.3g}" if abs(v) < 1e4 else f"{v:,.0f}"
+    return f"{v:.3g}" if abs(v) < 100 else f"{v:,.0f}"
 
 
 def _number(v) -> float | None:

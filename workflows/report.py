@@ -21,7 +21,7 @@ from raydistill.tasks.fileio import replace_dir
 from raydistill.workflows import stage
 from raydistill.workflows.verbs import STAGES
 
-CURVE_KEYS = ("loss", "heldout_loss")
+CURVE_KEYS = ("loss", "heldout_loss", "init_heldout_loss")
 
 
 def run(cfg: PipelineConfig, action: str | None = None) -> dict:
@@ -84,11 +84,12 @@ def model_rows(cfg: PipelineConfig, quantize: dict) -> dict[str, dict]:
     path = Path((quantize.get("outputs") or {}).get("report") or cfg.stage_dir("quantize") / "report.json")
     report = json.loads(path.read_text())
     rows = {}
-    for name, value in report.items():
-        if isinstance(value, dict) and "heldout_loss" in value:
+    for name, value in report.items():  # a model's row is a full evaluation (deltas and ratios are not)
+        if isinstance(value, dict) and {"heldout_loss", "perplexity"} <= set(value):
             rows[name if name == "teacher" else f"student {name}"] = dict(value)
-    if "teacher" in rows and rows["teacher"].get("size_bytes") is None:
-        rows["teacher"]["size_bytes"] = _teacher_size(cfg)
+    if "teacher" in rows:
+        for k, v in _teacher_size_speed(cfg).items():
+            rows["teacher"][k] = v if rows["teacher"].get(k) is None else rows["teacher"][k]
     return rows
 
 
@@ -109,6 +110,8 @@ def _curves(cfg: PipelineConfig, records: dict) -> list[fig.Curves]:
     if train.get("mlflow_run_id"):
         runs.append(fig.Curves("final", tracking.metric_histories(cfg, train["mlflow_run_id"], CURVE_KEYS),
                                final=True))
+    for r in runs:  # the evaluation before training (logged as init_*, step 0) starts the held-out curve
+        r.series["heldout_loss"] = r.series.pop("init_heldout_loss", []) + r.series.get("heldout_loss", [])
     return [r for r in runs if any(r.series.values())]
 
 
@@ -121,14 +124,15 @@ def _cache_facts(cfg: PipelineConfig, outputs: dict) -> dict:
     return {"format": manifest.get("format"), "vocab_size": manifest.get("vocab_size"), **facts}
 
 
-def _teacher_size(cfg: PipelineConfig) -> int | None:
-    """The teacher's weights on disk (the GGUF or HF safetensors files), as the pipeline summary counts them."""
-    from raydistill.workflows.pipeline import _teacher_size_speed
+def _teacher_size_speed(cfg: PipelineConfig) -> dict:
+    """The teacher's weights on disk and its forward tokens/s (the cache stage's), as the pipeline summary has
+    them; empty when the cache cannot say."""
+    from raydistill.workflows import pipeline
 
     try:
-        return _teacher_size_speed(cfg)["size_bytes"]
+        return pipeline._teacher_size_speed(cfg)
     except (OSError, KeyError):
-        return None
+        return {}
 
 
 def _log_to_registered_run(cfg: PipelineConfig, register: dict | None, out: Path) -> str | None:
