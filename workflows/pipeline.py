@@ -1,5 +1,5 @@
 """Run every stage in order: cache → tune → train → quantize → register → promote → serve (one request), then
-draw the report (``run_dir/report/index.html``; its path is the last line printed).
+draw the report (``run_dir/report/index.html``; its path is printed at the end: ``report: PATH``).
 
     raydistill pipeline                      # SmolLM2-135M → 4-layer student on Shakespeare
     raydistill pipeline --config tiny        # a tiny random teacher, a few minutes
