@@ -48,8 +48,10 @@ def build_sections(cfg: PipelineConfig, records: dict, out: Path) -> list[fig.Se
     sections = []
     runs = _curves(cfg, records)
     if runs:
-        sections.append(fig.Section("Training and held-out loss per step", [fig.curves_figure(runs, out / "curves.png")],
-                                    note="Final run thick black; Tune trials thin, dashed when ASHA stopped them."))
+        note = ("Final run thick black (it repeats the best trial's settings, so it may hide that trial's line); "
+                "Tune trials thin, dashed when ASHA stopped them.")
+        sections.append(fig.Section("Training and held-out loss per step",
+                                    [fig.curves_figure(runs, out / "curves.png")], note=note))
     if "quantize" in records:
         rows = model_rows(cfg, records["quantize"])
         g = cfg.registry.gate
@@ -61,7 +63,9 @@ def build_sections(cfg: PipelineConfig, records: dict, out: Path) -> list[fig.Se
                                     [fig.models_figure(rows, out / "models.png")], table, note))
     tune = (records.get("tune") or {}).get("outputs")
     if tune and tune.get("trials"):
-        trials = [{**t, "best": t.get("params") == tune.get("params")} for t in tune["trials"]]
+        best = tune.get("best_trial")
+        trials = [{**t, "best": t.get("trial_id") == best if best else t.get("params") == tune.get("params")}
+                  for t in tune["trials"]]
         searched = sorted({k for t in trials for k in t.get("params", {})})
         table = [{"trial": t.get("trial_id"), **t["params"], "heldout_loss": t.get("heldout_loss"),
                   "reports": t.get("reports"), "stopped": t.get("stopped"), "error": t.get("error")} for t in trials]

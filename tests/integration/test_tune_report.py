@@ -25,20 +25,22 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 TRIALS, STEPS = 3, 6  # reports at steps 2, 4, 6 (eval_every 2): ASHA decides at the first one
 
 
-def _kill_a_train_worker_after_a_checkpoint(storage: Path, alive) -> int | None:
-    """SIGKILL one Ray Train worker (a descendant of this process) once a checkpoint at step >= 2 exists."""
+def _kill_a_train_worker_after_a_checkpoint(storage: Path, alive) -> str | None:
+    """SIGKILL one Ray Train worker (a descendant of this process) once a trial has a checkpoint at step >= 2;
+    returns that trial's id (its Train run is ``<storage>/trial-<id>``; trials run one at a time)."""
     import psutil
 
     deadline = time.time() + 600
     while time.time() < deadline and alive():
-        steps = [json.loads(p.read_text())["step"] for p in storage.rglob("state.json")]
-        if steps and max(steps) >= 2:
+        steps = {p: json.loads(p.read_text())["step"] for p in storage.glob("trial-*/checkpoint_*/state.json")}
+        done = [p for p, step in steps.items() if step >= 2]
+        if done:
             me = os.getpid()
             workers = [p for p in psutil.process_iter(["cmdline"])
                        if "RayTrainWorker" in " ".join(p.info["cmdline"] or []) and me in {a.pid for a in p.parents()}]
             if workers:
                 os.kill(workers[0].pid, signal.SIGKILL)
-                return workers[0].pid
+                return done[0].parent.parent.name.removeprefix("trial-")
         time.sleep(0.1)
     return None
 
@@ -69,6 +71,8 @@ def tuned_run(tiny_cached):
 
 
 def test_a_trial_whose_worker_was_killed_resumes_from_its_checkpoint_in_one_mlflow_run(tuned_run):
+    from mlflow.tracking import MlflowClient
+
     from raydistill.workflows import tracking
 
     cfg, summary, killed = tuned_run
@@ -79,11 +83,17 @@ def test_a_trial_whose_worker_was_killed_resumes_from_its_checkpoint_in_one_mlfl
     children = tracking.child_runs(cfg, best["mlflow_parent_run_id"])
     by_trial = {c["tags"]["raydistill.trial_id"]: c for c in children}
     assert len(children) == TRIALS and set(by_trial) == {t["trial_id"] for t in trials}, "one child run per trial"
-    first = min(trials, key=lambda t: t["trial_id"])  # trials run one at a time: the first held the checkpoint
-    assert first["reports"] == 3 and first["step"] == STEPS, "the killed trial finished its budget"
-    history = tracking.metric_histories(cfg, by_trial[first["trial_id"]]["run_id"], ("loss", "heldout_loss"))
-    assert [s for s, _ in history["loss"]] == list(range(1, STEPS + 1))  # each step once, across the restart
-    assert [s for s, _ in history["heldout_loss"]] == [2, 4, 6]
+    victim = {t["trial_id"]: t for t in trials}[killed]
+    assert victim["reports"] == 3 and victim["step"] == STEPS, "the killed trial finished its budget"
+    victim_run = by_trial[killed]["run_id"]
+    # a restart from scratch would evaluate the init student again (step 0 is always logged): from the checkpoint
+    # it does not
+    assert len(MlflowClient(cfg.tracking_uri).get_metric_history(victim_run, "init_heldout_loss")) == 1
+    for t in trials:  # each step once in the trial's one run, across the restart of the killed one
+        history = tracking.metric_histories(cfg, by_trial[t["trial_id"]]["run_id"], ("loss", "heldout_loss"))
+        if not t["stopped"]:
+            assert [s for s, _ in history["loss"]] == list(range(1, STEPS + 1)), t["trial_id"]
+            assert [s for s, _ in history["heldout_loss"]] == [2, 4, 6], t["trial_id"]
 
 
 def test_asha_stopped_trials_are_marked_and_free_their_workers(tuned_run):

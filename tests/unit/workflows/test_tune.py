@@ -70,7 +70,8 @@ def _first_suggestions(cfg, n=4):
 def test_optuna_search_with_the_same_seed_suggests_the_same_first_trials():
     from ray.tune.search.optuna import OptunaSearch
 
-    overrides = ["tune.search=optuna", "tune.alpha=[0.1,0.5,0.9]", "tune.lr=[1e-5,1e-2]", "tune.optuna_startup_trials=2"]
+    overrides = ["tune.search=optuna", "tune.alpha=[0.1,0.5,0.9]", "tune.lr=[1e-5,1e-2]",
+                 "tune.optuna_startup_trials=2"]
     cfg = load_config("tiny", [*overrides, "tune.seed=3"])
     assert isinstance(tune_mod.searcher(cfg), OptunaSearch)
     assert tune_mod.searcher(load_config("tiny")) is None  # random: Tune's own sampling
