@@ -93,3 +93,19 @@ def test_the_best_trial_passes_the_gate_unless_none_does_and_then_it_says_so():
     best, why = tune_mod.choose_best([trials[0], {"trial_id": "e", "heldout_loss": 6.0, "top1_agreement": 0.9}], gate)
     assert best["trial_id"] == "a" and why.startswith("NO trial passes") and "top1_agreement 0.1000 < 0.2" in why
     assert tune_mod.choose_best([trials[3]], gate) == (None, "no trial reported a held-out loss")
+
+
+def test_a_retried_trial_finds_its_own_mlflow_child_run_by_trial_id(tiny_cfg):
+    """Tune's retry of a trial resumes the child run the first attempt started (sqlite store, no server)."""
+    from raydistill.workflows import tracking
+
+    with tracking.start_run(tiny_cfg, "tune") as parent:
+        pid = parent.info.run_id
+    ids = {}
+    for trial in ("aaa_00000", "bbb_00001"):
+        with tracking.start_run(tiny_cfg, f"trial-{trial}", parent_run_id=pid,
+                                tags={"raydistill.trial_id": trial}) as run:
+            ids[trial] = run.info.run_id
+    assert tracking.find_child_run(tiny_cfg, pid, "raydistill.trial_id", "bbb_00001") == ids["bbb_00001"]
+    assert tracking.find_child_run(tiny_cfg, pid, "raydistill.trial_id", "ccc_00002") is None
+    assert {r["run_id"] for r in tracking.child_runs(tiny_cfg, pid)} == set(ids.values())
