@@ -312,12 +312,36 @@ class TuneConfig:
     loss: list[str] = field(default_factory=lambda: ["forward_kl"])
     """Choices of train.loss."""
     seed: int = 0
-    """Seed of the search."""
+    """Seed of the search (random search and Optuna's TPE sampler: the same seed gives the same trials)."""
+    search: Literal["random", "optuna"] = "random"
+    """``random``: Tune's random sampling of the space; ``optuna``: Optuna's TPE (model-based: later trials
+    sample near the best so far) through Ray Tune's ``OptunaSearch``. ASHA stops weak trials either way."""
+    optuna_startup_trials: int = 4
+    """``optuna``: trials sampled at random before TPE models the results."""
+    max_concurrent_trials: int | None = None
+    """Trials running at once; ``null`` = as many as the cluster's CPUs fit (``train.num_workers`` ×
+    ``train.cpus_per_worker`` each)."""
+    max_failures: int = 1
+    """Times Tune retries a trial whose driver fails; a retried trial continues from its last checkpoint in
+    the same MLflow child run (worker failures inside a trial are ``train.max_failures``)."""
+    lora_r: list[int] = field(default_factory=list)
+    """Choices of student.peft.r (only with ``student.peft.method: lora``); empty = not searched."""
+    lora_alpha: list[int] = field(default_factory=list)
+    """Choices of student.peft.lora_alpha (only with ``student.peft.method: lora``); empty = not searched."""
+    student_layers: list[list[int]] = field(default_factory=list)
+    """Choices of student.layers (teacher layers copied into the student, e.g. ``[[0, 29], [0, 10, 20, 29]]``);
+    empty = not searched. Each trial then builds its own initial student."""
 
     def __post_init__(self):
-        _positive(self, "num_samples", "steps", "grace_period")
+        _positive(self, "num_samples", "steps", "grace_period", "optuna_startup_trials")
         if len(self.lr) != 2 or not 0 < self.lr[0] <= self.lr[1]:
             raise ConfigError("tune.lr must be [low, high] with 0 < low <= high")
+        if self.max_concurrent_trials is not None and self.max_concurrent_trials <= 0:
+            raise ConfigError(f"tune.max_concurrent_trials must be >= 1 or null (got {self.max_concurrent_trials})")
+        if self.max_failures < 0:
+            raise ConfigError(f"tune.max_failures must be >= 0 (got {self.max_failures})")
+        if any(not layers for layers in self.student_layers):
+            raise ConfigError("tune.student_layers: every choice must name at least one teacher layer, e.g. [[0, 29]]")
 
 
 @dataclass
@@ -629,6 +653,10 @@ class PipelineConfig:
                                   f"only at cache.temperature={c.temperature}; use that temperature, or set "
                                   "cache.sampled_logprobs=true (re-weighting to another temperature needs the "
                                   "stored log-probs)")
+        lora = [k for k in ("lora_r", "lora_alpha") if getattr(self.tune, k)]
+        if lora and self.student.peft.method != "lora":
+            raise ConfigError(f"tune.{lora[0]} searches a LoRA setting but student.peft.method is "
+                              f"{self.student.peft.method!r}: set student.peft.method=lora or tune.{lora[0]}=[]")
 
 
 # ---------------------------------------------------------------------------------------------------------

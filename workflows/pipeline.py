@@ -1,4 +1,5 @@
-"""Run every stage in order: cache → tune → train → quantize → register → promote → serve (one request).
+"""Run every stage in order: cache → tune → train → quantize → register → promote → serve (one request), then
+draw the report (``run_dir/report/index.html``; its path is printed at the end: ``report: PATH``).
 
     raydistill pipeline                      # SmolLM2-135M → 4-layer student on Shakespeare
     raydistill pipeline --config tiny        # a tiny random teacher, a few minutes
@@ -87,8 +88,12 @@ def _run_once(cfg: PipelineConfig, serve: bool) -> dict:
         timings["serve"] = round(time.time() - t0, 1)
     timings["total"] = round(time.time() - started, 1)
     summary = build_summary(cfg, results, served, timings)
+    summary["report"] = str(Path(cfg.run_dir, "report", "index.html").resolve())
     atomic_write_json(Path(cfg.run_dir, "summary.json"), summary, default=str)
     print_summary(summary)
+    print("\n=== raydistill report ===", flush=True)
+    importlib.import_module(VERBS["report"].module).run(cfg)
+    print(f"report: {summary['report']}", flush=True)
     if served and cfg.serve.keep_serving:
         _block_until_interrupt()
     return summary

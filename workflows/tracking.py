@@ -358,3 +358,38 @@ def download_version(tracking_uri: str, uri: str, dst: str | os.PathLike) -> tup
     location = client.get_model_version_download_uri(mv.name, mv.version)
     local = mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(dst), tracking_uri=tracking_uri)
     return Path(local), mv
+
+
+# ------------------------------------------------------------------------------------- reading runs back (report)
+
+def metric_histories(cfg: PipelineConfig, run_id: str, keys: tuple[str, ...]) -> dict[str, list[tuple[int, float]]]:
+    """``{key: [(step, value), …]}`` of run ``run_id``, sorted by step, one value per step (the last logged)."""
+    c = MlflowClient(cfg.tracking_uri)
+    out = {}
+    for key in keys:
+        by_step = {m.step: m.value for m in sorted(c.get_metric_history(run_id, key), key=lambda m: m.timestamp)}
+        out[key] = sorted(by_step.items())
+    return out
+
+
+def child_runs(cfg: PipelineConfig, parent_run_id: str) -> list[dict]:
+    """The child runs of ``parent_run_id`` (Tune's trials): ``{"run_id", "name", "tags", "params"}`` each."""
+    c = MlflowClient(cfg.tracking_uri)
+    parent = c.get_run(parent_run_id)
+    runs = c.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                         max_results=1000)
+    return [{"run_id": r.info.run_id, "name": r.info.run_name, "tags": dict(r.data.tags),
+             "params": dict(r.data.params)} for r in runs]
+
+
+def find_child_run(cfg: PipelineConfig, parent_run_id: str, tag: str, value: str) -> str | None:
+    """The id of the child run of ``parent_run_id`` tagged ``tag=value`` (a retried trial reuses it), or None."""
+    setup(cfg)
+    found = [r for r in child_runs(cfg, parent_run_id) if r["tags"].get(tag) == value]
+    return found[0]["run_id"] if found else None
+
+
+def log_artifacts_to(cfg: PipelineConfig, run_id: str, local_dir: str | os.PathLike, artifact_path: str) -> None:
+    """Every file under ``local_dir`` as artifacts of the (finished) run ``run_id`` under ``artifact_path``."""
+    setup(cfg)
+    MlflowClient(cfg.tracking_uri).log_artifacts(run_id, str(local_dir), artifact_path)

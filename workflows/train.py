@@ -52,8 +52,9 @@ PRESET_DIR = Path(__file__).resolve().parent.parent / "cluster" / "deepspeed"
 
 # ---------------------------------------------------------------------------------------------- driver side
 
-def prepare_student(cfg: PipelineConfig) -> Path:
-    """Build the initial student from the teacher once (``<run_dir>/train/init``); reused while the key holds.
+def prepare_student(cfg: PipelineConfig, init_dir: str | Path | None = None) -> Path:
+    """Build the initial student from the teacher once (``init_dir``, default ``<run_dir>/train/init``; a Tune
+    trial searching ``student.layers`` has its own); reused while the key holds.
 
     With ``train.init_from`` its weights are those of the resolved version or directory
     (:func:`workflows.continual.resolve`). ``init_key.json`` also records both models' shapes, the copied teacher
@@ -63,7 +64,7 @@ def prepare_student(cfg: PipelineConfig) -> Path:
     from raydistill.tasks.students import write_init_student
     from raydistill.workflows.continual import resolve
 
-    init_dir = Path(cfg.run_dir, "train", "init")
+    init_dir = Path(init_dir or Path(cfg.run_dir, "train", "init"))
     spec = {k: v for k, v in to_dict(cfg.student).items() if k != "peft"}  # adapters are added per worker
     warm = resolve(cfg)  # train.init_from: None, or the weights the student starts from (weights_sha256 keys them)
     warm_key = warm and {k: warm.get(k) for k in ("source", "version", "weights_sha256")}
@@ -158,15 +159,18 @@ def train_driver(cfg: PipelineConfig, *, run_name: str, storage_path: str, callb
     n_train = len(cache.shards("train"))
     if n_train < tc.num_workers:
         raise ConfigError(f"the cache has {n_train} train shards but train.num_workers={tc.num_workers}")
-    layer_map = [] if init_dir else init_info(cfg, prepare_student(cfg))["layer_map"]
-    init_dir = Path(init_dir or prepare_student(cfg))
+    init_dir = Path(init_dir) if init_dir else prepare_student(cfg)
+    # a directory prepare_student built (the run's or a Tune trial's own) says which teacher layers map to which
+    # student layers; a trained student handed in to continue from (QAD) has no hidden-state heads to train
+    built = (init_dir / "init_key.json").exists()
+    info = init_info(cfg, init_dir) if built else {"layer_map": []}
     out = Path(output_dir or Path(cfg.run_dir, "train")).resolve()
     device = plan_device(cfg.cluster.device, ray.cluster_resources().get("GPU", 0))
     scaling_config, torch_config = scaling(tc, device, cfg.cluster.spread)
     loop_config = {"cfg": to_dict(cfg), "steps": steps or tc.steps, "init_dir": str(init_dir.resolve()),
                    "device": device,
                    "output_dir": str(out), "tracking_uri": cfg.tracking_uri if mlflow_run_id else None,
-                   "mlflow_run_id": mlflow_run_id, "layer_map": layer_map, "qad": qad}
+                   "mlflow_run_id": mlflow_run_id, "layer_map": info["layer_map"], "qad": qad}
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config=loop_config,
@@ -180,7 +184,7 @@ def train_driver(cfg: PipelineConfig, *, run_name: str, storage_path: str, callb
     metrics = json.loads((out / "metrics.json").read_text())
     return {"metrics": metrics, "student_dir": str(out / "student"), "metrics_path": str(out / "metrics.json"),
             "checkpoint": result.checkpoint.path if result.checkpoint else None, "steps": metrics["step"],
-            "init_from": json.loads((init_dir / "init_key.json").read_text())["info"].get("init_from")}
+            "init_from": info.get("init_from")}
 
 
 # ---------------------------------------------------------------------------------------------- worker side

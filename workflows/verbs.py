@@ -60,8 +60,10 @@ VERBS: dict[str, Verb] = {
         reads=("teacher", "corpus", "cache", "student", "train", "registry.model_name"), uses=("cluster",),
         needs=("cache",)),
     "tune": Verb(
-        "raydistill.workflows.tune", "search alpha, T, lr, loss over the same cache (Ray Tune + ASHA)",
-        reads=("teacher", "corpus", "cache", "student", "train", "tune", "registry.model_name"), uses=("cluster",),
+        "raydistill.workflows.tune", "search alpha, T, lr, loss (LoRA, layers) over the same cache (Tune + ASHA)",
+        # registry.gate: the best trial is the lowest held-out loss among trials passing the gate's thresholds
+        reads=("teacher", "corpus", "cache", "student", "train", "tune", "registry.model_name", "registry.gate"),
+        uses=("cluster",),
         needs=("cache",)),
     "quantize": Verb(
         "raydistill.workflows.quantize",
@@ -85,6 +87,9 @@ VERBS: dict[str, Verb] = {
         actions=("run", "once")),  # once: start, answer one demo request (serve.prompt), stop
     "pipeline": Verb(
         "raydistill.workflows.pipeline", "run every stage in order, skipping finished ones", reads=_ALL),
+    "report": Verb(
+        "raydistill.workflows.report", "draw run_dir/report/index.html: curves, teacher vs students, trials, cache",
+        uses=("registry.gate",)),  # not a stage: redrawn every time from the records of the stages that ran
     "submit": Verb(
         "raydistill.workflows.submit", "submit a verb as a Ray job to a remote cluster (the config travels)",
         reads=("submit",)),

@@ -39,6 +39,8 @@ def test_tiny_pipeline_end_to_end_then_rerun_is_free(tmp_path, ray_cluster, caps
     assert len(summary["served"]["token_logprobs"]) > 0
     out = capsys.readouterr().out
     assert "raydistill summary" in out and chosen in out
+    # the last step draws the report and prints its path (Ray's worker logs may still follow it)
+    assert Path(summary["report"]).is_file() and f"\nreport: {summary['report']}\n" in out
 
     # the champion alias really is in the registry
     from mlflow.tracking import MlflowClient

@@ -1,0 +1,170 @@
+"""Tune for real on the tiny cache, then the report of that run in headless Chromium (one module, one cluster).
+
+One ``pipeline`` run (no Serve) with 2 Optuna trials run one at a time: a Ray Train worker of the first trial is
+SIGKILLed after its step-4 checkpoint and Ray Train restarts it from there inside the same trial (and MLflow child
+run); ASHA stops the second (seed 4 draws lr 2.3e-2 then 9.3e-6: at the first report the second is far worse);
+the final student, quantize, register, promote, then the report. Slow: 7-9 minutes on 2 busy cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from raydistill.tasks.config import load_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+TRIALS, STEPS = 2, 8
+REPORTS = [2, 4, 6, 8]  # eval_every 2: ASHA decides at the first report (and the fourth)
+
+
+def _kill_a_train_worker_after_a_checkpoint(storage: Path, alive) -> str | None:
+    """SIGKILL one Ray Train worker (a descendant of this process) once a trial has a checkpoint at step >= 4;
+    returns that trial's id (its Train run is ``<storage>/trial-<id>``; trials run one at a time).
+
+    Not at the first checkpoint: its files land in storage before Ray Train registers it, and a worker killed in
+    between restarts from step 0 (seen here); by the step-4 checkpoint the step-2 one is registered (the same
+    wait as test_train's kill test)."""
+    import psutil
+
+    deadline = time.time() + 600
+    while time.time() < deadline and alive():
+        steps = {p: json.loads(p.read_text())["step"] for p in storage.glob("trial-*/checkpoint_*/state.json")}
+        done = [p for p, step in steps.items() if step >= 4]
+        if done:
+            me = os.getpid()
+            workers = [p for p in psutil.process_iter(["cmdline"])
+                       if "RayTrainWorker" in " ".join(p.info["cmdline"] or []) and me in {a.pid for a in p.parents()}]
+            if workers:
+                os.kill(workers[0].pid, signal.SIGKILL)
+                return done[0].parent.parent.name.removeprefix("trial-")
+        time.sleep(0.1)
+    return None
+
+
+@pytest.fixture(scope="module")
+def tuned_run(tiny_cached):
+    """The pipeline over ``tiny_cached``'s run dir, with a trial's worker killed mid-trial."""
+    from raydistill.workflows import pipeline
+
+    cfg = load_config("tiny", [f"run_dir={tiny_cached.run_dir}", "pipeline.serve=false", "tune.search=optuna",
+                               f"tune.num_samples={TRIALS}", f"tune.steps={STEPS}", "tune.max_concurrent_trials=1",
+                               "tune.lr=[1e-6,3e-2]", "tune.optuna_startup_trials=2", "tune.seed=4",
+                               "train.eval_every=2", "train.checkpoint_every=2", "train.max_failures=1"])
+    results, errors = [], []
+
+    def go():
+        try:
+            results.append(pipeline.run(cfg))
+        except Exception as e:  # surfaced by the asserts of the tests
+            errors.append(e)
+
+    thread = threading.Thread(target=go)
+    thread.start()
+    killed = _kill_a_train_worker_after_a_checkpoint(Path(cfg.run_dir, "tune", "ray"), thread.is_alive)
+    thread.join(timeout=1200)
+    assert not errors, errors
+    return cfg, results[0], killed
+
+
+def test_a_trial_whose_worker_was_killed_resumes_from_its_checkpoint_in_one_mlflow_run(tuned_run):
+    from mlflow.tracking import MlflowClient
+
+    from raydistill.workflows import tracking
+
+    cfg, summary, killed = tuned_run
+    assert killed is not None, "no checkpoint at step 4 or no Ray Train worker process found"
+    best = json.loads(Path(cfg.run_dir, "tune", "best.json").read_text())
+    trials = best["trials"]
+    assert len(trials) == TRIALS and all(t["error"] is None for t in trials)
+    children = tracking.child_runs(cfg, best["mlflow_parent_run_id"])
+    by_trial = {c["tags"]["raydistill.trial_id"]: c for c in children}
+    assert len(children) == TRIALS and set(by_trial) == {t["trial_id"] for t in trials}, "one child run per trial"
+    victim = {t["trial_id"]: t for t in trials}[killed]
+    assert victim["reports"] == len(REPORTS) and victim["step"] == STEPS, "the killed trial finished its budget"
+    victim_run = by_trial[killed]["run_id"]
+    # a restart from scratch would evaluate the init student again (step 0 is always logged): from the checkpoint
+    # it does not
+    assert len(MlflowClient(cfg.tracking_uri).get_metric_history(victim_run, "init_heldout_loss")) == 1
+    for t in trials:  # each step once in the trial's one run, across the restart of the killed one
+        history = tracking.metric_histories(cfg, by_trial[t["trial_id"]]["run_id"], ("loss", "heldout_loss"))
+        if not t["stopped"]:
+            assert [s for s, _ in history["loss"]] == list(range(1, STEPS + 1)), t["trial_id"]
+            assert [s for s, _ in history["heldout_loss"]] == REPORTS, t["trial_id"]
+
+
+def test_asha_stopped_trials_are_marked_and_free_their_workers(tuned_run):
+    import ray
+    from ray.util.state import list_actors
+
+    cfg, summary, _ = tuned_run
+    trials = json.loads(Path(cfg.run_dir, "tune", "best.json").read_text())["trials"]
+    for t in trials:
+        assert t["stopped"] == (t["reports"] < len(REPORTS))
+    stopped = [t for t in trials if t["stopped"]]
+    assert stopped, f"ASHA stopped no trial: {[(t['params']['lr'], t['heldout_loss']) for t in trials]}"
+    # the final training run after the search needs both CPUs of this cluster: it ran, so the stopped trial's
+    # workers gave theirs back; and no Train worker is left alive now
+    assert all(t["reports"] >= 1 for t in trials)
+    assert summary["stage_seconds"]["train"] > 0
+    workers = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "TrainWorker" in a.class_name]
+    assert workers == [], "Train workers outlived their trials"
+    assert ray.available_resources().get("CPU") == ray.cluster_resources().get("CPU")
+
+
+def test_the_best_trial_passes_the_gate_and_trains_the_final_student(tuned_run):
+    cfg, summary, _ = tuned_run
+    best = json.loads(Path(cfg.run_dir, "tune", "best.json").read_text())
+    assert "passing the gate" in best["choice"]
+    assert summary["tuned"] == best["params"]
+    train = json.loads(Path(cfg.run_dir, "stages", "train.json").read_text())
+    assert train["outputs"]["metrics"]["step"] == cfg.train.steps
+
+
+def _render(index: Path, screenshot: Path) -> list[dict]:
+    """Load the page in headless Chromium; every <img>'s natural size (0 x 0: it did not load)."""
+    from selenium import webdriver
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = shutil.which("chromium")
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,900"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(options=opts, service=webdriver.ChromeService(shutil.which("chromedriver")))
+    try:
+        driver.get(index.as_uri())
+        images = driver.execute_script("return Array.from(document.images).map(i => ({alt: i.alt, "
+                                       "complete: i.complete, w: i.naturalWidth, h: i.naturalHeight}))")
+        driver.save_screenshot(str(screenshot))
+    finally:
+        driver.quit()
+    return images
+
+
+@pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")),
+                    reason="needs Debian's chromium + chromium-driver (.ci/run installs them)")
+def test_the_report_renders_every_figure_in_a_headless_browser_and_is_logged_to_the_version(tuned_run, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    cfg, summary, _ = tuned_run
+    index = Path(summary["report"])
+    page = index.read_text()
+    assert "<script" not in page.lower() and "https://" not in page and "http://" not in page
+    images = _render(index, tmp_path / "report.png")
+    assert {i["alt"] for i in images} == {"curves", "models", "trials", "cache"}
+    assert all(i["complete"] and i["w"] > 300 and i["h"] > 200 for i in images), images
+    assert (tmp_path / "report.png").stat().st_size > 10_000
+    for row in ("student fp32", "student int8", "teacher"):
+        assert f"<td>{row}</td>" in page
+    reg = json.loads(Path(cfg.run_dir, "register", "version.json").read_text())
+    assert f"Lineage of {reg['name']} version {reg['version']}" in page
+    logged = {a.path for a in MlflowClient(cfg.tracking_uri).list_artifacts(reg["run_id"], "report")}
+    assert {"report/index.html", "report/curves.png", "report/models.png", "report/trials.png",
+            "report/cache.png"} <= logged
