@@ -10,6 +10,7 @@ Installing raydistill claims this one top-level name. ``docs/internals.md`` maps
 """
 
 import importlib
+import logging
 import shutil
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -21,6 +22,12 @@ except PackageNotFoundError:  # pragma: no cover - running from a tree that was 
 
 
 LAYERS = ("tasks", "workflows", "cluster")
+
+# peft imports torchao whenever it is installed (raydistill pins it for quantization); on a CPU-only torch, torchao
+# warns on every import that its CUDA kernels failed to load and torch's pytree that torchao registers enums the
+# old way. Neither is actionable for a user, so every command would open with four lines of noise: keep errors only.
+for _noisy in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)
 
 
 def copy_package(dest: Path, layers: tuple[str, ...] = LAYERS) -> Path:
