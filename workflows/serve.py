@@ -93,7 +93,10 @@ class DirectoryLoader:
             method = quantize.read_quantization_info(self.model_dir)["method"]
             model = quantize.load_quantized(self.model_dir)
         else:
-            model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype="float32").eval()
+            from raydistill.tasks.guard import refuse_pickle
+
+            model = AutoModelForCausalLM.from_pretrained(refuse_pickle(self.model_dir), dtype="float32",
+                                                         use_safetensors=True).eval()
         info = {"name": os.path.basename(os.path.normpath(self.model_dir)), "version": None,
                 "model_uri": os.path.abspath(self.model_dir), "quantized": method is not None,
                 "quantization": method}

@@ -21,10 +21,10 @@ from torch import nn
 from raydistill.tasks.quantize.legacy import quantize_dynamic_int8, quantized_layers
 from raydistill.tasks.quantize.methods import (EMBEDDING, METHOD_BITS, METHODS, apply_plan, fake_quantize_model,
                                                is_tied, uniform_plan, unwrap)
-from raydistill.tasks.quantize.store import (UnsafeCheckpointError, load_quantized, model_file_size,
+from raydistill.tasks.quantize.store import (META_FILE, UnsafeCheckpointError, load_quantized, model_file_size,
                                              read_quantization_info, save_quantized)
 
-__all__ = ["METHODS", "quantize", "save_quantized", "load_quantized", "model_file_size", "read_quantization_info",
+__all__ = ["METHODS", "META_FILE", "quantize", "save_quantized", "load_quantized", "model_file_size", "read_quantization_info",
            "quantize_dynamic_int8", "quantized_layers", "fake_quantize_model", "UnsafeCheckpointError",
            "higher_precision"]
 

@@ -11,6 +11,35 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(scope="session")
+def _gloo_group():
+    """One gloo process group for every in-process DeepSpeed engine of the session. Session-wide, not per module:
+    DeepSpeed caches the groups it derives from the first one it sees, so a group destroyed and created anew
+    makes the next engine fail with "Group ... is not registered"."""
+    import socket
+
+    import torch.distributed as dist
+
+    created = not dist.is_initialized()
+    if created:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    if created:
+        dist.destroy_process_group()
+
+
+@pytest.fixture
+def process_group(_gloo_group, monkeypatch):
+    """A one-process gloo group for in-process DeepSpeed (Ray Train sets one up in real workers).
+
+    LOCAL_RANK is set per test only: a Ray cluster started later in this process must not inherit it.
+    """
+    monkeypatch.setenv("LOCAL_RANK", "0")  # DeepSpeed asserts on it
+
+
 @pytest.fixture(scope="module")
 def s3_server():
     """``moto_server`` on a free port; yields an ``s3://`` URI factory ``uri(prefix)`` (bucket ``rd-cluster``,

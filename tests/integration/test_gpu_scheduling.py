@@ -7,7 +7,6 @@ the fix; the DeepSpeed config built for GPUs (bf16) trains and checkpoints (on D
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -106,17 +105,10 @@ def test_the_cache_stage_on_a_gpu_with_cpu_only_torch_stops_with_a_clear_error(g
     assert "set cluster.device=cpu" in str(e.value) and e.value.exit_code == 2
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_the_bf16_deepspeed_config_built_for_gpus_trains_and_checkpoints(tmp_path, monkeypatch):
+def test_the_bf16_deepspeed_config_built_for_gpus_trains_and_checkpoints(tmp_path, process_group):
     """DeepSpeed's CPU accelerator runs bf16 too: the GPU config (ZeRO-2, bf16) through the shared step loop and
     the checkpoint writer, so the GPU run differs from this one only by the device."""
     import deepspeed
-    import torch.distributed as dist
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from raydistill.tasks.data import Batch, DataPosition
@@ -125,29 +117,22 @@ def test_the_bf16_deepspeed_config_built_for_gpus_trains_and_checkpoints(tmp_pat
     from raydistill.workflows import checkpoint as ckpt
     from raydistill.workflows.train import deepspeed_config
 
-    monkeypatch.setenv("LOCAL_RANK", "0")
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    try:
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        torch.manual_seed(0)
-        model = StudentWithHeads(LlamaForCausalLM(LlamaConfig(
-            vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, tie_word_embeddings=True)))
-        tc = TrainConfig(zero_stage=2, micro_batch_size=2, lr=1e-2, warmup_steps=0, alpha=1.0)
-        ds = deepspeed_config(tc, 1, "cuda")
-        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2),
-                                          config=ds)
-        assert ds["bf16"]["enabled"] and next(engine.module.parameters()).dtype == torch.bfloat16
-        ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
-        stream = iter([(Batch(ids[:, :-1], ids[:, 1:], None), DataPosition(0, 0, i)) for i in range(2)])
-        losses = [s.metrics["loss"] for s in train_steps(engine, stream, tc, total=2)]
-        assert losses[1] < losses[0]  # the same batch twice: the bf16 step learned
-        d = ckpt.write_checkpoint(engine, 2, 0, 2, DataPosition(0, 0, 2), {})
-        assert ckpt.optimizer_tensors(engine)["0.exp_avg"].dtype == torch.float32  # fp32 moments beside bf16
-        assert sorted(os.listdir(d)) == ["data_rank0.json", "model.safetensors", "optim_rank0.safetensors",
-                                         "state.json"]
-    finally:
-        if created:
-            dist.destroy_process_group()
+    # the session's gloo group (tests/integration/conftest.py), shared with test_train's in-process engines
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    torch.manual_seed(0)
+    model = StudentWithHeads(LlamaForCausalLM(LlamaConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True)))
+    tc = TrainConfig(zero_stage=2, micro_batch_size=2, lr=1e-2, warmup_steps=0, alpha=1.0)
+    ds = deepspeed_config(tc, 1, "cuda")
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2),
+                                      config=ds)
+    assert ds["bf16"]["enabled"] and next(engine.module.parameters()).dtype == torch.bfloat16
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+    stream = iter([(Batch(ids[:, :-1], ids[:, 1:], None), DataPosition(0, 0, i)) for i in range(2)])
+    losses = [s.metrics["loss"] for s in train_steps(engine, stream, tc, total=2)]
+    assert losses[1] < losses[0]  # the same batch twice: the bf16 step learned
+    d = ckpt.write_checkpoint(engine, 2, 0, 2, DataPosition(0, 0, 2), {})
+    assert ckpt.optimizer_tensors(engine)["0.exp_avg"].dtype == torch.float32  # fp32 moments beside bf16
+    assert sorted(os.listdir(d)) == ["data_rank0.json", "model.safetensors", "optim_rank0.safetensors",
+                                     "state.json"]

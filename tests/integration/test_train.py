@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -21,33 +20,6 @@ import torch
 from raydistill.tasks.config import TrainConfig, load_config
 
 pytestmark = pytest.mark.integration
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def _gloo_group():
-    import torch.distributed as dist
-
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    yield
-    if created:
-        dist.destroy_process_group()
-
-
-@pytest.fixture
-def process_group(_gloo_group, monkeypatch):
-    """A one-process gloo group for in-process DeepSpeed (Ray Train sets one up in real workers).
-
-    LOCAL_RANK is set per test only: a Ray cluster started later in this process must not inherit it.
-    """
-    monkeypatch.setenv("LOCAL_RANK", "0")  # DeepSpeed asserts on it
 
 
 def _engine(stage: int, seed: int = 0, weights: Path | None = None, optim: dict | None = None, offload=False):

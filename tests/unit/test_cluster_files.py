@@ -74,10 +74,11 @@ def _dockerfile(rel: str) -> list[tuple[str, str]]:
 
 
 def _commented_commands(rel: str) -> list[list[str]]:
-    """The ``raydistill …`` commands a file's comments tell users to run (continuation lines joined)."""
+    """The ``raydistill …`` commands a file's comments tell users to run (continuation lines joined; leading
+    ``VAR=value`` environment assignments such as ``RAY_AUTH_MODE=token`` dropped)."""
     lines = [line.lstrip("# ").rstrip() for line in (ROOT / rel).read_text().splitlines() if line.startswith("#")]
     text = re.sub(r"\\\s*\n\s*", " ", "\n".join(lines))
-    return [shlex.split(m) for m in re.findall(r"^(raydistill\s.*)$", text, flags=re.M)]
+    return [shlex.split(m) for m in re.findall(r"^(?:[A-Z_][A-Z0-9_]*=\S+\s+)*(raydistill\s.*)$", text, flags=re.M)]
 
 
 def _check_command(argv: list[str], where: str) -> None:
