@@ -40,22 +40,35 @@ def weights_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _float_tensor(module: torch.nn.Module, attr: str) -> torch.Tensor | None:
+    """``module.<attr>`` as a float tensor, whatever quantized layer holds it: raydistill's integer layers
+    (``weight_float``; an embedding's ``weight`` is already dequantized), the old torch.ao packed layers
+    (``weight()``/``bias()`` methods returning quantized tensors) and torchao's tensor subclasses (``dequantize``)."""
+    from raydistill.tasks.quantize.qlinear import QuantLinear
+
+    if isinstance(module, QuantLinear) and attr == "weight":
+        return module.weight_float()
+    value = getattr(module, attr)
+    if callable(value):
+        value = value()
+    if value is not None and (getattr(value, "is_quantized", False)
+                              or (type(value) not in (torch.Tensor, torch.nn.Parameter) and hasattr(value, "dequantize"))):
+        value = value.dequantize()
+    return value
+
+
 def _dequantized(model_dir: Path) -> PreTrainedModel:
-    """A float32 model holding the dequantized weights of an int8 model directory (``tasks.quantize`` layout)."""
-    from raydistill.tasks.quantize import load_quantized, quantized_layers
+    """A float32 model holding the dequantized weights of a quantized model directory (``tasks.quantize``, any
+    method: every parameter of the float architecture is read from the module that holds it in the quantized
+    model)."""
+    from raydistill.tasks.quantize import load_quantized
 
     q = load_quantized(model_dir)
-    layers = set(quantized_layers(q))
     fp = AutoModelForCausalLM.from_config(q.config, dtype=torch.float32)
-    qstate = q.state_dict()
     state = {}
     for name in fp.state_dict():
         owner, _, attr = name.rpartition(".")
-        if owner in layers:
-            module = q.get_submodule(owner)
-            state[name] = module.weight().dequantize() if attr == "weight" else module.bias()
-        else:
-            state[name] = qstate[name]
+        state[name] = _float_tensor(q.get_submodule(owner), attr)
     fp.load_state_dict({k: v.detach().to(torch.float32).contiguous() for k, v in state.items()})
     return fp.eval()
 
