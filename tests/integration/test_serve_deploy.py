@@ -142,9 +142,11 @@ def test_killing_one_of_two_replicas_loses_at_most_its_in_flight_requests(deploy
         victim = sorted(replica_pids())[0]
         killed_at = time.time()
         os.kill(victim, signal.SIGKILL)
-        # the replacement is healthy within 30 s: 2 running replicas again, the victim not among them
-        wait(lambda: running_replicas() == 2 and victim not in replica_pids() and len(replica_pids()) == 2, 30,
-             "no healthy replacement within 30 s")
+        # a healthy replacement: 2 running replicas again, the victim not among them. The 30 s is a speed
+        # target, measured by benchmarks/serve.py (replica_kill_recovery_s); here the bound only has to catch a
+        # replica that never comes back (it took 30.1 s once on 2 cores shared by three test runs)
+        wait(lambda: running_replicas() == 2 and victim not in replica_pids() and len(replica_pids()) == 2, 90,
+             "no healthy replacement within 90 s")
         time.sleep(1)
     finally:
         stop.set()
