@@ -98,7 +98,8 @@ def test_round_trip(tmp_path, fmt):
 
 
 def test_sampled_reruns_draw_the_same_and_are_unbiased():
-    logits = torch.randn(1, 3, V) * 2
+    # seeded: with the global RNG, a 5-sigma bound over every entry of 3 x V estimates failed for some test orders
+    logits = torch.randn(1, 3, V, generator=torch.Generator().manual_seed(0)) * 2
     p = torch.softmax(logits[0], -1)
     a = sampled.encode(logits, sampled.Params(16), 1.0, [window_generator("k", 0)])
     b = sampled.encode(logits, sampled.Params(16), 1.0, [window_generator("k", 0)])
