@@ -19,16 +19,17 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from raydistill.tasks.fileio import replace_dir
+from raydistill.tasks.guard import PICKLE_SUFFIXES, PickleRefusedError
 from raydistill.tasks.quantize import legacy
 from raydistill.tasks.quantize.methods import METHODS, rebuild
 
 FORMAT_VERSION = 2
 WEIGHTS_FILE, META_FILE, ADAPTER_DIR = "model.safetensors", "quantization.json", "adapter"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
-class UnsafeCheckpointError(ValueError):
-    """A model directory holds a pickle file (arbitrary code on load): refused."""
+class UnsafeCheckpointError(PickleRefusedError, ValueError):
+    """A quantized model directory holds a pickle file (arbitrary code on load): refused (the same refusal as
+    :func:`raydistill.tasks.guard.refuse_pickle`, worded for a quantized export)."""
 
 
 def _tensors(model: nn.Module) -> dict:
@@ -68,7 +69,7 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | os.PathLike, reci
 
 def refuse_pickle(model_dir: Path) -> None:
     """Raise :class:`UnsafeCheckpointError` if any file under ``model_dir`` is a pickle format."""
-    bad = [p for p in model_dir.rglob("*") if p.suffix in PICKLE_SUFFIXES]
+    bad = [p for p in model_dir.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES]
     if bad:
         raise UnsafeCheckpointError(f"{bad[0]} is a pickle file; raydistill loads only safetensors. Remove it "
                                     "and re-export the model with save_quantized")
