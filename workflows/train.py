@@ -102,6 +102,10 @@ def deepspeed_config(tc: TrainConfig, world_size: int, device: str = "cpu") -> d
     if zero.get("stage", tc.zero_stage) != tc.zero_stage:
         raise ConfigError(f"{path} sets ZeRO stage {zero['stage']} but train.zero_stage is {tc.zero_stage}")
     zero["stage"] = tc.zero_stage
+    # DeepSpeed's ZeRO-3 "memory efficient linear" replaces torch.nn.functional.linear for the whole process and
+    # never restores it; torchao's quantized tensors (quantize methods, warm starts) registered against the real
+    # one then fail in that process. Off unless the JSON turns it on.
+    zero.setdefault("memory_efficient_linear", False)
     if tc.offload and "offload_optimizer" not in zero:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     ds.update(train_micro_batch_size_per_gpu=tc.micro_batch_size, gradient_accumulation_steps=tc.grad_accum,
