@@ -30,6 +30,7 @@ import yaml
 from raydistill import copy_package
 from raydistill.tasks.config import ConfigError, PipelineConfig, dump_yaml, to_dict
 from raydistill.tasks.errors import JobError
+from raydistill.tasks.guard import redact
 from raydistill.workflows.verbs import VERBS
 
 _ACTIVE = {"PENDING", "RUNNING"}
@@ -135,7 +136,8 @@ def run(cfg: PipelineConfig, action: str | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="raydistill-job-") as tmp:
         job = build_job(cfg, command, s.upload_code, Path(tmp))
         client.submit_job(entrypoint=job["entrypoint"], runtime_env=job["runtime_env"], submission_id=sid,
-                          metadata={"raydistill.verb": " ".join(command), "raydistill.run_dir": cfg.run_dir})
+                          # job metadata is readable by anyone who can list jobs: URL passwords masked
+                          metadata=redact({"raydistill.verb": " ".join(command), "raydistill.run_dir": cfg.run_dir}))
     print(f"submitted {sid}: {job['entrypoint']}\n  logs: raydistill job logs submit.job_id={sid} "
           f"submit.address={address} submit.follow=true")
     result = {"submission_id": sid, "entrypoint": job["entrypoint"], "address": address}

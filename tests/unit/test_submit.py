@@ -97,6 +97,17 @@ def test_cli_submit_ships_submit_verb_and_runs_nothing_else_locally(monkeypatch,
     assert "submitted raydistill-" in capsys.readouterr().out
 
 
+def test_job_metadata_masks_a_password_in_the_run_dir(monkeypatch):
+    clients = []
+    monkeypatch.setattr(submit, "jobs_client", lambda address: clients.append(FakeJobs(address)) or clients[-1])
+    argv = ["submit", "--config", "tiny", "run_dir=s3://alice:hunter2@store:9000/runs/x",
+            "submit.address=http://head:8265"]
+    assert cli.main(argv) == 0
+    (job,) = clients[0].submitted
+    assert "hunter2" not in str(job["metadata"])
+    assert job["metadata"]["raydistill.run_dir"].startswith("s3://alice:")
+
+
 def test_cli_submit_without_address_is_a_config_error(monkeypatch, capsys):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert cli.main(["submit", "--config", "tiny"]) == 2
