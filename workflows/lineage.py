@@ -46,6 +46,7 @@ def chain(cfg: PipelineConfig, uri: str) -> dict:
             "register_run_id": mv.run_id, "source": mv.source,
             "train_run_id": tags.get("lineage.train_run_id"),
             "tune_parent_run_id": tags.get("lineage.tune_parent_run_id"),
+            "init_from": tags.get("lineage.init_from"),
             "train_stage_key": tags.get("train.stage_key"), "quantize_stage_key": tags.get("quantize.stage_key"),
             "quantization": tags.get("raydistill.quantization"), "code_version": tags.get("code.version"),
             "config_sha256": tags.get("raydistill.config_sha256"),
@@ -66,6 +67,7 @@ def render(c: dict) -> str:
              f"  quantized           {c['quantization']}   (quantize stage {str(c['quantize_stage_key'])[:16]})",
              f"  trained in run      {c['train_run_id']}   (train stage {str(c['train_stage_key'])[:16]})",
              f"  tune parent run     {c['tune_parent_run_id']}",
+             f"  warm-started from   {c['init_from'] or 'none'}",
              f"  cache               {c['cache_key']}",
              f"    shards            {split['train']} train + {split['heldout']} held-out, keys sha256 "
              f"{c['cache_shards_sha256']} ({'verified' if s['verified'] else 'NOT verified'}: {s['why']})",

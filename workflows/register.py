@@ -9,6 +9,7 @@ pickle) and registers it as a new version of ``registry.model_name``. The versio
 the alias ``@challenger``; ``raydistill lineage models:/NAME/VERSION`` prints them as a chain:
 
 - ``lineage.train_run_id`` / ``lineage.tune_parent_run_id``: the MLflow runs of the train and tune stages;
+  ``lineage.init_from``: the version (or directory) a warm-started student began from (``train.init_from``);
 - ``cache.key`` (the cache manifest digest), ``cache.shards_sha256`` (sorted shard keys) and
   ``cache.heldout_digest`` (the held-out set, as the gate names it); the run's artifact ``lineage/shards.json``
   lists every shard (split, name, key, file, sha256) the student was trained and scored on;
@@ -135,11 +136,22 @@ def lineage_tags(cfg: PipelineConfig, key: str, report: dict) -> dict:
             "raydistill.quantization": str(report.get("method")), **_cache_lineage(cfg),
             **{k: str(v or "none") for k, v in runs.items()}}
     tags.update({f"{s}.stage_key": str(k) for s, k in stages.items()})
+    tags["lineage.init_from"] = _init_from_tag(((stage.read(cfg, "train") or {}).get("outputs") or {}).get("init_from"))
     for group in METRIC_GROUPS:
         for name, value in (report.get(group) or {}).items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 tags[f"metric.{group}.{name}"] = repr(float(value))
     return tags
+
+
+def _init_from_tag(init: dict | None) -> str:
+    """Where a warm-started student began (``train.init_from``): ``models:/NAME/VERSION`` or ``dir:PATH``, with the
+    weights' digest; ``none`` for a student built from the teacher."""
+    if not init:
+        return "none"
+    where = tracking.model_uri(init["name"], version=init["version"]) if init.get("version") is not None \
+        else f"dir:{init['dir']}"
+    return f"{where} weights_sha256={init.get('weights_sha256')}"
 
 
 def _requirements() -> list[str]:

@@ -98,6 +98,7 @@ def test_adding_files_twice_computes_only_their_shards_and_trains_from_the_champ
             _registered_weights(cfg, previous, tmp_path / f"p{previous}")
         tags = tracking.get_version(client, name, version).tags
         assert tags["gate.passed"] in ("true", "false") and tags["gate.champion_version"] == str(champion)
+        assert tags["lineage.init_from"].startswith(tracking.model_uri(name, version=champion) + " weights_sha256=")
         promoted = stage.read(cfg, "promote")["outputs"]
         assert promoted["version"] == version and promoted["promoted"] == (tags["gate.passed"] == "true")
         previous = version

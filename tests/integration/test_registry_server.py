@@ -237,6 +237,7 @@ def test_lineage_prints_the_chain_back_to_the_exact_cache_shards(base, capsys):
     chain = lineage.chain(cfg, uri)
     manifest = open_cache(cfg.cache_dir).manifest
     assert chain["cache_key"] == cache_key(manifest) and chain["train_run_id"] == train
+    assert chain["init_from"] == "none" and "warm-started from   none" in out  # built from the teacher
     listed = chain["shards"]["shards"]
     assert sorted(e["key"] for e in listed) == sorted(e["key"] for e in manifest["shards"])
     for e in listed:  # every listed file is the very file in the cache
