@@ -1,20 +1,14 @@
 """End to end: the whole pipeline on the tiny preset, for real (Ray, DeepSpeed, Tune, MLflow sqlite, Serve HTTP)."""
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
 
+from raydistill.cluster.local_cluster import free_ports
 from raydistill.tasks.config import load_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_tiny_pipeline_end_to_end_then_rerun_is_free(tmp_path, ray_cluster, capsys, monkeypatch):
@@ -23,7 +17,7 @@ def test_tiny_pipeline_end_to_end_then_rerun_is_free(tmp_path, ray_cluster, caps
 
     # a relative run_dir, as a user types it: Tune trials and Ray workers run in other directories
     monkeypatch.chdir(tmp_path)
-    cfg = load_config("tiny", ["run_dir=run", f"serve.port={_free_port()}"])
+    cfg = load_config("tiny", ["run_dir=run", f"serve.port={free_ports(1)[0]}"])
     summary = pipeline.run(cfg)
 
     rows = {r["model"]: r for r in summary["rows"]}

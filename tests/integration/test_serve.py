@@ -17,6 +17,7 @@ import requests
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from raydistill.cluster.local_cluster import free_ports
 from raydistill.tasks.config import load_config
 from raydistill.tasks.generate import complete
 from raydistill.tasks.openai_api import chat_prompt
@@ -24,12 +25,6 @@ from raydistill.tasks.quantize import quantize_dynamic_int8, save_quantized
 from raydistill.workflows import register, serve, stage, tracking
 
 pytestmark = pytest.mark.integration
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def register_tiny_version(cfg, tokenizer, seed: int, loss: float) -> int:
@@ -50,7 +45,7 @@ def register_tiny_version(cfg, tokenizer, seed: int, loss: float) -> int:
 @pytest.fixture(scope="module")
 def app(tmp_path_factory, ray_cluster, tiny_tokenizer):
     run_dir = tmp_path_factory.mktemp("serve") / "run"
-    cfg = load_config("tiny", [f"run_dir={run_dir}", f"serve.port={free_port()}", "serve.alias_poll_s=0.3",
+    cfg = load_config("tiny", [f"run_dir={run_dir}", f"serve.port={free_ports(1)[0]}", "serve.alias_poll_s=0.3",
                                "serve.max_prompt_tokens=64", "serve.max_batch_size=4",
                                "serve.batch_wait_timeout_s=0.2", "serve.num_cpus=1", "serve.max_body_bytes=4096", "serve.max_tokens_limit=256",
                                f"serve.request_timeout_s={REQUEST_TIMEOUT_S}"])

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-from test_serve import free_port, register_tiny_version
+from test_serve import register_tiny_version
 
+from raydistill.cluster.local_cluster import free_ports
 from raydistill.tasks.config import load_config
 from raydistill.workflows import serve, tracking
 
@@ -82,7 +83,7 @@ def deployed(tmp_path_factory, ray_cluster, tiny_tokenizer):
     cfg = load_config("tiny", [f"run_dir={run_dir}"])
     version = register_tiny_version(cfg, tiny_tokenizer, seed=1, loss=5.0)
     tracking.client(cfg).set_registered_model_alias(cfg.registry.model_name, "champion", str(version))
-    port = free_port()
+    port = free_ports(1)[0]
     yield cfg, version, port, run_dir.parent
     serve.shutdown_app()
 
