@@ -11,6 +11,7 @@ import os
 
 import ray
 
+from raydistill.cluster.local_cluster import free_ports
 from raydistill.tasks.config import ClusterConfig
 
 # Quiet, quick defaults for an embedded cluster; a user's environment wins.
@@ -41,9 +42,16 @@ def init_ray(cluster: ClusterConfig | None = None) -> None:
     for k in _job_env_vars():  # Ray refuses a ray.init that sets a variable the job's runtime env sets too
         env_vars.pop(k, None)
     if address:
+        if "://" not in address and address != "auto":  # a GCS address: the State API is found through it
+            env_vars.setdefault("RAY_API_SERVER_ADDRESS", address)  # (why: see the embedded case below)
         ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
     else:
         # The dashboard serves the State API, which Ray Train's placement-group cleaner needs to free the
-        # resources of a run whose controller was killed (e.g. a trial stopped early by ASHA).
+        # resources of a run whose controller was killed (e.g. a trial stopped early by ASHA). Its workers find
+        # the State API by auto-detection, which fails ("Found multiple active Ray instances") when another Ray
+        # runs on the host: the cleaner's thread dies, the placement group leaks and the next trial waits for
+        # its CPUs for ever. So the workers are told this cluster's dashboard address.
+        port = free_ports(1)[0]
+        env_vars.setdefault("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}")
         ray.init(num_cpus=cluster.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 runtime_env={"env_vars": env_vars}, log_to_driver=True)
+                 dashboard_port=port, runtime_env={"env_vars": env_vars}, log_to_driver=True)
