@@ -90,14 +90,27 @@ class LocalCluster:
             self._node("head", self.head, ["--head", f"--port={gcs}", "--dashboard-host=127.0.0.1",
                                            f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
                                            "--include-dashboard=true"])
-            self.wait_nodes(1)
+            self.wait_nodes(1, proc=self.procs["head"])
             for i in range(self.workers):
-                self.add_worker(self.worker, name=f"worker{i}")
-                self.wait_nodes(1 + self.workers)
+                self._join(f"worker{i}", 2 + i)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _join(self, name: str, n: int, attempts: int = 3) -> None:
+        """Start worker node ``name`` and wait until ``n`` nodes are alive, ``name`` among them. A ``ray start``
+        that exits before its node joins is started again: on a loaded machine its first call to the GCS can
+        exceed Ray's deadline ("Failed to get node info: Deadline Exceeded") and the process gives up."""
+        for attempt in range(1, attempts + 1):
+            proc = self.add_worker(self.worker, name=name)
+            try:
+                return self.wait_nodes(n, name, proc=proc)
+            except NodeExitedError as e:
+                if attempt == attempts:
+                    raise TimeoutError(f"worker node {name} did not join in {attempts} attempts: {e}") from None
+                print(f"[cluster] {name}: `ray start` exited before joining (attempt {attempt}); starting it again",
+                      file=sys.stderr)
 
     def add_worker(self, spec: NodeSpec, name: str, env: dict | None = None) -> subprocess.Popen:
         """Start one more worker node joining the head (``env`` replaces the node's auth env: tests start a
@@ -202,11 +215,14 @@ class LocalCluster:
         r.raise_for_status()
         return [n for n in r.json()["data"]["result"]["result"] if n["state"] == "ALIVE"]
 
-    def wait_nodes(self, n: int, name: str | None = None) -> None:
+    def wait_nodes(self, n: int, name: str | None = None, proc: subprocess.Popen | None = None) -> None:
         """Until ``n`` nodes are alive, one of them ``name`` if given (``TimeoutError`` with the nodes' logs after
-        ``timeout_s``)."""
+        ``timeout_s``; :class:`NodeExitedError` as soon as ``proc``, the node's ``ray start --block``, has ended)."""
         deadline, last = time.time() + self.timeout_s, None
         while time.time() < deadline:
+            if proc is not None and proc.poll() is not None:
+                raise NodeExitedError(f"`ray start` (pid {proc.pid}) exited with {proc.returncode}; logs: "
+                                      f"{self.root}/*.log")
             try:
                 nodes = self.nodes()
                 if len(nodes) >= n and (name is None or any(marker(name) in x["resources_total"] for x in nodes)):
@@ -216,6 +232,10 @@ class LocalCluster:
             time.sleep(1)
         logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in self.root.glob("*.log"))
         raise TimeoutError(f"{n} Ray nodes not alive after {self.timeout_s:.0f} s ({last}); logs:\n{logs}")
+
+
+class NodeExitedError(RuntimeError):
+    """A node's ``ray start --block`` ended before the node joined the cluster."""
 
 
 def marker(name: str) -> str:
