@@ -240,7 +240,7 @@ def run(cfg: PipelineConfig, action: str | None = None) -> dict:
     out_dir = cfg.stage_dir("quantize")
     shards, totals = heldout_shards(cfg)
     tokenizer = AutoTokenizer.from_pretrained(student_dir)
-    fp32_model = load_student(student_dir)
+    fp32_model = load_student(student_dir, unmerge_lora=cfg.quantize.lora == "adapter")
     fp32 = score(cfg, fp32_model, tokenizer, shards, student_dir)
     rows, notes = {}, {}
     for method in tried:

@@ -271,6 +271,21 @@ def test_a_lora_student_ships_as_quantized_base_plus_float_adapter(tmp_path, met
     assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
 
 
+def test_a_saved_lora_student_loads_back_unmerged_for_the_adapter_export(tmp_path):
+    """save_student writes the merged weights (what training, eval and merge-export read) and the LoRA adapter;
+    ``unmerge_lora`` takes the update back out, so the quantize stage can quantize the base alone."""
+    from raydistill.tasks.students import load_student, save_student
+
+    student = _trained_lora(llama())
+    save_student(student, None, tmp_path / "student")
+    merged, unmerged = load_student(tmp_path / "student"), load_student(tmp_path / "student", unmerge_lora=True)
+    assert not hasattr(merged, "peft_config") and hasattr(unmerged, "peft_config")
+    base = copy.deepcopy(student).unload()
+    for (name, a), b in zip(copy.deepcopy(unmerged).unload().named_parameters(), base.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    assert torch.allclose(logits(unmerged, IDS), logits(student, IDS), atol=1e-5)
+
+
 def test_unknown_method_names_the_known_ones():
     with pytest.raises(ValueError, match="'int3' is not one of"):
         quantize(llama(), "int3")
