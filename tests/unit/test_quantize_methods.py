@@ -157,7 +157,8 @@ def test_mixed_at_uniform_int8s_size_has_lower_kl_than_uniform_int8(tmp_path, ti
     plan = plan_for_budget(model, sens, int8_bytes / fp32_bytes, 32)
     assert plan_bytes(model, plan, 32) <= int8_bytes and 16 in plan.values() and 4 in plan.values()
     mixed = quantize(model, "mixed", group_size=32, plan=plan)
-    uniform = {m: quantize(model, m, group_size=32, int8_per_channel=True) for m in ("int8_dynamic", "int8_weight_only")}
+    uniform = {m: quantize(model, m, group_size=32, int8_per_channel=True)
+               for m in ("int8_dynamic", "int8_weight_only")}
     sizes = {}
     for name, q in [("mixed", mixed), *uniform.items()]:
         out = save_quantized(q, None, tmp_path / name)
