@@ -30,7 +30,7 @@ from raydistill.tasks.config import load_config
 from raydistill.tasks.evaluate import evaluate
 from raydistill.tasks.quantize import (fake_quantize_model, load_quantized, model_file_size, quantize,
                                        quantize_dynamic_int8, save_quantized)
-from raydistill.tasks.quantize.mixed import candidate_layers, greedy_plan, sensitivities
+from raydistill.tasks.quantize.mixed import candidate_layers, plan_bytes, plan_for_budget, sensitivities
 
 METHODS = ("bf16", "int8_dynamic", "int8_weight_only", "int4_weight_only", "gptq", "qad", "mixed",
            "dynamic_int8")
@@ -49,6 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--calibration-windows", type=int, default=32)
     p.add_argument("--sensitivity-windows", type=int, default=4)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--int8-per-channel", action="store_true", help="int8_weight_only with one scale per row")
     return p.parse_args(argv)
 
 
@@ -97,8 +98,14 @@ def build(method, cfg, fp32, shards, calib, budget, args):
     if method == "mixed":
         kl = lambda m: evaluate(m, shards, max_windows=args.sensitivity_windows)["kl_to_teacher"]  # noqa: E731
         sens = sensitivities(fp32, kl, g, candidate_layers(fp32))
-        return quantize(fp32, "mixed", group_size=g, plan=greedy_plan(fp32, sens, budget, g))
-    return quantize(fp32, method, group_size=g)
+        return quantize(fp32, "mixed", group_size=g, plan=plan_for_budget(fp32, sens, budget, g))
+    return quantize(fp32, method, group_size=g, int8_per_channel=args.int8_per_channel)
+
+
+def int8_budget(fp32, group_size) -> float:
+    """Uniform per-channel int8's weight bytes (``int8_dynamic``'s) over fp32's: ``mixed`` is planned at it."""
+    layers = candidate_layers(fp32)
+    return plan_bytes(fp32, dict.fromkeys(layers, 8), group_size) / sum(4 * p.numel() for p in fp32.parameters())
 
 
 def main(argv=None) -> dict:
@@ -124,16 +131,14 @@ def main(argv=None) -> dict:
         return {"method": name, "size_bytes": model_file_size(model_dir), "kl_to_teacher": m["kl_to_teacher"],
                 "heldout_loss": m["heldout_loss"], "top1_agreement": m["top1_agreement"]}
 
-    base, models, budget = measure("fp32", fp32, tmp / "fp32"), {"fp32": fp32}, None
+    base, models, budget = measure("fp32", fp32, tmp / "fp32"), {"fp32": fp32}, int8_budget(fp32, args.group_size)
     for method in args.methods.split(","):
         t0 = time.perf_counter()
-        q = build(method, cfg, fp32, shards, calib, budget or 0.30, args)
+        q = build(method, cfg, fp32, shards, calib, budget, args)
         save_quantized(q, None, tmp / method)
         models[method] = load_quantized(tmp / method)
         rows[method] = {**measure(method, models[method], tmp / method),
                         "quantize_s": round(time.perf_counter() - t0, 1)}
-        if method == "int8_dynamic":  # mixed is measured at int8's size
-            budget = rows[method]["size_bytes"] / base["size_bytes"]
         print(f"[bench] {method}: {rows[method]}", flush=True)
     speeds = interleaved_speeds(models, windows, args.repeats)
     for name, r in [("fp32", base), *rows.items()]:

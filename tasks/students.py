@@ -17,7 +17,10 @@ Saved layout (an ordinary Hugging Face directory, safetensors only)::
 
     out_dir/config.json, model.safetensors, tokenizer files   full weights (LoRA / IA3 merged in)
     out_dir/adapter/                                          prefix / prompt tuning adapter (PEFT format)
-    out_dir/student.json                                      {"peft": method, "adapter": "adapter" | null}
+    out_dir/lora/                                             a LoRA student's adapter too (PEFT format), for
+                                                              ``load_student(unmerge_lora=True)`` (QLoRA export)
+    out_dir/student.json                                      {"peft": method, "adapter": "adapter" | null,
+                                                               "lora_adapter": "lora" | null}
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from raydistill.tasks.config import ConfigError, PeftConfig, StudentConfig, Teac
 
 META_FILE = "student.json"
 ADAPTER_DIR = "adapter"
+LORA_DIR = "lora"
 
 
 def resolve_layers(layers: list[int], num_layers: int) -> list[int]:
@@ -258,9 +262,12 @@ def save_student(model, tokenizer, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     method = peft_method(model)
-    adapter = None
+    adapter = lora = None
     if method in ("lora", "ia3"):
         base = copy.deepcopy(model).merge_and_unload()  # a copy: the caller's model keeps its adapter
+        if method == "lora":  # kept beside the merged weights too: quantize.lora=adapter ships it unmerged
+            model.save_pretrained(out / LORA_DIR, safe_serialization=True)
+            lora = LORA_DIR
     elif method != "none":
         base = model.get_base_model()
         model.save_pretrained(out / ADAPTER_DIR, safe_serialization=True)
@@ -270,14 +277,16 @@ def save_student(model, tokenizer, out_dir: str | Path) -> Path:
     base.save_pretrained(out, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    (out / META_FILE).write_text(json.dumps({"peft": method, "adapter": adapter}, indent=2))
+    (out / META_FILE).write_text(json.dumps({"peft": method, "adapter": adapter, "lora_adapter": lora}, indent=2))
     for stray in out.glob("*.bin"):
         raise RuntimeError(f"refusing a pickle weight file in a student directory: {stray}")
     return out
 
 
-def load_student(path: str | Path, *, dtype: torch.dtype = torch.float32):
-    """Load what :func:`save_student` wrote (or any HF causal-LM dir); prefix/prompt adapters are re-attached."""
+def load_student(path: str | Path, *, dtype: torch.dtype = torch.float32, unmerge_lora: bool = False):
+    """Load what :func:`save_student` wrote (or any HF causal-LM dir); prefix/prompt adapters are re-attached.
+    ``unmerge_lora``: a LoRA student comes back as a PEFT LoRA model (its adapter's update subtracted from the
+    merged weights: the base up to float32 rounding), else merged as saved."""
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} is not a student directory (no config.json)")
@@ -289,5 +298,20 @@ def load_student(path: str | Path, *, dtype: torch.dtype = torch.float32):
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, path / meta["adapter"], is_trainable=False)
+    elif unmerge_lora and meta.get("lora_adapter"):
+        model = _unmerged(model, path / meta["lora_adapter"])
     return model.eval()
+
+
+def _unmerged(merged, adapter_dir: Path):
+    """The merged model with its LoRA adapter attached and its update taken back out of the base weights."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    model = PeftModel.from_pretrained(merged, adapter_dir, is_trainable=False)
+    for layer in model.modules():
+        if isinstance(layer, LoraLayer):
+            layer.merged_adapters = list(layer.active_adapters)  # as saved: merged in
+            layer.unmerge()
+    return model
 

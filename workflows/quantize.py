@@ -161,16 +161,18 @@ def quantized_model(cfg: PipelineConfig, method: str, fp32_model, shards: list, 
     q = cfg.quantize
     if method == "gptq":
         return quantize(fp32_model, "gptq", group_size=q.group_size, embedding_bits=q.embedding_bits,
-                        calibration=calibration_windows(cfg)), {"calibration_windows": q.calibration_windows}
+                        calibration=calibration_windows(cfg), lora=q.lora), {
+            "calibration_windows": q.calibration_windows}
     if method == "mixed":
-        from raydistill.tasks.quantize.mixed import candidate_layers, greedy_plan, sensitivities
+        from raydistill.tasks.quantize.mixed import candidate_layers, plan_for_budget, sensitivities
 
         base = unwrap(fp32_model)[0]
         kl = lambda m: evaluate(m, shards, max_windows=q.sensitivity_windows,  # noqa: E731
                                 batch_size=q.eval_batch_size)["kl_to_teacher"]
         sens = sensitivities(base, kl, q.group_size, candidate_layers(base))
-        plan = greedy_plan(base, sens, q.size_budget, q.group_size)
-        return quantize(fp32_model, "mixed", group_size=q.group_size, plan=plan), {"plan": plan, "sensitivity": sens}
+        plan = plan_for_budget(base, sens, q.size_budget, q.group_size)
+        return quantize(fp32_model, "mixed", group_size=q.group_size, plan=plan, lora=q.lora), {
+            "plan": plan, "sensitivity": sens}
     if method == "qad":
         trained = qad_train(cfg, fp32_model, out_dir / "qad_train")
         return quantize(trained, "qad", group_size=q.group_size, embedding_bits=q.embedding_bits), {
@@ -179,7 +181,8 @@ def quantized_model(cfg: PipelineConfig, method: str, fp32_model, shards: list, 
         from raydistill.tasks.quantize import quantize_dynamic_int8
 
         return quantize_dynamic_int8(fp32_model), {"deprecated": "torch.ao dynamic int8 (use int8_dynamic)"}
-    return quantize(fp32_model, method, group_size=q.group_size, embedding_bits=q.embedding_bits), {}
+    return quantize(fp32_model, method, group_size=q.group_size, embedding_bits=q.embedding_bits,
+                    int8_per_channel=q.int8_per_channel, lora=q.lora), {}
 
 
 def qad_train(cfg: PipelineConfig, student, out_dir: Path):
@@ -237,7 +240,7 @@ def run(cfg: PipelineConfig, action: str | None = None) -> dict:
     out_dir = cfg.stage_dir("quantize")
     shards, totals = heldout_shards(cfg)
     tokenizer = AutoTokenizer.from_pretrained(student_dir)
-    fp32_model = load_student(student_dir)
+    fp32_model = load_student(student_dir, unmerge_lora=cfg.quantize.lora == "adapter")
     fp32 = score(cfg, fp32_model, tokenizer, shards, student_dir)
     rows, notes = {}, {}
     for method in tried:

@@ -6,11 +6,13 @@ Every method is a plan plus how the integers are chosen:
 ``bf16``            the whole model cast to bfloat16 (norms included); no integer layers
 ``int8_dynamic``    int8 per-channel weights; activations quantized per token at run time by torchao's
                     ``Int8DynamicActivationInt8WeightConfig`` (maintained; replaces the deprecated torch.ao path)
-``int8_weight_only`` int8 group-wise weights, bf16 matmul (dequantized once)
+``int8_weight_only`` int8 group-wise weights (or per channel: ``int8_group_size=None``), bf16 matmul
+                    (dequantized once)
 ``int4_weight_only`` int4 group-wise weights (two per byte), bf16 matmul (dequantized once)
 ``gptq``            int4 group-wise, integers chosen by GPTQ on calibration windows (:mod:`.gptq`)
 ``qad``             int4 group-wise round-to-nearest of a student fine-tuned with fake-quantized weights
-``mixed``           per layer 16/8/4 bits chosen by KL sensitivity under a size budget (:func:`greedy_plan`)
+``mixed``           per layer 16/8/4 bits chosen by KL sensitivity under a size budget (:mod:`.mixed`); its
+                    int8 layers are per channel (one scale per output row), its int4 layers group-wise
 ==================  ==============================================================================================
 
 Embeddings and ``lm_head`` are quantized too (``embedding_bits``, default: the method's bits). A tied
@@ -112,12 +114,14 @@ def build_layer(kind: str, bits: int, in_f: int, out_f: int, group_size: int | N
     return cls(in_f, out_f, bits, group_size, bias)
 
 
-def apply_plan(model: nn.Module, plan: dict[str, int], *, group_size: int | None, kernel: str = "dequant",
-               integers: dict | None = None) -> dict:
+def apply_plan(model: nn.Module, plan: dict[str, int], *, group_size: int | None, int8_group_size: int | None,
+               kernel: str = "dequant", integers: dict | None = None) -> dict:
     """Replace ``model``'s layers in place by ``plan`` and return the layer table stored in ``quantization.json``
-    (``{name: {"kind", "bits", "group_size", "in", "out", "bias"}}``). ``integers`` (GPTQ) gives ``(q, scale)``
+    (``{name: {"kind", "bits", "group_size", "in", "out", "bias"}}``). 4-bit layers use ``group_size``, 8-bit
+    ones ``int8_group_size`` (``None``: one scale per output row). ``integers`` (GPTQ) gives ``(q, scale)``
     for some layers instead of round-to-nearest."""
     integers = integers or {}
+    groups = {4: group_size, 8: int8_group_size}
     tied, table = is_tied(model), {}
     head = _head_name(model)
     for name in [n for n in plan if n != EMBEDDING]:
@@ -130,7 +134,7 @@ def apply_plan(model: nn.Module, plan: dict[str, int], *, group_size: int | None
                     new.bias.copy_(lin.bias)
             kind = "bf16"
         else:
-            q, s = integers.get(name) or rtn(lin.weight.data, bits, group_size)
+            q, s = integers.get(name) or rtn(lin.weight.data, bits, groups[bits])
             kind = kernel if bits == 8 else "dequant"
             cls = Int8DynamicLinear if kind == "torchao_int8_dynamic" else QuantLinear
             new = cls.from_weights(q, s, None if lin.bias is None else lin.bias.data.float(), bits)
@@ -143,7 +147,7 @@ def apply_plan(model: nn.Module, plan: dict[str, int], *, group_size: int | None
         table[EMBEDDING] = {"kind": "tied", "name": emb_name, "bits": plan[head], "head": head}
     elif EMBEDDING in plan and plan[EMBEDDING] != 16:
         w = model.get_submodule(emb_name).weight.data
-        q, s = rtn(w, plan[EMBEDDING], group_size)
+        q, s = rtn(w, plan[EMBEDDING], groups[plan[EMBEDDING]])
         _set(model, emb_name, QuantEmbedding(QuantLinear.from_weights(q, s, None, plan[EMBEDDING])))
         table[EMBEDDING] = {"kind": "rows", "name": emb_name, "bits": plan[EMBEDDING],
                             "group_size": model.get_submodule(emb_name).source.group_size,

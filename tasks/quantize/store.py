@@ -2,7 +2,8 @@
 
 ``quantization.json`` holds the method, the layer table (:func:`methods.apply_plan`: each replaced layer's kind,
 bits, group size and shape), the float dtype of everything else, what stays in higher precision, and, for a
-prefix/prompt PEFT student, the adapter sub-directory (PEFT's own safetensors). Loading rebuilds the
+prefix/prompt PEFT student or a LoRA student exported QLoRA-style (``adapter_kind: lora``, :mod:`.lora`), the
+adapter sub-directory (PEFT's own safetensors). Loading rebuilds the
 architecture from ``config.json``, swaps in empty layers of the stored kinds and loads the state dict strictly
 (a tied embedding is stored once, as the ``lm_head`` integers). Directories written by the old torch.ao
 ``dynamic_int8`` code still load (:mod:`.legacy`).
@@ -21,6 +22,7 @@ from torch import nn
 from raydistill.tasks.fileio import replace_dir
 from raydistill.tasks.guard import PICKLE_SUFFIXES, PickleRefusedError
 from raydistill.tasks.quantize import legacy
+from raydistill.tasks.quantize import lora as lora_export
 from raydistill.tasks.quantize.methods import METHODS, rebuild
 
 FORMAT_VERSION = 2
@@ -54,9 +56,12 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | os.PathLike, reci
     meta = {"format_version": FORMAT_VERSION, **{k: v for k, v in info.items() if k not in ("base", "adapter")},
             "adapter": ADAPTER_DIR if adapter is not None else None, "torch_version": torch.__version__,
             "recipe": recipe or {}}
+    tensors = _tensors(base)
+    if info.get("adapter_kind") == lora_export.KIND:
+        tensors = lora_export.base_tensors(tensors)
     out = Path(out_dir)
     with replace_dir(out) as tmp:
-        save_file(_tensors(base), str(tmp / WEIGHTS_FILE),
+        save_file(tensors, str(tmp / WEIGHTS_FILE),
                   metadata={"format": "pt", "raydistill": info["method"]})
         base.config.save_pretrained(tmp)
         if adapter is not None:
@@ -92,7 +97,8 @@ def read_quantization_info(model_dir: str | os.PathLike) -> dict:
 
 def load_quantized(model_dir: str | os.PathLike) -> nn.Module:
     """THE loader of quantized students (Serve, MLflow pyfunc, register): a model directory written by
-    :func:`save_quantized` → the model (eval mode, CPU), with its prefix/prompt adapter attached if it has one."""
+    :func:`save_quantized` → the model (eval mode, CPU), with its prefix/prompt or LoRA adapter attached if it
+    has one."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_dir = Path(model_dir)
@@ -117,6 +123,10 @@ def load_quantized(model_dir: str | os.PathLike) -> nn.Module:
         if hasattr(m, "_w"):
             m._w = None  # drop any dequantized cache built before the integers were loaded
     model._raydistill_quant = {**meta, "base": model, "adapter": None}
+    if meta.get("adapter_kind") == lora_export.KIND:
+        peft = lora_export.load(model, model_dir / meta["adapter"])
+        peft._raydistill_quant = model._raydistill_quant = {**meta, "base": model, "adapter": peft}
+        return peft
     if meta.get("adapter"):
         from peft import PeftModel
 

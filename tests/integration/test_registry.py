@@ -140,3 +140,41 @@ def test_promote_gate_then_rollback(cfg, registered):
         promote.run(cfg2, "rollback")
     with pytest.raises(ConfigError, match="no version 99"):
         promote.run(load_config("tiny", [f"run_dir={cfg.run_dir}", "registry.promote_version=99"]))
+
+
+def test_a_lora_student_registers_and_loads_as_quantized_base_plus_adapter(tiny_cached, tmp_path):
+    """``quantize.lora: adapter``: the version holds the int4 base and the float32 LoRA adapter in one directory;
+    the registry loader and the logged pyfunc rebuild both and give the quantize stage's logits."""
+    import mlflow
+
+    from raydistill.tasks.generate import complete
+    from raydistill.tasks.students import build_student, save_student
+    from raydistill.tasks.teacher import load_teacher, load_tokenizer
+
+    cfg = load_config("tiny", [f"run_dir={tmp_path / 'run'}", f"cache.dir={tiny_cached.cache_dir}",
+                               "student.peft.method=lora", "quantize.method=int4_weight_only", "quantize.lora=adapter",
+                               "quantize.bench_tokens=0", "registry.model_name=tiny-lora-student"])
+    teacher, _ = load_teacher(cfg.teacher)
+    student = build_student(cfg.student, teacher)
+    with torch.no_grad():  # a "trained" adapter (LoRA's B starts at zero: the identity)
+        for _, p in student.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    student_dir = cfg.stage_dir("train") / "student"
+    save_student(student, load_tokenizer(cfg.teacher), student_dir)
+    stage.record(cfg, "train", "lora-train-key", {"student_dir": str(student_dir)}, paths=[student_dir])
+    report = quantize.run(cfg, None)
+    assert report["method"] == "int4_weight_only"
+    reg = register.run(cfg, None)
+    uri = tracking.model_uri(cfg.registry.model_name, version=reg["version"])
+    model, tokenizer, info = register.load_registered(cfg.tracking_uri, uri)
+    assert info["version"] == reg["version"] and model._raydistill_quant["adapter_kind"] == "lora"
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    with torch.no_grad():
+        local = load_quantized(report["model_dir"])
+        assert torch.equal(model(input_ids=ids).logits, local(input_ids=ids).logits)
+        with model.disable_adapter():  # the adapter is really applied on top of the base
+            assert not torch.equal(model(input_ids=ids).logits, local(input_ids=ids).logits)
+    tracking.setup(cfg)
+    out = mlflow.pyfunc.load_model(uri).predict(["ROMEO."], params={"max_tokens": 3, "temperature": 0.0})
+    assert out[0]["text"] == complete(model, tokenizer, ["ROMEO."], max_tokens=3, temperature=0.0)[0]["text"]

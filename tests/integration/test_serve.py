@@ -405,3 +405,28 @@ def test_directory_loader_serves_fp32_and_quantized_students_and_says_which(tmp_
         out = complete(model, tokenizer, ["ROMEO."], max_tokens=3, temperature=0.0)[0]
         assert len(out["token_ids"]) == 3 or out["finish_reason"] == "stop"
         assert serve.DirectoryLoader(str(tmp_path / name))(info) is None  # a directory never swaps
+
+
+def test_directory_loader_serves_a_quantized_base_with_its_lora_adapter(tmp_path, tiny_tokenizer):
+    """``quantize.lora: adapter`` (QLoRA-style): one directory, int4 base + float32 LoRA adapter; Serve's loader
+    rebuilds both and generates what the in-memory quantized student generates."""
+    from raydistill.tasks.config import PeftConfig
+    from raydistill.tasks.quantize import quantize
+    from raydistill.tasks.students import wrap_peft
+
+    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                         eos_token_id=tiny_tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    student = wrap_peft(LlamaForCausalLM(config), PeftConfig(method="lora", target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for _, p in student.named_parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    q = quantize(student.eval(), "int4_weight_only", group_size=16, lora="adapter")
+    save_quantized(q, tiny_tokenizer, tmp_path / "qlora")
+    model, tokenizer, info = serve.DirectoryLoader(str(tmp_path / "qlora"))(None)
+    assert (info["quantized"], info["quantization"]) == (True, "int4_weight_only")
+    assert model._raydistill_quant["adapter_kind"] == "lora"
+    (a,), (b,) = (complete(m, tokenizer, ["ROMEO."], max_tokens=4, temperature=0.0) for m in (q, model))
+    assert a["token_ids"] == b["token_ids"] and (len(b["token_ids"]) == 4 or b["finish_reason"] == "stop")

@@ -6,13 +6,14 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from raydistill.tasks.quantize import (METHODS, UnsafeCheckpointError, fake_quantize_model, load_quantized,
                                        model_file_size, quantize, save_quantized)
 from raydistill.tasks.quantize.gptq import gptq_quantize
 from raydistill.tasks.quantize.methods import EMBEDDING
-from raydistill.tasks.quantize.mixed import greedy_plan, plan_bytes, sensitivities
+from raydistill.tasks.quantize.mixed import greedy_plan, plan_bytes, plan_for_budget, sensitivities
 from raydistill.tasks.quantize.qlinear import dequantize, pack, rtn, unpack
 
 VOCAB = 256
@@ -139,6 +140,36 @@ def test_mixed_plan_honours_the_budget_and_spends_it_on_sensitive_layers(tmp_pat
         greedy_plan(model, sens, 0.05, 32)
 
 
+def test_mixed_at_uniform_int8s_size_has_lower_kl_than_uniform_int8(tmp_path, tied=True):
+    """A real sensitivity spread: two layers with a few outlier input columns (their per-channel int8 scale is
+    set by the outliers, so the other weights round coarsely). At exactly uniform int8's bytes, the plan buys
+    bf16 for the worst layer with int4 elsewhere and beats uniform int8 (int8_dynamic and per-channel
+    int8_weight_only) on KL; int8's layers in the plan are per channel, so all-int8 is one of its options."""
+    model = llama(tied=tied, vocab=512)
+    with torch.no_grad():
+        for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+            model.get_submodule(name).weight[:, :2] *= 200
+    ref = logits(model, IDS)
+    names = [*_linear_names(model), *([] if tied else [EMBEDDING])]
+    sens = sensitivities(model, lambda m: kl(ref, logits(m, IDS)), 32, names)
+    fp32_bytes = sum(4 * p.numel() for p in model.parameters())
+    int8_bytes = plan_bytes(model, {n: 8 for n in names}, 32)
+    plan = plan_for_budget(model, sens, int8_bytes / fp32_bytes, 32)
+    assert plan_bytes(model, plan, 32) <= int8_bytes and 16 in plan.values() and 4 in plan.values()
+    mixed = quantize(model, "mixed", group_size=32, plan=plan)
+    uniform = {m: quantize(model, m, group_size=32, int8_per_channel=True)
+               for m in ("int8_dynamic", "int8_weight_only")}
+    sizes = {}
+    for name, q in [("mixed", mixed), *uniform.items()]:
+        out = save_quantized(q, None, tmp_path / name)
+        sizes[name] = sum(t.numel() * t.element_size() for t in load_file(str(out / "model.safetensors")).values())
+    assert sizes["mixed"] <= sizes["int8_dynamic"] == sizes["int8_weight_only"] == int8_bytes
+    kl_mixed = kl(ref, logits(load_quantized(tmp_path / "mixed"), IDS))
+    assert all(kl_mixed < kl(ref, logits(q, IDS)) for q in uniform.values()), (kl_mixed, sens)
+    # the older greedy honours the same budget
+    assert plan_bytes(model, greedy_plan(model, sens, int8_bytes / fp32_bytes, 32), 32) <= int8_bytes
+
+
 def _linear_names(model):
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
 
@@ -194,11 +225,75 @@ def test_peft_students_quantize_and_load(tmp_path, kind):
     assert kl(ref, b) < 1e-3
 
 
+def _trained_lora(model):
+    from raydistill.tasks.config import PeftConfig
+    from raydistill.tasks.students import wrap_peft
+
+    student = wrap_peft(model, PeftConfig(method="lora", target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for _, p in student.named_parameters():
+            if p.requires_grad:  # a "trained" adapter: not the identity
+                p.add_(0.05 * torch.randn_like(p))
+    return student.eval()
+
+
+@pytest.mark.parametrize("method", ["int8_weight_only", "int4_weight_only", "gptq"])
+def test_a_lora_student_ships_as_quantized_base_plus_float_adapter(tmp_path, method):
+    from peft import PeftModel
+    from safetensors import safe_open
+
+    from raydistill.tasks.students import forward_logits
+
+    student = _trained_lora(llama())
+    q = quantize(student, method, group_size=32, calibration=CALIB, lora="adapter")
+    out = save_quantized(q, None, tmp_path / method)
+    meta = json.loads((out / "quantization.json").read_text())
+    assert meta["adapter_kind"] == "lora" and (out / meta["adapter"] / "adapter_model.safetensors").is_file()
+    assert any("LoRA adapter" in h for h in meta["higher_precision"])
+    with safe_open(str(out / "model.safetensors"), "pt") as f:  # the base alone, under the plain layer names
+        assert "model.layers.0.self_attn.q_proj.qweight" in f.keys()
+        assert not any("lora_" in k or "base_layer" in k for k in f.keys())
+    loaded = load_quantized(out)
+    with torch.no_grad():
+        a, b, ref = (forward_logits(m, IDS).float() for m in (q, loaded, student))
+        with loaded.disable_adapter():  # without the adapter: exactly the quantized (unmerged) base
+            bare = logits(loaded, IDS)
+    assert torch.equal(a, b) and not torch.equal(b, bare)
+    base = copy.deepcopy(student).unload()
+    assert torch.equal(bare, logits(quantize(base, method, group_size=32, calibration=CALIB), IDS))
+    assert kl(ref, b) < (1e-3 if method == "int8_weight_only" else 0.2)
+    # the adapter is kept exactly (float32): plain PEFT puts it on the float base and gets the float student
+    plain = PeftModel.from_pretrained(base, out / meta["adapter"]).eval()
+    assert torch.equal(logits(plain, IDS), ref)
+    # saving the loaded model again writes the same base tensors
+    again = load_file(str(save_quantized(loaded, None, tmp_path / "again") / "model.safetensors"))
+    first = load_file(str(out / "model.safetensors"))
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_a_saved_lora_student_loads_back_unmerged_for_the_adapter_export(tmp_path):
+    """save_student writes the merged weights (what training, eval and merge-export read) and the LoRA adapter;
+    ``unmerge_lora`` takes the update back out, so the quantize stage can quantize the base alone."""
+    from raydistill.tasks.students import load_student, save_student
+
+    student = _trained_lora(llama())
+    save_student(student, None, tmp_path / "student")
+    merged, unmerged = load_student(tmp_path / "student"), load_student(tmp_path / "student", unmerge_lora=True)
+    assert not hasattr(merged, "peft_config") and hasattr(unmerged, "peft_config")
+    base = copy.deepcopy(student).unload()
+    for (name, a), b in zip(copy.deepcopy(unmerged).unload().named_parameters(), base.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    assert torch.allclose(logits(unmerged, IDS), logits(student, IDS), atol=1e-5)
+
+
 def test_unknown_method_names_the_known_ones():
     with pytest.raises(ValueError, match="'int3' is not one of"):
         quantize(llama(), "int3")
     with pytest.raises(ValueError, match="needs calibration"):
         quantize(llama(), "gptq")
+    with pytest.raises(ValueError, match="quantize.lora 'qlora' is not 'merge' or 'adapter'"):
+        quantize(llama(), "int8_weight_only", lora="qlora")
 
 
 @pytest.mark.parametrize("kind", ["none", "prompt"])
