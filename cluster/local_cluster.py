@@ -108,7 +108,9 @@ class LocalCluster:
         # Each node its own --temp-dir, as on separate machines: nodes sharing one unpack a job's working_dir
         # into the same path, replacing the directory a running driver has as its cwd.
         nm, om, agent, agent_grpc, rt_env, metrics = free_ports(6)
-        cmd = [str(Path(sys.executable).with_name("ray")), "start", "--block", "--node-ip-address=127.0.0.1",
+        # `python -m`, not the venv's `ray` script: a script's shebang may name another interpreter (a copied
+        # venv's names the original's), and every node process and worker runs the interpreter `ray start` ran in
+        cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--node-ip-address=127.0.0.1",
                f"--num-cpus={spec.num_cpus}", f"--num-gpus={spec.num_gpus}",
                f"--resources={json.dumps({**spec.resources, marker(name): 1})}",
                f"--object-store-memory={self.object_store_mb << 20}",
