@@ -72,6 +72,8 @@ class LocalCluster:
         self.state: dict = {}
         self.procs: dict[str, subprocess.Popen] = {}
         """This process's ``ray start --block`` children by node name (``head``, ``worker0``, …)."""
+        self.started: dict[str, tuple] = {}
+        """How each node was started (``_node``'s arguments), to start a worker again that gave up starting."""
 
     # ------------------------------------------------------------------------------------------ lifecycle
     def start(self) -> "LocalCluster":
@@ -125,6 +127,7 @@ class LocalCluster:
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.state["pids"].append(proc.pid)
         self.procs[name] = proc
+        self.started[name] = (spec, extra, env)
         (self.root / STATE).write_text(json.dumps(self.state, indent=1))
         return proc
 
@@ -206,9 +209,15 @@ class LocalCluster:
 
     def wait_nodes(self, n: int, name: str | None = None) -> None:
         """Until ``n`` nodes are alive, one of them ``name`` if given (``TimeoutError`` with the nodes' logs after
-        ``timeout_s``)."""
-        deadline, last = time.time() + self.timeout_s, None
+        ``timeout_s``). A worker whose ``ray start`` gave up (it waits 30 s for the GCS) is started once more."""
+        deadline, last, retried = time.time() + self.timeout_s, None, set()
         while time.time() < deadline:
+            for gone in [k for k, p in self.procs.items() if k != "head" and p.poll() is not None]:
+                if gone not in retried:  # on a loaded machine `ray start` gives up after 30 s: once more
+                    retried.add(gone)
+                    _signal_group(self.procs[gone].pid, signal.SIGKILL)  # its raylet may linger half-started
+                    self._node(gone, *self.started[gone])
+                    deadline = max(deadline, time.time() + self.timeout_s)
             try:
                 nodes = self.nodes()
                 if len(nodes) >= n and (name is None or any(marker(name) in x["resources_total"] for x in nodes)):
