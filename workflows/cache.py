@@ -173,7 +173,7 @@ class _Pool:
     def lose(self, actor, error: BaseException) -> None:
         """``actor`` is gone (or unreachable): kill it for good (an unreachable one must not hold its resources
         or commit later) and start a replacement while the budget lasts."""
-        where = self.node.pop(actor, "a node not yet known")
+        where = f"node {self.node.pop(actor)[:12]}" if actor in self.node else "its way up (not yet ready)"
         ray.kill(actor, no_restart=True)
         replace = self.spare > 0
         if replace:
