@@ -148,8 +148,9 @@ def lost_actor(error: BaseException) -> bool:
 
 
 class _Pool:
-    """The teacher actors of one cache run. A started actor is *probed* (``node_id``) and gets shards only once
-    the probe answers, so a replacement waiting for resources (its node lost, none free) holds no shard while the
+    """The teacher actors of one cache run. Every actor is *probed* (``node_id``). The first actors get a shard
+    at once (it waits in the actor while it loads: every planned actor computes); a replacement gets shards only
+    once its probe answers, so one waiting for resources (its node lost, none free) holds no shard while the
     survivors work through the queue. At most ``cluster.max_shard_retries`` replacements per planned actor."""
 
     def __init__(self, cfg: PipelineConfig, device: str, n_actors: int):
@@ -160,6 +161,7 @@ class _Pool:
         self.device, self.spare = device, cfg.cluster.max_shard_retries * n_actors
         self.probes: dict = {}  # probe ref -> actor still starting
         self.node: dict = {}  # actor -> the node it runs on (once its probe answered)
+        self.lost: set = set()  # actors already replaced (a probe and a shard can both report one loss)
         for _ in range(n_actors):
             self.start()
 
@@ -173,6 +175,9 @@ class _Pool:
     def lose(self, actor, error: BaseException) -> None:
         """``actor`` is gone (or unreachable): kill it for good (an unreachable one must not hold its resources
         or commit later) and start a replacement while the budget lasts."""
+        if actor in self.lost:
+            return
+        self.lost.add(actor)
         where = f"node {self.node.pop(actor)[:12]}" if actor in self.node else "its way up (not yet ready)"
         ray.kill(actor, no_restart=True)
         replace = self.spare > 0
@@ -186,6 +191,8 @@ class _Pool:
     def ready(self, ref) -> object | None:
         """The actor whose probe ``ref`` answered, now ready for shards (None if it was lost meanwhile)."""
         actor = self.probes.pop(ref)
+        if actor in self.lost:
+            return None
         try:
             self.node[actor] = ray.get(ref)
             return actor
@@ -194,6 +201,13 @@ class _Pool:
                 raise
             self.lose(actor, e)
             return None
+
+    def node_of(self, actor) -> str | None:
+        """The node of ``actor``, which just answered a shard (its probe, answered too, may not be read yet)."""
+        probe = next((r for r, a in self.probes.items() if a == actor), None)
+        if actor not in self.node and probe is not None:
+            self.ready(probe)
+        return self.node.get(actor)
 
     def close(self) -> None:
         for actor in self.started:
@@ -211,17 +225,23 @@ def _compute(cfg: PipelineConfig, todo: list, manifest: dict, device: str = "cpu
     nodes = set() if nodes is None else nodes
     bar = tqdm(total=len(todo), unit="shard", desc="cache", dynamic_ncols=True)
     t0 = time.time()
+    idle += pool.started  # the first shards wait in the actors while they start: each planned actor computes
     try:
         while queue or pending:
             while idle and queue:  # one shard in flight per actor: its threads are all busy with it
-                actor, (spec, key) = idle.pop(), queue.popleft()
+                actor = idle.pop()
+                if actor in pool.lost:
+                    continue
+                spec, key = queue.popleft()
                 ref = actor.compute.remote(cfg.cache_dir, spec.name, spec.split, key, spec.tokens, cfg.cache)
                 pending[ref] = (actor, spec, key)
             done = _wait(cfg, pool, pending, len(queue))
             if done is None:
                 continue
             if done in pool.probes:
-                idle += [a for a in [pool.ready(done)] if a is not None]
+                actor = pool.ready(done)
+                busy = {a for a, _, _ in pending.values()}
+                idle += [actor] if actor is not None and actor not in busy and actor not in idle else []
                 continue
             actor, spec, key = pending.pop(done)
             try:
@@ -233,7 +253,7 @@ def _compute(cfg: PipelineConfig, todo: list, manifest: dict, device: str = "cpu
                 out["shards_requeued"] += 1
                 pool.lose(actor, e)
                 continue
-            nodes.add(pool.node[actor])
+            nodes.update([pool.node_of(actor)] if pool.node_of(actor) else [])
             idle.append(actor)
             _record_shard(cfg, manifest, entry, out, n, seconds)
             bar.set_postfix(tok_s=f"{out['tokens'] / max(time.time() - t0, 1e-9):.0f}")
