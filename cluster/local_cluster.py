@@ -72,6 +72,8 @@ class LocalCluster:
         self.state: dict = {}
         self.procs: dict[str, subprocess.Popen] = {}
         """This process's ``ray start --block`` children by node name (``head``, ``worker0``, …)."""
+        self.started: dict[str, tuple] = {}
+        """How each node was started (``_node``'s arguments), to start a worker again that gave up starting."""
 
     # ------------------------------------------------------------------------------------------ lifecycle
     def start(self) -> "LocalCluster":
@@ -90,27 +92,14 @@ class LocalCluster:
             self._node("head", self.head, ["--head", f"--port={gcs}", "--dashboard-host=127.0.0.1",
                                            f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
                                            "--include-dashboard=true"])
-            self.wait_nodes(1, proc=self.procs["head"])
+            self.wait_nodes(1)
             for i in range(self.workers):
-                self._join(f"worker{i}", 2 + i)
+                self.add_worker(self.worker, name=f"worker{i}")
+                self.wait_nodes(1 + self.workers)
         except BaseException:
             self.stop()
             raise
         return self
-
-    def _join(self, name: str, n: int, attempts: int = 3) -> None:
-        """Start worker node ``name`` and wait until ``n`` nodes are alive, ``name`` among them. A ``ray start``
-        that exits before its node joins is started again: on a loaded machine its first call to the GCS can
-        exceed Ray's deadline ("Failed to get node info: Deadline Exceeded") and the process gives up."""
-        for attempt in range(1, attempts + 1):
-            proc = self.add_worker(self.worker, name=name)
-            try:
-                return self.wait_nodes(n, name, proc=proc)
-            except NodeExitedError as e:
-                if attempt == attempts:
-                    raise TimeoutError(f"worker node {name} did not join in {attempts} attempts: {e}") from None
-                print(f"[cluster] {name}: `ray start` exited before joining (attempt {attempt}); starting it again",
-                      file=sys.stderr)
 
     def add_worker(self, spec: NodeSpec, name: str, env: dict | None = None) -> subprocess.Popen:
         """Start one more worker node joining the head (``env`` replaces the node's auth env: tests start a
@@ -121,7 +110,9 @@ class LocalCluster:
         # Each node its own --temp-dir, as on separate machines: nodes sharing one unpack a job's working_dir
         # into the same path, replacing the directory a running driver has as its cwd.
         nm, om, agent, agent_grpc, rt_env, metrics = free_ports(6)
-        cmd = [str(Path(sys.executable).with_name("ray")), "start", "--block", "--node-ip-address=127.0.0.1",
+        # `python -m`, not the venv's `ray` script: a script's shebang may name another interpreter (a copied
+        # venv's names the original's), and every node process and worker runs the interpreter `ray start` ran in
+        cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--node-ip-address=127.0.0.1",
                f"--num-cpus={spec.num_cpus}", f"--num-gpus={spec.num_gpus}",
                f"--resources={json.dumps({**spec.resources, marker(name): 1})}",
                f"--object-store-memory={self.object_store_mb << 20}",
@@ -136,6 +127,7 @@ class LocalCluster:
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.state["pids"].append(proc.pid)
         self.procs[name] = proc
+        self.started[name] = (spec, extra, env)
         (self.root / STATE).write_text(json.dumps(self.state, indent=1))
         return proc
 
@@ -215,14 +207,17 @@ class LocalCluster:
         r.raise_for_status()
         return [n for n in r.json()["data"]["result"]["result"] if n["state"] == "ALIVE"]
 
-    def wait_nodes(self, n: int, name: str | None = None, proc: subprocess.Popen | None = None) -> None:
+    def wait_nodes(self, n: int, name: str | None = None) -> None:
         """Until ``n`` nodes are alive, one of them ``name`` if given (``TimeoutError`` with the nodes' logs after
-        ``timeout_s``; :class:`NodeExitedError` as soon as ``proc``, the node's ``ray start --block``, has ended)."""
-        deadline, last = time.time() + self.timeout_s, None
+        ``timeout_s``). A worker whose ``ray start`` gave up (it waits 30 s for the GCS) is started once more."""
+        deadline, last, retried = time.time() + self.timeout_s, None, set()
         while time.time() < deadline:
-            if proc is not None and proc.poll() is not None:
-                raise NodeExitedError(f"`ray start` (pid {proc.pid}) exited with {proc.returncode}; logs: "
-                                      f"{self.root}/*.log")
+            for gone in [k for k, p in self.procs.items() if k != "head" and p.poll() is not None]:
+                if gone not in retried:  # on a loaded machine `ray start` gives up after 30 s: once more
+                    retried.add(gone)
+                    _signal_group(self.procs[gone].pid, signal.SIGKILL)  # its raylet may linger half-started
+                    self._node(gone, *self.started[gone])
+                    deadline = max(deadline, time.time() + self.timeout_s)
             try:
                 nodes = self.nodes()
                 if len(nodes) >= n and (name is None or any(marker(name) in x["resources_total"] for x in nodes)):
@@ -232,10 +227,6 @@ class LocalCluster:
             time.sleep(1)
         logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in self.root.glob("*.log"))
         raise TimeoutError(f"{n} Ray nodes not alive after {self.timeout_s:.0f} s ({last}); logs:\n{logs}")
-
-
-class NodeExitedError(RuntimeError):
-    """A node's ``ray start --block`` ended before the node joined the cluster."""
 
 
 def marker(name: str) -> str:

@@ -551,6 +551,16 @@ class ClusterConfig:
     spread: bool = False
     """Place cache actors and train workers on different nodes where possible (Ray's ``SPREAD`` strategy)
     instead of packing them onto as few nodes as fit; results do not change, only where work runs."""
+    max_shard_retries: int = 3
+    """Times one cache shard is re-queued after its teacher actor was lost (the actor's process or node died, or
+    it became unreachable); the driver replaces a lost actor up to this many times per planned actor, then goes
+    on with the survivors. An exception raised by the teacher code is never retried. Here, not under ``cache``:
+    it changes no result, so no stage key."""
+
+    def __post_init__(self):
+        if self.max_shard_retries < 0:
+            raise ConfigError(f"cluster.max_shard_retries must be >= 0 (got {self.max_shard_retries}); "
+                              f"0 fails the cache on the first lost actor")
 
 
 @dataclass

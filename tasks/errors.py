@@ -24,3 +24,8 @@ class DataError(RaydistillError):
 
 class JobError(RaydistillError):
     """A submitted Ray job is still running (not doubled) or ended without succeeding."""
+
+
+class WorkerLostError(RaydistillError):
+    """Ray lost the processes or nodes doing the work (actors, their nodes) more often than the configured
+    retries allow; rerunning resumes from what was committed."""

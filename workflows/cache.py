@@ -6,7 +6,9 @@
 Driver (this process): tokenizer + shards + keys; shards already committed with the same key are skipped.
 Workers: ``cache.num_actors`` ``TeacherActor``s, each loading the teacher once and committing its shards
 itself (file write + atomic rename); the driver records each entry in the manifest as it arrives, so a
-killed run resumes where it stopped. Actors restart and retry their task if their process dies.
+killed run resumes where it stopped. An actor lost with its process or node (or unreachable) is killed and
+replaced, and its in-flight shard — uncommitted, the commit is atomic — re-queued (``cluster.max_shard_retries``
+times per shard); an exception raised by the teacher code fails the run at once.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import hashlib
 import os
 import time
 import uuid
+from collections import deque
 
 import ray
 from tqdm import tqdm
@@ -27,15 +30,20 @@ from raydistill.tasks.cache.store import Store
 from raydistill.tasks.config import CacheConfig, PipelineConfig
 from raydistill.tasks.corpus import build_shards
 from raydistill.tasks.device import plan_device
-from raydistill.tasks.errors import DataError
+from raydistill.tasks.errors import DataError, WorkerLostError
 from raydistill.tasks.teacher import load_tokenizer, teacher_identity, tokenizer_hash
 from raydistill.workflows import stage
 
 ACTOR_PREFIX = "raydistill-cache-"
-MAX_RESTARTS = 3
+# What says an actor was lost (its process, its node, or the way to it), not that the teacher code raised: the
+# driver replaces the actor and re-queues its shard. A RayTaskError (an exception in compute) is none of these.
+LOST = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
+        ray.exceptions.LocalRayletDiedError, ray.exceptions.ObjectLostError, ray.exceptions.OutOfMemoryError)
 
 
-@ray.remote(concurrency_groups={"control": 1}, max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS)
+# No restarts by Ray: a restart waits for resources on a node that may be gone, and a task retried by Ray is
+# invisible to the driver; the driver's pool (_Pool) replaces lost actors and bounds the retries itself.
+@ray.remote(concurrency_groups={"control": 1}, max_restarts=0, max_task_retries=0)
 class TeacherActor:
     """Holds one teacher (loaded once) and encodes + commits whole shards."""
 
@@ -128,51 +136,164 @@ def actor_options(cache_cfg: CacheConfig, device: str) -> dict:
     return {"num_cpus": cache_cfg.cpus_per_actor, "num_gpus": cache_cfg.num_gpus_per_actor if device == "cuda" else 0}
 
 
+def lost_actor(error: BaseException) -> bool:
+    """Whether ``error`` (from ``ray.get`` on a cache actor's call) means the actor was lost — its process or node
+    died, or it cannot be reached — rather than that teacher code raised (``RayTaskError``) or that ``__init__``
+    failed (``actor_init_failed``): those fail the run, a retry would fail the same way."""
+    if isinstance(error, ray.exceptions.RayTaskError):
+        return False
+    if isinstance(error, ray.exceptions.RayActorError):
+        return not error.actor_init_failed
+    return isinstance(error, LOST)
+
+
+class _Pool:
+    """The teacher actors of one cache run. Every actor is *probed* (``node_id``). The first actors get a shard
+    at once (it waits in the actor while it loads: every planned actor computes); a replacement gets shards only
+    once its probe answers, so one waiting for resources (its node lost, none free) holds no shard while the
+    survivors work through the queue. At most ``cluster.max_shard_retries`` replacements per planned actor."""
+
+    def __init__(self, cfg: PipelineConfig, device: str, n_actors: int):
+        self.cfg, self.run_id, self.started, self.replaced = cfg, uuid.uuid4().hex[:8], [], 0
+        self.options = actor_options(cfg.cache, device)
+        if cfg.cluster.spread:
+            self.options["scheduling_strategy"] = "SPREAD"
+        self.device, self.spare = device, cfg.cluster.max_shard_retries * n_actors
+        self.probes: dict = {}  # probe ref -> actor still starting
+        self.node: dict = {}  # actor -> the node it runs on (once its probe answered)
+        self.lost: set = set()  # actors already replaced (a probe and a shard can both report one loss)
+        for _ in range(n_actors):
+            self.start()
+
+    def start(self) -> None:
+        name = f"{ACTOR_PREFIX}{self.run_id}-{len(self.started)}"
+        actor = TeacherActor.options(**self.options, name=name).remote(self.cfg.teacher, self.cfg.cache.cpus_per_actor,
+                                                                        self.device)
+        self.started.append(actor)
+        self.probes[actor.node_id.remote()] = actor
+
+    def lose(self, actor, error: BaseException) -> None:
+        """``actor`` is gone (or unreachable): kill it for good (an unreachable one must not hold its resources
+        or commit later) and start a replacement while the budget lasts."""
+        if actor in self.lost:
+            return
+        self.lost.add(actor)
+        where = f"node {self.node.pop(actor)[:12]}" if actor in self.node else "its way up (not yet ready)"
+        ray.kill(actor, no_restart=True)
+        replace = self.spare > 0
+        if replace:
+            self.spare, self.replaced = self.spare - 1, self.replaced + 1
+            self.start()
+        print(f"cache: lost a teacher actor on {where} ({type(error).__name__}: {str(error).splitlines()[0]}); "
+              f"{'started a replacement' if replace else 'no replacement left: continuing with the others'} "
+              f"({self.replaced} replaced so far)")
+
+    def ready(self, ref) -> object | None:
+        """The actor whose probe ``ref`` answered, now ready for shards (None if it was lost meanwhile)."""
+        actor = self.probes.pop(ref)
+        if actor in self.lost:
+            return None
+        try:
+            self.node[actor] = ray.get(ref)
+            return actor
+        except Exception as e:
+            if not lost_actor(e):
+                raise
+            self.lose(actor, e)
+            return None
+
+    def node_of(self, actor) -> str | None:
+        """The node of ``actor``, which just answered a shard (its probe, answered too, may not be read yet)."""
+        probe = next((r for r, a in self.probes.items() if a == actor), None)
+        if actor not in self.node and probe is not None:
+            self.ready(probe)
+        return self.node.get(actor)
+
+    def close(self) -> None:
+        for actor in self.started:
+            ray.kill(actor, no_restart=True)
+
+
 def _compute(cfg: PipelineConfig, todo: list, manifest: dict, device: str = "cpu",
-             nodes: set | None = None) -> tuple[int, float]:
+             nodes: set | None = None) -> dict:
     """Run the actor pool over ``todo``; records entries as they finish (and in ``nodes`` the Ray nodes that
-    computed them).
-
-    Returns (teacher forwards, actor seconds spent encoding + committing: throughput without start-up)."""
-    n_actors = min(cfg.cache.num_actors, len(todo))
-    run_id = uuid.uuid4().hex[:8]
-    options = actor_options(cfg.cache, device)
-    if cfg.cluster.spread:
-        options["scheduling_strategy"] = "SPREAD"
-    actors = [TeacherActor.options(**options, name=f"{ACTOR_PREFIX}{run_id}-{i}")
-              .remote(cfg.teacher, cfg.cache.cpus_per_actor, device) for i in range(n_actors)]
-    queue, pending, forwards, busy = list(todo), {}, 0, 0.0
+    computed them). Returns {teacher_forwards, actor_s (seconds spent encoding + committing: throughput without
+    start-up), actors_replaced, shards_requeued}."""
+    pool = _Pool(cfg, device, min(cfg.cache.num_actors, len(todo)))
+    queue, pending, idle, tries = deque(todo), {}, [], {}
+    out = {"teacher_forwards": 0, "actor_s": 0.0, "actors_replaced": 0, "shards_requeued": 0, "tokens": 0}
     nodes = set() if nodes is None else nodes
-
-    def submit(actor):
-        spec, key = queue.pop(0)
-        ref = actor.compute.remote(cfg.cache_dir, spec.name, spec.split, key, spec.tokens, cfg.cache)
-        pending[ref] = actor
-
+    bar = tqdm(total=len(todo), unit="shard", desc="cache", dynamic_ncols=True)
+    t0 = time.time()
+    idle += pool.started  # the first shards wait in the actors while they start: each planned actor computes
     try:
-        for actor in actors:  # one shard in flight per actor: its threads are all busy with it
-            if queue:
-                submit(actor)
-        bar = tqdm(total=len(todo), unit="shard", desc="cache", dynamic_ncols=True)
-        t0, tokens = time.time(), 0
-        while pending:
-            [ref], _ = ray.wait(list(pending), num_returns=1)
-            actor = pending.pop(ref)
-            entry, n, seconds = ray.get(ref)
-            nodes.add(ray.get(actor.node_id.remote()))
-            forwards, busy = forwards + n, busy + seconds
-            tokens += entry["tokens"]
-            add_entry(manifest, entry)
-            write_manifest(cfg.cache_dir, manifest)
-            bar.set_postfix(tok_s=f"{tokens / max(time.time() - t0, 1e-9):.0f}")
+        while queue or pending:
+            while idle and queue:  # one shard in flight per actor: its threads are all busy with it
+                actor = idle.pop()
+                if actor in pool.lost:
+                    continue
+                spec, key = queue.popleft()
+                ref = actor.compute.remote(cfg.cache_dir, spec.name, spec.split, key, spec.tokens, cfg.cache)
+                pending[ref] = (actor, spec, key)
+            done = _wait(cfg, pool, pending, len(queue))
+            if done is None:
+                continue
+            if done in pool.probes:
+                actor = pool.ready(done)
+                busy = {a for a, _, _ in pending.values()}
+                idle += [actor] if actor is not None and actor not in busy and actor not in idle else []
+                continue
+            actor, spec, key = pending.pop(done)
+            try:
+                entry, n, seconds = ray.get(done)
+            except Exception as e:
+                if not lost_actor(e):
+                    raise  # the teacher code raised: a retry would raise again
+                _requeue(cfg, tries, spec, key, queue, e)
+                out["shards_requeued"] += 1
+                pool.lose(actor, e)
+                continue
+            nodes.update([pool.node_of(actor)] if pool.node_of(actor) else [])
+            idle.append(actor)
+            _record_shard(cfg, manifest, entry, out, n, seconds)
+            bar.set_postfix(tok_s=f"{out['tokens'] / max(time.time() - t0, 1e-9):.0f}")
             bar.update(1)
-            if queue:
-                submit(actor)
         bar.close()
     finally:
-        for actor in actors:
-            ray.kill(actor, no_restart=True)
-    return forwards, busy
+        pool.close()
+    out["actors_replaced"] = pool.replaced
+    return out
+
+
+def _wait(cfg: PipelineConfig, pool: _Pool, pending: dict, queued: int):
+    """The next shard result or actor probe to answer (None after a minute with neither)."""
+    if not pending and not pool.probes:
+        raise WorkerLostError(f"cache: every teacher actor was lost and {pool.replaced} replacements are used up; "
+                              f"{queued} shards left. Rerun to resume (committed shards are kept), or raise "
+                              f"cluster.max_shard_retries={cfg.cluster.max_shard_retries}")
+    done, _ = ray.wait([*pending, *pool.probes], num_returns=1, timeout=60)
+    if not done and not pending:  # say why nothing moves: no node has room for an actor (yet)
+        print(f"cache: waiting for cluster resources for {len(pool.probes)} teacher actor(s) {pool.options}")
+    return done[0] if done else None
+
+
+def _record_shard(cfg: PipelineConfig, manifest: dict, entry: dict, out: dict, forwards: int, seconds: float):
+    out["teacher_forwards"] += forwards
+    out["actor_s"] += seconds
+    out["tokens"] += entry["tokens"]
+    add_entry(manifest, entry)
+    write_manifest(cfg.cache_dir, manifest)
+
+
+def _requeue(cfg: PipelineConfig, tries: dict, spec, key: str, queue: deque, error: BaseException) -> None:
+    """Put a lost actor's shard back at the queue's head (nothing of it was committed: the commit is atomic), or
+    fail when it was lost ``cluster.max_shard_retries`` times already."""
+    tries[key] = tries.get(key, 0) + 1
+    if tries[key] > cfg.cluster.max_shard_retries:
+        raise WorkerLostError(f"cache: shard {spec.name} lost its teacher actor {tries[key]} times (last: "
+                           f"{type(error).__name__}); cluster.max_shard_retries={cfg.cluster.max_shard_retries}: "
+                           f"raise it, or rerun to resume (committed shards are kept)") from error
+    queue.appendleft((spec, key))
 
 
 def _collect_garbage(store: Store, manifest: dict) -> int:
@@ -201,7 +322,9 @@ def run(cfg: PipelineConfig, action: str | None = None) -> dict:
     previous = _previous_throughput(cfg.cache_dir)  # read before the planned manifest replaces the old one
     write_manifest(cfg.cache_dir, manifest)
     nodes: set = set()
-    forwards, busy = _compute(cfg, todo, manifest, device, nodes) if todo else (0, 0.0)
+    pool = _compute(cfg, todo, manifest, device, nodes) if todo else {
+        "teacher_forwards": 0, "actor_s": 0.0, "actors_replaced": 0, "shards_requeued": 0, "tokens": 0}
+    forwards, busy = pool["teacher_forwards"], pool["actor_s"]
     computed_tokens = sum(spec.tokens.shape[0] * cfg.corpus.seq_len for spec, _ in todo)
     # teacher throughput inside the actors (encode + commit, no start-up): the summary's teacher tokens/s
     manifest["teacher_tokens_per_s"] = computed_tokens / busy if busy else previous
@@ -213,13 +336,15 @@ def run(cfg: PipelineConfig, action: str | None = None) -> dict:
     totals, wall = manifest["totals"], time.time() - t0
     key = cache_key(manifest)  # every planned shard, in corpus order
     print(f"cache: {totals['tokens']} tokens, {totals['bytes_per_token']:.1f} bytes/token, {wall:.1f} s, "
-          f"{forwards} teacher forwards; teacher held-out NLL {totals['teacher_heldout_nll']}")
+          f"{forwards} teacher forwards; teacher held-out NLL {totals['teacher_heldout_nll']}; "
+          f"{pool['actors_replaced']} teacher actors replaced, {pool['shards_requeued']} shards re-queued")
     outputs = {"teacher_forwards": forwards, "shards_computed": len(todo), "shards_total": len(keyed),
                "tokens": totals["tokens"], "bytes": totals["bytes"], "bytes_per_token": totals["bytes_per_token"],
                "teacher_heldout_nll": totals["teacher_heldout_nll"],
                "teacher_heldout_top1_acc": totals["teacher_heldout_top1_acc"], "wall_s": wall, "actor_s": busy,
                "computed_tokens": computed_tokens, "teacher_tokens_per_s": manifest["teacher_tokens_per_s"],
-               "cache_dir": cfg.cache_dir, "cache_key": key, "actor_nodes": sorted(nodes)}
+               "cache_dir": cfg.cache_dir, "cache_key": key, "actor_nodes": sorted(nodes),
+               "actors_replaced": pool["actors_replaced"], "shards_requeued": pool["shards_requeued"]}
     stage.record(cfg, "cache", key, outputs, paths=[store.url(MANIFEST)])
     return outputs
 

@@ -1,7 +1,9 @@
-"""workflows.cache on a real local Ray cluster: resumable caching, rerun = no-op, surviving a killed actor."""
+"""workflows.cache on a real local Ray cluster: resumable caching, rerun = no-op, a killed actor replaced, an
+exception in the teacher code failing the run at once."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
@@ -11,7 +13,7 @@ import pytest
 import ray
 
 from raydistill.tasks.config import load_config
-from raydistill.tasks.cache.manifest import check_compatible
+from raydistill.tasks.cache.manifest import check_compatible, shard_file
 from raydistill.tasks.cache.shards import open_cache
 from raydistill.tasks.errors import DataError
 from raydistill.workflows import cache
@@ -55,7 +57,7 @@ def _manifest_shards(cfg) -> int:
         return 0
 
 
-def test_killed_actor_process_is_restarted_and_every_shard_verifies(tmp_path, ray_cluster):
+def test_killed_actor_process_is_replaced_its_shard_requeued_and_every_shard_verifies(tmp_path, ray_cluster):
     cfg = load_config("tiny", [f"run_dir={tmp_path / 'run'}", "corpus.seq_len=128", "corpus.max_tokens=5120",
                                "corpus.windows_per_shard=1", "cache.batch_size=1",
                                "teacher.tiny.hidden_size=256", "teacher.tiny.intermediate_size=512"])
@@ -78,6 +80,9 @@ def test_killed_actor_process_is_restarted_and_every_shard_verifies(tmp_path, ra
     thread.join(timeout=300)
     assert not errors, errors
     assert result["shards_computed"] == result["shards_total"] == 40
+    # the driver replaced the lost actor and computed its in-flight shard again (recorded in the stage record)
+    assert result["actors_replaced"] >= 1 and result["shards_requeued"] >= 1
+    assert read_stage(cfg, "cache")["outputs"]["actors_replaced"] == result["actors_replaced"]
     c = open_cache(cfg.cache_dir)
     assert len(c.verify()) == 40 and c.manifest["complete"]
 
@@ -92,6 +97,20 @@ def test_killed_actor_process_is_restarted_and_every_shard_verifies(tmp_path, ra
     again = cache.run(cfg, None)
     assert again["shards_computed"] == 1 and again["teacher_forwards"] == 1
     assert len(open_cache(cfg.cache_dir).verify()) == 40
+
+
+def test_an_exception_in_the_teacher_code_fails_the_cache_at_once_and_is_not_retried(tmp_path, ray_cluster, capsys):
+    """Not infrastructure: a shard whose token ids the teacher's embedding cannot look up raises IndexError in
+    the actor; the driver re-raises it (no replacement actor, no re-queued shard), not a lost-actor error."""
+    cfg = load_config("tiny", [f"run_dir={tmp_path / 'run'}", "corpus.max_tokens=1024"])
+    manifest, keyed = cache.plan(cfg)
+    (spec, key), rest = keyed[0], keyed[1:]
+    bad = dataclasses.replace(spec, tokens=spec.tokens + 10**6)  # ids far beyond the vocabulary
+    with pytest.raises(IndexError, match="index out of range"):
+        cache._compute(cfg, [(bad, key), *rest], manifest)
+    out = capsys.readouterr().out
+    assert "lost a teacher actor" not in out and "replaced" not in out
+    assert not os.path.exists(os.path.join(cfg.cache_dir, shard_file(spec.name, key)))  # nothing committed of it
 
 
 def test_object_store_cache_on_a_local_s3_server(tmp_path, ray_cluster):

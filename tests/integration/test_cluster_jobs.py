@@ -37,6 +37,23 @@ def _until(check, timeout: float, what: str):
     raise AssertionError(f"not within {timeout:.0f} s: {what}")
 
 
+def _held_after_jobs(cluster) -> list[str]:
+    """Placement groups not removed and live actors holding CPUs: what a finished job must not leave behind
+    (a later job's actors would wait for those CPUs). Ray's own detached 0-CPU actors do not count."""
+    import requests
+
+    def state(kind: str) -> list[dict]:
+        r = requests.get(f"{cluster.address}/api/v0/{kind}", params={"limit": 1000, "detail": "1"},
+                         headers={"Authorization": f"Bearer {cluster.token()}"}, timeout=30)
+        r.raise_for_status()
+        return r.json()["data"]["result"]["result"]
+
+    pgs = [f"placement group {p['placement_group_id'][:8]} {p['state']}" for p in state("placement_groups")
+           if p["state"] != "REMOVED"]
+    return pgs + [f"actor {a['class_name']} {a['state']}" for a in state("actors")
+                  if a["state"] != "DEAD" and (a.get("required_resources") or {}).get("CPU")]
+
+
 def test_submitted_pipeline_runs_on_both_nodes_reaches_champion_and_never_shows_the_token(
         cluster_env, s3_server, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
@@ -56,6 +73,8 @@ def test_submitted_pipeline_runs_on_both_nodes_reaches_champion_and_never_shows_
     champion = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}").get_model_version_by_alias("tiny-student",
                                                                                                "champion")
     assert str(champion.version) == str(_record(run_dir, "promote")["champion_version"])
+    # nothing of the finished job holds resources: Train's placement groups removed, its actors gone
+    _until(lambda: not _held_after_jobs(cluster_env), 60, "the finished job's resources to be freed")
 
     # the job verbs find this attempt from the same config
     assert main(["job", "status", *args]) == 0
