@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 
 import ray
 
@@ -18,6 +19,8 @@ _LOCAL_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
 }
+_api_server_set: str | None = None
+"""The ``RAY_API_SERVER_ADDRESS`` this process last set for a local cluster (dropped before joining another)."""
 
 
 def _job_env_vars() -> dict:
@@ -26,8 +29,16 @@ def _job_env_vars() -> dict:
     return ((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}) if raw else {}
 
 
+def _free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def init_ray(cluster: ClusterConfig | None = None) -> None:
     """Connect to (or start) Ray once per process."""
+    global _api_server_set
     if ray.is_initialized():
         return
     cluster = cluster or ClusterConfig()
@@ -41,9 +52,18 @@ def init_ray(cluster: ClusterConfig | None = None) -> None:
     for k in _job_env_vars():  # Ray refuses a ray.init that sets a variable the job's runtime env sets too
         env_vars.pop(k, None)
     if address:
+        if os.environ.get("RAY_API_SERVER_ADDRESS") == _api_server_set:  # ours, of an earlier local cluster
+            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
         ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
     else:
         # The dashboard serves the State API, which Ray Train's placement-group cleaner needs to free the
-        # resources of a run whose controller was killed (e.g. a trial stopped early by ASHA).
-        ray.init(num_cpus=cluster.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+        # resources of a run whose controller was killed (e.g. a trial stopped early by ASHA). The cleaner calls
+        # it without an address: Ray then looks for "the" local cluster and raises ConnectionError when this
+        # machine runs more than one (or picks the last `ray start` one), the cleaner's thread dies, the stopped
+        # trial's placement group is never removed and the next Train run waits for its CPUs forever. So every
+        # process of this cluster (raylet, workers, this driver) is told its own API server.
+        port = _free_port()
+        _api_server_set = f"http://127.0.0.1:{port}"
+        os.environ["RAY_API_SERVER_ADDRESS"] = env_vars["RAY_API_SERVER_ADDRESS"] = _api_server_set
+        ray.init(num_cpus=cluster.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
                  runtime_env={"env_vars": env_vars}, log_to_driver=True)
