@@ -212,8 +212,6 @@ def retried_trial(tiny_cached, tmp_path_factory):
     return cfg, results[0], killed
 
 
-@pytest.mark.skipif(os.environ.get("RAYDISTILL_RUN_TUNE_RETRY") != "1",
-                    reason="not yet seen passing (issue 14): set RAYDISTILL_RUN_TUNE_RETRY=1")
 def test_tune_retries_a_trial_whose_driver_was_killed_from_its_checkpoint_in_the_same_mlflow_run(retried_trial):
     from mlflow.tracking import MlflowClient
 
