@@ -19,6 +19,8 @@ _LOCAL_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
 }
+_api_server_set: str | None = None
+"""The ``RAY_API_SERVER_ADDRESS`` this process last set for a local cluster (dropped before joining another)."""
 
 
 def _job_env_vars() -> dict:
@@ -29,6 +31,7 @@ def _job_env_vars() -> dict:
 
 def init_ray(cluster: ClusterConfig | None = None) -> None:
     """Connect to (or start) Ray once per process."""
+    global _api_server_set
     if ray.is_initialized():
         return
     cluster = cluster or ClusterConfig()
@@ -42,16 +45,20 @@ def init_ray(cluster: ClusterConfig | None = None) -> None:
     for k in _job_env_vars():  # Ray refuses a ray.init that sets a variable the job's runtime env sets too
         env_vars.pop(k, None)
     if address:
-        if "://" not in address and address != "auto":  # a GCS address: the State API is found through it
-            env_vars.setdefault("RAY_API_SERVER_ADDRESS", address)  # (why: see the embedded case below)
+        if os.environ.get("RAY_API_SERVER_ADDRESS") == _api_server_set:  # ours, of an earlier local cluster
+            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+        if "://" not in address and address != "auto":  # a GCS address (a job's driver): the workers find the
+            env_vars.setdefault("RAY_API_SERVER_ADDRESS", address)  # State API through it (why: see below)
         ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
     else:
         # The dashboard serves the State API, which Ray Train's placement-group cleaner needs to free the
-        # resources of a run whose controller was killed (e.g. a trial stopped early by ASHA). Its workers find
-        # the State API by auto-detection, which fails ("Found multiple active Ray instances") when another Ray
-        # runs on the host: the cleaner's thread dies, the placement group leaks and the next trial waits for
-        # its CPUs for ever. So the workers are told this cluster's dashboard address.
+        # resources of a run whose controller was killed (e.g. a trial stopped early by ASHA). The cleaner calls
+        # it without an address: Ray then looks for "the" local cluster and raises ConnectionError when this
+        # machine runs more than one (or picks the last `ray start` one), the cleaner's thread dies, the stopped
+        # trial's placement group is never removed and the next Train run waits for its CPUs forever. So every
+        # process of this cluster (raylet, workers, this driver) is told its own API server.
         port = free_ports(1)[0]
-        env_vars.setdefault("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}")
-        ray.init(num_cpus=cluster.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 dashboard_port=port, runtime_env={"env_vars": env_vars}, log_to_driver=True)
+        _api_server_set = f"http://127.0.0.1:{port}"
+        os.environ["RAY_API_SERVER_ADDRESS"] = env_vars["RAY_API_SERVER_ADDRESS"] = _api_server_set
+        ray.init(num_cpus=cluster.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+                 runtime_env={"env_vars": env_vars}, log_to_driver=True)

@@ -169,9 +169,12 @@ def gate_violations(metrics: dict, gate) -> list[str]:
     return out
 
 
-def trial_rows(grid, expected_reports: int) -> list[dict]:
+def trial_rows(grid, steps: int) -> list[dict]:
     """One row per trial: its searched params, last held-out metrics, reports made and whether ASHA stopped it
-    (fewer reports than the budget's, without an error)."""
+    (its last report short of the ``steps`` budget, without an error).
+
+    Stopped is read from the step, not from the reports Tune counted: a trial Tune retried (its driver died)
+    starts counting again at its restart, though its Train run continues from its checkpoint."""
     rows = []
     for r in grid:
         m = r.metrics or {}
@@ -180,7 +183,7 @@ def trial_rows(grid, expected_reports: int) -> list[dict]:
                      "params": searched(r.config), METRIC: m.get(METRIC),
                      "top1_agreement": m.get("top1_agreement"), "kl_to_teacher": m.get("kl_to_teacher"),
                      "step": m.get("step"), "reports": reports,
-                     "stopped": r.error is None and reports < expected_reports,
+                     "stopped": r.error is None and int(m.get("step") or 0) < steps,
                      "error": str(r.error) if r.error else None})
     return rows
 
@@ -205,7 +208,7 @@ def run(cfg: PipelineConfig, action: str | None = None) -> dict:
         grid = _fit(cfg, parent.info.run_id, out_dir)
         if grid.errors and len(grid.errors) == len(grid):
             raise RuntimeError(f"every tune trial failed; first error: {grid.errors[0]}")
-        trials = trial_rows(grid, len(report_steps(cfg.train, cfg.tune.steps)))
+        trials = trial_rows(grid, cfg.tune.steps)
         best, choice = choose_best(trials, cfg.registry.gate)
         if best is None:
             raise RuntimeError(f"tune: {choice}; see the trials in {out_dir / 'ray'}")

@@ -69,18 +69,3 @@ def test_clients_without_the_token_are_refused(two_nodes, tmp_path, monkeypatch,
     assert main(["job", "list", f"submit.address={two_nodes.address}"]) == 1
     assert "refused this client's token" in capsys.readouterr().err
 
-
-def test_workers_reach_their_own_clusters_state_api_while_another_ray_runs_on_the_host(two_nodes, ray_cluster):
-    """Ray Train's placement-group cleaner asks the State API from a worker; auto-detection fails with a second Ray
-    on the host ("multiple active Ray instances"), the cleaner's thread dies and a stopped trial's placement group
-    leaks (the next trial then waits for CPUs for ever). ``init_ray`` tells the workers their dashboard."""
-    import ray
-
-    @ray.remote(num_cpus=0)
-    def nodes_seen() -> list[str]:
-        from ray.util.state import list_nodes
-
-        return sorted(n.node_id for n in list_nodes())
-
-    assert len(two_nodes.nodes()) == 2  # the other Ray on this host
-    assert ray.get(nodes_seen.remote()) == [ray.get_runtime_context().get_node_id()]
