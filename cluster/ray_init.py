@@ -19,8 +19,6 @@ _LOCAL_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
 }
-_api_server_set: str | None = None
-"""The ``RAY_API_SERVER_ADDRESS`` this process last set for a local cluster (dropped before joining another)."""
 
 
 def _job_env_vars() -> dict:
@@ -31,7 +29,6 @@ def _job_env_vars() -> dict:
 
 def init_ray(cluster: ClusterConfig | None = None) -> None:
     """Connect to (or start) Ray once per process."""
-    global _api_server_set
     if ray.is_initialized():
         return
     cluster = cluster or ClusterConfig()
@@ -45,8 +42,6 @@ def init_ray(cluster: ClusterConfig | None = None) -> None:
     for k in _job_env_vars():  # Ray refuses a ray.init that sets a variable the job's runtime env sets too
         env_vars.pop(k, None)
     if address:
-        if os.environ.get("RAY_API_SERVER_ADDRESS") == _api_server_set:  # ours, of an earlier local cluster
-            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
         if "://" not in address and address != "auto":  # a GCS address (a job's driver): the workers find the
             env_vars.setdefault("RAY_API_SERVER_ADDRESS", address)  # State API through it (why: see below)
         ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
@@ -56,9 +51,10 @@ def init_ray(cluster: ClusterConfig | None = None) -> None:
         # it without an address: Ray then looks for "the" local cluster and raises ConnectionError when this
         # machine runs more than one (or picks the last `ray start` one), the cleaner's thread dies, the stopped
         # trial's placement group is never removed and the next Train run waits for its CPUs forever. So every
-        # process of this cluster (raylet, workers, this driver) is told its own API server.
+        # worker of this cluster is told its own API server. Not this driver's environment: the variable
+        # overrides the address of every Jobs/State client in the process, and outlives this cluster (a driver
+        # asks the State API with address=ray.get_runtime_context().gcs_address).
         port = free_ports(1)[0]
-        _api_server_set = f"http://127.0.0.1:{port}"
-        os.environ["RAY_API_SERVER_ADDRESS"] = env_vars["RAY_API_SERVER_ADDRESS"] = _api_server_set
+        env_vars["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         ray.init(num_cpus=cluster.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
                  runtime_env={"env_vars": env_vars}, log_to_driver=True)

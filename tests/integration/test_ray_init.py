@@ -54,5 +54,8 @@ def test_a_worker_asks_the_state_api_about_an_actor_of_its_own_cluster_while_ano
     assert ray.get(watched.ping.remote())
     actor_id = watched._actor_id.hex()
     assert ray.get(state_of.remote(actor_id)) == "ALIVE"
-    # and this driver too (the tests list their cluster's actors)
-    assert actor_id in {a.actor_id for a in list_actors(filters=[("state", "=", "ALIVE")])}
+    # and this driver, naming its cluster (its environment is left alone: the variable would override the
+    # address of every Jobs/State client in the process, and outlive this cluster)
+    assert "RAY_API_SERVER_ADDRESS" not in os.environ
+    alive = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")])
+    assert actor_id in {a.actor_id for a in alive}

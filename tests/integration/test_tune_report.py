@@ -124,7 +124,8 @@ def test_asha_stopped_trials_are_marked_and_free_their_workers(tuned_run):
     # workers gave theirs back; and no Train worker is left alive now
     assert all(t["reports"] >= 1 for t in trials)
     assert summary["stage_seconds"]["train"] > 0
-    workers = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "TrainWorker" in a.class_name]
+    alive = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")])
+    workers = [a for a in alive if "TrainWorker" in a.class_name]
     assert workers == [], "Train workers outlived their trials"
     assert ray.available_resources().get("CPU") == ray.cluster_resources().get("CPU")
 
