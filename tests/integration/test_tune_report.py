@@ -31,6 +31,21 @@ TRIALS, STEPS = 2, 8
 REPORTS = [2, 4, 6, 8]  # eval_every 2: ASHA decides at the first report (and the fourth)
 
 
+def _in_a_thread(verb, cfg) -> tuple[threading.Thread, list, list]:
+    """``verb(cfg)`` started in a thread: ``(thread, [its result], [its exception])`` (the tests assert on them)."""
+    results, errors = [], []
+
+    def go():
+        try:
+            results.append(verb(cfg))
+        except Exception as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=go)
+    thread.start()
+    return thread, results, errors
+
+
 def _kill_a_train_worker_after_a_checkpoint(storage: Path, alive, process: str = "RayTrainWorker") -> str | None:
     """SIGKILL one Ray Train worker (a descendant of this process; ``process``: a word of its command line, the
     trial's driver is ``ImplicitFunc``) once a trial has a checkpoint at step >= 4; returns that trial's id (its
@@ -68,16 +83,7 @@ def tuned_run(tiny_cached):
                                # one quantization method: the report's rows and figures are the same, and the six
                                # default methods cost ~1.5 min here (test_quantize* test them)
                                "quantize.methods=[int8_weight_only]"])
-    results, errors = [], []
-
-    def go():
-        try:
-            results.append(pipeline.run(cfg))
-        except Exception as e:  # surfaced by the asserts of the tests
-            errors.append(e)
-
-    thread = threading.Thread(target=go)
-    thread.start()
+    thread, results, errors = _in_a_thread(pipeline.run, cfg)
     killed = _kill_a_train_worker_after_a_checkpoint(Path(cfg.run_dir, "tune", "ray"), thread.is_alive)
     thread.join(timeout=1200)
     assert not errors, errors
@@ -193,16 +199,7 @@ def retried_trial(tiny_cached, tmp_path_factory):
     cfg = load_config("tiny", [f"run_dir={run_dir}", f"cache.dir={tiny_cached.cache_dir}", "tune.num_samples=1",
                                f"tune.steps={STEPS}", "tune.max_failures=1", "train.eval_every=2",
                                "train.checkpoint_every=2"])
-    results, errors = [], []
-
-    def go():
-        try:
-            results.append(tune.run(cfg))
-        except Exception as e:  # surfaced by the asserts of the test
-            errors.append(e)
-
-    thread = threading.Thread(target=go)
-    thread.start()
+    thread, results, errors = _in_a_thread(tune.run, cfg)
     killed = _kill_a_train_worker_after_a_checkpoint(Path(cfg.run_dir, "tune", "ray"), thread.is_alive,
                                                      process="ImplicitFunc")
     # the retry needs the killed controller's placement group back (Train's cleaner removes it): bounded, so a
