@@ -13,6 +13,7 @@ import ray
 
 from raydistill.cluster.local_cluster import free_ports
 from raydistill.tasks.config import ClusterConfig
+from raydistill.tasks.device import plan_device
 
 # Quiet, quick defaults for an embedded cluster; a user's environment wins.
 _LOCAL_ENV = {
@@ -58,3 +59,9 @@ def init_ray(cluster: ClusterConfig | None = None) -> None:
         env_vars["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         ray.init(num_cpus=cluster.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
                  runtime_env={"env_vars": env_vars}, log_to_driver=True)
+
+
+def cluster_device(cluster: ClusterConfig) -> str:
+    """``"cuda"`` or ``"cpu"`` for the cache actors and Train workers: ``cluster.device`` against the GPUs the
+    (started) Ray cluster offers (a typed error when CUDA is asked for and absent)."""
+    return plan_device(cluster.device, ray.cluster_resources().get("GPU", 0))

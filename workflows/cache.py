@@ -22,6 +22,7 @@ from collections import deque
 import ray
 from tqdm import tqdm
 
+from raydistill.cluster.ray_init import cluster_device
 from raydistill.tasks.cache.formats import format_params
 from raydistill.tasks.cache.manifest import (MANIFEST, SHARD_DIR, CacheCorruptError, add_entry, cache_key, new_manifest,
                                              shard_file, shard_key, write_manifest)
@@ -29,7 +30,6 @@ from raydistill.tasks.cache.shards import entry_from_file, open_cache
 from raydistill.tasks.cache.store import Store
 from raydistill.tasks.config import CacheConfig, PipelineConfig
 from raydistill.tasks.corpus import build_shards
-from raydistill.tasks.device import plan_device
 from raydistill.tasks.errors import DataError, WorkerLostError
 from raydistill.tasks.teacher import load_tokenizer, teacher_identity, tokenizer_hash
 from raydistill.workflows import stage
@@ -124,11 +124,6 @@ def _reuse(store: Store, cache_dir: str, manifest: dict, keyed: list) -> list:
             store.remove(rel)
             todo.append((spec, key))
     return todo
-
-
-def device_of(cfg: PipelineConfig) -> str:
-    """``"cuda"`` or ``"cpu"``: ``cluster.device`` against the GPUs the (started) Ray cluster offers."""
-    return plan_device(cfg.cluster.device, ray.cluster_resources().get("GPU", 0))
 
 
 def actor_options(cache_cfg: CacheConfig, device: str) -> dict:
@@ -313,7 +308,7 @@ def run(cfg: PipelineConfig, action: str | None = None) -> dict:
         return inspect(cfg)
     t0 = time.time()
     stage.start(cfg, "cache", skip=False, ray=True)
-    device = device_of(cfg)
+    device = cluster_device(cfg.cluster)
     manifest, keyed = plan(cfg, device)
     store = Store(cfg.cache_dir)
     store.clean_temps(("", SHARD_DIR))

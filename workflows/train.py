@@ -39,7 +39,7 @@ import torch.distributed as dist
 from raydistill.tasks.config import (ConfigError, PeftConfig, PipelineConfig, TrainConfig, from_dict, section_key,
                                      to_dict)
 from raydistill.tasks.data import DataPosition, heldout_shards, train_batches
-from raydistill.tasks.device import DeviceError, plan_device, resolve_device, resolve_dtype
+from raydistill.tasks.device import DeviceError, resolve_device, resolve_dtype
 from raydistill.tasks.evaluate import evaluate_sums, finalize
 from raydistill.tasks.fileio import atomic_write_json
 from raydistill.tasks.online import StudentWithHeads, online_teacher, resolve_layer_map, student_with_heads
@@ -147,10 +147,10 @@ def train_driver(cfg: PipelineConfig, *, run_name: str, storage_path: str, callb
     ``init_dir`` starts from that student instead of the teacher-built one; ``qad`` (``{"bits", "group_size"}``)
     fake-quantizes its linear layers (quantization-aware distillation, :func:`qad_train`).
     """
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
+    from raydistill.cluster.ray_init import cluster_device
     from raydistill.tasks.cache.manifest import check_compatible
     from raydistill.tasks.cache.shards import open_cache
 
@@ -169,7 +169,7 @@ def train_driver(cfg: PipelineConfig, *, run_name: str, storage_path: str, callb
     built = (init_dir / "init_key.json").exists()
     info = init_info(cfg, init_dir) if built else {"layer_map": []}
     out = Path(output_dir or Path(cfg.run_dir, "train")).resolve()
-    device = plan_device(cfg.cluster.device, ray.cluster_resources().get("GPU", 0))
+    device = cluster_device(cfg.cluster)
     scaling_config, torch_config = scaling(tc, device, cfg.cluster.spread)
     loop_config = {"cfg": to_dict(cfg), "steps": steps or tc.steps, "init_dir": str(init_dir.resolve()),
                    "device": device,

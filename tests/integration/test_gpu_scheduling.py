@@ -44,10 +44,11 @@ def _probe():
 def test_cache_actors_request_gpus_where_the_cluster_offers_them(gpu_cluster, tmp_path):
     import ray
 
-    from raydistill.workflows.cache import actor_options, device_of
+    from raydistill.cluster.ray_init import cluster_device
+    from raydistill.workflows.cache import actor_options
 
     cfg = load_config("tiny", [f"run_dir={tmp_path}", "cache.num_gpus_per_actor=0.5", "cache.cpus_per_actor=1"])
-    assert device_of(cfg) == "cuda"  # cluster.device=auto on a cluster with GPUs
+    assert cluster_device(cfg.cluster) == "cuda"  # cluster.device=auto on a cluster with GPUs
     options = actor_options(cfg.cache, "cuda")
     assert options == {"num_cpus": 1, "num_gpus": 0.5}
     assert actor_options(cfg.cache, "cpu")["num_gpus"] == 0
