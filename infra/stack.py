@@ -31,22 +31,17 @@ import pwd
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
+from raydistill.cluster.local_cluster import free_ports
+
 BUCKET = "raydistill-artifacts"
 S3_KEY, S3_SECRET = "raydistill", "raydistill-local-secret"  # moto accepts any; fixed so restarts agree
 DB_USER, DB_NAME = "raydistill", "mlflow"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def alive(pid: int | None) -> bool:
@@ -234,7 +229,7 @@ def up(root: Path) -> dict:
         os.chmod(root, 0o755)  # the postgres user must reach DIR/pg; stack.json stays 600
         os.chmod(root / "logs", 0o755)
     old = read_state(root) or {}
-    ports = {"postgres": free_port(), "s3": free_port(), "mlflow": free_port()}
+    ports = dict(zip(("postgres", "s3", "mlflow"), free_ports(3)))  # held open together: three distinct ports
     state = {"ports": ports, "pids": {}, "db_password": old.get("db_password") or secrets.token_hex(16),
              "s3_endpoint": f"http://127.0.0.1:{ports['s3']}", "tracking_uri": f"http://127.0.0.1:{ports['mlflow']}",
              "artifacts": f"s3://{BUCKET}/mlartifacts"}

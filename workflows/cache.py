@@ -248,7 +248,9 @@ def _compute(cfg: PipelineConfig, todo: list, manifest: dict, device: str = "cpu
                 out["shards_requeued"] += 1
                 pool.lose(actor, e)
                 continue
-            nodes.update([pool.node_of(actor)] if pool.node_of(actor) else [])
+            node = pool.node_of(actor)
+            if node:
+                nodes.add(node)
             idle.append(actor)
             _record_shard(cfg, manifest, entry, out, n, seconds)
             bar.set_postfix(tok_s=f"{out['tokens'] / max(time.time() - t0, 1e-9):.0f}")
