@@ -83,7 +83,7 @@ def is_tied(model: nn.Module) -> bool:
 
 def uniform_plan(model: nn.Module, bits: int, embedding_bits: int | None = None) -> dict[str, int]:
     """``{layer: bits}`` for every linear; ``lm_head`` and an untied embedding get ``embedding_bits``."""
-    head = _head_name(model)
+    head = head_name(model)
     eb = embedding_bits or bits
     plan = {n: (eb if n == head else bits) for n in linear_names(model)}
     if not is_tied(model):
@@ -91,7 +91,8 @@ def uniform_plan(model: nn.Module, bits: int, embedding_bits: int | None = None)
     return plan
 
 
-def _head_name(model: nn.Module) -> str | None:
+def head_name(model: nn.Module) -> str | None:
+    """The module name of ``model``'s output embedding (``lm_head``), or None without one."""
     head = model.get_output_embeddings()
     return next((n for n, m in model.named_modules() if m is head), None)
 
@@ -123,7 +124,7 @@ def apply_plan(model: nn.Module, plan: dict[str, int], *, group_size: int | None
     integers = integers or {}
     groups = {4: group_size, 8: int8_group_size}
     tied, table = is_tied(model), {}
-    head = _head_name(model)
+    head = head_name(model)
     for name in [n for n in plan if n != EMBEDDING]:
         lin, bits = model.get_submodule(name), plan[name]
         if bits == 16:

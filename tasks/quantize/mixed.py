@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from raydistill.tasks.quantize.methods import EMBEDDING, _head_name, apply_plan, is_tied, layer_bytes, uniform_plan
+from raydistill.tasks.quantize.methods import EMBEDDING, head_name, apply_plan, is_tied, layer_bytes, uniform_plan
 
 STEPS = {4: 8, 8: 16}
 INT8_GROUP_SIZE = None  # mixed's int8 layers: one scale per output row
@@ -38,7 +38,7 @@ def _cost(model: nn.Module, name: str, bits: int, group_size: int | None) -> int
     out, n = _shape(model, name)
     if bits == 16 and name == EMBEDDING:
         return 4 * out * n
-    extra = 4 * out * n if bits == 16 and is_tied(model) and name == _head_name(model) else 0
+    extra = 4 * out * n if bits == 16 and is_tied(model) and name == head_name(model) else 0
     return extra + layer_bytes(out, n, bits, INT8_GROUP_SIZE if bits == 8 else group_size)
 
 
