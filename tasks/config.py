@@ -489,9 +489,10 @@ class ServeConfig:
     alias: str = "champion"
     """Alias served."""
     max_batch_size: int = 8
-    """Requests batched together."""
+    """Prompts generated together by a replica (rows of its continuous batch: a request joins at the next token)."""
     batch_wait_timeout_s: float = 0.02
-    """How long a batch waits to fill."""
+    """How long an idle replica waits for more requests before its first forward (later ones join the running
+    batch at the next token without waiting)."""
     max_tokens_limit: int = 256
     """Largest ``max_tokens`` a request may ask for."""
     max_prompt_tokens: int = 1024

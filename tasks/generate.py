@@ -28,14 +28,15 @@ string), which is how a server streams. The callbacks run on the generating thre
 
 from __future__ import annotations
 
-import inspect
 import os
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from raydistill.tasks.device import module_device
+from raydistill.tasks.kvbatch import DecodeBatch
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
@@ -75,46 +76,10 @@ def _check(max_tokens: list, temperature: list, logprobs: list, vocab: int) -> N
             raise ValueError(f"logprobs must be null or an integer in [0, {vocab}], got {k!r}")
 
 
-def _left_pad(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(input_ids, attention_mask)``, both ``(batch, longest)``, padded on the left."""
-    width = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for i, x in enumerate(ids):
-        input_ids[i, width - len(x):] = torch.tensor(x, dtype=torch.long)
-        mask[i, width - len(x):] = 1
-    return input_ids, mask
-
-
 def _generator(seed: int | None) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
     return g
-
-
-class _Decoder:
-    """Step-by-step forward with the KV cache over a left-padded batch."""
-
-    def __init__(self, model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor):
-        device = module_device(model)  # the model's; sampling and log-probs stay on the CPU (CPU generators)
-        self.model, self.mask, self.cache = model, mask.to(device), None
-        self.keep = "logits_to_keep" in inspect.signature(model.forward).parameters
-        self.next_ids = input_ids.to(device)
-        self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
-
-    def step(self) -> torch.Tensor:
-        """Logits ``(batch, vocab)`` for the next token after everything fed so far."""
-        kwargs = {"logits_to_keep": 1} if self.keep else {}
-        out = self.model(input_ids=self.next_ids, attention_mask=self.mask, position_ids=self.positions,
-                         cache=self.cache, use_cache=True, **kwargs)
-        self.cache = out.cache
-        return out.logits[:, -1, :].float().cpu()
-
-    def feed(self, tokens: torch.Tensor) -> None:
-        """Append one token per row (``(batch,)``)."""
-        self.next_ids = tokens[:, None].to(self.mask.device)
-        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
-        self.positions = self.positions[:, -1:] + 1
 
 
 class _Text:
@@ -157,12 +122,114 @@ def _choose(logits: torch.Tensor, temperature: list, generators: list) -> torch.
     return chosen
 
 
-@torch.inference_mode()
+@dataclass(eq=False)
+class Completion:
+    """One prompt being completed by an :class:`Engine`; ``result`` is set when it finishes."""
+
+    ids: list[int]
+    """The prompt's token ids."""
+    max_tokens: int
+    temperature: float
+    logprobs: int | None
+    generator: torch.Generator | None
+    """Its own sampler (``None`` when greedy), so a sample does not depend on the batch."""
+    cancel: object = None
+    """Anything with ``is_set()``; a set one ends the completion at the next token (``"cancelled"``)."""
+    on_token: object = None
+    tag: object = None
+    """The caller's: whatever it needs to route the result (a server's request)."""
+    state: dict = field(default_factory=dict)
+    next_id: int = 0
+    result: dict | None = None
+
+
+class Engine:
+    """Continuous batching over one model: completions join the running decode batch at token boundaries (a
+    prefill of their own, ``tasks.kvbatch``) and leave it when they finish, so a long completion never holds
+    the batch and a new request never waits for the batch to drain (``max_rows`` rows at most)."""
+
+    def __init__(self, model: nn.Module, tokenizer, max_rows: int):
+        model.eval()
+        self.model, self.tokenizer, self.max_rows = model, tokenizer, max_rows
+        self.eos = eos_ids(model, tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos, default=0)
+        out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        self.vocab = getattr(out, "out_features", None) or 1 << 30
+        self.rows, self.running, self.waiting = DecodeBatch(model), [], deque()
+        self.steps = self.joins = self.row_steps = 0
+
+    def add(self, prompt: str, *, max_tokens: int = 16, temperature: float = 0.0, logprobs: int | None = None,
+            seed: int | None = None, stop: Sequence[str] = (), cancel=None, on_token=None, tag=None) -> Completion:
+        """Queue one prompt (it joins at the next :meth:`step` with room); bad settings raise ``ValueError``."""
+        _check([max_tokens], [temperature], [logprobs], self.vocab)
+        (ids,) = encode_prompts(self.tokenizer, [prompt])
+        if not ids:
+            raise ValueError("a prompt is empty (no tokens)")
+        c = Completion(ids, max_tokens, temperature, logprobs, _generator(seed) if temperature > 0 else None,
+                       cancel, on_token, tag)
+        c.state = {"token_ids": [], "token_logprobs": [], "top": [], "finish_reason": None,
+                   "text": _Text(self.tokenizer, stop) if (stop or on_token) else None}
+        self.waiting.append(c)
+        return c
+
+    @property
+    def idle(self) -> bool:
+        return not self.running and not self.waiting
+
+    @torch.inference_mode()
+    def step(self) -> list[Completion]:
+        """Cancel what was cancelled, admit waiting prompts, generate one token for every running completion;
+        returns the completions that finished (their ``result`` set)."""
+        done = [c for c in [*self.running, *self.waiting] if c.cancel is not None and c.cancel.is_set()]
+        for c in done:
+            c.state["finish_reason"] = "cancelled"
+        self.waiting = deque(c for c in self.waiting if not c.state["finish_reason"])
+        self._keep()
+        logits = self.rows.step(torch.tensor([c.next_id for c in self.running])) if self.running else None
+        admit = []
+        if not self.running or self.rows.can_join_running():
+            while self.waiting and len(self.running) + len(admit) < self.max_rows:
+                admit.append(self.waiting.popleft())
+        if admit:
+            joined = self.rows.join([c.ids for c in admit], self.pad_id)
+            logits = joined if logits is None else torch.cat([logits, joined])
+            self.running, self.joins = self.running + admit, self.joins + 1
+        if self.running:
+            self._advance_all(logits)
+        done += [c for c in self.running if c.state["finish_reason"]]
+        self._keep()
+        for c in done:
+            c.result = _result(self.tokenizer, c.state, len(c.ids), c.logprobs)
+        return done
+
+    def _advance_all(self, logits: torch.Tensor) -> None:
+        logp = torch.log_softmax(logits, dim=-1)
+        chosen = _choose(logits, [c.temperature for c in self.running], [c.generator for c in self.running])
+        kmax = max((c.logprobs or 0 for c in self.running), default=0)
+        top = logp.topk(kmax, dim=-1) if kmax else None
+        for i, c in enumerate(self.running):
+            c.next_id = int(chosen[i])
+            _advance(self.tokenizer, c.state, i, c.next_id, logp, top, self.eos, c.logprobs, c.max_tokens,
+                     c.on_token)
+        self.steps, self.row_steps = self.steps + 1, self.row_steps + len(self.running)
+
+    def _keep(self) -> None:
+        """Drop finished rows from the decode batch."""
+        keep = [i for i, c in enumerate(self.running) if not c.state["finish_reason"]]
+        if len(keep) < len(self.running):
+            self.rows.keep(keep)
+            self.running = [self.running[i] for i in keep]
+
+
+_SETTINGS = ("max_tokens", "temperature", "logprobs", "seed", "stop", "cancel", "on_token")
+
+
 def complete(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_tokens: int | list[int] = 16,
              temperature: float | list[float] = 0.0, logprobs: int | None | list = None,
              seed: int | None | list = None, stop: Sequence[str] | list | None = None,
              cancel: Sequence | None = None, on_token: Sequence | None = None) -> list[dict]:
-    """Complete each prompt; one dict per prompt (see the module doc for the semantics).
+    """Complete each prompt; one dict per prompt (see the module doc for the semantics). All prompts start as
+    one left-padded batch on an :class:`Engine`; each leaves it when it finishes.
 
     Returns ``[{text, tokens, token_ids, token_logprobs, top_logprobs, finish_reason, usage}]``: ``tokens`` are
     the decoded strings of the generated tokens, ``token_logprobs`` their log-probabilities, ``top_logprobs``
@@ -180,37 +247,17 @@ def complete(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_tokens:
         stop = [list(stop or [])] * n
     stop, cancel, on_token = _per_prompt(list(stop), n, "stop"), _per_prompt(cancel, n, "cancel"), \
         _per_prompt(on_token, n, "on_token")
-    vocab = model.get_output_embeddings().out_features if hasattr(model, "get_output_embeddings") else None
-    _check(max_tokens, temperature, logprobs, vocab or 1 << 30)
-    ids = encode_prompts(tokenizer, prompts)
-    for i, x in enumerate(ids):
-        if not x:
-            raise ValueError(f"prompt {i} is empty (no tokens)")
-    model.eval()
-    eos = eos_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(eos) if eos else 0)
-    decoder = _Decoder(model, *_left_pad(ids, pad_id))
-    generators = [_generator(s) if t > 0 else None for s, t in zip(seed, temperature)]
-    out = [{"token_ids": [], "token_logprobs": [], "top": [], "finish_reason": None,
-            "text": _Text(tokenizer, st) if (st or cb) else None} for st, cb in zip(stop, on_token)]
-    kmax = max((k for k in logprobs if k), default=0)
-    for _ in range(max(max_tokens)):
-        for o, c in zip(out, cancel):
-            if c is not None and c.is_set() and not o["finish_reason"]:
-                o["finish_reason"] = "cancelled"
-        if all(o["finish_reason"] for o in out):
-            break
-        logits = decoder.step()
-        logp = torch.log_softmax(logits, dim=-1)
-        chosen = _choose(logits, temperature, generators)
-        top = logp.topk(kmax, dim=-1) if kmax else None
-        for i, o in enumerate(out):
-            if not o["finish_reason"]:
-                _advance(tokenizer, o, i, int(chosen[i]), logp, top, eos, logprobs[i], max_tokens[i], on_token[i])
-        if all(o["finish_reason"] for o in out):
-            break
-        decoder.feed(chosen)
-    return [_result(tokenizer, o, len(x), logprobs[i]) for i, (o, x) in enumerate(zip(out, ids))]
+    engine = Engine(model, tokenizer, max_rows=n)
+    _check(max_tokens, temperature, logprobs, engine.vocab)
+    completions = []
+    for i, args in enumerate(zip(prompts, max_tokens, temperature, logprobs, seed, stop, cancel, on_token)):
+        try:
+            completions.append(engine.add(args[0], **dict(zip(_SETTINGS, args[1:]))))
+        except ValueError as e:
+            raise ValueError(f"prompt {i}: {e}") from None
+    while not engine.idle:
+        engine.step()
+    return [c.result for c in completions]
 
 
 def _advance(tokenizer, o: dict, i: int, tok: int, logp, top, eos: set, k: int | None, limit: int, on_token):

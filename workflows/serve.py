@@ -8,9 +8,10 @@
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (the tokenizer's chat template), both with
 ``stream: true`` (server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``), ``stop``,
-``logprobs``; ``GET /v1/models``, ``GET /healthz``. Requests are batched across clients with ``@serve.batch`` (up
-to ``serve.max_batch_size`` prompts, waiting at most ``serve.batch_wait_timeout_s``) and generated in one
-left-padded forward batch (``tasks.generate.complete``). Bad requests get HTTP 400 with an OpenAI-style
+``logprobs``; ``GET /v1/models``, ``GET /healthz``. Requests from all clients are batched continuously: one
+generating thread per replica runs ``tasks.generate.Engine``, where a request joins the running decode batch at
+the next token (up to ``serve.max_batch_size`` prompts) and leaves it when it finishes, so nobody waits for a
+batch to drain; an idle replica waits at most ``serve.batch_wait_timeout_s`` for company before its first forward. Bad requests get HTTP 400 with an OpenAI-style
 ``{"error": {"message", "type", "param"}}`` body; a body over ``serve.max_body_bytes`` gets 413 before it is read.
 Ray Serve itself answers 503 + ``Retry-After`` when more than ``serve.max_queued_requests`` wait, and 408 past
 ``serve.request_timeout_s``; a timed-out or disconnected request's generation stops at its next token (a cancel
@@ -29,6 +30,7 @@ import asyncio
 import json
 import logging
 import os
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -103,10 +105,6 @@ class DirectoryLoader:
         return model, AutoTokenizer.from_pretrained(self.model_dir), info
 
 
-def _prompt_count(items: list) -> int:
-    return sum(len(job.prompts) for job in items)
-
-
 class ApiError(Exception):
     """An HTTP error answered with an OpenAI-style body."""
 
@@ -142,12 +140,24 @@ def _sse(obj: dict) -> str:
 
 @dataclass
 class _Job:
-    """One request's share of a forward batch: its prompts and settings, its cancel event, its token callback."""
+    """One request's prompts and settings, its cancel event, its token callback, and where its answer goes: the
+    asyncio future (on the replica's event loop) that the generating thread resolves."""
 
     req: object
     prompts: tuple
     cancel: threading.Event = field(default_factory=threading.Event)
     on_token: object = None
+    future: object = None
+    loop: object = None
+    outs: list = field(default_factory=list)
+    done: bool = False
+
+    def resolve(self, value, error: Exception | None = None) -> None:
+        """Answer the waiting request (from any thread); a request that went away is left alone."""
+        def settle():
+            if not self.future.done():
+                self.future.set_exception(error) if error is not None else self.future.set_result(value)
+        self.loop.call_soon_threadsafe(settle)
 
 
 @serve.deployment(name=DEPLOYMENT, health_check_period_s=5, health_check_timeout_s=30)
@@ -159,7 +169,7 @@ class CompletionServer:
         torch.set_num_threads(max(1, int(settings["num_cpus"])))
         self._loader, self._s = loader, settings
         self._swaps, self._poll_error, self._batches, self._prompts = 0, None, 0, 0
-        self._counts = {"cancelled": 0, "generated_tokens": 0, "active": 0}
+        self._counts = {"cancelled": 0, "generated_tokens": 0, "active": 0, "steps": 0, "rows_stepped": 0, "busy_s": 0.0}
         self._current = None
         try:
             loaded = loader(None)
@@ -167,9 +177,9 @@ class CompletionServer:
         except Exception as e:  # keep the replica up without a model: check_health says why, the poll retries
             self._poll_error = f"{type(e).__name__}: {e}"
             logger.exception("no model loaded")
-        self._generate.set_max_batch_size(settings["max_batch_size"])
-        self._generate.set_batch_wait_timeout_s(settings["batch_wait_timeout_s"])
-        self._stop = threading.Event()
+        self._stop, self._jobs, self._lock = threading.Event(), queue.SimpleQueue(), threading.Lock()
+        self._generator = threading.Thread(target=self._generate_loop, name="generate", daemon=True)
+        self._generator.start()
         if settings["alias_poll_s"] > 0:
             threading.Thread(target=self._poll, name="alias-poll", daemon=True).start()
         logger.info(f"serving {self._model_id() if self._current else 'nothing yet'}")
@@ -211,6 +221,8 @@ class CompletionServer:
         """Ray Serve's health check: fails (and Serve replaces the replica) while no model is loaded."""
         if self._current is None:
             raise RuntimeError(f"no model loaded (last error: {self._poll_error})")
+        if not self._generator.is_alive():
+            raise RuntimeError("the generating thread has stopped")
 
     def _loaded(self):
         if self._current is None:
@@ -312,16 +324,13 @@ class CompletionServer:
         return completion_response(req, outs, self._model_id(info), self._identity(info))
 
     async def _run(self, job: _Job):
-        self._counts["active"] += 1
-        try:
-            return await self._generate(job)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            logger.exception("generation failed")
-            raise ApiError(500, f"generation failed: {type(e).__name__}: {e}", kind="server_error") from None
-        finally:
-            self._counts["active"] -= 1
+        """Hand the job to the generating thread and wait for its ``(outs, info)``."""
+        loop = asyncio.get_running_loop()
+        job.future, job.loop = loop.create_future(), loop
+        with self._lock:
+            self._counts["active"] += 1  # until the generating thread is done with it (cancelled ones too)
+        self._jobs.put(job)
+        return await job.future
 
     async def _stream(self, req, prompts: tuple):
         """Server-sent events: one chunk per generated token (fed by ``complete``'s ``on_token`` on the
@@ -353,29 +362,106 @@ class CompletionServer:
                 job.cancel.set()
                 self._counts["cancelled"] += 1
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02, batch_size_fn=_prompt_count)
-    async def _generate(self, jobs: list) -> list:
-        from raydistill.tasks.generate import complete
+    def _generate_loop(self) -> None:
+        """The generating thread: continuous batching (``tasks.generate.Engine``) of the model loaded now. Jobs
+        join the running batch at token boundaries (up to ``max_batch_size`` prompts); an idle engine waits at
+        most ``batch_wait_timeout_s`` for more before its first forward. When the alias moves, the rows running
+        finish on the old model and the next jobs start on the new one. An error fails the requests it touched
+        (HTTP 500), never the thread."""
+        state = {"engine": None, "backlog": [], "owners": {}}
+        while not self._stop.is_set():
+            try:
+                self._generate_once(state)
+            except Exception as e:  # e.g. out of memory: fail this batch's requests, keep the replica serving
+                logger.exception("generation failed")
+                self._fail({id(j): j for j in state["owners"].values()}.values(), e)
+                state.update(engine=None, owners={})
 
-        model, tokenizer, info = self._current  # one model for the whole batch, even if a swap happens now
-        prompts, settings = [], {"max_tokens": [], "temperature": [], "logprobs": [], "seed": [], "stop": [],
-                                 "cancel": [], "on_token": []}
-        for job in jobs:
-            for p in job.prompts:
-                prompts.append(p)
-                for k in ("max_tokens", "temperature", "logprobs", "seed"):
-                    settings[k].append(getattr(job.req, k))
-                settings["stop"].append(list(job.req.stop))
-                settings["cancel"].append(job.cancel)
-                settings["on_token"].append(job.on_token)
-        outs = await asyncio.to_thread(complete, model, tokenizer, prompts, **settings)
-        self._batches, self._prompts = self._batches + 1, self._prompts + len(prompts)
-        self._counts["generated_tokens"] += sum(o["usage"]["completion_tokens"] for o in outs)
-        results, start = [], 0
-        for job in jobs:
-            results.append((outs[start:start + len(job.prompts)], info))
-            start += len(job.prompts)
-        return results
+    def _generate_once(self, state: dict) -> None:
+        engine = state["engine"]
+        idle = engine is None or engine.idle
+        state["backlog"] += self._take(block=idle and not state["backlog"])
+        if not state["backlog"] and idle:
+            return
+        if idle and self._current is not None and (engine is None or engine.model is not self._current[0]):
+            engine = state["engine"] = self._new_engine()
+        if engine is None:  # jobs but no model yet: they wait (new requests get 503 meanwhile)
+            self._stop.wait(0.1)
+            return
+        if engine.model is self._current[0]:  # else the alias moved: let the old model's rows drain first
+            state["backlog"] = self._admit(engine, state["backlog"], state["owners"])
+        joins, steps, rows = engine.joins, engine.steps, engine.row_steps
+        t0 = time.perf_counter()
+        finished = engine.step()
+        self._counts["busy_s"] += time.perf_counter() - t0  # seconds spent generating (the rest is idle)
+        self._batches += engine.joins - joins
+        self._counts["steps"] += engine.steps - steps  # forwards; rows per forward = rows_stepped / steps
+        self._counts["rows_stepped"] += engine.row_steps - rows
+        self._finish(engine, finished, state["owners"])
+
+    def _take(self, block: bool) -> list:
+        """The jobs waiting in the queue: blocking (at most 0.5 s) for the first one when asked, then up to
+        ``batch_wait_timeout_s`` for a fuller first batch."""
+        jobs = []
+        try:
+            jobs.append(self._jobs.get(timeout=0.5) if block else self._jobs.get_nowait())
+        except queue.Empty:
+            return jobs
+        deadline = time.monotonic() + (self._s["batch_wait_timeout_s"] if block else 0)
+        while sum(len(j.prompts) for j in jobs) < self._s["max_batch_size"]:
+            try:
+                jobs.append(self._jobs.get(timeout=max(0.0, deadline - time.monotonic()))
+                            if deadline > time.monotonic() else self._jobs.get_nowait())
+            except queue.Empty:
+                break
+        return jobs
+
+    def _new_engine(self):
+        from raydistill.tasks.generate import Engine
+
+        model, tokenizer, info = self._current
+        engine = Engine(model, tokenizer, max_rows=self._s["max_batch_size"])
+        engine.info = info
+        return engine
+
+    def _admit(self, engine, backlog: list, owners: dict) -> list:
+        """Add whole jobs from ``backlog`` while the engine has rows for them; returns the jobs left."""
+        while backlog and (engine.idle or len(engine.running) + len(engine.waiting) + len(backlog[0].prompts)
+                           <= engine.max_rows):
+            job = backlog.pop(0)
+            job.outs = [None] * len(job.prompts)
+            try:
+                for i, prompt in enumerate(job.prompts):
+                    r = job.req
+                    c = engine.add(prompt, max_tokens=r.max_tokens, temperature=r.temperature, logprobs=r.logprobs,
+                                   seed=r.seed, stop=list(r.stop), cancel=job.cancel, on_token=job.on_token,
+                                   tag=(job, i))
+                    owners[id(c)] = job
+            except ValueError as e:  # settings the model cannot take (e.g. logprobs over its vocabulary)
+                job.cancel.set()  # its prompts already added leave at the next step
+                self._fail([job], ApiError(400, str(e)))
+            self._prompts += len(job.prompts)
+        return backlog
+
+    def _finish(self, engine, finished: list, owners: dict) -> None:
+        for c in finished:
+            job, i = c.tag
+            owners.pop(id(c), None)
+            job.outs[i] = c.result
+            self._counts["generated_tokens"] += c.result["usage"]["completion_tokens"]
+            if not job.done and all(o is not None for o in job.outs):
+                job.done = True
+                job.resolve((job.outs, engine.info))
+                with self._lock:
+                    self._counts["active"] -= 1
+
+    def _fail(self, jobs, error: Exception) -> None:
+        for job in [j for j in jobs if not j.done]:
+            job.done = True
+            job.resolve(None, error if isinstance(error, ApiError) else
+                        ApiError(500, f"generation failed: {type(error).__name__}: {error}", kind="server_error"))
+            with self._lock:
+                self._counts["active"] -= 1
 
 
 # -------------------------------------------------------------------------------------------------------
