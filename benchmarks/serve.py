@@ -4,6 +4,7 @@ replica killed under load.
 
     python benchmarks/serve.py                        # two tiny random int8 students in a throw-away registry
     python benchmarks/serve.py --concurrency 1 8 --requests 32 --max-tokens 16 --skip-kill
+    python benchmarks/serve.py --model-dir runs/smollm2-shakespeare/quantize/gptq   # the demo's served student
 
 Starts a local Ray cluster and Serve on a free 127.0.0.1 port; registers two random int8 students (``workflows
 .register``, as the integration tests do) and serves ``models:/<name>@champion`` with the real registry loader.
@@ -13,7 +14,8 @@ object:
 - ``levels[c]``: requests/s, generated tokens/s, latency p50/p99 (ms) with ``c`` concurrent clients, the
   streaming time to first token p50/p99, and ``http_over_inprocess``: HTTP tokens/s ÷ the tokens/s of the same
   prompts through ``tasks.generate.complete`` in this process, in batches of ``min(c, max_batch_size)`` (target
-  >= 0.8).
+  >= 0.8), timed in ``--rounds`` interleaved rounds; ``rows_per_forward`` (the replica's mean batch rows) and
+  ``replica_busy_share`` (the share of the HTTP time the replica spent generating).
 - ``openai_client_ok``: completions, chat and a stream through the ``openai`` client all answered.
 - ``swap_failed_requests``: failed requests while ``@champion`` moves v1 → v2 under load (target 0).
 - ``replica_kill_success_rate``: 2 replicas, 8 clients, one replica's process SIGKILLed: successful/all requests
@@ -101,28 +103,43 @@ def run_clients(url: str, clients: int, total: int, max_tokens: int, timeout_s: 
     return time.perf_counter() - t0, results
 
 
-def inprocess_tokens_per_s(model, tokenizer, n: int, batch: int, max_tokens: int) -> float:
+def inprocess(model, tokenizer, n: int, batch: int, max_tokens: int) -> tuple[float, int]:
+    """``(seconds, tokens)`` of ``n`` prompts through ``tasks.generate.complete`` in batches of ``batch``."""
     from raydistill.tasks.generate import complete
 
     prompts = [f"Request {i}: ROMEO." for i in range(n)]
-    complete(model, tokenizer, prompts[:1], max_tokens=2, temperature=0.0)  # warm-up
     t0, tokens = time.perf_counter(), 0
     for start in range(0, n, batch):
         outs = complete(model, tokenizer, prompts[start:start + batch], max_tokens=max_tokens, temperature=0.0)
         tokens += sum(o["usage"]["completion_tokens"] for o in outs)
-    return tokens / (time.perf_counter() - t0)
+    return time.perf_counter() - t0, tokens
 
 
-def level(url, c, args, inproc) -> dict:
-    wall, res = run_clients(url, c, max(args.requests, c), args.max_tokens, args.level_timeout_s)
+def level(url, c, args, model, tokenizer) -> dict:
+    """One concurrency level: ``--rounds`` interleaved rounds of in-process then HTTP (load drift on a shared
+    machine hits both alike), then the streaming TTFT."""
+    import requests
+
+    n = max(args.requests // args.rounds, c)
+    before = requests.get(f"{url}/healthz", timeout=30).json()
+    wall, res, in_s, in_tokens = 0.0, [], 0.0, 0
+    for _ in range(args.rounds):
+        s, t = inprocess(model, tokenizer, n, min(c, args.max_batch_size), args.max_tokens)
+        in_s, in_tokens = in_s + s, in_tokens + t
+        w, r = run_clients(url, c, n, args.max_tokens, args.level_timeout_s / args.rounds)
+        wall, res = wall + w, res + r
+    after = requests.get(f"{url}/healthz", timeout=30).json()
+    rows = (after["rows_stepped"] - before["rows_stepped"]) / max(1, after["steps"] - before["steps"])
+    busy = (after["busy_s"] - before["busy_s"]) / wall  # share of the HTTP time the replica was generating
     ok = [r for r in res if r[3]]
     _, sres = run_clients(url, c, max(args.requests // 2, c), args.max_tokens, args.level_timeout_s, stream=True)
     lat, ttft = [1000 * r[0] for r in ok], [1000 * r[2] for r in sres if r[3] and r[2] is not None]
-    tps = sum(r[1] for r in ok) / wall
+    tps, inproc = sum(r[1] for r in ok) / wall, in_tokens / in_s
     return {"requests": len(res), "failed": len(res) - len(ok), "requests_per_s": len(ok) / wall,
             "generated_tokens_per_s": tps, "latency_ms": {"p50": percentile(lat, 0.5), "p99": percentile(lat, 0.99)},
             "stream_ttft_ms": {"p50": percentile(ttft, 0.5), "p99": percentile(ttft, 0.99)},
-            "inprocess_tokens_per_s": inproc, "http_over_inprocess": tps / inproc}
+            "inprocess_tokens_per_s": inproc, "http_over_inprocess": tps / inproc, "rows_per_forward": rows,
+            "replica_busy_share": busy}
 
 
 def openai_ok(url: str, name: str) -> bool:
@@ -230,10 +247,22 @@ def kill_under_load(url, cfg, loader_cfg, args) -> dict:
             "replica_kill_recovery_s": recovery_s if recovered else None}
 
 
+def checks(out: dict) -> dict:
+    """The issue's targets against what was measured (``None``: not measured in this run)."""
+    kill, recovery = out.get("replica_kill_success_rate"), out.get("replica_kill_recovery_s")
+    return {"http_over_inprocess_ge_0.8": {c: lv["http_over_inprocess"] >= 0.8 for c, lv in out["levels"].items()},
+            "no_failed_requests": all(lv["failed"] == 0 for lv in out["levels"].values()),
+            "swap_failed_requests_eq_0": out["swap_failed_requests"] == 0,
+            "replica_kill_success_rate_ge_0.97": None if kill is None else kill >= 0.97,
+            "replica_kill_recovery_le_30s": None if "replica_kill_requests" not in out else
+            recovery is not None and recovery <= 30}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--requests", type=int, default=64, help="requests per concurrency level (at least c)")
+    p.add_argument("--rounds", type=int, default=4, help="interleaved in-process/HTTP rounds per level")
     p.add_argument("--level-timeout-s", type=float, default=120, help="time bound per level")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--max-batch-size", type=int, default=8)
@@ -242,8 +271,17 @@ def main(argv=None) -> dict:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray cluster")
     p.add_argument("--skip-kill", action="store_true")
+    p.add_argument("--model-dir", help="measure the levels and the openai client on this model directory (fp32 or "
+                   "quantized, e.g. runs/smollm2-shakespeare/quantize/gptq) instead of the tiny random student; the "
+                   "swap and kill parts still use the tiny registered versions")
     args = p.parse_args(argv)
+    with contextlib.redirect_stdout(sys.stderr):  # Ray's and register's lines: stdout holds only the JSON
+        out = measure(args)
+    print(json.dumps(out, indent=2))
+    return out
 
+
+def measure(args) -> dict:
     import ray
 
     from raydistill.cluster.ray_init import init_ray
@@ -261,25 +299,34 @@ def main(argv=None) -> dict:
     cfg = load_config("tiny", base)
     init_ray(ClusterConfig(num_cpus=args.num_cpus))
     tokenizer = load_tokenizer(cfg.teacher)
-    with contextlib.redirect_stdout(sys.stderr):  # register's progress lines: stdout holds only the JSON
-        v1 = register_tiny(cfg, tokenizer, 1, args.hidden, args.layers)
-        v2 = register_tiny(cfg, tokenizer, 2, args.hidden, args.layers)
+    v1 = register_tiny(cfg, tokenizer, 1, args.hidden, args.layers)
+    v2 = register_tiny(cfg, tokenizer, 2, args.hidden, args.layers)
     client, name = tracking.client(cfg), cfg.registry.model_name
     client.set_registered_model_alias(name, "champion", str(v1))
-    model, tok, _ = register.load_registered(cfg.tracking_uri, tracking.model_uri(name, version=v1))
     import torch
 
     torch.set_num_threads(1)  # as the replica (serve.num_cpus=1)
-    out = {"model": f"{name}/{v1}", "hidden": args.hidden, "layers": args.layers, "max_tokens": args.max_tokens,
-           "max_batch_size": args.max_batch_size, "levels": {}}
-    url = serve.start_app(cfg)
+    loader = serve.DirectoryLoader(args.model_dir) if args.model_dir else None
+    if loader:
+        model, tok, info = loader(None)
+        shape = {"model": info["model_uri"], "quantization": info["quantization"]}
+    else:
+        model, tok, _ = register.load_registered(cfg.tracking_uri, tracking.model_uri(name, version=v1))
+        shape = {"model": f"{name}/{v1}", "hidden": args.hidden, "layers": args.layers}
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values() if isinstance(t, torch.Tensor))
+    out = {**shape, "weights_bytes": weights, "max_tokens": args.max_tokens,
+           "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s, "levels": {}}
+    url = serve.start_app(cfg, loader)
     try:
-        run_clients(url, 2, 4, args.max_tokens, 60)  # warm-up
+        run_clients(url, 2, 4, args.max_tokens, 60)  # warm-up, both sides
+        inprocess(model, tok, 2, 2, 2)
         for c in args.concurrency:
-            inproc = inprocess_tokens_per_s(model, tok, max(args.requests, c), min(c, args.max_batch_size),
-                                            args.max_tokens)
-            out["levels"][str(c)] = level(url, c, args, inproc)
-        out["openai_client_ok"] = openai_ok(url, f"{name}/{v1}")
+            out["levels"][str(c)] = level(url, c, args, model, tok)
+        out["openai_client_ok"] = openai_ok(url, out["model"] if not loader else info["name"])
+        if loader:  # the swap and the kill: the tiny registered versions behind the registry loader
+            from ray import serve as ray_serve
+
+            ray_serve.run(serve.build_app(cfg), name=serve.APP_NAME, route_prefix="/")
         out.update(swap_under_load(url, cfg, name, v2, args))
         if not args.skip_kill:
             two = load_config("tiny", base + ["serve.num_replicas=2", "serve.num_cpus=0.5"])
@@ -287,7 +334,7 @@ def main(argv=None) -> dict:
     finally:
         serve.shutdown_app()
         ray.shutdown()
-    print(json.dumps(out, indent=2))
+    out["checks"] = checks(out)
     return out
 
 

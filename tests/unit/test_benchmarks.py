@@ -125,3 +125,24 @@ def test_cluster_benchmarks_take_teacher_and_corpus_like_the_others():
     for name in ("cache_scaling", "submit_overhead"):
         args = _load(name).parse_args(["--teacher", "some/dir", "--corpus", "texts"])
         assert (args.teacher, args.corpus) == ("some/dir", "texts")
+
+
+@pytest.mark.slow
+def test_serve_benchmark_measures_http_against_in_process_and_a_swap_without_failures():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serve.py"), "--concurrency", "1", "4",
+                           "--requests", "8", "--rounds", "2", "--max-tokens", "4", "--skip-kill"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)  # stdout holds only the JSON (Ray's and register's lines go to stderr)
+    assert set(out["levels"]) == {"1", "4"}
+    for c, level in out["levels"].items():
+        assert level["failed"] == 0 and level["requests"] == 8
+        assert level["http_over_inprocess"] == pytest.approx(
+            level["generated_tokens_per_s"] / level["inprocess_tokens_per_s"])
+        assert 1 <= level["rows_per_forward"] <= min(int(c), 8) and 0 < level["replica_busy_share"] <= 1
+        assert level["stream_ttft_ms"]["p50"] > 0
+    assert out["openai_client_ok"] and out["swap_seen"] and out["swap_failed_requests"] == 0
+    assert out["checks"]["swap_failed_requests_eq_0"] and out["checks"]["replica_kill_success_rate_ge_0.97"] is None
