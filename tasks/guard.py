@@ -15,9 +15,10 @@ they are written. It replaces, in any string (nested in dicts, lists and tuples)
 and the whole value of a dict entry whose key looks secret (``password``, ``*_token``, ``secret_key``…).
 Pure: it reads ``os.environ`` only when ``env`` is not given, and returns a new object.
 
-Every model load (teacher, student, registered version) calls :func:`refuse_pickle` on the directory first and
-loads safetensors only: a pickle file (``*.bin``, ``*.pt``, ``*.pth``, ``*.pkl``, ``*.pickle``, ``*.ckpt``) can
-run arbitrary code when unpickled, so its mere presence is an error, not something to skip silently.
+Every model load (teacher, student, registered version, ``train.init_from``'s weights, a resumed training
+checkpoint) calls :func:`refuse_pickle` on the directory first and loads safetensors only: a pickle file
+(``*.bin``, ``*.pt``, ``*.pth``, ``*.pkl``, ``*.pickle``, ``*.ckpt``) can run arbitrary code when unpickled, so
+its mere presence is an error, not something to skip silently.
 """
 
 from __future__ import annotations

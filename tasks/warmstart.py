@@ -19,6 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from raydistill.tasks.config import ConfigError
+from raydistill.tasks.guard import refuse_pickle
 
 ARCH_FIELDS = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
                "num_key_value_heads", "vocab_size", "tie_word_embeddings")
@@ -80,6 +81,7 @@ def load_init_weights(path: str | Path) -> PreTrainedModel:
         raise ConfigError(f"train.init_from {str(path)!r} is not a model directory (no config.json); use champion, "
                           "models:/NAME@ALIAS, models:/NAME/VERSION or a student directory")
     weights_digest(path)  # refuses a directory without safetensors
+    refuse_pickle(path)  # and one with a pickle file beside them (``use_safetensors`` alone would skip it silently)
     if (path / "quantization.json").is_file():
         return _dequantized(path)
     meta = json.loads((path / "student.json").read_text()) if (path / "student.json").is_file() else {}

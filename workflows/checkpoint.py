@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from raydistill.tasks.data import DataPosition
 from raydistill.tasks.fileio import atomic_write_json, replace_dir
+from raydistill.tasks.guard import refuse_pickle
 
 
 def zero_flat_params(engine) -> list[torch.Tensor]:
@@ -111,7 +112,7 @@ def write_checkpoint(engine, zero_stage: int, rank: int, step: int, position: Da
 
 def read_checkpoint(directory: str, model, rank: int, zero_stage: int) -> tuple[dict, dict, DataPosition]:
     """Load the weights into ``model``; return ``(state, this rank's optimizer tensors, data position)``."""
-    d = Path(directory)
+    d = refuse_pickle(directory)  # a resumed checkpoint is a model load too: safetensors + JSON only
     state = json.loads((d / "state.json").read_text())
     if state["zero_stage"] != zero_stage:
         raise RuntimeError(f"checkpoint {d} is ZeRO-{state['zero_stage']}, the config asks for ZeRO-{zero_stage}")

@@ -138,9 +138,10 @@ def run(cfg: PipelineConfig, action: str | None = None) -> dict:
         client.submit_job(entrypoint=job["entrypoint"], runtime_env=job["runtime_env"], submission_id=sid,
                           # job metadata is readable by anyone who can list jobs: URL passwords masked
                           metadata=redact({"raydistill.verb": " ".join(command), "raydistill.run_dir": cfg.run_dir}))
+    shown = redact(address)  # a dashboard behind a proxy may take http://user:password@…: never in a log
     print(f"submitted {sid}: {job['entrypoint']}\n  logs: raydistill job logs submit.job_id={sid} "
-          f"submit.address={address} submit.follow=true")
-    result = {"submission_id": sid, "entrypoint": job["entrypoint"], "address": address}
+          f"submit.address={shown} submit.follow=true")
+    result = {"submission_id": sid, "entrypoint": job["entrypoint"], "address": shown}
     if s.wait:
         result["status"] = _follow(client, sid, s.timeout_s)
         if result["status"] != "SUCCEEDED":

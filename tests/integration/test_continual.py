@@ -42,10 +42,10 @@ def _registered_weights(cfg, version: int, tmp: Path) -> str:
     return _sha(weights)
 
 
-def _shard_keys(cfg) -> set[str]:
+def _shard_keys(cfg, *split: str) -> set[str]:
     from raydistill.tasks.cache.shards import open_cache
 
-    return {e["key"] for e in open_cache(cfg.cache_dir).shards()}
+    return {e["key"] for e in open_cache(cfg.cache_dir).shards(*split)}
 
 
 def _planned_new(cfg, new_files) -> int:
@@ -56,6 +56,7 @@ def _planned_new(cfg, new_files) -> int:
 
 
 def test_adding_files_twice_computes_only_their_shards_and_trains_from_the_champion(tmp_path, ray_cluster):
+    from raydistill.tasks.evaluate import heldout_digest
     from raydistill.tasks.warmstart import load_init_weights
     from raydistill.workflows import pipeline, stage, tracking
 
@@ -74,7 +75,7 @@ def test_adding_files_twice_computes_only_their_shards_and_trains_from_the_champ
     previous = 1
 
     for i, new_files in enumerate([("a-first.txt", "o-three.txt"), ("0-zero.txt", "z/last.txt")]):
-        old_keys = _shard_keys(cfg)
+        old_keys, old_heldout = _shard_keys(cfg), _shard_keys(cfg, "heldout")
         for j, f in enumerate(new_files):
             (corpus / f).parent.mkdir(exist_ok=True)
             (corpus / f).write_text(_play(2 + 2 * i + j))
@@ -98,6 +99,13 @@ def test_adding_files_twice_computes_only_their_shards_and_trains_from_the_champ
             _registered_weights(cfg, previous, tmp_path / f"p{previous}")
         tags = tracking.get_version(client, name, version).tags
         assert tags["gate.passed"] in ("true", "false") and tags["gate.champion_version"] == str(champion)
+        # the gate compared both on the union held-out set: every held-out shard of the grown cache, by digest
+        heldout = _shard_keys(cfg, "heldout")
+        digest = heldout_digest(sorted(heldout), cfg.registry.gate.max_windows)
+        assert old_heldout <= heldout and tags["gate.heldout_digest"] == digest
+        champion_tags = tracking.get_version(client, name, champion).tags
+        assert f"gate.eval.{digest[:16]}" in champion_tags and tags["gate.champion.heldout_loss"] == \
+            repr(float(json.loads(champion_tags[f"gate.eval.{digest[:16]}"])["heldout_loss"]))
         assert tags["lineage.init_from"].startswith(tracking.model_uri(name, version=champion) + " weights_sha256=")
         promoted = stage.read(cfg, "promote")["outputs"]
         assert promoted["version"] == version and promoted["promoted"] == (tags["gate.passed"] == "true")

@@ -108,6 +108,39 @@ def test_pyfunc_from_code_loads_without_pickle(cfg, registered, tmp_path):
     assert out[0]["text"] == complete(model, tokenizer, ["ROMEO."], max_tokens=3)[0]["text"]
 
 
+def test_a_pickle_file_planted_in_a_registered_version_is_refused_by_every_registry_loader(cfg, registered, tmp_path):
+    """``load_registered`` (Serve, the gate), the logged pyfunc and ``train.init_from`` (continual) all refuse it."""
+    from urllib.parse import unquote, urlparse
+
+    import mlflow
+    import yaml
+
+    from raydistill.tasks.guard import PickleRefusedError
+    from raydistill.tasks.warmstart import load_init_weights
+    from raydistill.workflows import continual
+
+    _, reg = registered
+    client, name = tracking.client(cfg), cfg.registry.model_name
+    root = Path(unquote(urlparse(client.get_model_version_download_uri(name, str(reg["version"]))).path))
+    mlmodel = yaml.safe_load((root / "MLmodel").read_text())
+    planted = root / mlmodel["flavors"]["python_function"]["artifacts"]["model"]["path"] / "pytorch_model.bin"
+    planted.write_bytes(b"planted: unpickling this could run code")
+    try:
+        uri = tracking.model_uri(name, version=reg["version"])
+        with pytest.raises(PickleRefusedError, match=r"pytorch_model\.bin"):
+            register.load_registered(cfg.tracking_uri, uri)
+        tracking.setup(cfg)
+        with pytest.raises(PickleRefusedError, match=r"pytorch_model\.bin"):
+            mlflow.pyfunc.load_model(uri)
+        warm = load_config("tiny", [f"run_dir={tmp_path / 'warm'}", f"registry.tracking_uri={cfg.tracking_uri}",
+                                    f"train.init_from={uri}"])
+        with pytest.raises(PickleRefusedError, match=r"pytorch_model\.bin"):
+            load_init_weights(continual.resolve(warm)["dir"])
+    finally:
+        planted.unlink()
+    assert register.load_registered(cfg.tracking_uri, uri)[2]["version"] == reg["version"]  # loads again without
+
+
 def test_promote_gate_then_rollback(cfg, registered):
     _, reg = registered
     client, name, v1 = tracking.client(cfg), cfg.registry.model_name, reg["version"]

@@ -109,6 +109,9 @@ def test_a_version_registered_on_the_server_is_stored_in_postgres_and_s3(base, s
     assert tags["lineage.train_run_id"] == train
     assert tags["lineage.tune_parent_run_id"] == stage.read(cfg, "tune")["outputs"]["mlflow_parent_run_id"]
     assert tags["code.version"].startswith(("git:", "raydistill=="))
+    head = subprocess.run(["git", "-C", str(STACK.parents[1]), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:  # a git checkout (CI's clean clone is one): the exact commit, not only the package
+        assert tags["code.version"].removesuffix("+dirty") == f"git:{head.stdout.strip()}"
     chosen = json.loads(Path(cfg.run_dir, "quantize", "report.json").read_text())["method"]  # quantize.methods' pick
     assert tags["raydistill.quantization"] == chosen
     with psycopg2.connect(host="127.0.0.1", port=stack["ports"]["postgres"], user="raydistill",
@@ -235,6 +238,10 @@ def test_lineage_prints_the_chain_back_to_the_exact_cache_shards(base, capsys):
     train = stage.read(cfg, "train")["outputs"]["mlflow_run_id"]
     assert uri in out and train in out and "verified" in out and "NOT verified" not in out
     chain = lineage.chain(cfg, uri)
+    tune = stage.read(cfg, "tune")["outputs"]["mlflow_parent_run_id"]
+    assert chain["tune_parent_run_id"] == tune and f"tune parent run     {tune}" in out
+    for printed in ("code_version", "corpus_sha256", "teacher_weights_sha256", "cache_key", "heldout_digest"):
+        assert chain[printed] and chain[printed] != "None" and chain[printed] in out
     manifest = open_cache(cfg.cache_dir).manifest
     assert chain["cache_key"] == cache_key(manifest) and chain["train_run_id"] == train
     assert chain["init_from"] == "none" and "warm-started from   none" in out  # built from the teacher
@@ -245,8 +252,22 @@ def test_lineage_prints_the_chain_back_to_the_exact_cache_shards(base, capsys):
     assert chain["heldout_digest"] == _tags(cfg, 2)["gate.heldout_digest"]
 
 
-SECRETS = {"RAY_AUTH_TOKEN": "planted-ray-token-5521", "MLFLOW_TRACKING_TOKEN": "planted-mlflow-token-7731"}
-URL_SECRETS = ("planted-dash-pass-417", "planted-mlflow-pass-902")
+SECRETS = {"RAY_AUTH_TOKEN": "planted-ray-token-5521", "MLFLOW_TRACKING_TOKEN": "planted-mlflow-token-7731",
+           "AWS_SECRET_ACCESS_KEY": "planted-aws-secret-3307"}
+URL_SECRETS = ("planted-dash-pass-417", "planted-mlflow-pass-902", "planted-s3-secret-668")
+
+
+def _cache_on_s3(base, stack) -> str:
+    """The shared tiny cache copied to a bucket of the stack's S3 server; its ``s3://`` URI carries a planted
+    secret key (the case the issue names: ``cache.dir`` with ``s3://key:secret@…``)."""
+    import pyarrow.fs as pafs
+
+    uri = (f"s3://plantedkey:{URL_SECRETS[2]}@leak-cache/tiny?endpoint_override={stack['s3_endpoint']}"
+           "&region=us-east-1")
+    fs, _ = pafs.FileSystem.from_uri(uri + "&allow_bucket_creation=true")
+    fs.create_dir("leak-cache")
+    pafs.copy_files(base["cache_dir"], "leak-cache/tiny", destination_filesystem=fs)
+    return uri
 
 
 def test_no_planted_secret_reaches_params_artifacts_records_logs_or_the_servers(base, stack, monkeypatch, capsys):
@@ -255,17 +276,21 @@ def test_no_planted_secret_reaches_params_artifacts_records_logs_or_the_servers(
     for k, v in SECRETS.items():
         monkeypatch.setenv(k, v)
     uri = base["uri"].replace("http://", f"http://mlflowuser:{URL_SECRETS[1]}@")
+    cache_dir = _cache_on_s3(base, stack)
     cfg, reg = _register(base, "leak", 0.0, f"submit.address=http://admin:{URL_SECRETS[0]}@head:8265",
-                         f"registry.tracking_uri={uri}", f"registry.experiment=leaks")
+                         f"registry.tracking_uri={uri}", f"registry.experiment=leaks", f"cache.dir={cache_dir}")
+    assert cfg.cache_dir == cache_dir and reg["version"] > 1  # the cache really was read from the bucket
     promote.run(cfg, None)
     lineage.run(load_config("tiny", [f"run_dir={cfg.run_dir}", f"registry.tracking_uri={uri}",
                                      "registry.lineage_uri=" + tracking.model_uri(NAME, version=reg["version"])]))
     planted = [*SECRETS.values(), *URL_SECRETS]
-    blobs = {"stdout": capsys.readouterr().out.encode()}
+    out = capsys.readouterr()
+    blobs = {"stdout": out.out.encode(), "stderr": out.err.encode()}
     blobs.update({str(p): p.read_bytes() for p in Path(cfg.run_dir).rglob("*") if p.is_file()})
     client = tracking.client(cfg)
     run = client.get_run(reg["run_id"])
     assert run.data.params["submit.address"] == "http://admin:***@head:8265"
+    assert run.data.params["cache.dir"].startswith("s3://plantedkey:***@leak-cache/tiny")
     blobs["params"] = json.dumps(run.data.params).encode()
     s3 = boto3.client("s3", endpoint_url=stack["s3_endpoint"], aws_access_key_id="x", aws_secret_access_key="x",
                       region_name="us-east-1")
@@ -277,6 +302,8 @@ def test_no_planted_secret_reaches_params_artifacts_records_logs_or_the_servers(
                            "-p", str(stack["ports"]["postgres"]), "-U", "raydistill", "mlflow"],
                           capture_output=True, check=True)
     blobs["pg_dump"] = dump.stdout
+    blobs.update({str(p): p.read_bytes() for p in Path(stack["dir"], "logs").rglob("*") if p.is_file()})
     assert any(k.endswith("config.yaml") for k in blobs) and b"submit" in blobs["pg_dump"]
+    assert b"plantedkey:***@leak-cache" in blobs["pg_dump"]  # the cache URI was stored, masked
     leaks = [(where, s) for where, data in blobs.items() for s in planted if s.encode() in data]
     assert not leaks

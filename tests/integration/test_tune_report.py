@@ -143,6 +143,9 @@ def test_the_best_trial_passes_the_gate_and_trains_the_final_student(tuned_run):
     assert summary["tuned"] == best["params"]
     train = json.loads(Path(cfg.run_dir, "stages", "train.json").read_text())
     assert train["outputs"]["metrics"]["step"] == cfg.train.steps
+    tags = json.loads(Path(cfg.run_dir, "register", "version.json").read_text())["tags"]  # lineage of a real Tune run
+    assert tags["lineage.tune_parent_run_id"] == best["mlflow_parent_run_id"] != "none"
+    assert tags["lineage.train_run_id"] == train["outputs"]["mlflow_run_id"] != "none"
 
 
 def _render(index: Path, screenshot: Path) -> list[dict]:

@@ -39,6 +39,7 @@ def test_secret_env_values_are_masked_wherever_they_appear_and_nothing_else_is()
 def test_a_model_directory_with_a_pickle_file_is_refused_by_every_loader(tmp_path, tiny_cfg):
     from raydistill.tasks.students import build_student, load_student, save_student
     from raydistill.tasks.teacher import load_teacher, load_tokenizer
+    from raydistill.tasks.warmstart import load_init_weights
 
     teacher, _ = load_teacher(tiny_cfg.teacher)
     student_dir = tmp_path / "student"
@@ -50,6 +51,8 @@ def test_a_model_directory_with_a_pickle_file_is_refused_by_every_loader(tmp_pat
     hf = load_config("tiny", [f"teacher.source={student_dir}"]).teacher
     with pytest.raises(PickleRefusedError, match="pytorch_model.bin"):
         load_teacher(hf)
+    with pytest.raises(PickleRefusedError, match="pytorch_model.bin"):  # train.init_from: safetensors are there too
+        load_init_weights(student_dir)
     (student_dir / "pytorch_model.bin").unlink()
     (student_dir / "sub").mkdir()
     (student_dir / "sub" / "optimizer.pt").write_bytes(b"x")

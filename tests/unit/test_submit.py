@@ -97,15 +97,18 @@ def test_cli_submit_ships_submit_verb_and_runs_nothing_else_locally(monkeypatch,
     assert "submitted raydistill-" in capsys.readouterr().out
 
 
-def test_job_metadata_masks_a_password_in_the_run_dir(monkeypatch):
+def test_job_metadata_masks_a_password_in_the_run_dir(monkeypatch, capsys):
     clients = []
     monkeypatch.setattr(submit, "jobs_client", lambda address: clients.append(FakeJobs(address)) or clients[-1])
     argv = ["submit", "--config", "tiny", "run_dir=s3://alice:hunter2@store:9000/runs/x",
-            "submit.address=http://head:8265"]
+            "submit.address=http://admin:dashpass42@head:8265"]
     assert cli.main(argv) == 0
     (job,) = clients[0].submitted
     assert "hunter2" not in str(job["metadata"])
     assert job["metadata"]["raydistill.run_dir"].startswith("s3://alice:")
+    assert clients[0].address == "http://admin:dashpass42@head:8265"  # the client itself needs it
+    out = capsys.readouterr()
+    assert "submit.address=http://admin:***@head:8265" in out.out and "dashpass42" not in out.out + out.err
 
 
 def test_cli_submit_without_address_is_a_config_error(monkeypatch, capsys):

@@ -10,7 +10,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from raydistill.tasks.config import TrainConfig
 from raydistill.tasks.online import StudentWithHeads, student_with_heads
-from raydistill.workflows.checkpoint import load_weights
+from raydistill.tasks.guard import PickleRefusedError
+from raydistill.workflows.checkpoint import load_weights, read_checkpoint
 
 
 def _student(seed: int) -> LlamaForCausalLM:
@@ -37,3 +38,19 @@ def test_heads_load_with_the_student_and_a_mismatch_names_the_settings(tmp_path)
     _save(StudentWithHeads(_student(0)), tmp_path / "plain.safetensors")
     with pytest.raises(RuntimeError, match="train.hidden_layer_map"):
         load_weights(other, tmp_path / "plain.safetensors")  # a run with heads from a checkpoint without
+
+
+def test_a_checkpoint_with_a_pickle_file_is_refused_before_anything_is_loaded(tmp_path):
+    model = StudentWithHeads(_student(0))
+    _save(model, tmp_path / "model.safetensors")
+    save_file({"0.step": torch.zeros(1)}, str(tmp_path / "optim_rank0.safetensors"))
+    (tmp_path / "state.json").write_text('{"step": 2, "zero_stage": 2}')
+    (tmp_path / "data_rank0.json").write_text('{"epoch": 0, "shard": 0, "window": 2}')
+    (tmp_path / "optimizer.pt").write_bytes(b"planted: unpickling this could run code")
+    other = StudentWithHeads(_student(1))
+    with pytest.raises(PickleRefusedError, match=r"optimizer\.pt.*safetensors only"):
+        read_checkpoint(str(tmp_path), other, 0, 2)
+    assert not torch.equal(other.student.lm_head.weight, model.student.lm_head.weight)  # nothing was loaded
+    (tmp_path / "optimizer.pt").unlink()
+    state, _, _ = read_checkpoint(str(tmp_path), other, 0, 2)
+    assert state["step"] == 2 and torch.equal(other.student.lm_head.weight, model.student.lm_head.weight)
