@@ -440,6 +440,10 @@ class GateConfig:
     """Largest allowed increase of expected calibration error over the champion's."""
     max_windows: int | None = None
     """Held-out windows the gate evaluates (the first N in shard-key order); ``null`` = all of them."""
+    heldout_cache: str | None = None
+    """The cache whose held-out shards (and teacher targets) the gate evaluates on; ``null`` = this run's cache.
+    Self-distillation sets it to generation 0's cache for every later generation, so each is judged against the
+    original teacher, not against its own teacher (the champion it would replace)."""
     lock_timeout_s: float = 60.0
     """How long ``promote`` waits for another promotion of the same model to release the registry lock."""
 

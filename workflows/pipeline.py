@@ -51,15 +51,18 @@ def run(cfg: PipelineConfig, action: str | None = None) -> dict:
 def generation_config(cfg: PipelineConfig, g: int, teacher_dir: str | None) -> PipelineConfig:
     """Generation ``g``'s config: generation 0 is ``cfg``; generation k ≥ 1 runs in ``<run_dir>/gen-<k>`` (an
     explicit ``cache.dir`` gets ``/gen-<k>`` too: one cache per teacher) with ``teacher_dir`` (generation k−1's
-    exported student) as its teacher, logging to generation 0's tracking store."""
+    exported student) as its teacher, logging to generation 0's tracking store and gated on generation 0's
+    held-out set (the original teacher's targets: gated on its own teacher's, a generation would be compared
+    with the very champion that taught it)."""
     if g == 0:
         return cfg
     tokenizer = cfg.teacher.tokenizer  # None: the exported student carries the teacher's tokenizer files
+    gate = dataclasses.replace(cfg.registry.gate, heldout_cache=cfg.registry.gate.heldout_cache or cfg.cache_dir)
     return dataclasses.replace(
         cfg, run_dir=str(Path(cfg.run_dir, f"gen-{g}")),
         teacher=dataclasses.replace(cfg.teacher, source=teacher_dir, tokenizer=tokenizer),
         cache=dataclasses.replace(cfg.cache, dir=cfg.cache.dir and f"{cfg.cache.dir.rstrip('/')}/gen-{g}"),
-        registry=dataclasses.replace(cfg.registry, tracking_uri=cfg.tracking_uri))
+        registry=dataclasses.replace(cfg.registry, tracking_uri=cfg.tracking_uri, gate=gate))
 
 
 def _run_once(cfg: PipelineConfig, serve: bool) -> dict:

@@ -102,10 +102,11 @@ class FrozenHeldout:
     def __init__(self, cfg: PipelineConfig):
         from raydistill.tasks.cache.shards import open_cache
 
-        self.cfg, self.cache = cfg, open_cache(cfg.cache_dir)
+        where = cfg.registry.gate.heldout_cache or cfg.cache_dir
+        self.cfg, self.cache = cfg, open_cache(where)
         self.entries = sorted(self.cache.shards("heldout"), key=lambda e: e["key"])
         if not self.entries:
-            raise DataError(f"promote: the cache at {cfg.cache_dir} has no held-out shards to gate on; rebuild it "
+            raise DataError(f"promote: the cache at {where} has no held-out shards to gate on; rebuild it "
                             "with corpus.heldout_fraction > 0, or set registry.gate.compare_to_champion=false")
         self.max_windows = cfg.registry.gate.max_windows
         self.digest = heldout_digest([e["key"] for e in self.entries], self.max_windows)

@@ -119,7 +119,7 @@ def test_adding_files_twice_computes_only_their_shards_and_trains_from_the_champ
 def test_two_born_again_generations_each_with_its_own_cache(tmp_path, ray_cluster):
     from raydistill.tasks.cache.shards import open_cache
     from raydistill.tasks.teacher import identity_key_fields, teacher_identity
-    from raydistill.workflows import pipeline
+    from raydistill.workflows import pipeline, tracking
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -138,3 +138,7 @@ def test_two_born_again_generations_each_with_its_own_cache(tmp_path, ray_cluste
     arch = json.loads(Path(gens[1]["student_dir"], "config.json").read_text())
     assert arch["num_hidden_layers"] == cfg.teacher.tiny.num_layers  # born-again: the teacher's architecture
     assert gens[0]["model"] != gens[1]["model"]  # each generation registered its own version
+    # both gated on generation 0's held-out set (the original teacher's targets), not gen 1's own teacher's
+    client, name = tracking.client(cfg), cfg.registry.model_name
+    digests = {tracking.get_version(client, name, v).tags["gate.heldout_digest"] for v in (1, 2)}
+    assert len(digests) == 1 and "none" not in next(iter(digests))

@@ -15,3 +15,11 @@ def test_generation_k_is_taught_by_generation_k_minus_1_in_its_own_run_dir_cache
     assert g1.student == cfg.student and g1.train == cfg.train
     shared = resolve_paths(load_config("tiny", [f"run_dir={tmp_path}", f"cache.dir={tmp_path}/caches"]))
     assert generation_config(shared, 2, "x").cache_dir == f"{tmp_path}/caches/gen-2"  # one cache per teacher
+
+
+def test_every_later_generation_is_gated_on_generation_0s_heldout_set(tmp_path):
+    cfg = resolve_paths(load_config("tiny", [f"run_dir={tmp_path}", "pipeline.generations=3"]))
+    assert cfg.registry.gate.heldout_cache is None  # generation 0: its own cache
+    for g in (1, 2):  # not its own teacher's targets: that teacher is the champion it would replace
+        assert generation_config(cfg, g, "x").registry.gate.heldout_cache == cfg.cache_dir
+    assert generation_config(cfg, 2, "x").registry.gate == generation_config(cfg, 1, "x").registry.gate
