@@ -586,7 +586,9 @@ def run(cfg: PipelineConfig, action: str | None = None) -> dict:
             "logprobs": 1}
     from raydistill.workflows.tracking import model_uri
 
-    print(f"[serve] {model_uri(cfg.registry.model_name, alias=cfg.serve.alias)} at {url}/v1/completions\n"
+    source = cfg.serve.model_dir or model_uri(cfg.registry.model_name, alias=None if cfg.serve.version else
+                                              cfg.serve.alias, version=cfg.serve.version)
+    print(f"[serve] {source} at {url}/v1/completions\n"
           f"  curl -s {url}/v1/completions -H 'Content-Type: application/json' -d '{json.dumps(body)}'")
     if action == "once":
         try:
@@ -595,9 +597,16 @@ def run(cfg: PipelineConfig, action: str | None = None) -> dict:
             return {"url": url, "response": answer}
         finally:
             shutdown_app()
+    import signal
+
+    def stop(signum, frame):  # SIGTERM (kill, Kubernetes, a background job) stops it as Ctrl-C does
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
+        print("[serve] stopping", flush=True)
         shutdown_app()
     return {"url": url}

@@ -430,3 +430,42 @@ def test_directory_loader_serves_a_quantized_base_with_its_lora_adapter(tmp_path
     assert model._raydistill_quant["adapter_kind"] == "lora"
     (a,), (b,) = (complete(m, tokenizer, ["ROMEO."], max_tokens=4, temperature=0.0) for m in (q, model))
     assert a["token_ids"] == b["token_ids"] and (len(b["token_ids"]) == 4 or b["finish_reason"] == "stop")
+
+
+@pytest.mark.slow
+def test_raydistill_serve_answers_until_sigterm_then_stops_cleanly(tmp_path, tiny_tokenizer):
+    """The blocking verb as users run it (its own process and Ray): it serves, and SIGTERM (``kill``, Kubernetes,
+    a background shell job that ignores Ctrl-C) removes the app and exits 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "student")
+    tiny_tokenizer.save_pretrained(tmp_path / "student")
+    port = free_ports(1)[0]
+    log = tmp_path / "serve.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "raydistill", "serve", "--config", "tiny",
+                                 f"run_dir={tmp_path / 'run'}", f"serve.model_dir={tmp_path / 'student'}",
+                                 f"serve.port={port}", "serve.num_cpus=0.5"], stdout=f, stderr=subprocess.STDOUT,
+                                env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})  # its own Ray
+    try:
+        deadline = time.time() + 180
+        while f"[serve] {tmp_path / 'student'} at http://127.0.0.1:{port}" not in log.read_text():  # serving
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        r = post(f"http://127.0.0.1:{port}", {"prompt": "ROMEO.", "max_tokens": 2, "temperature": 0})
+        assert r.status_code == 200 and r.json()["model"] == "student"
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = log.read_text()
+    assert proc.returncode == 0, out[-3000:]
+    assert "[serve] stopping" in out
+    with pytest.raises(requests.RequestException):
+        requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
