@@ -141,8 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"raydistill: config error: {e}", file=sys.stderr)
         return e.exit_code
-    if args.print_config:
-        print(dump_yaml(cfg))
+    if args.print_config:  # masked like every log line: a terminal scrollback or CI log is a leak too
+        from raydistill.tasks.guard import redact_text, secret_env_values
+
+        print(redact_text(dump_yaml(cfg), secret_env_values()))
         return 0
     module = importlib.import_module(verb.module)
     try:

@@ -69,6 +69,17 @@ def test_print_config_is_the_resolved_config(capsys, tmp_path):
     assert "steps: 3" in out and f"run_dir: {tmp_path}" in out
 
 
+def test_print_config_masks_a_password_in_a_url_and_a_secret_env_value(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("MY_API_TOKEN", "tok-planted-4242")
+    assert cli.main(["train", "--config", "tiny", f"run_dir={tmp_path}", "cache.dir=s3://key:planted-secret@h/b",
+                     "registry.tracking_uri=http://u:pw-planted@127.0.0.1:5000",
+                     "registry.experiment=x-tok-planted-4242", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "s3://key:***@h/b" in out and "http://u:***@127.0.0.1:5000" in out
+    assert "experiment: x-***" in out
+    assert "planted-secret" not in out and "pw-planted" not in out and "tok-planted-4242" not in out
+
+
 def test_a_library_error_becomes_a_message_and_exit_code_in_the_cli(capsys, tmp_path):
     assert cli.main(["quantize", "--config", "tiny", f"run_dir={tmp_path}"]) == 1
     err = capsys.readouterr().err
