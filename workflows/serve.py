@@ -1,21 +1,21 @@
 """Serve ``models:/<registry.model_name>@<serve.alias>`` over HTTP, OpenAI style (Ray Serve + FastAPI ingress).
 
-    raydistill serve --config tiny            # blocks until Ctrl-C
+    raydistill serve --config tiny            # blocks until Ctrl-C or SIGTERM
     raydistill serve once --config tiny       # start, answer one demo request (serve.prompt), stop
     serve run cluster/serve/champion.yaml     # the same app from a Serve config file (also `serve deploy`)
     curl -s http://127.0.0.1:8123/v1/completions -H 'Content-Type: application/json' \\
          -d '{"prompt": "ROMEO.\\nBut soft", "max_tokens": 16, "temperature": 0, "logprobs": 2}'
 
-Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (the tokenizer's chat template), both with
-``stream: true`` (server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``), ``stop``,
-``logprobs``; ``GET /v1/models``, ``GET /healthz``. Requests from all clients are batched continuously: one
-generating thread per replica runs ``tasks.generate.Engine``, where a request joins the running decode batch at
-the next token (up to ``serve.max_batch_size`` prompts) and leaves it when it finishes, so nobody waits for a
-batch to drain; an idle replica waits at most ``serve.batch_wait_timeout_s`` for company before its first forward. Bad requests get HTTP 400 with an OpenAI-style
-``{"error": {"message", "type", "param"}}`` body; a body over ``serve.max_body_bytes`` gets 413 before it is read.
-Ray Serve itself answers 503 + ``Retry-After`` when more than ``serve.max_queued_requests`` wait, and 408 past
-``serve.request_timeout_s``; a timed-out or disconnected request's generation stops at its next token (a cancel
-event per request, checked between tokens).
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (the tokenizer's chat template), both with ``stream:
+true`` (server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``), ``stop``, ``logprobs``; ``GET
+/v1/models``, ``GET /healthz``. Requests from all clients are batched continuously: one generating thread per
+replica runs ``tasks.generate.Engine``, where a request joins the running decode batch at the next token (up to
+``serve.max_batch_size`` prompts) and leaves it when it finishes, so nobody waits for a batch to drain; an idle
+replica waits at most ``serve.batch_wait_timeout_s`` for company before its first forward. Bad requests get HTTP 400
+with an OpenAI-style ``{"error": {"message", "type", "param"}}`` body; a body over ``serve.max_body_bytes`` gets 413
+before it is read. Ray Serve itself answers 503 + ``Retry-After`` when more than ``serve.max_queued_requests`` wait,
+and 408 past ``serve.request_timeout_s``; a timed-out or disconnected request's generation stops at its next token
+(a cancel event per request, checked between tokens).
 
 The deployment takes its ``loader`` as an argument: ``loader(current_info) -> (model, tokenizer, info) | None``.
 It is called once with ``None`` at start-up, then every ``serve.alias_poll_s`` seconds with the loaded version's
@@ -169,7 +169,8 @@ class CompletionServer:
         torch.set_num_threads(max(1, int(settings["num_cpus"])))
         self._loader, self._s = loader, settings
         self._swaps, self._poll_error, self._batches, self._prompts = 0, None, 0, 0
-        self._counts = {"cancelled": 0, "generated_tokens": 0, "active": 0, "steps": 0, "rows_stepped": 0, "busy_s": 0.0}
+        self._counts = {"cancelled": 0, "generated_tokens": 0, "active": 0, "steps": 0, "rows_stepped": 0,
+                        "busy_s": 0.0}
         self._current = None
         try:
             loaded = loader(None)
