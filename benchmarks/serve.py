@@ -14,8 +14,10 @@ object:
 - ``levels[c]``: requests/s, generated tokens/s, latency p50/p99 (ms) with ``c`` concurrent clients, the
   streaming time to first token p50/p99, and ``http_over_inprocess``: HTTP tokens/s ÷ the tokens/s of the same
   prompts through ``tasks.generate.complete`` in this process, in batches of ``min(c, max_batch_size)`` (target
-  >= 0.8), timed in ``--rounds`` interleaved rounds; ``rows_per_forward`` (the replica's mean batch rows) and
-  ``replica_busy_share`` (the share of the HTTP time the replica spent generating).
+  >= 0.8), timed in ``--rounds`` interleaved rounds; ``rows_per_forward`` (the replica's mean batch rows),
+  ``replica_busy_share`` (the share of the HTTP time the replica spent generating), and the cores the load
+  generator (``client_cores``: this process's client threads) and the Serve proxy (``proxy_cores``) used meanwhile
+  — on a small machine they compete with the replica, which the in-process figure does not.
 - ``openai_client_ok``: completions, chat and a stream through the ``openai`` client all answered.
 - ``swap_failed_requests``: failed requests while ``@champion`` moves v1 → v2 under load (target 0).
 - ``replica_kill_success_rate``: 2 replicas, 8 clients, one replica's process SIGKILLed: successful/all requests
@@ -122,11 +124,13 @@ def level(url, c, args, model, tokenizer) -> dict:
 
     n = max(args.requests // args.rounds, c)
     before = requests.get(f"{url}/healthz", timeout=30).json()
-    wall, res, in_s, in_tokens = 0.0, [], 0.0, 0
+    wall, res, in_s, in_tokens, client_cpu, proxy_cpu = 0.0, [], 0.0, 0, 0.0, 0.0
     for _ in range(args.rounds):
         s, t = inprocess(model, tokenizer, n, min(c, args.max_batch_size), args.max_tokens)
         in_s, in_tokens = in_s + s, in_tokens + t
+        cpu, proxy = time.process_time(), proxy_cpu_s()
         w, r = run_clients(url, c, n, args.max_tokens, args.level_timeout_s / args.rounds)
+        client_cpu, proxy_cpu = client_cpu + time.process_time() - cpu, proxy_cpu + proxy_cpu_s() - proxy
         wall, res = wall + w, res + r
     after = requests.get(f"{url}/healthz", timeout=30).json()
     rows = (after["rows_stepped"] - before["rows_stepped"]) / max(1, after["steps"] - before["steps"])
@@ -139,7 +143,18 @@ def level(url, c, args, model, tokenizer) -> dict:
             "generated_tokens_per_s": tps, "latency_ms": {"p50": percentile(lat, 0.5), "p99": percentile(lat, 0.99)},
             "stream_ttft_ms": {"p50": percentile(ttft, 0.5), "p99": percentile(ttft, 0.99)},
             "inprocess_tokens_per_s": inproc, "http_over_inprocess": tps / inproc, "rows_per_forward": rows,
-            "replica_busy_share": busy}
+            "replica_busy_share": busy, "client_cores": client_cpu / wall, "proxy_cores": proxy_cpu / wall}
+
+
+def proxy_cpu_s() -> float:
+    """CPU seconds (user + system) the Serve HTTP proxy's process has used so far."""
+    import psutil
+    import ray
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=ray.get_runtime_context().gcs_address,
+                         filters=[("class_name", "=", "ProxyActor"), ("state", "=", "ALIVE")])
+    return sum(sum(psutil.Process(a.pid).cpu_times()[:2]) for a in actors)
 
 
 def openai_ok(url: str, name: str) -> bool:
