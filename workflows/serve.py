@@ -373,10 +373,12 @@ class CompletionServer:
         while not self._stop.is_set():
             try:
                 self._generate_once(state)
-            except Exception as e:  # e.g. out of memory: fail this batch's requests, keep the replica serving
+            except Exception as e:  # e.g. out of memory: fail the requests it held, keep the replica serving
                 logger.exception("generation failed")
-                self._fail({id(j): j for j in state["owners"].values()}.values(), e)
-                state.update(engine=None, owners={})
+                held = {id(j): j for j in [*state["owners"].values(), *state["backlog"]]}
+                self._fail(held.values(), e)
+                state.update(engine=None, owners={}, backlog=[])
+                self._stop.wait(0.1)  # an error that repeats (a broken model) must not spin
 
     def _generate_once(self, state: dict) -> None:
         engine = state["engine"]

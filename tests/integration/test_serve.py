@@ -59,6 +59,7 @@ def app(tmp_path_factory, ray_cluster, tiny_tokenizer):
 
 REQUEST_TIMEOUT_S = 6
 SLOW_STEP_S = 0.05
+BOOM = " Kaboom!"
 
 
 def slow_loader():
@@ -81,7 +82,15 @@ def slow_loader():
                              num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
                              eos_token_id=-1)  # never stops early: every request runs to max_tokens
         model = LlamaForCausalLM(config).eval()
-        model.register_forward_pre_hook(lambda *_: _time.sleep(SLOW_STEP_S))
+        boom = tokenizer(BOOM, add_special_tokens=False)["input_ids"]
+
+        def hook(module, args, kwargs):  # slow, and a prompt holding BOOM breaks the forward (a planted failure)
+            _time.sleep(SLOW_STEP_S)
+            ids = kwargs.get("input_ids")
+            if ids is not None and ids.shape[1] > 1 and any(boom == row[-len(boom):].tolist() for row in ids):
+                raise RuntimeError("planted failure")
+
+        model.register_forward_pre_hook(hook, with_kwargs=True)
         return model, tokenizer, {"name": "slow", "version": 0, "quantized": False}
 
     return load
@@ -318,6 +327,15 @@ def test_more_requests_than_the_queue_holds_get_503_with_retry_after(slow):
     assert 1 <= codes.count(200) <= 2 and set(codes) == {200, 503}, codes
     assert all(r.headers.get("retry-after") == "2" for r in replies if r.status_code == 503)
     assert wait_idle(slow)["status"] == "ok"
+
+
+def test_a_failing_forward_gets_500_and_the_replica_keeps_serving(slow):
+    wait_idle(slow)
+    r = post(slow, {"prompt": f"Now{BOOM}", "max_tokens": 3, "temperature": 0})
+    assert r.status_code == 500, r.text
+    assert "generation failed: RuntimeError: planted failure" in r.json()["error"]["message"]
+    assert post(slow, {"prompt": "Slowly", "max_tokens": 2, "temperature": 0}).status_code == 200
+    assert wait_idle(slow)["status"] == "ok"  # the failed request is no longer counted as active
 
 
 def test_check_health_fails_while_no_model_is_loaded(app):
