@@ -16,7 +16,8 @@ object:
   prompts through ``tasks.generate.complete`` in this process, in batches of ``min(c, max_batch_size)`` (target
   >= 0.8), timed in ``--rounds`` interleaved rounds; ``rows_per_forward`` (the replica's mean batch rows),
   ``replica_busy_share`` (the share of the HTTP time the replica spent generating), and the cores the load
-  generator (``client_cores``: this process's client threads) and the Serve proxy (``proxy_cores``) used meanwhile
+  generator (``client_cores``: this process's client threads), the Serve proxy (``proxy_cores``) and the replica
+  (``replica_cores``: its generating thread is at most 1 with ``serve.num_cpus=1``) used meanwhile
   — on a small machine they compete with the replica, which the in-process figure does not.
 - ``openai_client_ok``: completions, chat and a stream through the ``openai`` client all answered.
 - ``swap_failed_requests``: failed requests while ``@champion`` moves v1 → v2 under load (target 0).
@@ -124,13 +125,15 @@ def level(url, c, args, model, tokenizer) -> dict:
 
     n = max(args.requests // args.rounds, c)
     before = requests.get(f"{url}/healthz", timeout=30).json()
-    wall, res, in_s, in_tokens, client_cpu, proxy_cpu = 0.0, [], 0.0, 0, 0.0, 0.0
+    wall, res, in_s, in_tokens, client_cpu, proxy_cpu, replica_cpu = 0.0, [], 0.0, 0, 0.0, 0.0, 0.0
     for _ in range(args.rounds):
         s, t = inprocess(model, tokenizer, n, min(c, args.max_batch_size), args.max_tokens)
         in_s, in_tokens = in_s + s, in_tokens + t
-        cpu, proxy = time.process_time(), proxy_cpu_s()
+        cpu, proxy, replica = time.process_time(), actor_cpu_s("ProxyActor"), actor_cpu_s(REPLICA)
         w, r = run_clients(url, c, n, args.max_tokens, args.level_timeout_s / args.rounds)
-        client_cpu, proxy_cpu = client_cpu + time.process_time() - cpu, proxy_cpu + proxy_cpu_s() - proxy
+        client_cpu += time.process_time() - cpu
+        proxy_cpu += actor_cpu_s("ProxyActor") - proxy
+        replica_cpu += actor_cpu_s(REPLICA) - replica
         wall, res = wall + w, res + r
     after = requests.get(f"{url}/healthz", timeout=30).json()
     rows = (after["rows_stepped"] - before["rows_stepped"]) / max(1, after["steps"] - before["steps"])
@@ -143,17 +146,21 @@ def level(url, c, args, model, tokenizer) -> dict:
             "generated_tokens_per_s": tps, "latency_ms": {"p50": percentile(lat, 0.5), "p99": percentile(lat, 0.99)},
             "stream_ttft_ms": {"p50": percentile(ttft, 0.5), "p99": percentile(ttft, 0.99)},
             "inprocess_tokens_per_s": inproc, "http_over_inprocess": tps / inproc, "rows_per_forward": rows,
-            "replica_busy_share": busy, "client_cores": client_cpu / wall, "proxy_cores": proxy_cpu / wall}
+            "replica_busy_share": busy, "client_cores": client_cpu / wall, "proxy_cores": proxy_cpu / wall,
+            "replica_cores": replica_cpu / wall}
 
 
-def proxy_cpu_s() -> float:
-    """CPU seconds (user + system) the Serve HTTP proxy's process has used so far."""
+REPLICA = "ServeReplica:raydistill:CompletionServer"
+
+
+def actor_cpu_s(class_name: str) -> float:
+    """CPU seconds (user + system) the live actors of ``class_name`` (the Serve proxy, the replicas) have used."""
     import psutil
     import ray
     from ray.util.state import list_actors
 
     actors = list_actors(address=ray.get_runtime_context().gcs_address,
-                         filters=[("class_name", "=", "ProxyActor"), ("state", "=", "ALIVE")])
+                         filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")])
     return sum(sum(psutil.Process(a.pid).cpu_times()[:2]) for a in actors)
 
 

@@ -143,7 +143,7 @@ def test_serve_benchmark_measures_http_against_in_process_and_a_swap_without_fai
         assert level["http_over_inprocess"] == pytest.approx(
             level["generated_tokens_per_s"] / level["inprocess_tokens_per_s"])
         assert 1 <= level["rows_per_forward"] <= min(int(c), 8) and 0 < level["replica_busy_share"] <= 1
-        assert level["client_cores"] > 0 and level["proxy_cores"] > 0
+        assert level["client_cores"] > 0 and level["proxy_cores"] > 0 and level["replica_cores"] > 0
         assert level["stream_ttft_ms"]["p50"] > 0
     assert out["openai_client_ok"] and out["swap_seen"] and out["swap_failed_requests"] == 0
     assert out["checks"]["swap_failed_requests_eq_0"] and out["checks"]["replica_kill_success_rate_ge_0.97"] is None
