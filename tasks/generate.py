@@ -6,7 +6,9 @@
     out[0]["text"], out[0]["token_logprobs"], out[0]["top_logprobs"], out[0]["finish_reason"]
 
 Prompts are tokenized as plain text (no BOS/EOS added: the students are trained on packed raw text), left-padded
-into one batch and decoded step by step with the KV cache. ``temperature == 0`` is greedy (deterministic);
+into one batch and decoded step by step with the KV cache. :class:`Engine` batches continuously: a prompt added
+while others run joins the batch at the next token, and a finished one leaves it (``tasks.kvbatch``); ``complete``
+starts all its prompts together on one. ``temperature == 0`` is greedy (deterministic);
 otherwise each prompt samples from ``softmax(logits / temperature)`` with its own ``torch.Generator`` seeded by
 its ``seed``, so a prompt's sample does not depend on what else is in the batch. Generation of a prompt stops at
 an end-of-sequence token (``finish_reason: "stop"``, the EOS itself is not returned) or after ``max_tokens``
@@ -129,18 +131,25 @@ class Completion:
     ids: list[int]
     """The prompt's token ids."""
     max_tokens: int
+    """Tokens to generate at most (``finish_reason: "length"``)."""
     temperature: float
+    """0: greedy; else sampled from ``softmax(logits / temperature)``."""
     logprobs: int | None
+    """Alternatives per position in ``top_logprobs`` (``None``: no ``top_logprobs``)."""
     generator: torch.Generator | None
     """Its own sampler (``None`` when greedy), so a sample does not depend on the batch."""
     cancel: object = None
     """Anything with ``is_set()``; a set one ends the completion at the next token (``"cancelled"``)."""
     on_token: object = None
+    """Called on the generating thread after each token (streaming; see the module doc)."""
     tag: object = None
     """The caller's: whatever it needs to route the result (a server's request)."""
     state: dict = field(default_factory=dict)
+    """Tokens, log-probs, alternatives, text and finish reason so far (what ``_advance`` fills)."""
     next_id: int = 0
+    """The token chosen last, fed to the model at the next step."""
     result: dict | None = None
+    """The finished completion (``complete``'s dict), ``None`` until then."""
 
 
 class Engine:
