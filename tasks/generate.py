@@ -168,10 +168,12 @@ class Engine:
         self.steps = self.joins = self.row_steps = 0
 
     def add(self, prompt: str, *, max_tokens: int = 16, temperature: float = 0.0, logprobs: int | None = None,
-            seed: int | None = None, stop: Sequence[str] = (), cancel=None, on_token=None, tag=None) -> Completion:
-        """Queue one prompt (it joins at the next :meth:`step` with room); bad settings raise ``ValueError``."""
+            seed: int | None = None, stop: Sequence[str] = (), cancel=None, on_token=None, tag=None,
+            ids: Sequence[int] | None = None) -> Completion:
+        """Queue one prompt (it joins at the next :meth:`step` with room); bad settings raise ``ValueError``.
+        ``ids``: the prompt's token ids when the caller has them already (this engine's tokenizer's)."""
         _check([max_tokens], [temperature], [logprobs], self.vocab)
-        (ids,) = encode_prompts(self.tokenizer, [prompt])
+        ids = list(ids) if ids is not None else encode_prompts(self.tokenizer, [prompt])[0]
         if not ids:
             raise ValueError("a prompt is empty (no tokens)")
         c = Completion(ids, max_tokens, temperature, logprobs, _generator(seed) if temperature > 0 else None,
@@ -256,8 +258,7 @@ def complete(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_tokens:
         stop = [list(stop or [])] * n
     stop, cancel, on_token = _per_prompt(list(stop), n, "stop"), _per_prompt(cancel, n, "cancel"), \
         _per_prompt(on_token, n, "on_token")
-    engine = Engine(model, tokenizer, max_rows=n)
-    _check(max_tokens, temperature, logprobs, engine.vocab)
+    engine = Engine(model, tokenizer, max_rows=n)  # add() checks each prompt's settings
     completions = []
     for i, args in enumerate(zip(prompts, max_tokens, temperature, logprobs, seed, stop, cancel, on_token)):
         try:

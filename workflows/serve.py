@@ -145,6 +145,8 @@ class _Job:
 
     req: object
     prompts: tuple
+    ids: list = field(default_factory=list)  # the prompts' token ids, from the length check
+    tokenizer: object = None  # ... made by this tokenizer (a swapped-in model re-tokenizes)
     cancel: threading.Event = field(default_factory=threading.Event)
     on_token: object = None
     future: object = None
@@ -294,26 +296,29 @@ class CompletionServer:
             raise ApiError(400, str(e), e.param) from None
         return await self._answer(req, (prompt,))
 
-    def _check_lengths(self, req, prompts: tuple) -> None:
+    def _check_lengths(self, req, prompts: tuple) -> tuple[list, object]:
+        """The prompts' token ids and the tokenizer that made them; 400 past the prompt or context limit."""
         from raydistill.tasks.generate import encode_prompts
 
         model, tokenizer, _ = self._loaded()
         limit, context = self._s["max_prompt_tokens"], getattr(model.config, "max_position_embeddings", None)
-        for ids in encode_prompts(tokenizer, prompts):
+        encoded = encode_prompts(tokenizer, prompts)
+        for ids in encoded:
             if len(ids) > limit:
                 raise ApiError(400, f"a prompt has {len(ids)} tokens; serve.max_prompt_tokens is {limit}", "prompt")
             if context and len(ids) + req.max_tokens > context:
                 raise ApiError(400, f"the prompt ({len(ids)} tokens) + max_tokens ({req.max_tokens}) is over the "
                                     f"model's context of {context} tokens; ask for max_tokens <= "
                                     f"{max(0, context - len(ids))}", "max_tokens")
+        return encoded, tokenizer
 
     async def _answer(self, req, prompts: tuple):
         from raydistill.tasks.openai_api import chat_response, completion_response
 
-        self._check_lengths(req, prompts)
+        ids, tokenizer = self._check_lengths(req, prompts)
         if req.stream:
-            return StreamingResponse(self._stream(req, prompts), media_type="text/event-stream")
-        job = _Job(req, prompts)
+            return StreamingResponse(self._stream(req, prompts, ids, tokenizer), media_type="text/event-stream")
+        job = _Job(req, prompts, ids, tokenizer)
         try:
             outs, info = await self._run(job)
         except asyncio.CancelledError:  # timed out (408) or the client went away: stop its generation
@@ -333,13 +338,13 @@ class CompletionServer:
         self._jobs.put(job)
         return await job.future
 
-    async def _stream(self, req, prompts: tuple):
+    async def _stream(self, req, prompts: tuple, ids: list, tokenizer):
         """Server-sent events: one chunk per generated token (fed by ``complete``'s ``on_token`` on the
         generating thread), a last chunk with ``finish_reason``, then ``data: [DONE]``."""
         from raydistill.tasks.openai_api import stream_chunk, stream_head, usage_chunk
 
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        job = _Job(req, prompts, on_token=lambda e: loop.call_soon_threadsafe(queue.put_nowait, e))
+        job = _Job(req, prompts, ids, tokenizer, on_token=lambda e: loop.call_soon_threadsafe(queue.put_nowait, e))
         task = asyncio.ensure_future(self._run(job))
         task.add_done_callback(lambda _: queue.put_nowait(None))
         head = stream_head(req, self._model_id(), self._identity(self._current[2]))
@@ -434,11 +439,12 @@ class CompletionServer:
             job = backlog.pop(0)
             job.outs = [None] * len(job.prompts)
             try:
+                same = job.tokenizer is engine.tokenizer  # else the alias moved since: tokenize again
                 for i, prompt in enumerate(job.prompts):
                     r = job.req
                     c = engine.add(prompt, max_tokens=r.max_tokens, temperature=r.temperature, logprobs=r.logprobs,
                                    seed=r.seed, stop=list(r.stop), cancel=job.cancel, on_token=job.on_token,
-                                   tag=(job, i))
+                                   tag=(job, i), ids=job.ids[i] if same else None)
                     owners[id(c)] = job
             except ValueError as e:  # settings the model cannot take (e.g. logprobs over its vocabulary)
                 job.cancel.set()  # its prompts already added leave at the next step
