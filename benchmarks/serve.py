@@ -129,11 +129,11 @@ def level(url, c, args, model, tokenizer) -> dict:
     for _ in range(args.rounds):
         s, t = inprocess(model, tokenizer, n, min(c, args.max_batch_size), args.max_tokens)
         in_s, in_tokens = in_s + s, in_tokens + t
-        cpu, proxy, replica = time.process_time(), actor_cpu_s("ProxyActor"), actor_cpu_s(REPLICA)
+        cpu, proxy, replica = time.process_time(), actor_cpu_s("ProxyActor"), actor_cpu_s(replica_class())
         w, r = run_clients(url, c, n, args.max_tokens, args.level_timeout_s / args.rounds)
         client_cpu += time.process_time() - cpu
         proxy_cpu += actor_cpu_s("ProxyActor") - proxy
-        replica_cpu += actor_cpu_s(REPLICA) - replica
+        replica_cpu += actor_cpu_s(replica_class()) - replica
         wall, res = wall + w, res + r
     after = requests.get(f"{url}/healthz", timeout=30).json()
     rows = (after["rows_stepped"] - before["rows_stepped"]) / max(1, after["steps"] - before["steps"])
@@ -150,18 +150,27 @@ def level(url, c, args, model, tokenizer) -> dict:
             "replica_cores": replica_cpu / wall}
 
 
-REPLICA = "ServeReplica:raydistill:CompletionServer"
+def replica_class() -> str:
+    """Serve's actor class name for the replicas of ``workflows.serve``'s app."""
+    from raydistill.workflows import serve
+
+    return f"ServeReplica:{serve.APP_NAME}:{serve.DEPLOYMENT}"
 
 
-def actor_cpu_s(class_name: str) -> float:
-    """CPU seconds (user + system) the live actors of ``class_name`` (the Serve proxy, the replicas) have used."""
-    import psutil
+def actor_pids(class_name: str) -> set[int]:
+    """Process ids of the live actors of ``class_name`` (the Serve proxy, the replicas), from the State API."""
     import ray
     from ray.util.state import list_actors
 
-    actors = list_actors(address=ray.get_runtime_context().gcs_address,
-                         filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")])
-    return sum(sum(psutil.Process(a.pid).cpu_times()[:2]) for a in actors)
+    return {a.pid for a in list_actors(address=ray.get_runtime_context().gcs_address,
+                                       filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")])}
+
+
+def actor_cpu_s(class_name: str) -> float:
+    """CPU seconds (user + system) the live actors of ``class_name`` have used."""
+    import psutil
+
+    return sum(sum(psutil.Process(pid).cpu_times()[:2]) for pid in actor_pids(class_name))
 
 
 def openai_ok(url: str, name: str) -> bool:
@@ -235,16 +244,12 @@ def swap_under_load(url, cfg, name, v2, args) -> dict:
 
 
 def kill_under_load(url, cfg, loader_cfg, args) -> dict:
-    import ray
     from ray import serve as ray_serve
-    from ray.util.state import list_actors
 
     from raydistill.workflows import serve
 
     def pids():
-        name = f"ServeReplica:{serve.APP_NAME}:{serve.DEPLOYMENT}"
-        return {a.pid for a in list_actors(address=ray.get_runtime_context().gcs_address,
-                                  filters=[("class_name", "=", name), ("state", "=", "ALIVE")])}
+        return actor_pids(replica_class())
 
     def running():
         d = ray_serve.status().applications[serve.APP_NAME].deployments[serve.DEPLOYMENT]
