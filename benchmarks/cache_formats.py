@@ -39,7 +39,7 @@ from raydistill.tasks.cache.shards import commit_shard, open_cache
 from raydistill.tasks.cache.store import Store, stored_sizes
 from raydistill.tasks.cache.targets import CachedTargets, at_temperature
 from raydistill.tasks.config import CacheConfig, CorpusConfig, TeacherConfig
-from raydistill.tasks.corpus import build_shards
+from raydistill.tasks.plan import build_shards
 from raydistill.tasks.teacher import load_teacher, load_tokenizer, smollm2_gguf
 
 CHUNK = 2  # windows per dense [w, L, V] fidelity computation (bounded memory)

@@ -26,7 +26,7 @@ import torch
 
 
 from raydistill.tasks.config import load_config
-from raydistill.tasks.corpus import build_shards
+from raydistill.tasks.plan import build_shards
 from raydistill.tasks.teacher import load_teacher, load_tokenizer, smollm2_gguf
 
 

@@ -34,7 +34,7 @@ import torch
 
 
 from raydistill.tasks.config import CacheConfig, ConfigError, CorpusConfig, StudentConfig, TeacherConfig, TrainConfig
-from raydistill.tasks.corpus import build_shards
+from raydistill.tasks.plan import build_shards
 from raydistill.tasks.cache.encode import encode_targets, window_generator
 from raydistill.tasks.cache.formats import sampled, topk
 from raydistill.tasks.cache.targets import CachedTargets, at_temperature, cat_targets, restrict_vocab, select_windows

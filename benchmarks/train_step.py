@@ -27,7 +27,7 @@ from raydistill.tasks.cache.encode import encode_targets
 from raydistill.tasks.cache.formats import format_params
 from raydistill.tasks.cache.targets import at_temperature
 from raydistill.tasks.config import CacheConfig, CorpusConfig, StudentConfig, TeacherConfig, TrainConfig
-from raydistill.tasks.corpus import build_shards
+from raydistill.tasks.plan import build_shards
 from raydistill.tasks.data import Batch
 from raydistill.tasks.online import online_teacher, resolve_layer_map, student_with_heads
 from raydistill.tasks.students import build_student, resolve_layers

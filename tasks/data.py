@@ -2,11 +2,13 @@
 
     python -m pytest tests/unit/test_data.py
 
-Each epoch the train shards are put in a seeded order (``seed``, ``epoch``); worker ``rank`` of ``world_size``
-takes every ``world_size``-th shard of that order, so workers read disjoint shards and every shard is read once
-per epoch. A worker holds one shard at a time (two while a micro-batch straddles a shard boundary). The stream
-is endless (epoch after epoch): training runs for a number of steps, and every worker yields the same number
-of micro-batches per step, so ranks never wait on each other for data.
+Each epoch the train shards (in shard-key order) are put in a seeded order (``seed``, ``epoch``); worker ``rank``
+of ``world_size`` takes every ``world_size``-th shard of that order, so workers read disjoint shards and every
+shard is read once per epoch. A background thread fetches, verifies and decodes the next ``prefetch`` shards
+while the step runs (:class:`Prefetch`), so a worker holds at most ``prefetch + 2`` shards, and the order is a
+numpy permutation (8 bytes a shard), whatever the cache's size. The stream is endless (epoch after epoch):
+training runs for a number of steps, and every worker yields the same number of micro-batches per step, so ranks
+never wait on each other for data.
 
 After each micro-batch the stream reports a :class:`DataPosition` (epoch, shard index in this worker's list,
 window offset) of the next unread window; starting a new stream at that position continues exactly there.
@@ -23,10 +25,13 @@ A student with more rows than the teacher needs nothing here: its extra rows get
 from __future__ import annotations
 
 import dataclasses
-import random
+import hashlib
+import queue
+import threading
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 
 from raydistill.tasks.cache.targets import CachedTargets, at_temperature, cat_targets, restrict_vocab
@@ -62,13 +67,55 @@ class Batch:
         return self.labels.numel()
 
 
-def epoch_shards(entries: list, epoch: int, rank: int, world_size: int, seed: int) -> list:
-    """This worker's shards for ``epoch``: every ``world_size``-th of a seeded permutation of ``entries``."""
+def epoch_shards(entries, epoch: int, rank: int, world_size: int, seed: int):
+    """This worker's shards for ``epoch``: every ``world_size``-th of a seeded permutation of ``entries`` (a
+    sequence; a :class:`~tasks.cache.index.ShardList` stays a view)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-    order = list(range(len(entries)))
-    random.Random(f"{seed}:{epoch}").shuffle(order)
-    return [entries[i] for i in order[rank::world_size]]
+    seed64 = int.from_bytes(hashlib.sha256(f"{seed}:{epoch}".encode()).digest()[:8], "little")
+    order = np.random.default_rng(seed64).permutation(len(entries))[rank::world_size]
+    return entries[order] if hasattr(entries, "rows") else [entries[i] for i in order]
+
+
+class Prefetch:
+    """``fn(item)`` of each of ``items``, in order, computed ``depth`` ahead on a daemon thread (shard reads:
+    I/O, sha256 and LZMA release the GIL, so they overlap the training step). An exception in ``fn`` is raised
+    where its result would have been yielded."""
+
+    def __init__(self, items: Iterable, fn: Callable, depth: int = 2):
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(iter(items), fn), daemon=True, name="prefetch")
+        self._thread.start()
+
+    def _run(self, items: Iterator, fn: Callable) -> None:
+        try:
+            for item in items:
+                result = (True, fn(item))
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(result, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+            self._queue.put((False, StopIteration()))
+        except BaseException as e:  # noqa: BLE001 — handed to the consumer
+            self._queue.put((False, e))
+
+    def __iter__(self):
+        while True:
+            ok, value = self._queue.get()
+            if ok:
+                yield value
+            elif isinstance(value, StopIteration):
+                return
+            else:
+                raise value
+
+    def close(self) -> None:
+        self._stop.set()
 
 
 def _make_batch(pieces: list[tuple[Any, int, int]], temperature: float, targets: bool,
@@ -84,7 +131,7 @@ def _make_batch(pieces: list[tuple[Any, int, int]], temperature: float, targets:
 
 def train_batches(cache, *, rank: int, world_size: int, micro_batch_size: int, temperature: float,
                   seed: int = 0, start: DataPosition = DataPosition(), targets: bool = True,
-                  vocab_size: int | None = None) -> Iterator[tuple[Batch, DataPosition]]:
+                  vocab_size: int | None = None, prefetch: int = 2) -> Iterator[tuple[Batch, DataPosition]]:
     """Endless ``(batch, position_after)`` pairs from this worker's train shards (see the module doc).
 
     Args:
@@ -96,6 +143,7 @@ def train_batches(cache, *, rank: int, world_size: int, micro_batch_size: int, t
         start: position to continue from (``DataPosition()`` = the beginning).
         targets: decode the cached targets (False: ``Batch.targets`` is None, for an online teacher).
         vocab_size: the student's vocabulary (logit rows); targets on more ids are :func:`restrict_vocab`-ed.
+        prefetch: shards read ahead on a background thread (0: read in the step).
     """
     entries = cache.shards("train")
     if len(entries) < world_size:
@@ -108,18 +156,24 @@ def train_batches(cache, *, rank: int, world_size: int, micro_batch_size: int, t
     pieces, have = [], 0
     while True:
         shards = epoch_shards(entries, epoch, rank, world_size, seed)
-        while index < len(shards):
-            shard = cache.read(shards[index])
-            n = shard.tokens.shape[0]
-            while window < n:
-                take = min(micro_batch_size - have, n - window)
-                pieces.append((shard, window, window + take))
-                have, window = have + take, window + take
-                if have == micro_batch_size:
-                    after = DataPosition(epoch, index, window) if window < n else DataPosition(epoch, index + 1, 0)
-                    yield _make_batch(pieces, temperature, targets, vocab_size), after
-                    pieces, have = [], 0
-            index, window = index + 1, 0
+        todo = (shards[i] for i in range(index, len(shards)))
+        reader = Prefetch(todo, cache.read, prefetch) if prefetch else map(cache.read, todo)
+        try:
+            for shard in reader:
+                n = shard.tokens.shape[0]
+                while window < n:
+                    take = min(micro_batch_size - have, n - window)
+                    pieces.append((shard, window, window + take))
+                    have, window = have + take, window + take
+                    if have == micro_batch_size:
+                        after = DataPosition(epoch, index, window) if window < n else \
+                            DataPosition(epoch, index + 1, 0)
+                        yield _make_batch(pieces, temperature, targets, vocab_size), after
+                        pieces, have = [], 0
+                index, window = index + 1, 0
+        finally:
+            if prefetch:
+                reader.close()
         epoch, index = epoch + 1, 0
 
 
@@ -136,11 +190,39 @@ class _VocabView:
         return restrict_vocab(self._shard.targets(window_slice), self._vocab_size)
 
 
-def heldout_shards(cache, *, rank: int = 0, world_size: int = 1, vocab_size: int | None = None) -> Iterator:
-    """Read held-out shards, one at a time; worker ``rank`` gets every ``world_size``-th (corpus order).
+def heldout_entries(cache, max_windows: int | None = None):
+    """The held-out entries an evaluation capped at ``max_windows`` reads: the first ones in shard-key order whose
+    windows reach the cap (all of them without one). Its keys name the evaluated set: held-out shards added later
+    change it only when their keys sort before its end."""
+    entries = cache.shards("heldout")
+    if max_windows is None or not len(entries):
+        return entries
+    reach = np.cumsum(entries.column("windows"))
+    return entries[: int(np.searchsorted(reach, max_windows)) + 1]
+
+
+def heldout_shards(cache, *, rank: int = 0, world_size: int = 1, vocab_size: int | None = None,
+                   max_windows: int | None = None) -> Iterator:
+    """Read held-out shards, one at a time; worker ``rank`` gets every ``world_size``-th of
+    :func:`heldout_entries` (shard-key order), so a capped evaluation reads no shard it does not score.
 
     With ``vocab_size`` smaller than the cache's, each shard's targets are restricted to it (:func:`restrict_vocab`).
     """
-    for entry in cache.shards("heldout")[rank::world_size]:
+    for entry in heldout_entries(cache, max_windows)[rank::world_size]:
         shard = cache.read(entry)
         yield shard if vocab_size is None or (shard.vocab_size or 0) <= vocab_size else _VocabView(shard, vocab_size)
+
+
+class HeldoutSet:
+    """Re-iterable :func:`heldout_shards` (each pass reads the shards again, one at a time): what quantize and the
+    gate evaluate several models on without holding the split in memory."""
+
+    def __init__(self, cache, max_windows: int | None = None, vocab_size: int | None = None):
+        self.cache, self.max_windows, self.vocab_size = cache, max_windows, vocab_size
+        self.entries = heldout_entries(cache, max_windows)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __iter__(self) -> Iterator:
+        return heldout_shards(self.cache, vocab_size=self.vocab_size, max_windows=self.max_windows)

@@ -46,6 +46,17 @@ def report_steps(tc: TrainConfig, steps: int) -> list[int]:
     return [s for s in range(1, steps + 1) if s % tc.eval_every == 0 or checkpoint_step(tc, s, steps)]
 
 
+def eval_window_budget(tc: TrainConfig, world: int) -> int:
+    """Held-out windows per evaluation: ``train.eval_windows``, or about 10 % of the training compute between two
+    evaluations — a step costs ~3 forwards (forward + backward) of its ``micro_batch_size × grad_accum × world``
+    windows, an evaluation one forward per window: ``0.1 × 3 × eval_every × windows per step`` — and at least one
+    micro-batch per worker."""
+    if tc.eval_windows is not None:
+        return tc.eval_windows
+    per_step = tc.micro_batch_size * tc.grad_accum * world
+    return max(tc.micro_batch_size * world, int(0.3 * tc.eval_every * per_step))
+
+
 def checkpoint_step(tc: TrainConfig, step: int, total: int) -> bool:
     """Whether a checkpoint rides on the report of ``step`` (every ``checkpoint_every`` and the last step)."""
     return step % tc.checkpoint_every == 0 or step == total

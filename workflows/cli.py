@@ -6,7 +6,8 @@ only the verb that runs is imported. ``raydistill <verb> --help`` lists the conf
 their defaults and the docstrings of ``tasks/config.py``; ``--help-config SECTION`` lists any section.
 
 This is the one place that turns errors into exit codes: :class:`RaydistillError` → its message and
-``exit_code`` (2 for a config error), Ctrl-C → 130. Anything else is a bug and keeps its traceback.
+``exit_code`` (2 for a config error), Ctrl-C → 130. Anything else is a bug and keeps its traceback. Whatever it
+prints is masked (:func:`tasks.guard.redact_text`): URL passwords, secret query values, secret env values.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ import importlib
 import json
 import sys
 import textwrap
+import traceback
 
 from raydistill.tasks.config import (ConfigError, PipelineConfig, dump_yaml, field_docs, load_config,
                                      resolve_paths)
 from raydistill.tasks.errors import RaydistillError
+from raydistill.tasks.guard import redact_text, secret_env_values
 from raydistill.workflows.verbs import VERBS, Verb
 
 
@@ -36,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     for name, verb in VERBS.items():
         actions = f" [{'|'.join(verb.actions)}]" if verb.actions else ""
+        actions += "".join(f" [{flag}]" for flag, _ in verb.flags)
         p = sub.add_parser(name, help=verb.help, description=verb.help, epilog=config_help(verb.sections),
                            usage=f"raydistill {name}{actions} [--config NAME] [a.b=c ...]",
                            formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -94,6 +98,8 @@ def _check_path(path: str) -> None:
 def _split_words(parser: argparse.ArgumentParser, name: str, verb: Verb, words: list[str]) -> tuple:
     """``(action, overrides)``: overrides look like a.b=c; a verb with actions takes one bare word as its action.
     An unknown ``--option`` is a setting: the error names the config field it most likely is."""
+    aliases = dict(verb.flags)
+    words = [aliases.get(w, w) for w in words]
     options = [w for w in words if w.startswith("-")]
     if options:
         parser.error(_unknown_option(options[0], name, verb))
@@ -139,22 +145,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb not in ("submit", "job"):  # a submitted job resolves its paths on the cluster
             cfg = resolve_paths(cfg)
     except ConfigError as e:
-        print(f"raydistill: config error: {e}", file=sys.stderr)
+        print(redact_text(f"raydistill: config error: {e}", secret_env_values()), file=sys.stderr)
         return e.exit_code
     if args.print_config:  # masked like every log line: a terminal scrollback or CI log is a leak too
-        from raydistill.tasks.guard import redact_text, secret_env_values
-
         print(redact_text(dump_yaml(cfg), secret_env_values()))
         return 0
     module = importlib.import_module(verb.module)
     try:
         module.run(cfg, action) if verb.actions else module.run(cfg)
-    except RaydistillError as e:
-        print(f"raydistill {args.verb}: {e}", file=sys.stderr)
+    except RaydistillError as e:  # messages may quote a cache.dir or address: masked like every log line
+        print(redact_text(f"raydistill {args.verb}: {e}", secret_env_values()), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"raydistill {args.verb}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except Exception:  # a bug: its traceback, masked too (a message may quote s3://key:secret@…)
+        print(redact_text(traceback.format_exc(), secret_env_values()), file=sys.stderr, end="")
+        return 1
     return 0
 
 

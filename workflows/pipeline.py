@@ -167,9 +167,9 @@ def build_summary(cfg: PipelineConfig, results: dict, served: dict | None, timin
 
 def _teacher_size_speed(cfg: PipelineConfig) -> dict:
     """Teacher weights on disk (the GGUF or HF files) and its forward throughput measured by the cache stage."""
-    from raydistill.tasks.cache.shards import open_cache
+    from raydistill.tasks.cache.shards import config_cache
 
-    manifest = open_cache(cfg.cache_dir).manifest
+    manifest = config_cache(cfg).manifest
     path = manifest["teacher"].get("path")
     size = None
     if path and Path(path).is_file():

@@ -97,20 +97,21 @@ EVAL_KEYS = ("heldout_loss", "top1_agreement", "ece", "kl_to_teacher", "tokens")
 
 
 class FrozenHeldout:
-    """The cache's held-out shards in shard-key order, named by their digest; evaluates registry versions."""
+    """The first ``gate.max_windows`` held-out windows of the cache in shard-key order (streamed, one shard at a
+    time), named by the digest of the shards they come from; evaluates registry versions."""
 
     def __init__(self, cfg: PipelineConfig):
-        from raydistill.tasks.cache.shards import open_cache
+        from raydistill.tasks.cache.shards import config_cache, open_cache
+        from raydistill.tasks.data import HeldoutSet
 
-        where = cfg.registry.gate.heldout_cache or cfg.cache_dir
-        self.cfg, self.cache = cfg, open_cache(where)
-        self.entries = sorted(self.cache.shards("heldout"), key=lambda e: e["key"])
-        if not self.entries:
-            raise DataError(f"promote: the cache at {where} has no held-out shards to gate on; rebuild it "
-                            "with corpus.heldout_fraction > 0, or set registry.gate.compare_to_champion=false")
+        where = cfg.registry.gate.heldout_cache
+        self.cfg, self.cache = cfg, open_cache(where) if where else config_cache(cfg)
         self.max_windows = cfg.registry.gate.max_windows
-        self.digest = heldout_digest([e["key"] for e in self.entries], self.max_windows)
-        self._shards = None
+        self._shards = HeldoutSet(self.cache, self.max_windows)
+        if not len(self._shards):
+            raise DataError(f"promote: the cache at {self.cache.where} has no held-out shards to gate on; rebuild "
+                            "it with corpus.heldout_fraction > 0, or set registry.gate.compare_to_champion=false")
+        self.digest = heldout_digest(self._shards.entries.keys(), self.max_windows)
 
     def metrics(self, client, mv) -> dict:
         """The version's metrics on this set (from its ``gate.eval.<digest16>`` tag when evaluated before)."""
@@ -120,8 +121,6 @@ class FrozenHeldout:
         from raydistill.tasks.evaluate import evaluate
         from raydistill.workflows.register import load_registered
 
-        if self._shards is None:
-            self._shards = [self.cache.read(e) for e in self.entries]
         model, _, _ = load_registered(self.cfg.tracking_uri, tracking.model_uri(mv.name, version=mv.version))
         found = evaluate(model, self._shards, max_windows=self.max_windows)
         found = {k: found[k] for k in EVAL_KEYS}

@@ -32,16 +32,18 @@ METRICS = ("heldout_loss", "perplexity", "top1_agreement", "ece", "kl_to_teacher
            "decode_ms_per_token", "size_bytes")
 
 
-def heldout_shards(cfg: PipelineConfig) -> tuple[list, dict]:
-    """The verified held-out shards of the cache and its totals."""
-    from raydistill.tasks.cache.shards import open_cache
+def heldout_shards(cfg: PipelineConfig) -> tuple:
+    """The held-out shards every candidate is scored on (``quantize.eval_max_windows`` windows, re-read one shard
+    at a time per candidate: never held together) and the cache's totals."""
+    from raydistill.tasks.cache.shards import config_cache
+    from raydistill.tasks.data import HeldoutSet
 
-    cache = open_cache(cfg.cache_dir)
-    entries = cache.shards("heldout")
-    if not entries:
-        raise DataError(f"the cache at {cfg.cache_dir} has no held-out shards to score on; rebuild it with "
+    cache = config_cache(cfg)
+    shards = HeldoutSet(cache, cfg.quantize.eval_max_windows)
+    if not len(shards):
+        raise DataError(f"the cache at {cache.where} has no held-out shards to score on; rebuild it with "
                         "corpus.heldout_fraction > 0 (`raydistill cache`)")
-    return [cache.read(e) for e in entries], cache.totals
+    return shards, cache.totals
 
 
 def teacher_metrics(totals: dict) -> dict:
@@ -80,9 +82,9 @@ def _ratio(a, b):
 
 def calibration_windows(cfg: PipelineConfig) -> torch.Tensor:
     """Token windows ``(N, L)`` of the cache's train split (the corpus the student learnt from), for GPTQ."""
-    from raydistill.tasks.cache.shards import open_cache
+    from raydistill.tasks.cache.shards import config_cache
 
-    cache = open_cache(cfg.cache_dir)
+    cache = config_cache(cfg)
     rows, need = [], cfg.quantize.calibration_windows
     for entry in cache.shards("train"):
         rows.append(torch.as_tensor(cache.read(entry).tokens[:, :-1]).long())

@@ -78,17 +78,18 @@ def code_version() -> str:
     return f"raydistill=={importlib.metadata.version('raydistill')}"
 
 
-def shard_lineage(manifest: dict) -> dict:
-    """What the student was trained and scored on: every shard of the cache, with the digests that name them."""
-    from raydistill.tasks.cache.manifest import cache_key
+def shard_lineage(cache) -> dict:
+    """What the student was trained and scored on: every shard of the cache (an opened
+    :class:`~tasks.cache.shards.Cache`), with the digests that name them."""
     from raydistill.tasks.evaluate import heldout_digest
 
+    manifest = cache.manifest
     shards = [{k: e.get(k) for k in ("split", "name", "key", "file", "sha256", "windows", "tokens")}
-              for e in manifest.get("shards") or []]
+              for e in cache.shards()]
     corpus = {"corpus": manifest.get("corpus"), "seq_len": manifest.get("seq_len"),
               "tokenizer_hash": manifest.get("tokenizer_hash"),
               "shards": sorted((e["name"], e["split"], e["windows"], e["tokens"]) for e in shards)}
-    return {"cache_key": cache_key(manifest), "shards": shards,
+    return {"cache_key": cache.key, "shards": shards,
             "shards_sha256": hashlib.sha256(json.dumps(sorted(e["key"] for e in shards)).encode()).hexdigest(),
             "heldout_digest": heldout_digest([e["key"] for e in shards if e["split"] == "heldout"]),
             "corpus_sha256": hashlib.sha256(json.dumps(corpus, sort_keys=True, default=str).encode()).hexdigest()}
@@ -98,13 +99,13 @@ def _cache_lineage(cfg: PipelineConfig) -> dict:
     """Teacher identity, cache key and shard digests, as the cache stage recorded them."""
     rec = stage.read(cfg, "cache") or {}
     out = rec.get("outputs") or {}
-    from raydistill.tasks.cache.manifest import cache_key
-    from raydistill.tasks.cache.shards import open_cache
+    from raydistill.tasks.cache.shards import config_cache
 
     try:
-        manifest = open_cache(cfg.cache_dir).manifest  # local or object store
+        cache = config_cache(cfg)  # local or object store
+        manifest = cache.manifest
     except FileNotFoundError:
-        manifest = {}
+        cache, manifest = None, {}
     teacher = manifest.get("teacher") or out.get("teacher") or {}
     if not teacher.get("weights_sha256"):
         from raydistill.tasks.teacher import teacher_identity
@@ -113,15 +114,15 @@ def _cache_lineage(cfg: PipelineConfig) -> dict:
     return {"teacher.source": str(teacher.get("source", cfg.teacher.source)),
             "teacher.weights_sha256": str(teacher.get("weights_sha256")),
             "teacher.architecture": json.dumps(teacher.get("architecture"), sort_keys=True)[:5000],
-            "cache.key": cache_key(manifest) or str(out.get("cache_key") or rec.get("key")),
+            "cache.key": str(manifest.get("key") or out.get("cache_key") or rec.get("key")),
             "cache.format": str(manifest.get("format", cfg.cache.format)),
-            "cache.stage_key": str(rec.get("key")), **_shard_tags(manifest)}
+            "cache.stage_key": str(rec.get("key")), **_shard_tags(cache)}
 
 
-def _shard_tags(manifest: dict) -> dict:
-    if not manifest:
+def _shard_tags(cache) -> dict:
+    if cache is None:
         return {}
-    lin = shard_lineage(manifest)
+    lin = shard_lineage(cache)
     return {"cache.shards_sha256": lin["shards_sha256"], "cache.heldout_digest": lin["heldout_digest"],
             "cache.shards": str(len(lin["shards"])), "corpus.sha256": lin["corpus_sha256"],
             "lineage.shards_artifact": SHARDS_ARTIFACT}
@@ -168,9 +169,9 @@ def _log_run(cfg: PipelineConfig, key: str, report: dict, int8_dir: Path) -> tup
         tracking.log_dict(report, "quantize/report.json")
         tracking.log_text(dump_yaml(cfg), "config.yaml")
         try:
-            from raydistill.tasks.cache.shards import open_cache
+            from raydistill.tasks.cache.shards import config_cache
 
-            tracking.log_dict(shard_lineage(open_cache(cfg.cache_dir).manifest), SHARDS_ARTIFACT)
+            tracking.log_dict(shard_lineage(config_cache(cfg)), SHARDS_ARTIFACT)
         except FileNotFoundError:  # no cache here (registering elsewhere): the tags still name it
             pass
         train_metrics = Path(cfg.stage_dir("train"), "metrics.json")

@@ -120,9 +120,9 @@ def _curves(cfg: PipelineConfig, records: dict) -> list[fig.Curves]:
 
 
 def _cache_facts(cfg: PipelineConfig, outputs: dict) -> dict:
-    from raydistill.tasks.cache.shards import open_cache
+    from raydistill.tasks.cache.shards import config_cache
 
-    manifest = open_cache(cfg.cache_dir).manifest
+    manifest = config_cache(cfg).manifest
     facts = {k: outputs.get(k) for k in ("bytes_per_token", "teacher_forwards", "shards_total", "shards_computed",
                                          "tokens", "bytes")}
     return {"format": manifest.get("format"), "vocab_size": manifest.get("vocab_size"), **facts}

@@ -47,10 +47,10 @@ def consumed(cfg: PipelineConfig, need: str):
     """What a stage consumes of the earlier stage ``need``: the cache's content key (read from the cache itself),
     or the record's key and output digest; None when it has not run."""
     if need == "cache":
-        from raydistill.tasks.cache.manifest import cache_key, read_manifest
+        from raydistill.tasks.cache.shards import config_cache
 
         try:
-            return cache_key(read_manifest(cfg.cache_dir))
+            return config_cache(cfg).key
         except FileNotFoundError:
             return None
     rec = read(cfg, need)

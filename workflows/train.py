@@ -44,7 +44,7 @@ from raydistill.tasks.evaluate import evaluate_sums, finalize
 from raydistill.tasks.fileio import atomic_write_json
 from raydistill.tasks.online import StudentWithHeads, online_teacher, resolve_layer_map, student_with_heads
 from raydistill.tasks.students import load_student, wrap_peft
-from raydistill.tasks.trainloop import Step, checkpoint_step, temperature_warning, train_steps
+from raydistill.tasks.trainloop import Step, checkpoint_step, eval_window_budget, temperature_warning, train_steps
 from raydistill.workflows import checkpoint as ckpt
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "cluster" / "deepspeed"
@@ -152,10 +152,10 @@ def train_driver(cfg: PipelineConfig, *, run_name: str, storage_path: str, callb
 
     from raydistill.cluster.ray_init import cluster_device
     from raydistill.tasks.cache.manifest import check_compatible
-    from raydistill.tasks.cache.shards import open_cache
+    from raydistill.tasks.cache.shards import config_cache
 
     tc = cfg.train
-    cache = open_cache(cfg.cache_dir)
+    cache = config_cache(cfg)
     check_compatible(cache, cfg.teacher, cfg.cache, cfg.corpus)
     warning = temperature_warning(cfg)  # cfg.cache matches the cache's manifest (checked above)
     if warning:
@@ -172,6 +172,7 @@ def train_driver(cfg: PipelineConfig, *, run_name: str, storage_path: str, callb
     device = cluster_device(cfg.cluster)
     scaling_config, torch_config = scaling(tc, device, cfg.cluster.spread)
     loop_config = {"cfg": to_dict(cfg), "steps": steps or tc.steps, "init_dir": str(init_dir.resolve()),
+                   "cache": cache.location,  # the workers open this very cache (no teacher hashing per worker)
                    "device": device,
                    "output_dir": str(out), "tracking_uri": cfg.tracking_uri if mlflow_run_id else None,
                    "mlflow_run_id": mlflow_run_id, "layer_map": info["layer_map"], "qad": qad}
@@ -216,8 +217,10 @@ def _evaluate(engine, cache, tc: TrainConfig, rank: int, world: int) -> dict:
     """Held-out metrics over all ranks. ZeRO-3 forwards are collective, so there every rank runs all shards."""
     split = tc.zero_stage != 3 and world > 1
     vocab = engine.module.student.config.vocab_size
-    shards = heldout_shards(cache, rank=rank if split else 0, world_size=world if split else 1, vocab_size=vocab)
-    max_windows = None if tc.eval_windows is None else (-(-tc.eval_windows // world) if split else tc.eval_windows)
+    budget = eval_window_budget(tc, world)
+    shards = heldout_shards(cache, rank=rank if split else 0, world_size=world if split else 1, vocab_size=vocab,
+                            max_windows=budget)
+    max_windows = -(-budget // world) if split else budget
     sums = evaluate_sums(engine.module, shards, max_windows=max_windows, batch_size=tc.micro_batch_size,
                          device=engine.device)
     if split:  # NCCL reduces device tensors only
@@ -309,7 +312,7 @@ def train_fn_per_worker(config: dict) -> None:
     if device.type == "cuda":  # Ray Train's GPU for this worker (its local rank's), where DeepSpeed puts the model
         device = ray.train.torch.get_device()
         torch.cuda.set_device(device)
-    cache = open_cache(cfg.cache_dir)
+    cache = open_cache(config["cache"])
     online = None
     if tc.teacher_mode == "online":  # loaded once per worker; frozen, outside DeepSpeed
         online = online_teacher(load_teacher(cfg.teacher, device)[0], tc, [tuple(p) for p in config["layer_map"]])

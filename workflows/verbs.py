@@ -38,6 +38,8 @@ class Verb:
     argument: str | None = None
     """Config field that one bare word which is not an action sets (``lineage models:/m/3`` sets
     ``registry.lineage_uri``)."""
+    flags: tuple[tuple[str, str], ...] = ()
+    """``(--flag, a.b=c)``: a flag the verb takes as shorthand for a config override (``cache gc --dry-run``)."""
 
     @property
     def sections(self) -> tuple[str, ...]:
@@ -53,7 +55,8 @@ VERBS: dict[str, Verb] = {
         "raydistill.workflows.cache", "run the teacher once over the corpus and store its soft targets",
         # its record key is the cache's content key (sha256 of its shard keys: tasks.cache.manifest.shard_key hashes
         # what a shard's bytes depend on in these sections; batch size and actor count do not change them)
-        reads=("teacher", "corpus", "cache"), uses=("cluster",), actions=("run", "inspect")),
+        reads=("teacher", "corpus", "cache"), uses=("cluster",), actions=("run", "inspect", "gc"),
+        flags=(("--verify", "cache.verify=true"), ("--dry-run", "cache.gc_dry_run=true"))),
     "train": Verb(
         "raydistill.workflows.train", "train the student from the cache (Ray Train + DeepSpeed)",
         # registry.model_name: train.init_from=champion starts from that model's @champion (workflows/continual.py)

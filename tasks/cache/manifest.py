@@ -1,10 +1,22 @@
-"""What a cache holds and what it is: the manifest, the shard keys and the cache's one ``key``.
+"""What a cache is and what it holds: shard keys, the cache id, its head, its commit log and its compact index.
 
-Layout (see docs/cache-format.md): ``<cache_dir>/manifest.json`` and ``<cache_dir>/shards/<name>-<key16>.st``.
-A shard's key hashes everything its content depends on (teacher weights, tokenizer, tokens, format and
-params, temperature, FORMAT_VERSION); the key is part of the file name, so a changed config never touches
-an existing file. The cache's :func:`cache_key` hashes its shard keys in corpus order: the cache stage records
-it, training checks against the manifest's identity fields, the registry tags model versions with it.
+Layout of a cache directory (docs/cache-format.md) — several caches live side by side in one ``cache.dir``:
+
+    shards/<name>-<key16>.st          every shard of every cache in the dir (a shard's name carries its key)
+    plans/<plan key>.json             per corpus stream: the shards it packs into (lets a rerun skip tokenizing)
+    caches/<cache id>/head.json       one cache: what it is (teacher, tokenizer, format, corpus), totals, status
+    caches/<cache id>/log/<run>-<n>.jsonl   committed entries, in immutable segments of ≤ 256 (append-only)
+    caches/<cache id>/index-<sha16>.arrow   the compact index of a finished cache (tasks/cache/index.py)
+    caches/<cache id>/leases/<run>.json     heartbeats of runs writing this cache (gc waits for them)
+
+A shard's key hashes everything its bytes depend on (teacher weights, tokenizer, tokens, format and params,
+temperature, FORMAT_VERSION); a cache's id hashes what *defines* the cache (:func:`cache_id`: the same minus the
+tokens, plus the corpus settings), so two configs get two caches and two runs of one config write the same one. The
+cache's content ``key`` is the order-free hash of its shard keys (:func:`tasks.cache.index.multiset_key`): the cache
+stage records it, downstream stage keys include it, the registry tags model versions with it.
+
+Committing a shard costs the writer O(1): the shard file (one create), one buffered log line, incremental totals
+(:class:`Totals`). Finishing a cache writes its index once and replaces the small head.
 """
 
 from __future__ import annotations
@@ -12,24 +24,30 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from typing import Any, TypedDict
+import time
+import uuid
+from typing import Any, Iterator, TypedDict
 
 from raydistill.tasks.cache.formats import format_params
+from raydistill.tasks.cache.index import Index, IndexWriter, local_copy, multiset_key, shard_file  # noqa: F401
 from raydistill.tasks.cache.store import Store
 from raydistill.tasks.config import CacheConfig, ConfigError, CorpusConfig, TeacherConfig
 from raydistill.tasks.errors import DataError, StageMissingError
 from raydistill.tasks.teacher import identity_key_fields, load_tokenizer, teacher_identity, tokenizer_hash
 
 FORMAT_VERSION = 2  # 2: sampled entries entropy-coded (tasks/cache/sampledpack.py); 1 is refused
-MANIFEST = "manifest.json"
-SHARD_DIR = "shards"
-CORPUS_FIELDS = ("path", "text_field", "max_tokens", "heldout_fraction", "windows_per_shard")
-REQUIRED = ("format_version", "format", "params", "temperature", "teacher", "tokenizer_hash", "seq_len", "shards",
-            "totals")
+LAYOUT_VERSION = 3  # 3: caches/<id>/head.json + log + index; 2 (one manifest.json per dir) is refused with a fix
+LEGACY_MANIFEST = "manifest.json"
+SHARD_DIR, PLAN_DIR, CACHES = "shards", "plans", "caches"
+HEAD = "head.json"
+CORPUS_FIELDS = ("path", "text_field", "max_tokens", "heldout_fraction", "heldout_max_tokens", "windows_per_shard",
+                 "segment_bytes")
+LOG_SEGMENT = 256  # entries per log segment; a crashed run loses at most this many log lines (files are adopted)
+LOG_FLUSH_S = 10.0
 
 
 class CacheCorruptError(DataError, RuntimeError):
-    """A shard (or the manifest) fails verification; the message names it (the CLI exits 1 with it)."""
+    """A shard (or a head, log or index) fails verification; the message names it (the CLI exits 1 with it)."""
 
 
 class CacheMissingError(StageMissingError, FileNotFoundError):
@@ -42,7 +60,7 @@ class CacheMismatchError(ConfigError):
 
 
 class ShardEntry(TypedDict):
-    """One committed shard, as the manifest lists it."""
+    """One committed shard, as the index and the log list it."""
 
     name: str
     split: str  # "train" | "heldout"
@@ -58,9 +76,11 @@ class ShardEntry(TypedDict):
 
 
 class Manifest(TypedDict, total=False):
-    """``manifest.json`` (a JSON object on disk; this type names its fields)."""
+    """``head.json`` of one cache (a JSON object; this type names its fields). ``shards`` is only in memory, for
+    small caches built by hand (:func:`add_entry`); the cache stage streams entries into the log and index."""
 
     format_version: int  # FORMAT_VERSION of the writer
+    layout_version: int  # LAYOUT_VERSION of the writer
     format: str  # a name in tasks.cache.formats.FORMATS
     params: dict[str, Any]  # dataclasses.asdict of the format's Params
     temperature: float  # T_c
@@ -69,11 +89,17 @@ class Manifest(TypedDict, total=False):
     vocab_size: int | None  # teacher vocabulary (None until a shard is committed)
     seq_len: int
     corpus: dict[str, Any]  # the CORPUS_FIELDS of the corpus config
-    shards: list[ShardEntry]  # in corpus order once complete
+    id: str  # cache_id of the above
     planned_shards: int | None
-    complete: bool  # every planned shard committed
-    totals: dict[str, Any]  # see add_entry
+    complete: bool  # every planned shard committed and indexed
+    totals: dict[str, Any]  # see Totals
+    key: str | None  # multiset_key of the indexed shard keys
+    index: str | None  # index file, relative to the cache dir
+    index_sha256: str | None
+    fingerprint: str | None  # what the finished cache was planned from (corpus files' sizes/mtimes + settings)
+    corpus_usage: dict[str, Any]  # tokens planned vs. the corpus' estimated size (a max_tokens cap says so)
     teacher_tokens_per_s: float | None  # written by the cache stage
+    updated_at: float
 
 
 def shard_key(teacher: dict, tok_hash: str, content_hash: str, params, temperature: float) -> str:
@@ -85,69 +111,197 @@ def shard_key(teacher: dict, tok_hash: str, content_hash: str, params, temperatu
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def shard_file(name: str, key: str) -> str:
-    return f"{SHARD_DIR}/{name}-{key[:16]}.st"
+def _definition(head: dict) -> dict:
+    return {"teacher": identity_key_fields(head["teacher"]), "tokenizer": head["tokenizer_hash"],
+            "format": head["format"], "params": head["params"], "temperature": float(head["temperature"]),
+            "seq_len": head["seq_len"], "corpus": head["corpus"], "version": FORMAT_VERSION,
+            "layout": LAYOUT_VERSION}
+
+
+def cache_id(head: dict) -> str:
+    """16 hex digits naming the cache a head describes: same teacher, tokenizer, format, temperature and corpus
+    settings ⇔ same id (the shards' tokens are not in it: a grown corpus grows the same cache)."""
+    return hashlib.sha256(json.dumps(_definition(head), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def cache_key(manifest: Manifest) -> str | None:
-    """The cache's identity: sha256 of its shard keys in corpus order (None while it lists no shards)."""
-    keys = [e.get("key") for e in manifest.get("shards") or []]
-    if not keys or not all(keys):
-        return None
-    return hashlib.sha256("".join(keys).encode()).hexdigest()
+    """The cache's content key (None while it indexes no shard)."""
+    if "shards" in manifest:  # built by hand, in memory
+        return multiset_key(e["key"] for e in manifest["shards"])
+    return manifest.get("key")
 
 
 def new_manifest(teacher: dict, tok_hash: str, cache: CacheConfig, corpus: CorpusConfig) -> Manifest:
-    """An empty manifest describing what this cache holds (shards are added by :func:`add_entry`)."""
-    return {"format_version": FORMAT_VERSION, "format": cache.format,
-            "params": dataclasses.asdict(format_params(cache)), "temperature": cache.temperature,
-            "teacher": teacher, "tokenizer_hash": tok_hash, "vocab_size": None, "seq_len": corpus.seq_len,
-            "corpus": {k: getattr(corpus, k) for k in CORPUS_FIELDS},
-            "shards": [], "planned_shards": None, "complete": False, "totals": {}}
+    """An empty head describing what this cache holds."""
+    head: Manifest = {"format_version": FORMAT_VERSION, "layout_version": LAYOUT_VERSION, "format": cache.format,
+                      "params": dataclasses.asdict(format_params(cache)), "temperature": cache.temperature,
+                      "teacher": teacher, "tokenizer_hash": tok_hash, "vocab_size": None, "seq_len": corpus.seq_len,
+                      "corpus": {k: getattr(corpus, k) for k in CORPUS_FIELDS}, "planned_shards": None,
+                      "complete": False, "totals": Totals().as_dict(), "key": None, "index": None,
+                      "index_sha256": None, "fingerprint": None, "corpus_usage": {}}
+    head["id"] = cache_id(head)
+    return head
+
+
+class Totals:
+    """Running totals over committed entries (O(1) per entry)."""
+
+    def __init__(self):
+        self.shards = self.tokens = self.bytes = self.heldout_tokens = self.heldout_top1 = 0
+        self.heldout_nll = 0.0
+        self.vocab_size = None
+
+    def add(self, entry: dict) -> None:
+        if self.vocab_size not in (None, entry["vocab_size"]):
+            raise CacheCorruptError(f"shard {entry['name']}: vocab size {entry['vocab_size']} != "
+                                    f"{self.vocab_size} of the other shards")
+        self.vocab_size = entry["vocab_size"]
+        self.shards, self.tokens, self.bytes = self.shards + 1, self.tokens + entry["tokens"], self.bytes + entry["bytes"]
+        if entry["split"] == "heldout":
+            self.heldout_tokens += entry["tokens"]
+            self.heldout_nll += entry["teacher_nll_sum"]
+            self.heldout_top1 += entry["teacher_top1_correct"]
+
+    def as_dict(self) -> dict:
+        h = self.heldout_tokens
+        return {"shards": self.shards, "tokens": self.tokens, "bytes": self.bytes,
+                "bytes_per_token": self.bytes / self.tokens if self.tokens else None,
+                "train_tokens": self.tokens - h, "heldout_tokens": h,
+                "teacher_heldout_nll": self.heldout_nll / h if h else None,
+                "teacher_heldout_top1_acc": self.heldout_top1 / h if h else None}
 
 
 def add_entry(manifest: Manifest, entry: ShardEntry) -> None:
-    """Record a committed shard and refresh the totals."""
-    if manifest["vocab_size"] not in (None, entry["vocab_size"]):
-        raise CacheCorruptError(f"shard {entry['name']}: vocab size {entry['vocab_size']} != "
-                                f"{manifest['vocab_size']} of the other shards")
-    manifest["vocab_size"] = entry["vocab_size"]
-    manifest["shards"] = [e for e in manifest["shards"] if e["name"] != entry["name"]] + [entry]
-    shards = manifest["shards"]
-    held = [e for e in shards if e["split"] == "heldout"]
-    held_tokens = sum(e["tokens"] for e in held)
-    tokens, nbytes = sum(e["tokens"] for e in shards), sum(e["bytes"] for e in shards)
-    manifest["totals"] = {
-        "shards": len(shards), "tokens": tokens, "bytes": nbytes,
-        "bytes_per_token": nbytes / tokens if tokens else None,
-        "train_tokens": tokens - held_tokens, "heldout_tokens": held_tokens,
-        "teacher_heldout_nll": sum(e["teacher_nll_sum"] for e in held) / held_tokens if held_tokens else None,
-        "teacher_heldout_top1_acc": sum(e["teacher_top1_correct"] for e in held) / held_tokens
-        if held_tokens else None}
+    """Add a committed shard to a head built by hand (in memory; :func:`write_manifest` indexes it). O(1)."""
+    manifest.setdefault("shards", []).append(entry)
+    totals = manifest.setdefault("_totals", Totals())
+    totals.add(entry)
+    manifest["vocab_size"], manifest["totals"] = totals.vocab_size, totals.as_dict()
+
+
+def head_path(cid: str) -> str:
+    return f"{CACHES}/{cid}/{HEAD}"
+
+
+def write_head(store: Store, head: Manifest) -> None:
+    head = {k: v for k, v in head.items() if k not in ("shards", "_totals")}
+    head["updated_at"] = time.time()
+    store.replace(head_path(head["id"]), json.dumps(head, indent=1, sort_keys=True).encode())
 
 
 def write_manifest(cache_dir: str, manifest: Manifest) -> None:
-    """Atomically replace the manifest (temp + fsync + rename)."""
-    Store(cache_dir).replace(MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
-
-
-def read_manifest(cache_dir: str) -> Manifest:
-    """Load and validate ``<cache_dir>/manifest.json`` (FileNotFoundError, CacheCorruptError, CacheMismatchError)."""
+    """Index and publish a head built by hand with :func:`add_entry` (tests, benchmarks): O(its shards)."""
     store = Store(cache_dir)
-    if not store.exists(MANIFEST):
-        raise CacheMissingError(f"no teacher cache at {cache_dir} (no {MANIFEST}); run `raydistill cache` first")
-    try:
-        manifest = json.loads(store.read(MANIFEST))
-    except json.JSONDecodeError as e:
-        raise CacheCorruptError(f"{cache_dir}/{MANIFEST}: not valid JSON ({e})") from None
-    missing = set(REQUIRED) - set(manifest)
-    if missing:
-        raise CacheCorruptError(f"{cache_dir}/{MANIFEST}: missing fields {sorted(missing)}")
-    if manifest["format_version"] != FORMAT_VERSION:
-        raise CacheMismatchError(f"cache {cache_dir} has format_version {manifest['format_version']}, this "
-                                 f"raydistill reads {FORMAT_VERSION}; rerun `raydistill cache`")
-    return manifest
+    writer = IndexWriter()
+    for entry in manifest.get("shards", []):
+        writer.add(entry)
+    publish_index(store, manifest, writer)
+    manifest["key"] = writer.key.hexdigest()
+    write_head(store, manifest)
 
+
+def publish_index(store: Store, head: Manifest, writer: IndexWriter) -> None:
+    """Close ``writer``, store its file as ``caches/<id>/index-<sha16>.arrow`` and point ``head`` at it."""
+    import os
+
+    path, sha, _ = writer.close()
+    rel = f"{CACHES}/{head['id']}/index-{sha[:16]}.arrow"
+    try:
+        if not store.exists(rel):
+            with open(path, "rb") as f:
+                store.create(rel, f.read())
+    finally:
+        os.unlink(path)
+    head["index"], head["index_sha256"], head["key"] = rel, sha, writer.key.hexdigest()
+
+
+def read_head(store: Store, cid: str) -> Manifest | None:
+    """The head of cache ``cid`` in ``store`` (None if there is none)."""
+    try:
+        data = store.read(head_path(cid))
+    except FileNotFoundError:
+        return None
+    try:
+        head = json.loads(data)
+    except json.JSONDecodeError as e:
+        raise CacheCorruptError(f"{store.url(head_path(cid))}: not valid JSON ({e})") from None
+    if head.get("format_version") != FORMAT_VERSION or head.get("layout_version") != LAYOUT_VERSION:
+        raise CacheMismatchError(f"cache {store.url(head_path(cid))} was written by another raydistill (format "
+                                 f"{head.get('format_version')}, layout {head.get('layout_version')}; this one "
+                                 f"reads {FORMAT_VERSION}/{LAYOUT_VERSION}); rerun `raydistill cache`")
+    return head
+
+
+def list_cache_ids(store: Store) -> list[str]:
+    """Ids of the caches in a cache dir (one listing of ``caches/``; a dir holds a handful)."""
+    if not store.remote:
+        import os
+
+        base = store.path(CACHES)
+        return sorted(d for d in (os.listdir(base) if os.path.isdir(base) else []) if not d.startswith("."))
+    if store._s3 is None:  # other object stores: pyarrow lists prefixes as directories
+        import pyarrow.fs as pafs
+
+        infos = store.fs.get_file_info(pafs.FileSelector(store.path(CACHES), allow_not_found=True))
+        return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+    prefix = store.path(CACHES).rstrip("/") + "/"
+    page = store._retry("list", CACHES, lambda: store._s3.list_objects_v2(Bucket=store.bucket, Prefix=prefix,
+                                                                          Delimiter="/"))
+    return sorted(p["Prefix"][len(prefix):].rstrip("/") for p in page.get("CommonPrefixes", []))
+
+
+# ----------------------------------------------------------------------------------------------- the commit log
+
+class CacheLog:
+    """Committed entries of one run, written as immutable segments ``caches/<id>/log/<run>-<n>.jsonl`` every
+    :data:`LOG_SEGMENT` entries or :data:`LOG_FLUSH_S` seconds: O(1) store writes per entry, and a crash loses at
+    most one segment's lines (their shard files are re-adopted by the next run)."""
+
+    def __init__(self, store: Store, cid: str, run_id: str | None = None):
+        self.store, self.cid = store, cid
+        self.run_id = run_id or f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        self.buffer: list[dict] = []
+        self.segments: list[str] = []
+        self.last_flush = time.monotonic()
+
+    def add(self, entry: dict) -> None:
+        self.buffer.append(entry)
+        if len(self.buffer) >= LOG_SEGMENT or time.monotonic() - self.last_flush > LOG_FLUSH_S:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.buffer:
+            rel = f"{CACHES}/{self.cid}/log/{self.run_id}-{len(self.segments):06d}.jsonl"
+            body = "".join(json.dumps(e, sort_keys=True) + "\n" for e in self.buffer)
+            self.store.create(rel, body.encode())
+            self.segments.append(rel)
+            self.buffer = []
+        self.last_flush = time.monotonic()
+
+    def remove_own(self) -> None:
+        """Delete this run's segments (called once a finished index holds their entries)."""
+        for rel in self.segments:
+            try:
+                self.store.remove(rel)
+            except FileNotFoundError:
+                pass
+
+
+def read_log(store: Store, cid: str) -> Iterator[dict]:
+    """Every entry in cache ``cid``'s log segments (any run's), segment by segment."""
+    for info in store.iter_files(f"{CACHES}/{cid}/log"):
+        if not info.name.endswith(".jsonl") or info.name.startswith("."):
+            continue
+        try:
+            data = store.read(f"{CACHES}/{cid}/log/{info.name}")
+        except FileNotFoundError:  # a finishing run removed its segments meanwhile: its index holds them
+            continue
+        for line in data.decode().splitlines():
+            if line.strip():
+                yield json.loads(line)
+
+
+# --------------------------------------------------------------------------------------- config compatibility
 
 def _first_difference(a, b, prefix: str) -> str:
     if isinstance(a, dict) and isinstance(b, dict):
@@ -158,31 +312,45 @@ def _first_difference(a, b, prefix: str) -> str:
     return f"{prefix} (cache: {a!r}, config: {b!r})"
 
 
+def expected_heads(teacher: TeacherConfig, cache_cfg: CacheConfig, corpus: CorpusConfig) -> list[Manifest]:
+    """The heads the cache stage would write for this config: one per dtype ``teacher.dtype=auto`` can resolve to
+    (the device decides; a consumer does not know which device the cache ran on)."""
+    identity = teacher_identity(teacher)
+    tok_hash = tokenizer_hash(load_tokenizer(teacher))
+    dtypes = ["float32", "bfloat16", "float16"] if teacher.dtype == "auto" else [identity["dtype"]]
+    return [new_manifest({**identity, "dtype": d}, tok_hash, cache_cfg, corpus) for d in dtypes]
+
+
+def difference(head: dict, want: dict) -> str | None:
+    """The first field where ``head`` differs from ``want`` (another head), or None."""
+    have_t, want_t = identity_key_fields(head["teacher"]), identity_key_fields(want["teacher"])
+    if have_t != want_t:
+        return _first_difference(have_t, want_t, "teacher")
+    for field in ("tokenizer_hash", "format", "temperature", "seq_len"):
+        if head[field] != want[field]:
+            return f"{field} (cache: {head[field]!r}, config: {want[field]!r})"
+    for k in sorted(set(head["params"]) | set(want["params"])):
+        if head["params"].get(k) != want["params"].get(k):
+            return f"cache.{k} (cache: {head['params'].get(k)!r}, config: {want['params'].get(k)!r})"
+    for k in CORPUS_FIELDS:
+        if head["corpus"].get(k) != want["corpus"].get(k):
+            return f"corpus.{k} (cache: {head['corpus'].get(k)!r}, config: {want['corpus'].get(k)!r})"
+    return None
+
+
 def check_compatible(cache, teacher: TeacherConfig, cache_cfg: CacheConfig, corpus: CorpusConfig) -> str:
-    """Raise :class:`CacheMismatchError` naming the first field where the manifest of ``cache`` (an opened
-    :class:`~tasks.cache.shards.Cache`) differs from what the cache stage would write for this config
-    (:func:`new_manifest`); returns the cache's :func:`cache_key`."""
-    m, cache_dir = cache.manifest, cache.dir
-    want = identity_key_fields(teacher_identity(teacher))
-    have = identity_key_fields(m["teacher"])
-    if teacher.dtype == "auto" and have["dtype"] in ("float32", "bfloat16"):  # what auto resolved to where it ran
-        want["dtype"] = have["dtype"]
-    if have != want:
-        raise CacheMismatchError(f"cache {cache_dir} was built for another teacher: "
-                                 f"{_first_difference(have, want, 'teacher')}")
-    checks = [("tokenizer", m["tokenizer_hash"], lambda: tokenizer_hash(load_tokenizer(teacher))),
-              ("format", m["format"], lambda: cache_cfg.format),
-              ("temperature", m["temperature"], lambda: cache_cfg.temperature),
-              ("seq_len", m["seq_len"], lambda: corpus.seq_len)]
-    # a format parameter is compared only after the format matched (another format has other parameters)
-    checks += [(k, v, lambda k=k: dataclasses.asdict(format_params(cache_cfg))[k]) for k, v in m["params"].items()]
-    checks += [(f"corpus.{k}", m["corpus"].get(k), lambda k=k: getattr(corpus, k)) for k in CORPUS_FIELDS]
-    for field, have, want_fn in checks:
-        want = want_fn()
-        if have != want:
-            raise CacheMismatchError(f"cache {cache_dir} does not match the config: {field} is {have!r} in the "
-                                     f"cache but {want!r} in the config; rerun `raydistill cache`")
+    """Raise :class:`CacheMismatchError` naming the first field where the head of ``cache`` (an opened
+    :class:`~tasks.cache.shards.Cache`) differs from what the cache stage would write for this config, or when it
+    is unfinished; returns the cache's :func:`cache_key`."""
+    m = cache.manifest
+    wants = expected_heads(teacher, cache_cfg, corpus)
+    want = next((w for w in wants if w["teacher"]["dtype"] == m["teacher"].get("dtype")), wants[0])
+    diff = difference(m, want)
+    if diff:
+        what = "another teacher" if diff.startswith("teacher") else "another config"
+        raise CacheMismatchError(f"cache {cache.where} was built for {what}: {diff}; rerun `raydistill cache`")
     if not m.get("complete"):
-        raise CacheMismatchError(f"cache {cache_dir} is incomplete ({len(m['shards'])}/{m.get('planned_shards')}"
-                                 " shards; field 'complete'); rerun `raydistill cache` to finish it")
+        raise CacheMismatchError(f"cache {cache.where} is incomplete ({m['totals'].get('shards')}/"
+                                 f"{m.get('planned_shards')} shards; field 'complete'); rerun `raydistill cache` "
+                                 "to finish it")
     return cache_key(m)

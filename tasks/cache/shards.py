@@ -2,8 +2,8 @@
 
     python -c "from raydistill.tasks.cache.shards import open_cache; print(open_cache('runs/tiny/cache').totals)"
 
-Reads verify the manifest's sha256 and the shard key before decoding. Training codes against: ``open_cache``,
-``Cache.shards/read/manifest``, ``Shard.tokens/targets/teacher_top1/teacher_nll``.
+Reads verify the index's sha256 and the shard key before decoding. Training codes against: ``open_cache`` /
+``find_cache``, ``Cache.shards/read/manifest``, ``Shard.tokens/targets/teacher_top1/teacher_nll``.
 """
 
 from __future__ import annotations
@@ -16,19 +16,29 @@ import numpy as np
 import torch
 
 from raydistill.tasks.cache.formats import get_format
-from raydistill.tasks.cache.manifest import CacheCorruptError, Manifest, ShardEntry, read_manifest, shard_file
-from raydistill.tasks.cache.store import Store, pack, unpack
+from raydistill.tasks.cache.container import pack, unpack
+from raydistill.tasks.cache.index import Index, ShardList, local_copy
+from raydistill.tasks.cache.manifest import (CACHES, LEGACY_MANIFEST, CacheCorruptError, CacheMismatchError,
+                                             CacheMissingError, Manifest, ShardEntry, difference, expected_heads,
+                                             list_cache_ids, read_head, shard_file)
+from raydistill.tasks.cache.store import Store
 from raydistill.tasks.cache.targets import CachedTargets
 
 
 def commit_shard(cache_dir: str, name: str, split: str, key: str, tokens: np.ndarray,
                  fields: dict[str, np.ndarray], stats: dict, params) -> ShardEntry:
-    """Write one shard file atomically (never replacing a committed one) and return its manifest entry.
+    """Write one shard file atomically (never replacing a committed one) and return its index entry.
 
     tokens: int32 ``[W, L+1]``; fields: the encoder arrays of the format of ``params`` (its ``Params``; the
     format's ``to_disk`` lays them out); stats: vocab_size, teacher_nll_sum, teacher_top1_correct. If another
     writer committed the same shard first, its file is kept and its entry returned.
     """
+    return write_shard(cache_dir, name, split, key, tokens, fields, stats, params)[0]
+
+
+def write_shard(cache_dir: str, name: str, split: str, key: str, tokens: np.ndarray,
+                fields: dict[str, np.ndarray], stats: dict, params) -> tuple[ShardEntry, bool]:
+    """:func:`commit_shard`, and whether this call created the file (False: another writer's was adopted)."""
     store, rel = Store(cache_dir), shard_file(name, key)
     W, L1 = tokens.shape
     header = {"name": name, "split": split, "key": key, "format": params.format, "windows": W, "seq_len": L1 - 1,
@@ -36,8 +46,8 @@ def commit_shard(cache_dir: str, name: str, split: str, key: str, tokens: np.nda
     stored, extra, raw = get_format(params.format).to_disk(fields, tokens, stats["vocab_size"], params)
     data = pack({"tokens": tokens.astype(np.int32), **stored}, {**header, **extra}, raw=raw)
     if not store.create(rel, data):
-        return entry_from_file(cache_dir, rel, key)
-    return _entry(header, rel, data)
+        return entry_from_file(cache_dir, rel, key), False
+    return _entry(header, rel, data), True
 
 
 def _entry(header: dict, rel: str, data: bytes) -> ShardEntry:
@@ -48,7 +58,7 @@ def _entry(header: dict, rel: str, data: bytes) -> ShardEntry:
 
 
 def entry_from_file(cache_dir: str, rel: str, key: str) -> ShardEntry:
-    """Manifest entry of a committed shard file (after a crash between commit and manifest update)."""
+    """Index entry of a committed shard file (after a crash between commit and log, or written by another run)."""
     data = Store(cache_dir).read(rel)
     try:
         _, header = unpack(data)
@@ -91,20 +101,31 @@ class Shard:
 
 
 class Cache:
-    """An opened cache: the validated manifest plus verified shard reads."""
+    """An opened cache: its head (``manifest``), its compact index and verified shard reads."""
 
-    def __init__(self, cache_dir: str, manifest: Manifest):
-        self.dir, self.manifest, self._store = str(cache_dir), manifest, Store(cache_dir)
+    def __init__(self, cache_dir: str, manifest: Manifest, index: Index):
+        self.dir, self.manifest, self.index = str(cache_dir), manifest, index
+        self._store = Store(cache_dir)
+        self.where = self._store.url(f"{CACHES}/{manifest['id']}")
+        """Where the cache lives, for messages (credentials masked)."""
+        base, sep, query = self.dir.partition("?")
+        self.location = f"{base.rstrip('/')}/{CACHES}/{manifest['id']}{sep}{query}"
+        """Where the cache lives, as :func:`open_cache` takes it (credentials kept: not for messages)."""
 
     @property
     def totals(self) -> dict:
         return self.manifest["totals"]
 
-    def shards(self, split: str | None = None) -> list[ShardEntry]:
-        """Manifest entries (in corpus order) of ``split`` ("train"/"heldout"; None = all)."""
+    @property
+    def key(self) -> str | None:
+        return self.manifest.get("key")
+
+    def shards(self, split: str | None = None) -> ShardList:
+        """Entries of ``split`` ("train"/"heldout"; None = all) in shard-key order (a view: entries are built on
+        access)."""
         if split not in (None, "train", "heldout"):
             raise ValueError(f"split must be 'train', 'heldout' or None, got {split!r}")
-        return [e for e in self.manifest["shards"] if split is None or e["split"] == split]
+        return ShardList(self.index, self.index.rows(split))
 
     def read(self, entry: ShardEntry) -> Shard:
         """Read and verify one shard; :class:`CacheCorruptError` names the shard on any mismatch."""
@@ -112,13 +133,14 @@ class Cache:
         try:
             data = self._store.read(entry["file"])
         except FileNotFoundError:
-            raise CacheCorruptError(f"shard {name}: file {entry['file']} is missing from {self.dir}") from None
+            raise CacheCorruptError(f"shard {name}: file {entry['file']} is missing from {self._store.url()}") \
+                from None
         if hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise CacheCorruptError(f"shard {name}: sha256 mismatch in {entry['file']} (file corrupted; delete "
                                     "it and rerun `raydistill cache` to recompute it)")
         fields, header = unpack(data)
         if header["key"] != entry["key"]:
-            raise CacheCorruptError(f"shard {name}: file key {header['key']} != manifest key {entry['key']}")
+            raise CacheCorruptError(f"shard {name}: file key {header['key']} != index key {entry['key']}")
         held = {k: torch.from_numpy(fields.pop(k)).reshape(header["windows"], header["seq_len"])
                 for k in ("teacher_top1", "teacher_nll") if k in fields}
         tokens, m = fields.pop("tokens"), self.manifest
@@ -135,11 +157,79 @@ class Cache:
 
     def verify(self) -> list[str]:
         """Read every shard (checksums, keys, decode); returns the names checked, raises on the first bad one."""
+        names = []
         for e in self.shards():
             self.read(e)
-        return [e["name"] for e in self.shards()]
+            names.append(e["name"])
+        return names
 
 
-def open_cache(cache_dir: str) -> Cache:
-    """Load and validate ``<cache_dir>/manifest.json``."""
-    return Cache(cache_dir, read_manifest(cache_dir))
+def _split_location(where: str) -> tuple[str, str | None]:
+    """``(cache dir, cache id)`` of ``where``: a cache dir, or one cache's own ``<cache dir>/caches/<id>``."""
+    base, sep, query = str(where).partition("?")
+    parts = base.rstrip("/").rsplit("/", 2)
+    if len(parts) == 3 and parts[1] == CACHES:
+        return parts[0] + (sep + query if sep else ""), parts[2]
+    return str(where), None
+
+
+def open_cache(where: str, cid: str | None = None) -> Cache:
+    """Open a cache: ``where`` is a cache dir (with ``cid``, or holding exactly one cache) or ``<dir>/caches/<id>``.
+    :class:`CacheMissingError` says what is there instead and how to pick."""
+    root, found = _split_location(where)
+    cid = cid or found
+    store = Store(root)
+    if cid is None:
+        ids = list_cache_ids(store)
+        if len(ids) > 1:
+            raise CacheMismatchError(f"{store.url()} holds {len(ids)} caches ({', '.join(ids)}); open one by its "
+                                     f"config (the verbs do), or give {store.url(CACHES)}/<id>")
+        if not ids:
+            raise _missing(store)
+        cid = ids[0]
+    head = read_head(store, cid)
+    if head is None:
+        raise _missing(store, cid)
+    return Cache(root, head, _index(store, head))
+
+
+def _index(store: Store, head: Manifest) -> Index:
+    if not head.get("index"):
+        return Index(None)
+    try:
+        return Index(local_copy(store, head["index"], head["index_sha256"]))
+    except FileNotFoundError:
+        raise CacheCorruptError(f"cache {store.url(head['index'])}: the index file is missing; rerun "
+                                "`raydistill cache` to rebuild it (no shard is recomputed)") from None
+
+
+def _missing(store: Store, cid: str | None = None, closest: str = "") -> CacheMissingError:
+    if store.exists(LEGACY_MANIFEST):
+        return CacheMissingError(f"the cache at {store.url()} was written by an older raydistill (one "
+                                 f"{LEGACY_MANIFEST} per dir); rerun `raydistill cache`: its shard files are "
+                                 "adopted where their keys still match, not recomputed")
+    what = f"no teacher cache {cid} at {store.url()}" if cid else f"no teacher cache at {store.url()}"
+    return CacheMissingError(f"{what}{closest}; run `raydistill cache` (with this config) first")
+
+
+def find_cache(cache_dir: str, teacher, cache_cfg, corpus) -> Cache:
+    """The cache in ``cache_dir`` that this config's cache stage writes (:class:`CacheMissingError` naming the
+    closest other cache there and the field that differs)."""
+    store = Store(cache_dir)
+    wants = expected_heads(teacher, cache_cfg, corpus)
+    for want in wants:
+        head = read_head(store, want["id"])
+        if head is not None:
+            return Cache(cache_dir, head, _index(store, head))
+    others = []
+    for cid in list_cache_ids(store)[:20]:
+        head = read_head(store, cid)
+        if head is not None:
+            others.append((cid, difference(head, wants[0])))
+    closest = "".join(f"; cache {cid} there differs in {diff}" for cid, diff in others[:3] if diff)
+    raise _missing(store, wants[0]["id"], closest)
+
+
+def config_cache(cfg) -> Cache:
+    """The cache a :class:`~tasks.config.PipelineConfig`'s cache stage writes (``cache.dir``, this config's id)."""
+    return find_cache(cfg.cache_dir, cfg.teacher, cfg.cache, cfg.corpus)

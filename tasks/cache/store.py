@@ -1,75 +1,184 @@
-"""Bytes on disk for the cache: a tiny filesystem layer (local or object store) and the shard container.
+"""Bytes on disk for the cache: files under a local directory or an object store, written atomically, retried.
 
 Commit protocol (local): write ``.<name>.tmp-<host>-<pid>-<rand>`` in the target directory, fsync, then
-``os.link`` it to the final name — which fails if the name exists, so a committed file is never replaced;
-a second writer of the same shard simply adopts the first one's file. The manifest is replaced atomically
-(temp + fsync + ``os.replace``). Object stores (``s3://…``, via ``pyarrow.fs``): a PUT is atomic (an object
-is visible whole or not at all), so files are written directly; "create" checks existence first.
+``os.link`` it to the final name — which fails if the name exists, so a committed file is never replaced; a second
+writer of the same shard simply adopts the first one's file. Replacing (a cache's small head file) is temp + fsync +
+``os.replace``. S3 (``s3://[key:secret@]bucket/prefix?endpoint_override=…&region=…``, through boto3): a PUT is
+atomic (an object is visible whole or not at all); :meth:`Store.create` is a *conditional* PUT (``If-None-Match:
+*``), so of two writers racing for one name exactly one creates it, on AWS S3 and on S3-compatible servers that
+implement it (moto, MinIO). Listing is paged (1,000 names a request) and streamed: a listing never holds the whole
+directory. Other ``pyarrow.fs`` URIs (``gs://``, ``hdfs://``) work without the conditional create.
 
-Container: a safetensors file whose tensors are uint8 blobs (each array byte-shuffled then LZMA-compressed,
-or raw) and whose metadata holds the dtype/shape/codec of each array plus a JSON header. No pickle.
+Transient errors (a refused or dropped connection, a timeout, a 5xx or ``SlowDown`` answer) are retried with
+exponential backoff for up to ``retry_s`` seconds (default 60, env ``RAYDISTILL_STORE_RETRY_S``); then
+:class:`StoreUnavailableError` names the store without its credentials. A missing file, a refused precondition or
+access denied is never retried. ``Store.requests`` counts the requests sent, by kind (the benchmarks read it).
 """
 
 from __future__ import annotations
 
-import json
-import lzma
+import errno
 import os
 import socket
+import threading
 import time
 import uuid
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
+from urllib.parse import parse_qs, unquote, urlsplit
 
-import numpy as np
-from safetensors.numpy import save as st_save
+from raydistill.tasks.cache.container import pack, stored_sizes, unpack  # noqa: F401  (the container's old home)
+from raydistill.tasks.errors import DataError
 
 TEMP_MARK = ".tmp-"
 STALE_TEMP_S = 3600  # a temp file this old is abandoned even if we cannot tell whether its writer is alive
-_LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 6}]
+_LOCAL_TRANSIENT = {errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ESTALE, errno.EINTR}
+_S3_CLIENTS: dict[tuple, object] = {}
+_S3_LOCK = threading.Lock()
+PROCESS_REQUESTS: Counter = Counter()
+"""Requests every Store of this process sent, by kind, and ``shard_bytes_read`` (bytes read under ``shards/``):
+what a test or benchmark asserts a rerun did not do."""
+
+
+class StoreUnavailableError(DataError):
+    """The cache's store kept failing with transient errors for the whole retry budget; the message names the store
+    (credentials masked) and how to resume."""
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """One listed file: its name in the listed directory, size in bytes and modification time (seconds)."""
+
+    name: str
+    size: int
+    mtime: float
 
 
 class Store:
     """Files under a root that is a local directory or an object-store URI (``s3://bucket/prefix``)."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, retry_s: float | None = None):
         self.uri = str(root)
         self.remote = "://" in self.uri and not self.uri.startswith("file://")
-        if self.remote:
+        self.retry_s = float(os.environ.get("RAYDISTILL_STORE_RETRY_S", 60)) if retry_s is None else retry_s
+        self.requests: Counter = Counter()
+        self._s3, self.fs = None, None
+        if self.uri.startswith("s3://"):
+            self._s3, self.bucket, self.root = _s3_client(self.uri)
+        elif self.remote:
             import pyarrow.fs as pafs
 
-            uri = self.uri
-            if uri.startswith("s3://") and "allow_delayed_open" not in uri:
-                # delayed open lets Arrow send one PutObject for a small file instead of a multipart upload
-                # (simpler, and the only kind some S3-compatible stores, moto included, complete reliably)
-                uri += ("&" if "?" in uri else "?") + "allow_delayed_open=true"
-            self.fs, self.root = pafs.FileSystem.from_uri(uri)
+            self.fs, self.root = pafs.FileSystem.from_uri(self.uri)
             self.root = self.root.rstrip("/")
         else:
             self.root = self.uri.removeprefix("file://")
 
     def path(self, rel: str) -> str:
-        return f"{self.root}/{rel}"
+        return f"{self.root}/{rel}" if self.root else rel
 
-    def url(self, rel: str) -> str:
+    def url(self, rel: str = "") -> str:
         """``rel`` as a location a person can read (local path, or the URI without query or credentials)."""
         if not self.remote:
-            return self.path(rel)
+            return self.path(rel).rstrip("/")
         scheme, rest = self.uri.split("://", 1)
-        return f"{scheme}://{rest.split('?', 1)[0].rsplit('@', 1)[-1].rstrip('/')}/{rel}"
+        return f"{scheme}://{rest.split('?', 1)[0].rsplit('@', 1)[-1].rstrip('/')}/{rel}".rstrip("/")
+
+    # ------------------------------------------------------------------------------------------ retries
+
+    def _retry(self, what: str, rel: str, fn: Callable):
+        """``fn()``, retried on transient errors with backoff (0.25 s doubling to 8 s) for ``retry_s`` seconds."""
+        began, delay = time.monotonic(), 0.25
+        while True:
+            self.requests[what] += 1
+            PROCESS_REQUESTS[what] += 1
+            try:
+                return fn()
+            except Exception as e:  # noqa: BLE001 — classified below; anything not transient propagates
+                if not self._transient(e):
+                    raise
+                waited = time.monotonic() - began
+                if waited + delay > self.retry_s:
+                    raise StoreUnavailableError(
+                        f"store {self.url()} unavailable: {what} {rel!r} failed for {waited:.0f} s "
+                        f"({type(e).__name__}: {_first_line(e)}); committed shards are kept: rerun the same "
+                        f"command to resume once the store answers") from None
+                time.sleep(delay)
+                delay = min(delay * 2, 8.0)
+
+    def _transient(self, e: Exception) -> bool:
+        if isinstance(e, (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError)):
+            return False
+        if self._s3 is not None:
+            return _s3_transient(e)
+        if self.remote:
+            return isinstance(e, (OSError, ConnectionError, TimeoutError))
+        return isinstance(e, OSError) and e.errno in _LOCAL_TRANSIENT
+
+    # ------------------------------------------------------------------------------------------ operations
 
     def exists(self, rel: str) -> bool:
-        if not self.remote:
-            return os.path.exists(self.path(rel))
-        import pyarrow.fs as pafs
+        if self._s3 is not None:
+            return self._retry("head", rel, lambda: _s3_exists(self._s3, self.bucket, self.path(rel)))
+        if self.fs is not None:
+            import pyarrow.fs as pafs
 
-        return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
+            return self._retry("head", rel, lambda: self.fs.get_file_info(self.path(rel)).type
+                               != pafs.FileType.NotFound)
+        return os.path.exists(self.path(rel))
 
     def read(self, rel: str) -> bytes:
-        if not self.remote:
-            with open(self.path(rel), "rb") as f:
-                return f.read()
-        with self.fs.open_input_stream(self.path(rel)) as f:
-            return f.read()
+        data = self._read(rel)
+        if rel.startswith("shards/"):
+            PROCESS_REQUESTS["shard_bytes_read"] += len(data)
+        return data
+
+    def _read(self, rel: str) -> bytes:
+        if self._s3 is not None:
+            return self._retry("get", rel, lambda: _s3_get(self._s3, self.bucket, self.path(rel)))
+        if self.fs is not None:
+            def get():
+                with self.fs.open_input_stream(self.path(rel)) as f:
+                    return f.read()
+            return self._retry("get", rel, get)
+        return self._retry("get", rel, lambda: Path(self.path(rel)).read_bytes())
+
+    def replace(self, rel: str, data: bytes) -> None:
+        """Atomically write ``rel``, replacing any previous version (a cache's head file)."""
+        if self.remote:
+            return self._put(rel, data, only_new=False)
+        tmp = self._write_temp(rel, data)
+        os.replace(tmp, self.path(rel))
+        _fsync_dir(os.path.dirname(self.path(rel)))
+
+    def create(self, rel: str, data: bytes) -> bool:
+        """Atomically create ``rel`` unless it exists (then leave it alone); True if this call created it."""
+        if self.remote:
+            return self._put(rel, data, only_new=True)
+        tmp = self._retry("put", rel, lambda: self._write_temp(rel, data))
+        try:
+            os.link(tmp, self.path(rel))  # atomic and never overwrites: the first committed copy wins
+            created = True
+        except FileExistsError:
+            created = False
+        finally:
+            os.unlink(tmp)
+        _fsync_dir(os.path.dirname(self.path(rel)))
+        return created
+
+    def _put(self, rel: str, data: bytes, only_new: bool) -> bool:
+        if self._s3 is not None:
+            return self._retry("put", rel, lambda: _s3_put(self._s3, self.bucket, self.path(rel), data, only_new))
+        if only_new and self.exists(rel):  # pyarrow.fs has no conditional write: check, then write
+            return False
+
+        def put():
+            self.fs.create_dir(self.path(rel).rsplit("/", 1)[0], recursive=True)
+            with self.fs.open_output_stream(self.path(rel)) as f:
+                f.write(data)
+            return True
+        return self._retry("put", rel, put)
 
     def _write_temp(self, rel: str, data: bytes) -> str:
         final = Path(self.path(rel))
@@ -81,51 +190,42 @@ class Store:
             os.fsync(f.fileno())
         return str(tmp)
 
-    def _put(self, rel: str, data: bytes) -> None:
-        self.fs.create_dir(self.path(rel).rsplit("/", 1)[0], recursive=True)
-        with self.fs.open_output_stream(self.path(rel)) as f:
-            f.write(data)
+    def iter_files(self, rel: str) -> Iterator[FileInfo]:
+        """The files directly under ``rel`` (none if it does not exist), streamed: S3 pages of 1,000 names, a local
+        directory through ``os.scandir``. Not sorted."""
+        if self._s3 is not None:
+            yield from _s3_list(self, self.path(rel).rstrip("/") + "/")
+            return
+        if self.fs is not None:
+            import pyarrow.fs as pafs
 
-    def replace(self, rel: str, data: bytes) -> None:
-        """Atomically write ``rel``, replacing any previous version (the manifest)."""
-        if self.remote:
-            return self._put(rel, data)
-        tmp = self._write_temp(rel, data)
-        os.replace(tmp, self.path(rel))
-        _fsync_dir(os.path.dirname(self.path(rel)))
-
-    def create(self, rel: str, data: bytes) -> bool:
-        """Atomically create ``rel`` unless it exists (then leave it alone); True if this call created it."""
-        if self.remote:
-            if self.exists(rel):
-                return False
-            self._put(rel, data)
-            return True
-        tmp = self._write_temp(rel, data)
+            infos = self._retry("list", rel, lambda: self.fs.get_file_info(
+                pafs.FileSelector(self.path(rel), allow_not_found=True)))
+            for i in infos:
+                if i.type == pafs.FileType.File:
+                    yield FileInfo(i.base_name, i.size, i.mtime.timestamp() if i.mtime else 0.0)
+            return
+        self.requests["list"] += 1
+        PROCESS_REQUESTS["list"] += 1
         try:
-            os.link(tmp, self.path(rel))  # atomic and never overwrites: the first committed copy wins
-            created = True
-        except FileExistsError:
-            created = False
-        finally:
-            os.unlink(tmp)
-        _fsync_dir(os.path.dirname(self.path(rel)))
-        return created
+            with os.scandir(self.path(rel)) as it:
+                for d in it:
+                    if d.is_file(follow_symlinks=False):
+                        st = d.stat(follow_symlinks=False)
+                        yield FileInfo(d.name, st.st_size, st.st_mtime)
+        except FileNotFoundError:
+            return
 
     def listdir(self, rel: str) -> list[str]:
-        if not self.remote:
-            d = self.path(rel)
-            return sorted(os.listdir(d)) if os.path.isdir(d) else []
-        import pyarrow.fs as pafs
-
-        infos = self.fs.get_file_info(pafs.FileSelector(self.path(rel), allow_not_found=True))
-        return sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
+        """Sorted names of the files directly under ``rel`` (for small directories: it holds them all)."""
+        return sorted(i.name for i in self.iter_files(rel))
 
     def remove(self, rel: str) -> None:
-        if self.remote:
-            self.fs.delete_file(self.path(rel))
-        else:
-            os.unlink(self.path(rel))
+        if self._s3 is not None:
+            return self._retry("delete", rel, lambda: self._s3.delete_object(Bucket=self.bucket, Key=self.path(rel)))
+        if self.fs is not None:
+            return self._retry("delete", rel, lambda: self.fs.delete_file(self.path(rel)))
+        os.unlink(self.path(rel))
 
     def clean_temps(self, rel_dirs: tuple[str, ...]) -> list[str]:
         """Delete temp files left by crashed writers (dead pid on this host, or older than an hour)."""
@@ -133,17 +233,21 @@ class Store:
             return []
         removed = []
         for rel in rel_dirs:
-            for name in self.listdir(rel):
-                if TEMP_MARK not in name or not name.startswith("."):
+            for info in self.iter_files(rel):
+                if TEMP_MARK not in info.name or not info.name.startswith("."):
                     continue
-                path = os.path.join(self.path(rel), name)
-                if _abandoned(name, path):
+                path = os.path.join(self.path(rel), info.name)
+                if _abandoned(info.name, path):
                     try:
                         os.unlink(path)
-                        removed.append(name)
+                        removed.append(info.name)
                     except FileNotFoundError:
                         pass
-        return removed
+        return sorted(removed)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [""])[0][:300]
 
 
 def _fsync_dir(path: str) -> None:
@@ -172,64 +276,91 @@ def _abandoned(name: str, path: str) -> bool:
         return False
 
 
-# ----------------------------------------------------------------------------------------------------------
-# container
-# ----------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------- S3
 
-def _shuffle(arr: np.ndarray) -> bytes:
-    """Byte planes (all first bytes, then all second bytes, …): high bytes of small ints compress to ~nothing."""
-    b = np.ascontiguousarray(arr).view(np.uint8).reshape(-1, arr.dtype.itemsize)
-    return b.T.tobytes()
+def _s3_client(uri: str):
+    """``(client, bucket, key prefix)`` for an ``s3://`` URI in pyarrow's form (credentials in the user info or the
+    environment; ``endpoint_override``, ``region``, ``scheme`` query parameters). One client per endpoint and
+    credentials, shared by every Store of the process (boto3 clients are thread-safe)."""
+    import boto3
+    from botocore.config import Config
 
-
-def _unshuffle(data: bytes, dtype: np.dtype, shape: tuple) -> np.ndarray:
-    planes = np.frombuffer(data, dtype=np.uint8).reshape(dtype.itemsize, -1)
-    return np.ascontiguousarray(planes.T).view(dtype).reshape(shape)
-
-
-def pack(fields: dict[str, np.ndarray], header: dict, raw: tuple[str, ...] = ()) -> bytes:
-    """Arrays + JSON header → one safetensors file's bytes. Arrays named in ``raw`` are stored uncompressed."""
-    blobs, layout = {}, {}
-    for name, arr in fields.items():
-        arr = np.asarray(arr)
-        dtype = arr.dtype.newbyteorder("<") if arr.dtype.itemsize > 1 else arr.dtype
-        arr = arr.astype(dtype, copy=False)
-        if name in raw:
-            blob, codec = np.ascontiguousarray(arr).tobytes(), "raw"
-        else:
-            blob = lzma.compress(_shuffle(arr), format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
-            codec = "shuffle+lzma"
-        blobs[name] = np.frombuffer(blob, dtype=np.uint8)
-        layout[name] = {"dtype": dtype.str, "shape": list(arr.shape), "codec": codec}
-    meta = {"raydistill": json.dumps({"header": header, "layout": layout}, sort_keys=True, separators=(",", ":"))}
-    return st_save(blobs, metadata=meta)
+    parts = urlsplit(uri)
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    endpoint = query.get("endpoint_override")
+    if endpoint and "://" not in endpoint:
+        endpoint = f"{query.get('scheme', 'https')}://{endpoint}"
+    key = unquote(parts.username) if parts.username else None
+    secret = unquote(parts.password) if parts.password else None
+    ident = (endpoint, query.get("region"), key, secret)
+    with _S3_LOCK:
+        if ident not in _S3_CLIENTS:
+            _S3_CLIENTS[ident] = boto3.session.Session().client(
+                "s3", endpoint_url=endpoint, region_name=query.get("region"), aws_access_key_id=key,
+                aws_secret_access_key=secret,
+                config=Config(retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=5, read_timeout=60))
+    return _S3_CLIENTS[ident], parts.hostname, parts.path.strip("/")
 
 
-def unpack(data: bytes) -> tuple[dict[str, np.ndarray], dict]:
-    """Inverse of :func:`pack`; raises ValueError on a malformed file."""
-    if len(data) < 8:
-        raise ValueError("truncated file")
-    n = int.from_bytes(data[:8], "little")
-    st_header = json.loads(data[8: 8 + n])
-    info = json.loads(st_header["__metadata__"]["raydistill"])
-    body = memoryview(data)[8 + n:]
-    fields = {}
-    for name, spec in info["layout"].items():
-        begin, end = st_header[name]["data_offsets"]
-        blob = bytes(body[begin:end])
-        dtype, shape = np.dtype(spec["dtype"]), tuple(spec["shape"])
-        if spec["codec"] == "raw":
-            fields[name] = np.frombuffer(bytearray(blob), dtype=dtype).reshape(shape)  # writable for torch
-        else:
-            raw = lzma.decompress(blob, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
-            fields[name] = _unshuffle(raw, dtype, shape)
-    return fields, info["header"]
+def _s3_status(e: Exception) -> tuple[int, str]:
+    response = getattr(e, "response", None) or {}
+    return (int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0),
+            str(response.get("Error", {}).get("Code", "")))
 
 
-def stored_sizes(data: bytes) -> dict[str, int]:
-    """Bytes each array takes in a file written by :func:`pack` (``"(header)"``: the safetensors/JSON header)."""
-    n = int.from_bytes(data[:8], "little")
-    st_header = json.loads(data[8: 8 + n])
-    sizes = {name: spec["data_offsets"][1] - spec["data_offsets"][0] for name, spec in st_header.items()
-             if name != "__metadata__"}
-    return {"(header)": 8 + n, **sizes}
+def _s3_transient(e: Exception) -> bool:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    if isinstance(e, ClientError):
+        status, code = _s3_status(e)
+        return status >= 500 or code in ("SlowDown", "RequestTimeout", "Throttling", "InternalError")
+    return isinstance(e, (BotoCoreError, ConnectionError, TimeoutError))
+
+
+def _s3_exists(client, bucket: str, key: str) -> bool:
+    from botocore.exceptions import ClientError
+
+    try:
+        client.head_object(Bucket=bucket, Key=key)
+        return True
+    except ClientError as e:
+        if _s3_status(e)[0] == 404:
+            return False
+        raise
+
+
+def _s3_get(client, bucket: str, key: str) -> bytes:
+    from botocore.exceptions import ClientError
+
+    try:
+        return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except ClientError as e:
+        if _s3_status(e)[1] in ("NoSuchKey", "404") or _s3_status(e)[0] == 404:
+            raise FileNotFoundError(key) from None
+        raise
+
+
+def _s3_put(client, bucket: str, key: str, data: bytes, only_new: bool) -> bool:
+    from botocore.exceptions import ClientError
+
+    try:
+        client.put_object(Bucket=bucket, Key=key, Body=data, **({"IfNoneMatch": "*"} if only_new else {}))
+        return True
+    except ClientError as e:
+        status, code = _s3_status(e)
+        if only_new and (status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict")):
+            return False  # another writer created it first (409: a concurrent conditional write is in flight)
+        raise
+
+
+def _s3_list(store: Store, prefix: str) -> Iterator[FileInfo]:
+    token = None
+    while True:
+        kwargs = {"Bucket": store.bucket, "Prefix": prefix, "Delimiter": "/", "MaxKeys": 1000,
+                  **({"ContinuationToken": token} if token else {})}
+        page = store._retry("list", prefix, lambda: store._s3.list_objects_v2(**kwargs))
+        for obj in page.get("Contents", []):
+            yield FileInfo(obj["Key"][len(prefix):], int(obj["Size"]), obj["LastModified"].timestamp())
+        token = page.get("NextContinuationToken")
+        if not page.get("IsTruncated") or not token:
+            return

@@ -9,12 +9,16 @@ import signal
 import threading
 import time
 
+import numpy as np
 import pytest
 import ray
+from tqdm import tqdm
 
 from raydistill.tasks.config import load_config
 from raydistill.tasks.cache.manifest import check_compatible, shard_file
-from raydistill.tasks.cache.shards import open_cache
+from raydistill.tasks.cache.resume import KnownEntries
+from raydistill.tasks.cache.store import Store
+from raydistill.tasks.cache.shards import config_cache, open_cache
 from raydistill.tasks.errors import DataError
 from raydistill.workflows import cache
 from raydistill.workflows.stage import read as read_stage
@@ -24,7 +28,7 @@ pytestmark = pytest.mark.integration
 
 def test_tiny_cache_then_rerun_performs_no_teacher_forward(tiny_cached):
     cfg = tiny_cached
-    c = open_cache(cfg.cache_dir)
+    c = config_cache(cfg)
     assert len(c.shards()) >= 3 and c.shards("heldout") and c.manifest["complete"]
     assert sorted(c.verify()) == sorted(e["name"] for e in c.shards())
     check_compatible(c, cfg.teacher, cfg.cache, cfg.corpus)
@@ -50,11 +54,9 @@ def _actor_pid(deadline: float) -> tuple[int, str]:
     raise TimeoutError("no cache actor appeared")
 
 
-def _manifest_shards(cfg) -> int:
-    try:
-        return len(open_cache(cfg.cache_dir).shards())
-    except (FileNotFoundError, ValueError):
-        return 0
+def _committed_shards(cfg) -> int:
+    d = os.path.join(cfg.cache_dir, "shards")
+    return len([n for n in os.listdir(d) if n.endswith(".st") and not n.startswith(".")]) if os.path.isdir(d) else 0
 
 
 def test_killed_actor_process_is_replaced_its_shard_requeued_and_every_shard_verifies(tmp_path, ray_cluster):
@@ -72,9 +74,9 @@ def test_killed_actor_process_is_replaced_its_shard_requeued_and_every_shard_ver
     thread = threading.Thread(target=drive)
     thread.start()
     pid, name = _actor_pid(time.time() + 120)
-    while _manifest_shards(cfg) < 2 and thread.is_alive():
+    while _committed_shards(cfg) < 2 and thread.is_alive():
         time.sleep(0.05)
-    done_before_kill = _manifest_shards(cfg)
+    done_before_kill = _committed_shards(cfg)
     assert thread.is_alive() and done_before_kill < 40, "the run finished before the actor could be killed"
     os.kill(pid, signal.SIGKILL)  # really kill the process, mid-run
     thread.join(timeout=300)
@@ -83,7 +85,7 @@ def test_killed_actor_process_is_replaced_its_shard_requeued_and_every_shard_ver
     # the driver replaced the lost actor and computed its in-flight shard again (recorded in the stage record)
     assert result["actors_replaced"] >= 1 and result["shards_requeued"] >= 1
     assert read_stage(cfg, "cache")["outputs"]["actors_replaced"] == result["actors_replaced"]
-    c = open_cache(cfg.cache_dir)
+    c = config_cache(cfg)
     assert len(c.verify()) == 40 and c.manifest["complete"]
 
     # a corrupted shard: inspect fails naming it; the next run recomputes exactly that shard
@@ -92,25 +94,36 @@ def test_killed_actor_process_is_replaced_its_shard_requeued_and_every_shard_ver
     data = bytearray(open(path, "rb").read())
     data[-7] ^= 0xFF
     open(path, "wb").write(bytes(data))
+    cache.run(cfg, "inspect")  # without --verify inspect reads no shard: every file is listed
     with pytest.raises(DataError, match=entry["name"]):
-        cache.run(cfg, "inspect")
+        cache.run(dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, verify=True)), "inspect")
+    os.unlink(path)  # what the error says to do: delete it and rerun
     again = cache.run(cfg, None)
     assert again["shards_computed"] == 1 and again["teacher_forwards"] == 1
-    assert len(open_cache(cfg.cache_dir).verify()) == 40
+    assert len(config_cache(cfg).verify()) == 40
 
 
 def test_an_exception_in_the_teacher_code_fails_the_cache_at_once_and_is_not_retried(tmp_path, ray_cluster, capsys):
     """Not infrastructure: a shard whose token ids the teacher's embedding cannot look up raises IndexError in
     the actor; the driver re-raises it (no replacement actor, no re-queued shard), not a lost-actor error."""
-    cfg = load_config("tiny", [f"run_dir={tmp_path / 'run'}", "corpus.max_tokens=1024"])
-    manifest, keyed = cache.plan(cfg)
-    (spec, key), rest = keyed[0], keyed[1:]
-    bad = dataclasses.replace(spec, tokens=spec.tokens + 10**6)  # ids far beyond the vocabulary
-    with pytest.raises(IndexError, match="index out of range"):
-        cache._compute(cfg, [(bad, key), *rest], manifest)
+    cfg = load_config("tiny", [f"run_dir={tmp_path / 'run'}"])
+    run = cache._Run(cfg, cache._head(cfg, "cpu"), Store(cfg.cache_dir), KnownEntries([]), np.zeros(0, np.uint64),
+                     "cpu")
+    pool = cache._Pool(cfg, "cpu")
+    L1 = cfg.corpus.seq_len + 1
+    tokens = ray.put([np.full((2, L1), 10 ** 6, np.int32), np.ones((2, L1), np.int32)])  # ids beyond the vocab
+    run.queue.extend([("train-bad-00000", "train", "a" * 64, tokens, 0), ("train-ok-00000", "train", "b" * 64,
+                                                                           tokens, 1)])
+    pool.grow(len(run.queue))
+    try:
+        with pytest.raises(IndexError, match="index out of range"):
+            while run.queue or run.pending:
+                cache._step(run, pool, tqdm(disable=True))
+    finally:
+        pool.close()
     out = capsys.readouterr().out
-    assert "lost a teacher actor" not in out and "replaced" not in out
-    assert not os.path.exists(os.path.join(cfg.cache_dir, shard_file(spec.name, key)))  # nothing committed of it
+    assert "lost a teacher actor" not in out and "replaced" not in out and run.out["shards_requeued"] == 0
+    assert not os.path.exists(os.path.join(cfg.cache_dir, shard_file("train-bad-00000", "a" * 64)))
 
 
 def test_object_store_cache_on_a_local_s3_server(tmp_path, ray_cluster):
@@ -134,6 +147,8 @@ def test_object_store_cache_on_a_local_s3_server(tmp_path, ray_cluster):
         c = open_cache(uri)
         assert len(c.verify()) == first["shards_total"]
         check_compatible(c, cfg.teacher, cfg.cache, cfg.corpus)
-        assert read_stage(cfg, "cache")["paths"] == ["s3://rd-cache/tiny/manifest.json"]
+        assert read_stage(cfg, "cache")["paths"] == [f"s3://rd-cache/tiny/caches/{first['cache_id']}/head.json"]
+        # the rerun read the head (and at most the index): one listing, no shard byte
+        assert again["store_requests"].get("get", 0) <= 2 and again["store_requests"]["list"] == 1
     finally:
         server.stop()

@@ -49,7 +49,7 @@ def _shard_keys(cfg, *split: str) -> set[str]:
 
 
 def _planned_new(cfg, new_files) -> int:
-    from raydistill.tasks.corpus import build_shards
+    from raydistill.tasks.plan import build_shards
     from raydistill.tasks.teacher import load_tokenizer
 
     return sum(s.doc_id in new_files for s in build_shards(cfg.corpus, load_tokenizer(cfg.teacher)))

@@ -95,3 +95,20 @@ def test_no_system_exit_outside_the_cli_entry_point():
     offenders = [str(p.relative_to(ROOT)) for top in ("tasks", "workflows", "cluster", "raydistill")
                  for p in (ROOT / top).rglob("*.py") if p not in allowed and pattern.search(p.read_text())]
     assert offenders == []
+
+
+def test_a_failing_command_never_prints_a_planted_credential(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("RAYDISTILL_PLANTED_TOKEN", "env-secret-31337")
+    uri = "s3://AKIAPLANTED:planted-secret-77@bucket/p?endpoint_override=http://127.0.0.1:9&region=us-east-1"
+    code = cli.main(["cache", "inspect", "--config", "tiny", f"run_dir={tmp_path}", f"cache.dir={uri}",
+                     "cluster.store_retry_s=1", "registry.experiment=env-secret-31337"])
+    err = capsys.readouterr().err
+    assert code == 1 and "raydistill cache: store s3://bucket/p unavailable" in err and "rerun" in err
+    assert "planted-secret-77" not in err and "AKIAPLANTED" not in err and "env-secret-31337" not in err
+
+
+def test_a_verb_flag_is_a_documented_shorthand_for_its_config_field(capsys, tmp_path):
+    assert cli.main(["cache", "gc", "--dry-run", "--config", "tiny", f"run_dir={tmp_path}"]) == 0
+    assert "would remove 0 file(s)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--dry-run", "--config", "tiny"])  # only the verb that declares it takes it

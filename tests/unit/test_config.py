@@ -132,10 +132,12 @@ def test_no_preset_repeats_a_default(preset):
     assert repeated == [], f"{preset}.yaml repeats the defaults of {repeated}: delete those lines"
 
 
-def test_the_default_preset_is_the_defaults_with_its_own_names():
+def test_the_default_preset_is_the_defaults_with_its_own_names_and_the_demo_s_corpus_cap():
     cfg, defaults = load_config(), PipelineConfig()
     assert (cfg.run_dir, cfg.registry.model_name) == ("runs/smollm2-shakespeare", "smollm2-shakespeare-student")
+    assert defaults.corpus.max_tokens is None and cfg.corpus.max_tokens == 32_768  # the whole corpus by default
     cfg.run_dir, cfg.registry.model_name = defaults.run_dir, defaults.registry.model_name
+    cfg.corpus.max_tokens = defaults.corpus.max_tokens
     assert cfg == defaults
 
 

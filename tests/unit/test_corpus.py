@@ -1,4 +1,4 @@
-"""tasks.corpus: reading, packing, splitting and sharding (no Ray)."""
+"""tasks.corpus and tasks.plan: reading, packing, splitting and sharding (no Ray)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from raydistill.tasks.config import CorpusConfig
-from raydistill.tasks.corpus import CorpusError, build_shards, content_hash, is_heldout, read_documents, token_stream
+from raydistill.tasks.corpus import (CorpusError, content_hash, is_heldout, list_files, read_documents, streams,
+                                     token_chunks)
+from raydistill.tasks.plan import build_shards, heldout_threshold
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven wise owls sing softly under pale moons".split()
 
@@ -27,8 +29,15 @@ def _write_docs(root, docs: dict[str, str]):
 
 
 def _cfg(path, **kw) -> CorpusConfig:
-    base = dict(path=str(path), seq_len=16, max_tokens=None, heldout_fraction=0.25, windows_per_shard=4)
+    base = dict(path=str(path), seq_len=16, max_tokens=None, heldout_fraction=0.25, windows_per_shard=4,
+                heldout_max_tokens=None)
     return CorpusConfig(**{**base, **kw})
+
+
+def _stream_tokens(cfg, tokenizer):
+    """Every stream's tokens, concatenated per stream, in corpus order."""
+    return [np.concatenate(list(token_chunks(s, cfg, tokenizer))) for f in list_files(cfg)
+            for s in streams(f, cfg.segment_bytes)]
 
 
 def test_sharding_is_deterministic(tmp_path, tiny_tokenizer):
@@ -43,23 +52,35 @@ def test_sharding_is_deterministic(tmp_path, tiny_tokenizer):
 
 
 @pytest.mark.filterwarnings("ignore:corpus. no heldout windows")
-def test_windows_overlap_by_one_and_cover_the_stream(tmp_path, tiny_tokenizer):
+def test_windows_overlap_by_one_and_cover_the_stream_across_its_documents(tmp_path, tiny_tokenizer):
     # one file holding two documents is one stream (a directory packs one stream per file: the next test)
     jl = tmp_path / "c.jsonl"
     jl.write_text("\n".join(json.dumps({"text": t}) for t in (_text(0), _text(1))) + "\n")
-    cfg = _cfg(jl, heldout_fraction=1e-12, windows_per_shard=1000)  # everything in train, one shard/doc
+    cfg = _cfg(jl, heldout_fraction=1e-12, windows_per_shard=1000)  # everything in train, one shard
     shards = build_shards(cfg, tiny_tokenizer)
-    windows = np.concatenate([s.tokens for s in shards])
-    stream, bounds = token_stream(cfg, tiny_tokenizer, None)
+    assert len(shards) == 1  # windows cross the document boundary: no per-document shards
+    windows = shards[0].tokens
+    (stream,) = _stream_tokens(cfg, tiny_tokenizer)
     L = cfg.seq_len
     assert np.array_equal(windows[:-1, -1], windows[1:, 0])  # consecutive windows share one token
     rebuilt = np.concatenate([windows[0], *[w[1:] for w in windows[1:]]])
     assert np.array_equal(rebuilt, stream[: len(windows) * L + 1])
     assert len(windows) == (len(stream) - 1) // L  # only the incomplete last window is dropped
     eos = tiny_tokenizer.eos_token_id
-    assert stream[bounds[0][1] - 1] == eos and stream[-1] == eos  # EOS closes every document
     ids = tiny_tokenizer(_text(0), add_special_tokens=False)["input_ids"]
-    assert stream[: len(ids)].tolist() == ids
+    assert stream[: len(ids)].tolist() == ids and stream[len(ids)] == eos  # EOS closes every document
+    assert stream[-1] == eos
+
+
+def test_a_jsonl_of_short_records_packs_full_shards_not_one_window_per_record(tmp_path, tiny_tokenizer):
+    jl = tmp_path / "short.jsonl"
+    jl.write_text("".join(json.dumps({"text": _text(i, 12)}) + "\n" for i in range(400)))
+    cfg = _cfg(jl, heldout_fraction=0.1)
+    shards = build_shards(cfg, tiny_tokenizer)
+    windows = sum(s.tokens.shape[0] for s in shards)
+    full = [s for s in shards if s.tokens.shape[0] == cfg.windows_per_shard]
+    assert len(shards) <= windows / cfg.windows_per_shard + 2  # only each split's last shard may be short
+    assert len(full) >= len(shards) - 2
 
 
 @pytest.mark.filterwarnings("ignore:corpus. no heldout windows")
@@ -107,7 +128,7 @@ def test_a_file_shorter_than_a_window_is_named_in_a_warning(tmp_path, tiny_token
     with pytest.warns(UserWarning, match=r"1 file\(s\) shorter than one window \(17 tokens\).*'tiny.txt'"):
         shards = build_shards(_cfg(tmp_path), tiny_tokenizer)
     assert {s.doc_id for s in shards} == {"a.txt"}
-    with pytest.raises(CorpusError, match="too few for one window of 17"):
+    with pytest.raises(CorpusError, match="no stream has 17 tokens for one window"):
         build_shards(_cfg(tmp_path / "tiny.txt"), tiny_tokenizer)
 
 
@@ -124,6 +145,47 @@ def test_split_is_stable_and_near_the_fraction(tmp_path, tiny_tokenizer):
     assert 0.03 < len(held(small)) / n < 0.2
     w = small[0].tokens[0]
     assert is_heldout(w, 0.1) == is_heldout(w.copy(), 0.1)
+
+
+def test_growing_a_file_changes_at_most_its_last_shard_of_each_split(tmp_path, tiny_tokenizer):
+    _write_docs(tmp_path, {"a.txt": "\n".join(_text(i, 40) for i in range(30)) + "\n"})
+    before = build_shards(_cfg(tmp_path), tiny_tokenizer)
+    with open(tmp_path / "a.txt", "a") as f:
+        f.write("\n".join(_text(100 + i, 40) for i in range(10)) + "\n")
+    after = {s.name: s.content_hash for s in build_shards(_cfg(tmp_path), tiny_tokenizer)}
+    changed = [s for s in before if after.get(s.name) != s.content_hash]
+    assert len(changed) <= 2 and len({s.split for s in changed}) == len(changed)  # ≤ 1 per split
+    last = {split: max(s.name for s in before if s.split == split) for split in ("train", "heldout")}
+    assert all(s.name == last[s.split] for s in changed)
+
+
+def test_a_file_over_the_segment_size_is_several_streams_and_appending_touches_only_the_last(tmp_path,
+                                                                                            tiny_tokenizer):
+    lines = [_text(i, 30) + "\n" for i in range(60)]
+    path = tmp_path / "big.txt"
+    path.write_text("".join(lines))
+    cfg = _cfg(tmp_path, segment_bytes=2000)
+    segs = list(streams(list_files(cfg)[0], cfg.segment_bytes))
+    assert len(segs) > 3 and segs[0].start == 0 and segs[-1].end == path.stat().st_size and segs[-1].last
+    assert all(a.end == b.start for a, b in zip(segs, segs[1:]))  # contiguous, each cut after a newline
+    data = path.read_bytes()
+    assert all(data[s.end - 1: s.end] == b"\n" for s in segs)
+    before = {s.name: s.content_hash for s in build_shards(cfg, tiny_tokenizer)}
+    with open(path, "a") as f:
+        f.write(_text(99, 30) + "\n")
+    after = build_shards(cfg, tiny_tokenizer)
+    moved = {s.doc_id for s in after if before.get(s.name) != s.content_hash}
+    assert moved <= {segs[-1].id, f"big.txt@{len(segs)}"}  # the last segment (or a new one after it)
+
+
+def test_the_held_out_threshold_halves_in_powers_of_two_to_respect_the_cap():
+    cfg = CorpusConfig(heldout_fraction=0.1, heldout_max_tokens=1_000_000)
+    assert heldout_threshold(cfg, 5_000_000) == 0.1  # 500k held out: under the cap
+    assert heldout_threshold(cfg, 10 ** 9) == 2.0 ** -10  # 10⁹ × 2⁻¹⁰ ≈ 977k ≤ 1M
+    assert heldout_threshold(cfg, 10 ** 10) == 2.0 ** -14
+    assert heldout_threshold(CorpusConfig(heldout_max_tokens=None), 10 ** 12) == 0.1
+    # grown 4×: the threshold halves twice, so the new held-out windows are a subset of the old ones
+    assert heldout_threshold(cfg, 4 * 10 ** 9) == heldout_threshold(cfg, 10 ** 9) / 4
 
 
 def test_appending_a_document_only_adds_shards(tmp_path, tiny_tokenizer):

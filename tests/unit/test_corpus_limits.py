@@ -44,7 +44,7 @@ def test_a_50mb_line_is_refused_naming_the_file_line_key_and_fix(big_files, name
 
 def test_a_50mb_record_within_a_raised_limit_is_read_whole(big_files):
     docs = list(read_documents(_cfg(big_files / "long.jsonl", max_record_bytes=64_000_000)))
-    assert [(d, len(t)) for d, t in docs] == [("line-00000001", 5), ("line-00000003", BIG)]
+    assert [(d, len(t)) for d, t in docs] == [("long.jsonl#0", 5), ("long.jsonl#1", BIG)]
 
 
 def test_a_directory_with_a_50mb_line_names_the_file_inside_it(big_files, tmp_path):

@@ -107,3 +107,37 @@ def test_heldout_shards_are_split_between_ranks(cache):
     names = [[s.name for s in heldout_shards(cache, rank=r, world_size=2)] for r in range(2)]
     assert names == [["s5"], ["s6"]]
     assert all(s.teacher_top1 is not None for s in heldout_shards(cache))
+
+
+def test_prefetch_yields_in_order_ahead_of_the_consumer_and_raises_where_the_failure_was():
+    from raydistill.tasks.data import Prefetch
+
+    seen = []
+
+    def read(i):
+        seen.append(i)
+        if i == 5:
+            raise OSError("shard 5 unreadable")
+        return i * 10
+
+    it = iter(Prefetch(range(8), read, depth=2))
+    assert [next(it) for _ in range(3)] == [0, 10, 20]
+    with pytest.raises(OSError, match="shard 5"):
+        list(it)
+    assert seen == [0, 1, 2, 3, 4, 5]  # read ahead, never past the failure
+
+
+def test_epoch_order_is_the_same_for_a_list_and_an_index_view_of_the_shards(cache):
+    view = cache.shards("train")
+    as_list = list(view)
+    for epoch in range(2):
+        assert list(epoch_shards(view, epoch, 1, 2, seed=4)) == epoch_shards(as_list, epoch, 1, 2, seed=4)
+
+
+def test_a_capped_heldout_read_stops_at_the_shards_that_cover_the_cap(cache):
+    from raydistill.tasks.data import HeldoutSet, heldout_entries
+
+    assert len(heldout_entries(cache, None)) == 2 and len(heldout_entries(cache, 1)) == 1
+    assert len(heldout_entries(cache, W)) == 1 and len(heldout_entries(cache, W + 1)) == 2
+    capped = HeldoutSet(cache, 2)
+    assert [s.name for s in capped] == [s.name for s in capped] == [heldout_entries(cache, 2)[0]["name"]]

@@ -142,10 +142,10 @@ def test_train_and_tune_keys_follow_the_cache_content_even_when_the_cache_record
     """The bug of issue 13: new corpus files changed the cache, yet train was skipped and the old student was
     registered again. The key reads the cache's manifest itself (a cache dir grown by another run, a record
     that was not rewritten), and a retrained student changes everything downstream."""
-    from raydistill.tasks.cache.manifest import add_entry, cache_key, new_manifest, write_manifest
+    from raydistill.tasks.cache.manifest import add_entry, cache_key, expected_heads, write_manifest
 
     cfg = load_config("tiny", [f"run_dir={tmp_path}"])
-    manifest = new_manifest({"kind": "tiny"}, "tok", cfg.cache, cfg.corpus)
+    manifest = expected_heads(cfg.teacher, cfg.cache, cfg.corpus)[0]  # the head the cache stage writes
     add_entry(manifest, _shard_entry("train-a-00000", "a" * 64))
     write_manifest(cfg.cache_dir, manifest)
     stage.record(cfg, "cache", cache_key(manifest), {})

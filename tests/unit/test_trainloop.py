@@ -175,3 +175,14 @@ def test_resume_from_a_position_continues_identically_heads_included():
     assert all(torch.allclose(fresh.state_dict()[k], v, atol=1e-6) for k, v in final.items())
     no_moments, _ = resumed(False)  # weights without the AdamW moments: the next steps differ
     assert not all(torch.allclose(no_moments.state_dict()[k], v, atol=1e-6) for k, v in final.items())
+
+
+def test_the_default_evaluation_costs_about_a_tenth_of_the_training_between_two_reports():
+    from raydistill.tasks.config import TrainConfig
+    from raydistill.tasks.trainloop import eval_window_budget
+
+    tc = TrainConfig(micro_batch_size=4, grad_accum=2, eval_every=50)
+    # 50 steps × 4 × 2 × 8 workers = 3,200 windows trained (≈ 9,600 forward-equivalents); 10 % of that: 960
+    assert eval_window_budget(tc, 8) == 960
+    assert eval_window_budget(TrainConfig(micro_batch_size=2, eval_every=1), 2) == 4  # one micro-batch per worker
+    assert eval_window_budget(TrainConfig(eval_windows=7), 8) == 7

@@ -56,7 +56,7 @@ def make_cache(tmp_path, fmt="sampled", split="heldout", temperature=1.0, **cach
     add_entry(manifest, entry)
     manifest["complete"] = True
     write_manifest(str(tmp_path), manifest)
-    return open_cache(str(tmp_path)), tokens, teacher, cache_cfg, corpus
+    return open_cache(str(tmp_path), manifest["id"]), tokens, teacher, cache_cfg, corpus
 
 
 def as_dense(sparse, vocab=V):

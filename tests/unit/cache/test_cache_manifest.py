@@ -10,6 +10,7 @@ import pytest
 from cachefakes import L, make_cache
 from raydistill.tasks.cache import manifest
 from raydistill.tasks.cache.formats import full, sampled, topk
+from raydistill.tasks.cache.index import multiset_key
 from raydistill.tasks.cache.manifest import (FORMAT_VERSION, CacheCorruptError, CacheMismatchError, CacheMissingError,
                                              cache_key, check_compatible, new_manifest, shard_key, write_manifest)
 from raydistill.tasks.cache.shards import open_cache
@@ -32,12 +33,15 @@ def test_shard_keys_did_not_change_with_the_move_to_typed_parameters(params, key
     assert shard_key(IDENT, "t", "c", params, 1.0) == key
 
 
-def test_the_cache_key_hashes_the_shard_keys_in_corpus_order(tmp_path):
+def test_the_cache_key_is_an_order_free_hash_of_the_shard_keys(tmp_path):
     assert cache_key({"shards": []}) is None and cache_key({}) is None
     cache, *_ = make_cache(tmp_path)
     (entry,) = cache.shards()
-    assert cache_key(cache.manifest) == hashlib.sha256(entry["key"].encode()).hexdigest()
-    assert cache_key({"shards": [{"key": "a"}, {"key": "b"}]}) != cache_key({"shards": [{"key": "b"}, {"key": "a"}]})
+    assert cache_key(cache.manifest) == cache.key == multiset_key([entry["key"]])
+    keys = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(5)]
+    assert multiset_key(keys) == multiset_key(keys[::-1]) == cache_key({"shards": [{"key": k} for k in keys]})
+    assert multiset_key(keys) != multiset_key(keys[:4]) != multiset_key(keys[:4] + [keys[0]])
+    assert multiset_key(keys[1:]) != multiset_key(keys[:4])
 
 
 def test_shard_keys_are_stable_and_cover_every_field(monkeypatch):
@@ -85,25 +89,34 @@ def test_mismatch_names_the_field(tmp_path, tiny_tokenizer):
     with pytest.raises(CacheMismatchError, match="tokenizer"):
         check_compatible(cache, teacher, cache_cfg, corpus)
     cache.manifest.update(tokenizer_hash=tokenizer_hash(tiny_tokenizer), format="topk", params={"top_k": 4})
-    with pytest.raises(CacheMismatchError, match="top_k is 4"):
+    with pytest.raises(CacheMismatchError, match=r"top_k \(cache: 4, config: 8\)"):
         check_compatible(cache, teacher, CacheConfig(format="topk", top_k=8), corpus)
-    cache.manifest.update(format="sampled", params={"num_samples": 50, "seed": 0}, complete=False)
+    cache.manifest.update(format="sampled", params=written["params"], complete=False)
     with pytest.raises(CacheMismatchError, match="incomplete"):
         check_compatible(cache, teacher, cache_cfg, corpus)
 
 
 def test_caches_of_another_format_version_are_refused(tmp_path):
-    make_cache(tmp_path)
-    manifest = json.loads((tmp_path / "manifest.json").read_text())
-    manifest["format_version"] = FORMAT_VERSION - 1
-    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(CacheMismatchError, match=f"format_version {FORMAT_VERSION - 1}.*rerun"):
+    cache, *_ = make_cache(tmp_path)
+    head = tmp_path / "caches" / cache.manifest["id"] / "head.json"
+    written = json.loads(head.read_text())
+    written["format_version"] = FORMAT_VERSION - 1
+    head.write_text(json.dumps(written))
+    with pytest.raises(CacheMismatchError, match=f"format {FORMAT_VERSION - 1}.*rerun `raydistill cache`"):
         open_cache(str(tmp_path))
 
 
 def test_open_cache_errors(tmp_path):
     with pytest.raises(CacheMissingError, match="run `raydistill cache`"):
         open_cache(str(tmp_path))
-    (tmp_path / "manifest.json").write_text("{not json")
-    with pytest.raises(CacheCorruptError, match="manifest.json"):
+    (tmp_path / "manifest.json").write_text("{}")  # the layout before caches/<id>/: a rerun adopts its shards
+    with pytest.raises(CacheMissingError, match="older raydistill.*rerun `raydistill cache`.*adopted"):
         open_cache(str(tmp_path))
+    cache, *_ = make_cache(tmp_path / "x")
+    (tmp_path / "x" / "caches" / cache.manifest["id"] / "head.json").write_text("{not json")
+    with pytest.raises(CacheCorruptError, match="head.json"):
+        open_cache(str(tmp_path / "x"))
+    other, *_ = make_cache(tmp_path / "x", fmt="topk")  # a second cache beside it: which one must be said
+    with pytest.raises(CacheMismatchError, match="holds 2 caches"):
+        open_cache(str(tmp_path / "x"))
+    assert open_cache(other.location).manifest["format"] == "topk"  # one cache, by its own location

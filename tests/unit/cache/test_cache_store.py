@@ -75,3 +75,28 @@ def test_a_sampled_shard_that_does_not_decode_names_the_shard(tmp_path):
     entry["sha256"] = hashlib.sha256(data).hexdigest()
     with pytest.raises(CacheCorruptError, match="heldout-doc-00000.*do not decode"):
         cache.read(entry)
+
+
+def test_transient_errors_are_retried_with_backoff_and_a_store_that_stays_down_is_named_without_secrets(tmp_path):
+    import errno
+
+    from raydistill.tasks.cache.store import StoreUnavailableError
+
+    store, calls = Store(str(tmp_path), retry_s=5), []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise OSError(errno.EIO, "I/O error")
+        return "ok"
+
+    assert store._retry("put", "shards/x", flaky) == "ok" and len(calls) == 3
+    with pytest.raises(FileNotFoundError):  # not transient: never retried
+        store._retry("get", "shards/y", lambda: open(tmp_path / "missing", "rb"))
+    down = Store("s3://AKIAKEY:S3cretValue99@bucket/prefix?endpoint_override=http://127.0.0.1:9&region=us-east-1",
+                 retry_s=1)
+    with pytest.raises(StoreUnavailableError) as e:
+        down.read("caches/x/head.json")
+    message = str(e.value)
+    assert "s3://bucket/prefix" in message and "rerun the same command to resume" in message
+    assert "S3cretValue99" not in message and "AKIAKEY" not in message
