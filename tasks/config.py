@@ -652,6 +652,9 @@ class SubmitConfig:
     config and ``submit.verb``."""
     follow: bool = False
     """``raydistill job logs``: keep printing new log lines until the job ends (like ``ray job logs -f``)."""
+    retry_s: float = 120.0
+    """How long ``submit`` retries the Jobs API's transient answers (HTTP 500 "No available agent to submit job,
+    please try again later" from a cluster whose job agents are still starting, 502-504) with backoff."""
 
     def __post_init__(self):
         if not self.verb.split():

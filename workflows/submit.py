@@ -127,17 +127,46 @@ def connect(cfg: PipelineConfig):
     return address, jobs_client(address)
 
 
+def transient(error: BaseException) -> bool:
+    """Whether a Jobs API error is worth retrying: Ray's dashboard answers HTTP 500 "No available agent to submit
+    job, please try again later" while a fresh cluster's job agents start, and 502-504 behind a proxy."""
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("try again later" in text or
+                                                re.search(r"status code 50[0234]\b", text) is not None)
+
+
+def retrying(call, what: str, budget_s: float):
+    """``call()``, retried with backoff (1 s doubling to 10 s) while it fails transiently, for ``budget_s``."""
+    began, delay = time.monotonic(), 1.0
+    while True:
+        try:
+            return call()
+        except Exception as e:  # noqa: BLE001 — classified by transient()
+            waited = time.monotonic() - began
+            if not transient(e) or waited + delay > budget_s:
+                if transient(e):
+                    raise JobError(f"{what}: the cluster kept answering {str(e).splitlines()[0][:200]!r} for "
+                                   f"{waited:.0f} s (submit.retry_s={budget_s}); is its dashboard's job agent "
+                                   "up? `ray status` on the head, then submit again") from None
+                raise
+            print(f"{what}: {str(e).splitlines()[0][:200]}; retrying in {delay:.0f} s", flush=True)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
 def run(cfg: PipelineConfig, action: str | None = None) -> dict:
     """Submit ``submit.verb`` with this config as a Ray job (``submit.wait``: follow it to the end)."""
     command = job_command(cfg)
     s = cfg.submit
     address, client = connect(cfg)
-    sid = next_submission_id(client.list_jobs(), submission_prefix(cfg, command))
+    sid = next_submission_id(retrying(client.list_jobs, "listing jobs", s.retry_s), submission_prefix(cfg, command))
     with tempfile.TemporaryDirectory(prefix="raydistill-job-") as tmp:
         job = build_job(cfg, command, s.upload_code, Path(tmp))
-        client.submit_job(entrypoint=job["entrypoint"], runtime_env=job["runtime_env"], submission_id=sid,
-                          # job metadata is readable by anyone who can list jobs: URL passwords masked
-                          metadata=redact({"raydistill.verb": " ".join(command), "raydistill.run_dir": cfg.run_dir}))
+        retrying(lambda: client.submit_job(
+            entrypoint=job["entrypoint"], runtime_env=job["runtime_env"], submission_id=sid,
+            # job metadata is readable by anyone who can list jobs: URL passwords masked
+            metadata=redact({"raydistill.verb": " ".join(command), "raydistill.run_dir": cfg.run_dir})),
+            f"submitting {sid}", s.retry_s)
     shown = redact(address)  # a dashboard behind a proxy may take http://user:password@…: never in a log
     print(f"submitted {sid}: {job['entrypoint']}\n  logs: raydistill job logs submit.job_id={sid} "
           f"submit.address={shown} submit.follow=true")
@@ -145,18 +174,40 @@ def run(cfg: PipelineConfig, action: str | None = None) -> dict:
     if s.wait:
         result["status"] = _follow(client, sid, s.timeout_s)
         if result["status"] != "SUCCEEDED":
-            raise JobError(f"{sid} ended {result['status']}; resubmit to resume")
+            raise JobError(failure_message(sid, result["status"], client.get_job_logs(sid),
+                                           getattr(client.get_job_info(sid), "message", "") or ""))
     return result
+
+
+# what a job log says when the nodes cannot run raydistill at all: resubmitting the same job cannot help
+_SETUP_ERRORS = (r"raydistill: (command )?not found", r"No module named '?raydistill", r"command not found")
+
+
+def failure_message(sid: str, status: str, logs: str, message: str = "", lines: int = 20) -> str:
+    """Why a followed job did not succeed: its status, Ray's message, the last ``lines`` of its log, and what to
+    do — resubmit to resume, unless the log shows the nodes cannot run raydistill (then resubmitting fails alike)."""
+    tail = "\n".join(logs.rstrip().splitlines()[-lines:])
+    setup = next((p for p in _SETUP_ERRORS if re.search(p, logs)), None)
+    if status == "TIMEOUT":
+        advice = "the job is still running on the cluster: `raydistill job logs … submit.follow=true` follows it"
+    elif setup:
+        advice = ("the cluster's nodes cannot run raydistill: install it in the environment the nodes were started "
+                  "from (the same Python as `ray start`), or set submit.upload_code=true to ship this checkout; "
+                  "resubmitting unchanged fails the same way")
+    else:
+        advice = "resubmit the same command to resume (finished stages are skipped)"
+    return (f"{sid} ended {status}" + (f" ({message})" if message else "") + f"; {advice}. Last lines of its log:\n"
+            + (tail or "(empty)"))
 
 
 def _follow(client, sid: str, timeout: float | None) -> str:
     deadline = None if timeout is None else time.time() + timeout
     printed = 0
     while True:
-        logs = client.get_job_logs(sid)
+        status = str(client.get_job_status(sid)).split(".")[-1]
+        logs = client.get_job_logs(sid)  # after the status: an ended job's last lines are printed too
         print(logs[printed:], end="", flush=True)
         printed = len(logs)
-        status = str(client.get_job_status(sid)).split(".")[-1]
         if status not in _ACTIVE:
             return status
         if deadline and time.time() > deadline:

@@ -226,3 +226,51 @@ def test_a_job_driver_does_not_set_again_what_the_jobs_runtime_env_sets(monkeypa
     ray_init.init_ray()
     assert seen["address"] == "127.0.0.1:6379"
     assert not set(seen["runtime_env"]["env_vars"]) & set(job["runtime_env"]["env_vars"])
+
+
+AGENT_500 = "Request failed with status code 500: No available agent to submit job, please try again later.."
+
+
+class StartingCluster(FakeCluster):
+    """A cluster right after `ray start`: the first submissions get Ray's HTTP 500 until its job agent is up."""
+
+    def __init__(self, address, refusals: int, log: str = "", end: str = "JobStatus.SUCCEEDED"):
+        super().__init__(address)
+        self.refusals, self.log, self.end = refusals, log, end
+
+    def submit_job(self, **kwargs):
+        if self.refusals:
+            self.refusals -= 1
+            raise RuntimeError(AGENT_500)
+        super().submit_job(**kwargs)
+        self.status[kwargs["submission_id"]] = self.end
+
+    def get_job_logs(self, sid):
+        return self.log
+
+
+def test_a_fresh_clusters_no_available_agent_answer_is_retried_and_a_client_error_is_not(monkeypatch, capsys):
+    monkeypatch.setattr(submit.time, "sleep", lambda s: None)
+    cluster = StartingCluster("http://head:8265", refusals=2)
+    monkeypatch.setattr(submit, "jobs_client", lambda address: cluster)
+    args = ["submit", "--config", "tiny", "submit.address=http://head:8265", "submit.verb=train"]
+    assert cli.main(args) == 0 and len(cluster.submitted) == 1
+    assert capsys.readouterr().out.count("No available agent to submit job") == 2
+    cluster.refusals = 10 ** 6  # never comes up: bounded by submit.retry_s, then says what to check
+    assert cli.main([*args, "submit.retry_s=3"]) == 1
+    assert "kept answering" in capsys.readouterr().err
+    assert not submit.transient(RuntimeError("Request failed with status code 400: bad runtime_env"))
+
+
+@pytest.mark.parametrize("log,advice,absent", [
+    ("Traceback …\n/bin/sh: 1: raydistill: not found\n", "cannot run raydistill", "resubmit the same command"),
+    ("[train] step 3/40\nWorkerLostError: every teacher actor was lost\n", "resubmit the same command", "cannot run"),
+])
+def test_a_failed_job_says_why_with_its_last_log_lines_and_advises_a_resubmission_only_when_it_can_help(
+        monkeypatch, capsys, log, advice, absent):
+    cluster = StartingCluster("http://head:8265", refusals=0, log=log, end="JobStatus.FAILED")
+    monkeypatch.setattr(submit, "jobs_client", lambda address: cluster)
+    assert cli.main(["submit", "--config", "tiny", "submit.address=http://head:8265", "submit.wait=true"]) == 1
+    err = capsys.readouterr().err
+    assert "ended FAILED" in err and advice in err and absent not in err
+    assert log.strip().splitlines()[-1] in err  # the last lines of the job's log are in the error
