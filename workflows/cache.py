@@ -27,7 +27,7 @@ import contextlib
 import os
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 
 import ray
 from tqdm import tqdm
@@ -36,11 +36,11 @@ from raydistill.cluster.ray_init import cluster_device
 from raydistill.tasks.cache.formats import format_params
 from raydistill.tasks.cache.index import Index, IndexWriter, file64, local_copy
 from raydistill.tasks.cache.manifest import (CACHES, PLAN_DIR, SHARD_DIR, CacheCorruptError, CacheLog, Totals,
-                                             new_manifest, publish_index, read_head, shard_file, shard_key,
-                                             write_head)
+                                             index_temp_dir, new_manifest, publish_index, read_head, shard_file,
+                                             shard_key, write_head)
 from raydistill.tasks.cache.resume import KnownEntries, Lease, contains, log_index, pool_files
 from raydistill.tasks.cache.shards import entry_from_file
-from raydistill.tasks.cache.store import Store, StoreUnavailableError
+from raydistill.tasks.cache.store import PROCESS_REQUESTS, Store, StoreUnavailableError
 from raydistill.tasks.config import CacheConfig, PipelineConfig
 from raydistill.tasks.corpus import list_files
 from raydistill.tasks.errors import DataError, WorkerLostError
@@ -273,7 +273,7 @@ class _Run:
     def __init__(self, cfg: PipelineConfig, head: dict, store: Store, known: KnownEntries, present, device: str):
         self.cfg, self.head, self.store, self.known, self.present = cfg, head, store, known, present
         self.device, self.params, self.temperature = device, format_params(cfg.cache), cfg.cache.temperature
-        self.index, self.log, self.totals = IndexWriter(), CacheLog(store, head["id"]), Totals()
+        self.index, self.log, self.totals = IndexWriter(index_temp_dir(store)), CacheLog(store, head["id"]), Totals()
         self.queue: deque = deque()  # (name, split, key, tokens ref, index in it)
         self.pending: dict = {}  # compute ref -> (actor, shard tuple)
         self.tries: dict = {}
@@ -516,7 +516,7 @@ def run(cfg: PipelineConfig, action: str | None = None) -> dict:
         return inspect(cfg)
     if action == "gc":
         return gc(cfg)
-    t0 = time.time()
+    t0, before = time.time(), Counter(PROCESS_REQUESTS)
     stage.start(cfg, "cache", skip=False)
     store = Store(cfg.cache_dir, retry_s=cfg.cluster.store_retry_s)
     files = list_files(cfg.corpus)
@@ -532,12 +532,13 @@ def run(cfg: PipelineConfig, action: str | None = None) -> dict:
         print(f"cache: {finished['totals']['shards']} shards of {store.url(CACHES + '/' + head['id'])} "
               f"finished for this corpus and config: nothing to do")
         return _outputs(cfg, store, finished, {"teacher_forwards": 0, "actor_s": 0.0, "shards_computed": 0,
-                                               "computed_tokens": 0}, time.time() - t0, files)
+                                               "computed_tokens": 0}, time.time() - t0, files, before)
     stage.start(cfg, "cache", skip=False, ray=True)
-    return _build(cfg, store, head, files, threshold, fp, device, t0)
+    return _build(cfg, store, head, files, threshold, fp, device, t0, before)
 
 
-def _build(cfg, store: Store, head: dict, files: list, threshold: float, fp: str, device: str, t0: float) -> dict:
+def _build(cfg, store: Store, head: dict, files: list, threshold: float, fp: str, device: str, t0: float,
+           before: Counter) -> dict:
     old = read_head(store, head["id"]) or {}
     store.clean_temps((SHARD_DIR,))
     previous = None
@@ -578,7 +579,7 @@ def _build(cfg, store: Store, head: dict, files: list, threshold: float, fp: str
         pool.close()
         bar.close()
     run.out.update(actors_replaced=pool.replaced, actor_nodes=sorted(run.nodes), actors=len(pool.started))
-    return _outputs(cfg, store, head, run.out, time.time() - t0, files)
+    return _outputs(cfg, store, head, run.out, time.time() - t0, files, before)
 
 
 def _usage(cfg: PipelineConfig, files: list, windows: int) -> dict:
@@ -588,7 +589,10 @@ def _usage(cfg: PipelineConfig, files: list, windows: int) -> dict:
             "max_tokens": cfg.corpus.max_tokens}
 
 
-def _outputs(cfg: PipelineConfig, store: Store, head: dict, out: dict, wall: float, files: list) -> dict:
+def _outputs(cfg: PipelineConfig, store: Store, head: dict, out: dict, wall: float, files: list,
+             before: Counter) -> dict:
+    """Print the summary line and record the stage; ``store_requests`` are this process's requests since
+    ``before`` (the driver's: listing, heads, index, log; ``shard_bytes_read`` counts shard bytes it read)."""
     totals, usage = head["totals"], head.get("corpus_usage") or {}
     cap = f"; corpus.max_tokens={cfg.corpus.max_tokens}: used {usage.get('tokens')} of ≈ " \
           f"{usage.get('corpus_tokens_estimate')} tokens ({100 * (usage.get('share') or 0):.1f} %)" \
@@ -602,7 +606,7 @@ def _outputs(cfg: PipelineConfig, store: Store, head: dict, out: dict, wall: flo
                "teacher_heldout_top1_acc": totals["teacher_heldout_top1_acc"], "wall_s": wall,
                "teacher_tokens_per_s": head.get("teacher_tokens_per_s"), "cache_dir": cfg.cache_dir,
                "cache_id": head["id"], "cache_key": head["key"], "corpus_usage": usage,
-               "corpus_files": len(files), "store_requests": dict(store.requests)}
+               "corpus_files": len(files), "store_requests": dict(PROCESS_REQUESTS - before)}
     outputs.setdefault("actor_nodes", [])
     outputs.setdefault("actors_replaced", 0)
     outputs.setdefault("shards_requeued", 0)

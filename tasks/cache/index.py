@@ -31,7 +31,7 @@ SCHEMA = pa.schema([("name", pa.string()), ("split", pa.int8()), ("key", pa.bina
                     ("sha256", pa.binary(32)), ("bytes", pa.int64()), ("tokens", pa.int32()),
                     ("windows", pa.int32()), ("vocab_size", pa.int32()), ("teacher_nll_sum", pa.float64()),
                     ("teacher_top1_correct", pa.int64())])
-BATCH_ROWS = 4096
+BATCH_ROWS = 1024  # rows buffered before a record batch is written: bounds a writer's memory
 
 
 def shard_file(name: str, key: str) -> str:

@@ -192,7 +192,7 @@ def write_head(store: Store, head: Manifest) -> None:
 def write_manifest(cache_dir: str, manifest: Manifest) -> None:
     """Index and publish a head built by hand with :func:`add_entry` (tests, benchmarks): O(its shards)."""
     store = Store(cache_dir)
-    writer = IndexWriter()
+    writer = IndexWriter(index_temp_dir(store))
     for entry in manifest.get("shards", []):
         writer.add(entry)
     publish_index(store, manifest, writer)
@@ -200,16 +200,26 @@ def write_manifest(cache_dir: str, manifest: Manifest) -> None:
     write_head(store, manifest)
 
 
+def index_temp_dir(store: Store) -> str | None:
+    """Where an :class:`IndexWriter` for ``store`` writes: inside a local cache dir (published by a link, never
+    copied), the system's temp dir for an object store (uploaded from there)."""
+    if store.remote:
+        return None
+    import os
+
+    os.makedirs(store.path(CACHES), exist_ok=True)
+    return store.path(CACHES)
+
+
 def publish_index(store: Store, head: Manifest, writer: IndexWriter) -> None:
-    """Close ``writer``, store its file as ``caches/<id>/index-<sha16>.arrow`` and point ``head`` at it."""
+    """Close ``writer``, store its file as ``caches/<id>/index-<sha16>.arrow`` (named by its content: written once)
+    and point ``head`` at it. The file is linked (local) or streamed (object store), never read into memory."""
     import os
 
     path, sha, _ = writer.close()
     rel = f"{CACHES}/{head['id']}/index-{sha[:16]}.arrow"
     try:
-        if not store.exists(rel):
-            with open(path, "rb") as f:
-                store.create(rel, f.read())
+        store.create_from_file(rel, path)
     finally:
         os.unlink(path)
     head["index"], head["index_sha256"], head["key"] = rel, sha, writer.key.hexdigest()

@@ -167,6 +167,25 @@ class Store:
         _fsync_dir(os.path.dirname(self.path(rel)))
         return created
 
+    def create_from_file(self, rel: str, path: str) -> bool:
+        """:meth:`create` from a local file without reading it into memory: a hard link on the same local store
+        (``path`` must be in its filesystem), a streamed upload to S3."""
+        if self._s3 is not None:
+            def put():
+                with open(path, "rb") as f:
+                    return _s3_put(self._s3, self.bucket, self.path(rel), f, True)
+            return self._retry("put", rel, put)
+        if self.remote:
+            with open(path, "rb") as f:
+                return self.create(rel, f.read())
+        Path(self.path(rel)).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, self.path(rel))
+        except FileExistsError:
+            return False
+        _fsync_dir(os.path.dirname(self.path(rel)))
+        return True
+
     def _put(self, rel: str, data: bytes, only_new: bool) -> bool:
         if self._s3 is not None:
             return self._retry("put", rel, lambda: _s3_put(self._s3, self.bucket, self.path(rel), data, only_new))

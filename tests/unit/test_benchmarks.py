@@ -147,3 +147,23 @@ def test_serve_benchmark_measures_http_against_in_process_and_a_swap_without_fai
         assert level["stream_ttft_ms"]["p50"] > 0
     assert out["openai_client_ok"] and out["swap_seen"] and out["swap_failed_requests"] == 0
     assert out["checks"]["swap_failed_requests_eq_0"] and out["checks"]["replica_kill_success_rate_ge_0.97"] is None
+
+
+@pytest.mark.slow
+def test_cache_scale_runs_the_real_verb_at_two_sizes_and_reports_per_shard_ratios(capsys):
+    scale = _load("cache_scale")
+    out = scale.main(["--sizes", "40", "80", "--s3-sizes"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == out
+    first, second = out["local"]
+    assert (first["shards"], second["shards"]) == (40, 80) and second["teacher_forwards"] == 80
+    assert first["rerun_teacher_forwards"] == second["rerun_teacher_forwards"] == 0
+    assert first["rerun_shard_bytes_read"] == 0 and second["rerun_requests"] == {"get": 1, "list": 1}
+    s = out["local_summary"]
+    want = (second["first_wall_s"] - first["first_wall_s"]) / 40
+    assert s["marginal_s_per_shard_large"] == s["marginal_s_per_shard_small"] == pytest.approx(want, abs=1e-4)
+    assert s["per_shard_flatness"] == pytest.approx(1.0, abs=1e-3) and out["checks"]["rerun_reads_no_shard_bytes"]
+
+
+def test_cache_scale_refuses_sizes_out_of_order():
+    with pytest.raises(SystemExit):
+        _load("cache_scale").parse_args(["--sizes", "400", "100"])
