@@ -12,6 +12,8 @@ suite's), started here.
 - ``per_shard_flatness``: seconds per added shard between the two largest sizes ÷ between the two smallest (first
   runs, so the fixed start-up cancels); target ≤ 1.15 (a control plane whose per-shard cost grows with S gives > 1).
 - ``driver_rss_bytes_per_added_shard``: (peak RSS at the largest S − at the smallest) ÷ the shards added; ≤ 200.
+- ``driver_cpu_ms_per_added_shard``: the driver process's CPU time per added shard (the control plane's own
+  cost: planning, keys, logging, indexing, Ray calls; the teacher actors are other processes).
 - ``rerun_seconds_per_1k_shards``, ``rerun_shard_bytes_read`` (0), ``rerun_requests_per_shard`` (≤ 0.01 on S3).
 - ``train_worker_index_mb``: what a training worker's process grows by when it opens the largest cache and builds
   its shard order for one epoch (rank 0 of 8), measured in a fresh process; ``…_smallest`` the same for the
@@ -34,7 +36,8 @@ import time
 from pathlib import Path
 
 DRIVER = ("import json, resource, sys; from raydistill.workflows import cli; rc = cli.main(sys.argv[1:]); "
-          "print('RESULT', json.dumps({'rc': rc, 'peak_kb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))")
+          "u = resource.getrusage(resource.RUSAGE_SELF); "
+          "print('RESULT', json.dumps({'rc': rc, 'peak_kb': u.ru_maxrss, 'cpu_s': u.ru_utime + u.ru_stime}))")
 WORKER = """
 import json, os, resource, sys
 def rss():
@@ -85,7 +88,8 @@ def _one(size: int, cache_dir: str, run_dir: Path, seq_len: int) -> dict:
     requests = rerun.get("store_requests") or {}
     shards = record["shards_total"]
     return {"shards": shards, "first_wall_s": round(wall, 2), "first_stage_s": round(record["wall_s"], 2),
-            "driver_peak_rss_mb": round(first["peak_kb"] / 1024, 1), "teacher_forwards": record["teacher_forwards"],
+            "driver_peak_rss_mb": round(first["peak_kb"] / 1024, 1), "driver_cpu_s": round(first["cpu_s"], 2),
+            "teacher_forwards": record["teacher_forwards"],
             "actors": record.get("actors"), "rerun_wall_s": round(rerun_wall, 2),
             "rerun_stage_s": round(rerun["wall_s"], 3), "rerun_teacher_forwards": rerun["teacher_forwards"],
             "rerun_requests": {k: v for k, v in requests.items() if k != "shard_bytes_read"},
@@ -100,9 +104,11 @@ def _flatness(rows: list[dict]) -> dict:
     small = (b["first_wall_s"] - a["first_wall_s"]) / (b["shards"] - a["shards"])
     large = (d["first_wall_s"] - c["first_wall_s"]) / (d["shards"] - c["shards"])
     rss = (d["driver_peak_rss_mb"] - a["driver_peak_rss_mb"]) * 2 ** 20 / (d["shards"] - a["shards"])
+    cpu = (d["driver_cpu_s"] - a["driver_cpu_s"]) / (d["shards"] - a["shards"])
     return {"marginal_s_per_shard_small": round(small, 5), "marginal_s_per_shard_large": round(large, 5),
             "per_shard_flatness": round(large / small, 3) if small > 0 else None,
             "driver_rss_bytes_per_added_shard": round(rss, 1),
+            "driver_cpu_ms_per_added_shard": round(1000 * cpu, 3),
             "rerun_seconds_per_1k_shards": round(d["rerun_stage_s"] / d["shards"] * 1000, 4),
             "rerun_wall_seconds_per_1k_shards": round(d["rerun_wall_s"] / d["shards"] * 1000, 3)}
 

@@ -327,7 +327,9 @@ def _plan_streams(run: _Run, files: list, threshold: float, pool: _Pool, bar) ->
     cfg = run.cfg
     max_windows = None if cfg.corpus.max_tokens is None else cfg.corpus.max_tokens // cfg.corpus.seq_len
     capped = max_windows is not None
-    window = 1 if capped else max(4, 2 * pool.limit)  # under a cap each stream's room depends on the last
+    # plan tasks at once: under a cap one (each stream's room depends on the last); else enough to keep the actors
+    # fed, at most 16 (each is a worker process holding a tokenizer and one segment's tokens)
+    window = 1 if capped else min(16, max(2, 2 * pool.limit))
     streams, inflight = all_streams(cfg.corpus, files), deque()
 
     def submit(stream, want_tokens: bool, room):

@@ -156,7 +156,7 @@ def build_summary(cfg: PipelineConfig, results: dict, served: dict | None, timin
         "promotion_reason": promo.get("reason"),
         "cache": {k: results.get("cache", {}).get(k) for k in
                   ("teacher_forwards", "shards_total", "shards_computed", "tokens", "bytes_per_token",
-                   "cache_key")},
+                   "cache_key", "corpus_usage")},
         "student_dir": (results.get("train") or {}).get("student_dir"),
         "init_from": (results.get("train") or {}).get("init_from"),
         "tuned": (results.get("tune") or {}).get("params"),
@@ -203,8 +203,11 @@ def print_summary(summary: dict) -> None:
               f"{_fmt(r['top1_agreement'], '.1%'):>12}{_fmt(r['size_mb'], '.1f'):>10}"
               f"{_fmt(r['tokens_per_s'], '.0f'):>10}")
     c = summary["cache"]
-    print(f"\ncache: {c['shards_total']} shards, {c['tokens']} tokens, {_fmt(c['bytes_per_token'], '.1f')} B/token, "
-          f"teacher forwards this run: {c['teacher_forwards']}")
+    usage = c.get("corpus_usage") or {}
+    capped = f" ({usage['share']:.1%} of the corpus' ≈ {usage['corpus_tokens_estimate']} tokens: corpus.max_tokens=" \
+             f"{usage['max_tokens']})" if usage.get("max_tokens") is not None and usage.get("share") is not None else ""
+    print(f"\ncache: {c['shards_total']} shards, {c['tokens']} tokens{capped}, {_fmt(c['bytes_per_token'], '.1f')} "
+          f"B/token, teacher forwards this run: {c['teacher_forwards']}")
     if summary.get("tuned"):
         print(f"tuned: {summary['tuned']}")
     promoted = "promoted to @champion" if summary["promoted"] else "NOT promoted"

@@ -78,9 +78,11 @@ def code_version() -> str:
     return f"raydistill=={importlib.metadata.version('raydistill')}"
 
 
-def shard_lineage(cache) -> dict:
+def shard_lineage(cache, gate_windows: int | None) -> dict:
     """What the student was trained and scored on: every shard of the cache (an opened
-    :class:`~tasks.cache.shards.Cache`), with the digests that name them."""
+    :class:`~tasks.cache.shards.Cache`), with the digests that name them; ``heldout_digest`` names the held-out
+    set a gate of ``gate_windows`` windows evaluates (``registry.gate.max_windows``)."""
+    from raydistill.tasks.data import heldout_entries
     from raydistill.tasks.evaluate import heldout_digest
 
     manifest = cache.manifest
@@ -91,7 +93,7 @@ def shard_lineage(cache) -> dict:
               "shards": sorted((e["name"], e["split"], e["windows"], e["tokens"]) for e in shards)}
     return {"cache_key": cache.key, "shards": shards,
             "shards_sha256": hashlib.sha256(json.dumps(sorted(e["key"] for e in shards)).encode()).hexdigest(),
-            "heldout_digest": heldout_digest([e["key"] for e in shards if e["split"] == "heldout"]),
+            "heldout_digest": heldout_digest(heldout_entries(cache, gate_windows).keys(), gate_windows),
             "corpus_sha256": hashlib.sha256(json.dumps(corpus, sort_keys=True, default=str).encode()).hexdigest()}
 
 
@@ -116,13 +118,13 @@ def _cache_lineage(cfg: PipelineConfig) -> dict:
             "teacher.architecture": json.dumps(teacher.get("architecture"), sort_keys=True)[:5000],
             "cache.key": str(manifest.get("key") or out.get("cache_key") or rec.get("key")),
             "cache.format": str(manifest.get("format", cfg.cache.format)),
-            "cache.stage_key": str(rec.get("key")), **_shard_tags(cache)}
+            "cache.stage_key": str(rec.get("key")), **_shard_tags(cache, cfg.registry.gate.max_windows)}
 
 
-def _shard_tags(cache) -> dict:
+def _shard_tags(cache, gate_windows: int | None) -> dict:
     if cache is None:
         return {}
-    lin = shard_lineage(cache)
+    lin = shard_lineage(cache, gate_windows)
     return {"cache.shards_sha256": lin["shards_sha256"], "cache.heldout_digest": lin["heldout_digest"],
             "cache.shards": str(len(lin["shards"])), "corpus.sha256": lin["corpus_sha256"],
             "lineage.shards_artifact": SHARDS_ARTIFACT}
@@ -171,7 +173,7 @@ def _log_run(cfg: PipelineConfig, key: str, report: dict, int8_dir: Path) -> tup
         try:
             from raydistill.tasks.cache.shards import config_cache
 
-            tracking.log_dict(shard_lineage(config_cache(cfg)), SHARDS_ARTIFACT)
+            tracking.log_dict(shard_lineage(config_cache(cfg), cfg.registry.gate.max_windows), SHARDS_ARTIFACT)
         except FileNotFoundError:  # no cache here (registering elsewhere): the tags still name it
             pass
         train_metrics = Path(cfg.stage_dir("train"), "metrics.json")

@@ -50,7 +50,7 @@ def test_cache_actors_request_gpus_where_the_cluster_offers_them(gpu_cluster, tm
     cfg = load_config("tiny", [f"run_dir={tmp_path}", "cache.num_gpus_per_actor=0.5", "cache.cpus_per_actor=1"])
     assert cluster_device(cfg.cluster) == "cuda"  # cluster.device=auto on a cluster with GPUs
     options = actor_options(cfg.cache, "cuda")
-    assert options == {"num_cpus": 1, "num_gpus": 0.5}
+    assert options == {"num_cpus": 1, "num_gpus": 0.5, "max_concurrency": cfg.cache.shards_in_flight}
     assert actor_options(cfg.cache, "cpu")["num_gpus"] == 0
     probes = [_probe().options(**options).remote() for _ in range(2)]
     seen = ray.get([p.gpus.remote() for p in probes])

@@ -227,8 +227,7 @@ def test_the_registry_lock_is_a_compare_and_set_across_processes(base):
 
 
 def test_lineage_prints_the_chain_back_to_the_exact_cache_shards(base, capsys):
-    from raydistill.tasks.cache.manifest import cache_key
-    from raydistill.tasks.cache.shards import open_cache
+    from raydistill.tasks.cache.shards import config_cache
 
     cfg, uri = _config(base, "v1"), tracking.model_uri(NAME, version=1)
     code = cli.main(["lineage", uri, "--config", "tiny", f"run_dir={cfg.run_dir}", f"cache.dir={cfg.cache_dir}",
@@ -242,11 +241,11 @@ def test_lineage_prints_the_chain_back_to_the_exact_cache_shards(base, capsys):
     assert chain["tune_parent_run_id"] == tune and f"tune parent run     {tune}" in out
     for printed in ("code_version", "corpus_sha256", "teacher_weights_sha256", "cache_key", "heldout_digest"):
         assert chain[printed] and chain[printed] != "None" and chain[printed] in out
-    manifest = open_cache(cfg.cache_dir).manifest
-    assert chain["cache_key"] == cache_key(manifest) and chain["train_run_id"] == train
+    cache = config_cache(cfg)
+    assert chain["cache_key"] == cache.key and chain["train_run_id"] == train
     assert chain["init_from"] == "none" and "warm-started from   none" in out  # built from the teacher
     listed = chain["shards"]["shards"]
-    assert sorted(e["key"] for e in listed) == sorted(e["key"] for e in manifest["shards"])
+    assert sorted(e["key"] for e in listed) == sorted(cache.shards().keys())
     for e in listed:  # every listed file is the very file in the cache
         assert hashlib.sha256(Path(cfg.cache_dir, e["file"]).read_bytes()).hexdigest() == e["sha256"]
     assert chain["heldout_digest"] == _tags(cfg, 2)["gate.heldout_digest"]

@@ -171,9 +171,11 @@ def trained(tiny_cached, tmp_path_factory):
 def test_train_saves_a_loadable_student_that_beats_its_init(trained):
     from mlflow.tracking import MlflowClient
 
-    from raydistill.tasks.evaluate import evaluate
-    from raydistill.tasks.cache.shards import open_cache
+    from raydistill.tasks.cache.shards import config_cache
+    from raydistill.tasks.data import heldout_shards
+    from raydistill.tasks.evaluate import evaluate, evaluate_sums, finalize
     from raydistill.tasks.students import load_student
+    from raydistill.tasks.trainloop import eval_window_budget
     from raydistill.workflows import stage, train
 
     cfg, out = trained
@@ -184,11 +186,19 @@ def test_train_saves_a_loadable_student_that_beats_its_init(trained):
     assert metrics["step"] == cfg.train.steps
     assert metrics["heldout_loss"] < metrics["init"]["heldout_loss"]
 
-    cache = open_cache(cfg.cache_dir)
+    cache = config_cache(cfg)
+    # the windows training evaluated: its default budget (about 10 % of the compute between reports), each of
+    # the 2 ranks on every 2nd of the held-out shards that cover it
+    world, budget = cfg.train.num_workers, eval_window_budget(cfg.train, cfg.train.num_workers)
+    sums = sum(evaluate_sums(load_student(student_dir), heldout_shards(cache, rank=r, world_size=world,
+                                                                       max_windows=budget),
+                             max_windows=-(-budget // world), batch_size=cfg.train.micro_batch_size)
+               for r in range(world))
+    assert finalize(sums)["heldout_loss"] == pytest.approx(metrics["heldout_loss"], rel=1e-4)  # the saved weights
+    assert finalize(sums)["tokens"] <= budget * cfg.corpus.seq_len < cache.totals["heldout_tokens"]
     shards = [cache.read(e) for e in cache.shards("heldout")]
     trained_m = evaluate(load_student(student_dir), shards)
     init_m = evaluate(load_student(Path(cfg.run_dir, "train", "init")), shards)
-    assert trained_m["heldout_loss"] == pytest.approx(metrics["heldout_loss"], rel=1e-4)  # the saved weights
     assert trained_m["heldout_loss"] < init_m["heldout_loss"]
 
     history = MlflowClient(cfg.tracking_uri).get_metric_history(out["mlflow_run_id"], "loss")
@@ -219,12 +229,13 @@ def test_same_run_name_continues_from_the_checkpoint(trained, capfd):
 
 
 def test_a_cache_built_for_another_config_is_refused(tiny_cached, tmp_path):
-    from raydistill.tasks.cache.manifest import CacheMismatchError
+    from raydistill.tasks.cache.manifest import CacheMissingError
     from raydistill.workflows import train
 
     cfg = load_config("tiny", [f"run_dir={tmp_path / 'run'}", f"cache.dir={tiny_cached.cache_dir}",
                                "cache.num_samples=8"])
-    with pytest.raises(CacheMismatchError, match="num_samples"):
+    # no cache of this config in the dir: the error names the cache that is there and the field that differs
+    with pytest.raises(CacheMissingError, match=r"differs in cache.num_samples \(cache: 16, config: 8\)"):
         train.train_driver(cfg, run_name="mismatch", storage_path=str(tmp_path / "ray"))
     assert not (tmp_path / "ray").exists()  # refused before any Train run
 
