@@ -73,7 +73,7 @@ def epoch_shards(entries, epoch: int, rank: int, world_size: int, seed: int):
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
     seed64 = int.from_bytes(hashlib.sha256(f"{seed}:{epoch}".encode()).digest()[:8], "little")
-    order = np.random.default_rng(seed64).permutation(len(entries))[rank::world_size]
+    order = np.random.default_rng(seed64).permutation(len(entries))[rank::world_size].astype(np.int32)
     return entries[order] if hasattr(entries, "rows") else [entries[i] for i in order]
 
 

@@ -556,11 +556,13 @@ def _build(cfg, store: Store, head: dict, files: list, threshold: float, fp: str
     print(f"cache: planning {len(files)} corpus file(s) into {store.url(CACHES + '/' + head['id'])} "
           f"({len(present)} shard files in the dir, {len(known)} entries known) on {device}")
     bar = tqdm(unit="shard", desc="cache", dynamic_ncols=True)
+    rss = [_rss_mb()]
     try:
         with Lease(store, head["id"], run.log.run_id):
             _plan_streams(run, files, threshold, pool, bar)
             while run.queue or run.pending:
                 _step(run, pool, bar)
+            rss.append(_rss_mb())
             run.log.flush()
             bar.close()
             check_plan(cfg.corpus, run.windows, run.short, run.splits)
@@ -580,8 +582,19 @@ def _build(cfg, store: Store, head: dict, files: list, threshold: float, fp: str
     finally:
         pool.close()
         bar.close()
-    run.out.update(actors_replaced=pool.replaced, actor_nodes=sorted(run.nodes), actors=len(pool.started))
+    run.out.update(actors_replaced=pool.replaced, actor_nodes=sorted(run.nodes), actors=len(pool.started),
+                   driver_rss_mb=rss)
     return _outputs(cfg, store, head, run.out, time.time() - t0, files, before)
+
+
+def _rss_mb() -> float | None:
+    """This process's resident memory (MB; Linux), for the stage record: what the driver holds before the first
+    shard and after the last."""
+    try:
+        with open("/proc/self/statm") as f:
+            return round(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20, 1)
+    except (OSError, ValueError):
+        return None
 
 
 def _usage(cfg: PipelineConfig, files: list, windows: int) -> dict:

@@ -31,7 +31,7 @@ SCHEMA = pa.schema([("name", pa.string()), ("split", pa.int8()), ("key", pa.bina
                     ("sha256", pa.binary(32)), ("bytes", pa.int64()), ("tokens", pa.int32()),
                     ("windows", pa.int32()), ("vocab_size", pa.int32()), ("teacher_nll_sum", pa.float64()),
                     ("teacher_top1_correct", pa.int64())])
-BATCH_ROWS = 1024  # rows buffered before a record batch is written: bounds a writer's memory
+BATCH_ROWS = 256  # rows buffered before a record batch is written: bounds a writer's memory (~0.3 MB)
 
 
 def shard_file(name: str, key: str) -> str:
@@ -148,6 +148,8 @@ class Index:
         else:
             self.table = pa.ipc.open_file(pa.memory_map(path, "r")).read_all()
         self._cols: dict[str, np.ndarray] = {}
+        lengths = [len(c) for c in self.table.column("name").chunks] if self.table.num_rows else []
+        self._starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -165,23 +167,28 @@ class Index:
         return self._cols[name]
 
     def entry(self, row: int) -> dict:
-        """The shard entry (``tasks.cache.manifest.ShardEntry``) of ``row``."""
-        t, row = self.table, int(row)
-        name = t.column("name")[row].as_py()
-        key = self.column("key")[row].tobytes().hex()
-        return {"name": name, "split": SPLITS[int(self.column("split")[row])], "key": key,
-                "file": shard_file(name, key), "sha256": self.column("sha256")[row].tobytes().hex(),
-                "bytes": int(self.column("bytes")[row]), "tokens": int(self.column("tokens")[row]),
-                "windows": int(self.column("windows")[row]), "vocab_size": int(self.column("vocab_size")[row]),
-                "teacher_nll_sum": float(self.column("teacher_nll_sum")[row]),
-                "teacher_top1_correct": int(self.column("teacher_top1_correct")[row])}
+        """The shard entry (``tasks.cache.manifest.ShardEntry``) of ``row``, read from the record batch holding it
+        (nothing else of the file is touched)."""
+        row = int(row)
+        chunk = int(np.searchsorted(self._starts, row, side="right")) - 1
+        at = row - int(self._starts[chunk])
+
+        def cell(name: str):
+            return self.table.column(name).chunk(chunk)[at].as_py()
+
+        name, key = cell("name"), cell("key").hex()
+        return {"name": name, "split": SPLITS[cell("split")], "key": key, "file": shard_file(name, key),
+                "sha256": cell("sha256").hex(), "bytes": cell("bytes"), "tokens": cell("tokens"),
+                "windows": cell("windows"), "vocab_size": cell("vocab_size"),
+                "teacher_nll_sum": cell("teacher_nll_sum"), "teacher_top1_correct": cell("teacher_top1_correct")}
 
     def rows(self, split: str | None) -> np.ndarray:
         """Row numbers of ``split`` (None: all) in shard-key order."""
+        small = np.int32 if len(self) < 2 ** 31 else np.int64  # 4 bytes a shard up to 2·10⁹ shards
         if split is None:
-            sel = np.arange(len(self))
+            sel = np.arange(len(self), dtype=small)
         else:
-            sel = np.flatnonzero(self.column("split") == SPLITS.index(split))
+            sel = np.flatnonzero(self.column("split") == SPLITS.index(split)).astype(small)
         return sel[np.argsort(self.column("key64")[sel], kind="stable")]
 
 
@@ -214,4 +221,4 @@ class ShardList:
         return self.index.column(name)[self.rows]
 
     def keys(self) -> list[str]:
-        return [self.index.column("key")[r].tobytes().hex() for r in self.rows]
+        return [self.index.entry(r)["key"] for r in self.rows]
