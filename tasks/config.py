@@ -101,6 +101,16 @@ class CorpusConfig:
     max_record_bytes: int = 16_000_000
     """Longest line of a text file, JSONL record or Parquet value read (bytes). Files are read line by line, so a
     longer one is refused (naming the file and line) without ever being held whole; raise it for longer records."""
+    chat_mask: Literal["all", "last"] = "all"
+    """Chat records (a ``messages`` list, or ``prompt``/``completion``): which assistant turns carry loss — ``all``
+    of them, or only the ``last`` (``tasks/chat.py``). User, system and template tokens never do."""
+    chat_template: str | None = None
+    """A Jinja chat template file to render chat records with; ``null`` = the teacher tokenizer's own (a chat
+    corpus with a tokenizer that has none is an error naming this field)."""
+    chat_overflow: Literal["split", "skip", "refuse"] = "split"
+    """A rendered conversation longer than ``seq_len + 1`` tokens: ``split`` it between exchanges (a question stays
+    with its answer; an exchange longer than a window is an error), ``skip`` it with a warning, or ``refuse`` it
+    (an error naming the record). Never cut inside a turn."""
 
     def __post_init__(self):
         _positive(self, "seq_len", "windows_per_shard", "max_record_bytes")
