@@ -588,6 +588,9 @@ class PipelineStagesConfig:
     serve: bool = True
     """End with one demo request (``serve.prompt``) to the promoted model on Ray Serve (``serve.keep_serving``
     keeps the app up after it)."""
+    generate: bool = False
+    """Start with ``generate``: the teacher answers ``generate.prompts`` and the cache reads its answers (a chat
+    JSONL) as the corpus (``corpus.path`` is set to ``generate.output``)."""
     generations: int = 1
     """Self-distillation: run the stages this many times; generation k+1's teacher is generation k's trained
     student (its float32 ``train/student`` export). Generation 0 runs in ``run_dir``, generation k in
@@ -596,6 +599,50 @@ class PipelineStagesConfig:
 
     def __post_init__(self):
         _positive(self, "generations")
+
+
+@dataclass
+class GenerateConfig:
+    """``raydistill generate``: the teacher answers prompts (sequence-level distillation data), resumable and
+    content-addressed: each answer is keyed by its prompt, these settings and the teacher."""
+
+    prompts: str | None = None
+    """A ``.jsonl`` (or ``.parquet``) of prompts: chat records (``messages``; a trailing assistant turn is dropped
+    and answered anew) or ``prompt`` records (a string: one user turn). Required by ``generate``."""
+    output: str | None = None
+    """The chat JSONL written (each prompt's messages with the teacher's answer appended); ``null`` =
+    ``<run_dir>/generate/answers.jsonl``. Committed parts live beside it in ``parts/``."""
+    temperature: float = 0.7
+    """Sampling temperature of the teacher's answers (0: greedy)."""
+    top_p: float = 0.95
+    """Nucleus sampling: draw among the likeliest tokens holding this much probability (1: all)."""
+    max_tokens: int = 256
+    """Longest answer, in tokens (longer ones are cut there: ``finish_reason`` ``length`` in the record)."""
+    n: int = 1
+    """Answers per prompt (each its own seeded sample)."""
+    seed: int = 0
+    """Seed of the sampling; each answer's own seed mixes it with the prompt's key (reruns draw the same)."""
+    max_prompt_tokens: int = 1024
+    """Longest prompt (rendered with the chat template, in tokens); a longer one is a bad prompt."""
+    on_bad_prompt: Literal["skip", "refuse"] = "skip"
+    """A prompt that is empty, over-long or not valid JSON (or not a prompt record): ``skip`` it (every one is
+    reported with its line in ``generate/bad_prompts.jsonl``), or ``refuse`` the whole run before generating."""
+    num_actors: int = 1
+    """Teacher actors (each loads the teacher once and answers batch after batch)."""
+    cpus_per_actor: int = 2
+    """CPUs (= torch threads) per actor."""
+    num_gpus_per_actor: float = 1.0
+    """GPUs per actor when ``cluster.device`` is CUDA (fractions pack several actors on one GPU); ignored on CPU."""
+    batch_size: int = 16
+    """Answers one actor decodes together (rows of its continuous batch), committed as one part file."""
+
+    def __post_init__(self):
+        _positive(self, "max_tokens", "n", "max_prompt_tokens", "num_actors", "cpus_per_actor", "num_gpus_per_actor",
+                  "batch_size")
+        if self.temperature < 0:
+            raise ConfigError(f"generate.temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"generate.top_p must be in (0, 1], got {self.top_p}; 1 keeps every token")
 
 
 @dataclass
@@ -653,6 +700,8 @@ class PipelineConfig:
     """Where Ray runs."""
     pipeline: PipelineStagesConfig = field(default_factory=PipelineStagesConfig)
     """What ``raydistill pipeline`` runs."""
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    """Teacher answers to prompts (``raydistill generate``)."""
     submit: SubmitConfig = field(default_factory=SubmitConfig)
     """Ray job submission."""
 
@@ -893,6 +942,9 @@ def resolve_paths(cfg: PipelineConfig) -> PipelineConfig:
     data["teacher"]["tokenizer"] = absolute(data["teacher"]["tokenizer"])
     data["student"]["tokenizer"] = absolute(data["student"]["tokenizer"])
     data["corpus"]["path"] = absolute(data["corpus"]["path"], _BUILTIN_SOURCES["corpus.path"])
+    data["corpus"]["chat_template"] = absolute(data["corpus"]["chat_template"])
+    data["generate"]["prompts"] = absolute(data["generate"]["prompts"])
+    data["generate"]["output"] = absolute(data["generate"]["output"])
     return from_dict(data)
 
 
