@@ -127,6 +127,10 @@ def run(cfg: PipelineConfig, action: str | None = None) -> dict:
     stage.start(cfg, "generate", skip=False, ray=True)  # resumes answer by answer: never skipped as a whole
     device = cluster_device(cfg.cluster)
     prompts, bad, key_settings = _prompts(cfg, device)
+    if not prompts:
+        raise DataError(f"generate.prompts={cfg.generate.prompts!r} holds no prompt to answer"
+                        + (f" ({len(bad)} bad ones, listed in {output_path(cfg).parent / 'bad_prompts.jsonl'})"
+                           if bad else ""))
     jobs = answers.plan(prompts, cfg.generate.n, key_settings)
     out = output_path(cfg)
     committed = answers.read_parts(out.parent / "parts")

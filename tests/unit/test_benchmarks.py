@@ -147,3 +147,13 @@ def test_serve_benchmark_measures_http_against_in_process_and_a_swap_without_fai
         assert level["stream_ttft_ms"]["p50"] > 0
     assert out["openai_client_ok"] and out["swap_seen"] and out["swap_failed_requests"] == 0
     assert out["checks"]["swap_failed_requests_eq_0"] and out["checks"]["replica_kill_success_rate_ge_0.97"] is None
+
+
+@pytest.mark.slow
+def test_generate_throughput_compares_the_verb_with_a_bare_generate_loop_and_reruns_nothing(capsys):
+    gt = _load("generate_throughput")
+    out = gt.main(["--teacher", "tiny", "--prompts", "6", "--max-tokens", "4", "--batch-size", "3", "--threads", "1"])
+    assert json.loads(capsys.readouterr().out) == out
+    assert out["answers"] == 6 and out["generated_tokens"] > 0 and out["rerun_generated_tokens"] == 0
+    assert out["ratio"] == pytest.approx(out["generate_tokens_per_s"] / out["bare_generate_tokens_per_s"], abs=5e-3)
+    assert out["bare_tokens"] == out["generated_tokens"]  # greedy: both sides decode the same tokens
