@@ -204,6 +204,41 @@ class StudentConfig:
 
 
 @dataclass
+class OnPolicyConfig:
+    """On-policy distillation (GKD-style): on some steps the student samples continuations of prompts cut from the
+    cache's train windows, the teacher scores them, and the student learns from its own samples (``tasks/onpolicy.py``)."""
+
+    fraction: float = 0.0
+    """λ: the share of optimizer steps after ``start_step`` that are on-policy, spread evenly (step s is when
+    ⌊(s − start_step)·λ⌋ grows); the others train on cached off-policy batches. 0 = off; 1 with ``start_step`` =
+    ``steps`` − K is a final on-policy phase of K steps after an offline warm start."""
+    start_step: int = 0
+    """Steps trained off-policy first (the warm start); on-policy steps come only after it."""
+    prompt_tokens: int = 16
+    """Prompt length: the first tokens of each train window (must be shorter than ``corpus.seq_len``)."""
+    max_new_tokens: int = 16
+    """Tokens the student samples per prompt (always this many, EOS or not: under ZeRO-3 every rank must run the
+    same forwards; tokens after an EOS carry no loss)."""
+    temperature: float = 1.0
+    """Temperature of the student's samples (0: greedy). The loss is ``train.loss`` at ``train.temperature`` on
+    the sampled tokens only, without CE (α applies to off-policy steps)."""
+    top_p: float = 1.0
+    """Nucleus of the student's samples (1: all tokens)."""
+    eval_prompts: int = 8
+    """Held-out window prefixes on which each report measures the teacher's per-token log-likelihood of the
+    student's greedy answers (``gen_teacher_nll``, ``gen_length``); 0 = not measured."""
+
+    def __post_init__(self):
+        if not 0.0 <= self.fraction <= 1.0:
+            raise ConfigError(f"train.on_policy.fraction must be in [0, 1] (0 = off), got {self.fraction}")
+        _positive(self, "prompt_tokens", "max_new_tokens")
+        if self.start_step < 0 or self.eval_prompts < 0 or self.temperature < 0:
+            raise ConfigError("train.on_policy.start_step, eval_prompts and temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"train.on_policy.top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
 class TrainConfig:
     """Distributed student training from the cache or an online teacher (Ray Train + DeepSpeed)."""
 
@@ -277,6 +312,8 @@ class TrainConfig:
     registered int8 student, dequantized to float32) or a local student directory (Hugging Face dir with
     safetensors, e.g. a ``train/student`` export). Its architecture must be the one ``student`` builds. An alias is
     resolved when training starts; the train record and ``train/init/init_key.json`` say which version it was."""
+    on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
+    """On-policy phase: the student's own samples scored by the teacher (default: off)."""
 
     def __post_init__(self):
         _positive(self, "num_workers", "cpus_per_worker", "steps", "micro_batch_size", "grad_accum",
