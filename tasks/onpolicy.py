@@ -82,6 +82,21 @@ def sample(model: torch.nn.Module, prompts: torch.Tensor, new_tokens: int, *, te
         model.train(was_training)
 
 
+def heldout_prompts(shards, n: int, prompt_tokens: int) -> torch.Tensor:
+    """``(n', P)``: the first ``prompt_tokens`` tokens of the first ``n`` windows of ``shards`` (read shards, in
+    order; fewer when they hold fewer windows) — prompts for :func:`tasks.evaluate.generation_metrics`."""
+    rows, have = [], 0
+    for shard in shards:
+        tokens = torch.as_tensor(shard.tokens[: n - have, :prompt_tokens]).long()
+        rows.append(tokens)
+        have += tokens.shape[0]
+        if have >= n:
+            break
+    if not have:
+        raise ValueError("no held-out windows to take prompts from (corpus.heldout_fraction)")
+    return torch.cat(rows)
+
+
 def answer_mask(answers: torch.Tensor, eos: set[int]) -> torch.Tensor:
     """``(B, N)`` bool: True on each answer's tokens up to and including its first EOS (the stop decision is part
     of the answer), False after it."""

@@ -152,7 +152,8 @@ def test_serve_benchmark_measures_http_against_in_process_and_a_swap_without_fai
 @pytest.mark.slow
 def test_generate_throughput_compares_the_verb_with_a_bare_generate_loop_and_reruns_nothing(capsys):
     gt = _load("generate_throughput")
-    out = gt.main(["--teacher", "tiny", "--prompts", "6", "--max-tokens", "4", "--batch-size", "3", "--threads", "1"])
+    out = gt.main(["--teacher", "tiny", "--prompts", "6", "--max-tokens", "4", "--batch-size", "3", "--threads", "1",
+                   "--rounds", "1"])
     assert json.loads(capsys.readouterr().out) == out
     assert out["answers"] == 6 and out["generated_tokens"] > 0 and out["rerun_generated_tokens"] == 0
     assert out["ratio"] == pytest.approx(out["generate_tokens_per_s"] / out["bare_generate_tokens_per_s"], abs=5e-3)
