@@ -43,3 +43,17 @@ def test_on_policy_steps_train_under_ray_train_and_deepspeed_log_to_mlflow_and_r
     assert again["steps"] == 6 and "resuming at step 4" in "".join(capfd.readouterr())
     flags = sorted((h.step, h.value) for h in client.get_metric_history(out["mlflow_run_id"], "on_policy"))
     assert flags == [(s, float(s % 2 == 0)) for s in range(1, 7)]  # each step once, the schedule kept
+
+
+@pytest.mark.slow
+def test_on_policy_steps_under_zero3_keep_every_ranks_forwards_in_step(tiny_cached, tmp_path):
+    """ZeRO-3 gathers parameters in collective forwards: the fixed-length sampling and the same held-out prompts
+    on both ranks keep them in step (a rank sampling fewer tokens would hang the other)."""
+    from raydistill.workflows import train
+
+    cfg = load_config("tiny", [f"run_dir={tmp_path / 'run'}", f"cache.dir={tiny_cached.cache_dir}",
+                               "train.zero_stage=3", "train.steps=2", "train.eval_every=2", "train.checkpoint_every=2",
+                               "train.on_policy.fraction=1.0", "train.on_policy.start_step=1",
+                               "train.on_policy.max_new_tokens=4", "train.on_policy.eval_prompts=2"])
+    out = train.train_driver(cfg, run_name="zero3-onpolicy", storage_path=str(tmp_path / "ray"))
+    assert out["steps"] == 2 and out["metrics"]["on_policy"] == 0.5 and "gen_teacher_nll" in out["metrics"]
