@@ -775,6 +775,11 @@ class PipelineConfig:
                                   f"only at cache.temperature={c.temperature}; use that temperature, or set "
                                   "cache.sampled_logprobs=true (re-weighting to another temperature needs the "
                                   "stored log-probs)")
+        op = self.train.on_policy
+        if op.fraction > 0 and op.prompt_tokens >= self.corpus.seq_len:
+            raise ConfigError(f"train.on_policy.prompt_tokens={op.prompt_tokens} must be shorter than corpus.seq_len="
+                              f"{self.corpus.seq_len} (prompts are the first tokens of a window), e.g. "
+                              f"train.on_policy.prompt_tokens={max(1, self.corpus.seq_len // 4)}")
         lora = [k for k in ("lora_r", "lora_alpha") if getattr(self.tune, k)]
         if lora and self.student.peft.method != "lora":
             raise ConfigError(f"tune.{lora[0]} searches a LoRA setting but student.peft.method is "

@@ -132,3 +132,13 @@ def test_on_policy_training_lowers_the_teachers_nll_of_the_students_greedy_answe
     assert after["gen_teacher_nll"] < before["gen_teacher_nll"] - 0.3, (before, after)
     assert after["gen_teacher_logprob"] == -after["gen_teacher_nll"] and after["gen_answers"] == 16
     assert before["gen_length"] == after["gen_length"] == 8  # no EOS within 8 tokens here
+
+
+def test_on_policy_settings_are_checked_before_any_stage_runs():
+    from raydistill.tasks.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.on_policy.prompt_tokens=64 must be shorter than corpus.seq_len=64"):
+        load_config("tiny", ["train.on_policy.fraction=0.5", "train.on_policy.prompt_tokens=64"])
+    with pytest.raises(ConfigError, match=r"fraction must be in \[0, 1\]"):
+        load_config("tiny", ["train.on_policy.fraction=1.5"])
+    assert load_config("tiny", ["train.on_policy.prompt_tokens=64"]).train.on_policy.fraction == 0  # off: unchecked
