@@ -236,6 +236,7 @@ def _progress(s: Step, total: int, start: int, began: float) -> str:
     m = s.metrics
     eta = (time.perf_counter() - began) / (s.step - start) * (total - s.step)
     hidden = f" hidden {m['hidden']:.4f}" if "hidden" in m else ""
+    hidden += " on-policy: KD only" if m.get("on_policy") else ""
     return (f"[train] step {s.step}/{total} loss {m['loss']:.4f} (ce {m['ce']:.3f} kd {m['kd']:.4f}{hidden}) "
             f"lr {m['lr']:.2e} {m['tokens_per_s']:.0f} tok/s {s.seconds:.1f} s/step eta {int(eta // 60)}m"
             f"{int(eta % 60):02d}s")
