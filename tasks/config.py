@@ -115,6 +115,16 @@ class CorpusConfig:
     max_record_bytes: int = 16_000_000
     """Longest line of a text file, JSONL record or Parquet value read (bytes). Files are read line by line, so a
     longer one is refused (naming the file and line) without ever being held whole; raise it for longer records."""
+    chat_mask: Literal["all", "last"] = "all"
+    """Chat records (a ``messages`` list, or ``prompt``/``completion``): which assistant turns carry loss — ``all``
+    of them, or only the ``last`` (``tasks/chat.py``). User, system and template tokens never do."""
+    chat_template: str | None = None
+    """A Jinja chat template file to render chat records with; ``null`` = the teacher tokenizer's own (a chat
+    corpus with a tokenizer that has none is an error naming this field)."""
+    chat_overflow: Literal["split", "skip", "refuse"] = "split"
+    """A rendered conversation longer than ``seq_len + 1`` tokens: ``split`` it between exchanges (a question stays
+    with its answer; an exchange longer than a window is an error), ``skip`` it with a warning, or ``refuse`` it
+    (an error naming the record). Never cut inside a turn."""
 
     def __post_init__(self):
         _positive(self, "seq_len", "windows_per_shard", "max_record_bytes", "segment_bytes")
@@ -228,6 +238,41 @@ class StudentConfig:
 
 
 @dataclass
+class OnPolicyConfig:
+    """On-policy distillation (GKD-style): on some steps the student samples continuations of prompts cut from the
+    cache's train windows, the teacher scores them, and the student learns from its own samples (``tasks/onpolicy.py``)."""
+
+    fraction: float = 0.0
+    """λ: the share of optimizer steps after ``start_step`` that are on-policy, spread evenly (step s is when
+    ⌊(s − start_step)·λ⌋ grows); the others train on cached off-policy batches. 0 = off; 1 with ``start_step`` =
+    ``steps`` − K is a final on-policy phase of K steps after an offline warm start."""
+    start_step: int = 0
+    """Steps trained off-policy first (the warm start); on-policy steps come only after it."""
+    prompt_tokens: int = 16
+    """Prompt length: the first tokens of each train window (must be shorter than ``corpus.seq_len``)."""
+    max_new_tokens: int = 16
+    """Tokens the student samples per prompt (always this many, EOS or not: under ZeRO-3 every rank must run the
+    same forwards; tokens after an EOS carry no loss)."""
+    temperature: float = 1.0
+    """Temperature of the student's samples (0: greedy). The loss is ``train.loss`` at ``train.temperature`` on
+    the sampled tokens only, without CE (α applies to off-policy steps)."""
+    top_p: float = 1.0
+    """Nucleus of the student's samples (1: all tokens)."""
+    eval_prompts: int = 8
+    """Held-out window prefixes on which each report measures the teacher's per-token log-likelihood of the
+    student's greedy answers (``gen_teacher_nll``, ``gen_length``); 0 = not measured."""
+
+    def __post_init__(self):
+        if not 0.0 <= self.fraction <= 1.0:
+            raise ConfigError(f"train.on_policy.fraction must be in [0, 1] (0 = off), got {self.fraction}")
+        _positive(self, "prompt_tokens", "max_new_tokens")
+        if self.start_step < 0 or self.eval_prompts < 0 or self.temperature < 0:
+            raise ConfigError("train.on_policy.start_step, eval_prompts and temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"train.on_policy.top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
 class TrainConfig:
     """Distributed student training from the cache or an online teacher (Ray Train + DeepSpeed)."""
 
@@ -303,6 +348,8 @@ class TrainConfig:
     registered int8 student, dequantized to float32) or a local student directory (Hugging Face dir with
     safetensors, e.g. a ``train/student`` export). Its architecture must be the one ``student`` builds. An alias is
     resolved when training starts; the train record and ``train/init/init_key.json`` say which version it was."""
+    on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
+    """On-policy phase: the student's own samples scored by the teacher (default: off)."""
 
     def __post_init__(self):
         _positive(self, "num_workers", "cpus_per_worker", "steps", "micro_batch_size", "grad_accum",
@@ -623,6 +670,9 @@ class PipelineStagesConfig:
     serve: bool = True
     """End with one demo request (``serve.prompt``) to the promoted model on Ray Serve (``serve.keep_serving``
     keeps the app up after it)."""
+    generate: bool = False
+    """Start with ``generate``: the teacher answers ``generate.prompts`` and the cache reads its answers (a chat
+    JSONL) as the corpus (``corpus.path`` is set to ``generate.output``)."""
     generations: int = 1
     """Self-distillation: run the stages this many times; generation k+1's teacher is generation k's trained
     student (its float32 ``train/student`` export). Generation 0 runs in ``run_dir``, generation k in
@@ -631,6 +681,50 @@ class PipelineStagesConfig:
 
     def __post_init__(self):
         _positive(self, "generations")
+
+
+@dataclass
+class GenerateConfig:
+    """``raydistill generate``: the teacher answers prompts (sequence-level distillation data), resumable and
+    content-addressed: each answer is keyed by its prompt, these settings and the teacher."""
+
+    prompts: str | None = None
+    """A ``.jsonl`` (or ``.parquet``) of prompts: chat records (``messages``; a trailing assistant turn is dropped
+    and answered anew) or ``prompt`` records (a string: one user turn). Required by ``generate``."""
+    output: str | None = None
+    """The chat JSONL written (each prompt's messages with the teacher's answer appended); ``null`` =
+    ``<run_dir>/generate/answers.jsonl``. Committed parts live beside it in ``parts/``."""
+    temperature: float = 0.7
+    """Sampling temperature of the teacher's answers (0: greedy)."""
+    top_p: float = 0.95
+    """Nucleus sampling: draw among the likeliest tokens holding this much probability (1: all)."""
+    max_tokens: int = 256
+    """Longest answer, in tokens (longer ones are cut there: ``finish_reason`` ``length`` in the record)."""
+    n: int = 1
+    """Answers per prompt (each its own seeded sample)."""
+    seed: int = 0
+    """Seed of the sampling; each answer's own seed mixes it with the prompt's key (reruns draw the same)."""
+    max_prompt_tokens: int = 1024
+    """Longest prompt (rendered with the chat template, in tokens); a longer one is a bad prompt."""
+    on_bad_prompt: Literal["skip", "refuse"] = "skip"
+    """A prompt that is empty, over-long or not valid JSON (or not a prompt record): ``skip`` it (every one is
+    reported with its line in ``generate/bad_prompts.jsonl``), or ``refuse`` the whole run before generating."""
+    num_actors: int = 1
+    """Teacher actors (each loads the teacher once and answers batch after batch)."""
+    cpus_per_actor: int = 2
+    """CPUs (= torch threads) per actor."""
+    num_gpus_per_actor: float = 1.0
+    """GPUs per actor when ``cluster.device`` is CUDA (fractions pack several actors on one GPU); ignored on CPU."""
+    batch_size: int = 16
+    """Answers one actor decodes together (rows of its continuous batch), committed as one part file."""
+
+    def __post_init__(self):
+        _positive(self, "max_tokens", "n", "max_prompt_tokens", "num_actors", "cpus_per_actor", "num_gpus_per_actor",
+                  "batch_size")
+        if self.temperature < 0:
+            raise ConfigError(f"generate.temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"generate.top_p must be in (0, 1], got {self.top_p}; 1 keeps every token")
 
 
 @dataclass
@@ -691,6 +785,8 @@ class PipelineConfig:
     """Where Ray runs."""
     pipeline: PipelineStagesConfig = field(default_factory=PipelineStagesConfig)
     """What ``raydistill pipeline`` runs."""
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    """Teacher answers to prompts (``raydistill generate``)."""
     submit: SubmitConfig = field(default_factory=SubmitConfig)
     """Ray job submission."""
 
@@ -727,6 +823,11 @@ class PipelineConfig:
                                   f"only at cache.temperature={c.temperature}; use that temperature, or set "
                                   "cache.sampled_logprobs=true (re-weighting to another temperature needs the "
                                   "stored log-probs)")
+        op = self.train.on_policy
+        if op.fraction > 0 and op.prompt_tokens >= self.corpus.seq_len:
+            raise ConfigError(f"train.on_policy.prompt_tokens={op.prompt_tokens} must be shorter than corpus.seq_len="
+                              f"{self.corpus.seq_len} (prompts are the first tokens of a window), e.g. "
+                              f"train.on_policy.prompt_tokens={max(1, self.corpus.seq_len // 4)}")
         lora = [k for k in ("lora_r", "lora_alpha") if getattr(self.tune, k)]
         if lora and self.student.peft.method != "lora":
             raise ConfigError(f"tune.{lora[0]} searches a LoRA setting but student.peft.method is "
@@ -931,6 +1032,9 @@ def resolve_paths(cfg: PipelineConfig) -> PipelineConfig:
     data["teacher"]["tokenizer"] = absolute(data["teacher"]["tokenizer"])
     data["student"]["tokenizer"] = absolute(data["student"]["tokenizer"])
     data["corpus"]["path"] = absolute(data["corpus"]["path"], _BUILTIN_SOURCES["corpus.path"])
+    data["corpus"]["chat_template"] = absolute(data["corpus"]["chat_template"])
+    data["generate"]["prompts"] = absolute(data["generate"]["prompts"])
+    data["generate"]["output"] = absolute(data["generate"]["output"])
     return from_dict(data)
 
 

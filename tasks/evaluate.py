@@ -21,6 +21,10 @@ The promotion gate compares two models on one *frozen* held-out set: :func:`held
 sorted held-out shard keys and the window cap) and :func:`regressions` says how much worse a candidate is than
 the champion on each gated metric.
 
+For assistants, :func:`generation_metrics` scores the student's greedy answers to prompts by the teacher's
+per-token log-likelihood of them (and their length): a metric of what the student *generates*, not of how it
+predicts the corpus.
+
 For distributed evaluation, each rank calls :func:`evaluate_sums` on its own shards, the sums are added
 across ranks (``all_reduce``) and :func:`finalize` turns them into the metrics.
 """
@@ -146,6 +150,44 @@ def evaluate(model, shards: Iterable, *, max_windows: int | None = None, teacher
     return finalize(evaluate_sums(model, shards, max_windows=max_windows, teacher_targets=teacher_targets,
                                   batch_size=batch_size))
 
+
+
+@torch.no_grad()
+def generation_metrics(student, teacher, prompts: torch.Tensor, *, max_new_tokens: int, eos: set[int],
+                       batch_size: int = 8) -> dict:
+    """The teacher's verdict on the student's greedy answers: how likely the teacher finds them, and how long.
+
+    Args:
+        student, teacher: causal LMs (an engine or :class:`tasks.online.StudentWithHeads` for the student too).
+        prompts (torch.Tensor): ``(B, P)`` token ids (e.g. prefixes of held-out windows), on the student's device.
+        max_new_tokens: greedy tokens per answer (an answer ends at its first EOS, which it includes).
+        eos: ids that end an answer.
+    Returns:
+        ``gen_teacher_logprob``: mean over answer tokens of the teacher's log p(token | prompt, answer so far) at
+        T=1 (a token the teacher's vocabulary lacks counts −100); ``gen_teacher_nll`` its negation;
+        ``gen_length``: mean answer tokens before the EOS; ``gen_answers``: B.
+    """
+    from raydistill.tasks.onpolicy import answer_mask, causal_lm, sample
+
+    total, tokens, length = 0.0, 0, 0
+    device = module_device(teacher)
+    for a in range(0, prompts.shape[0], batch_size):
+        p = prompts[a:a + batch_size]
+        answers = sample(causal_lm(student), p, max_new_tokens, temperature=0.0)
+        keep = answer_mask(answers, eos)
+        x = torch.cat([p, answers], dim=1).to(device)
+        logp = torch.log_softmax(teacher(input_ids=x[:, :-1], use_cache=False).logits.float(), dim=-1)
+        logp = logp[:, p.shape[1] - 1:]  # rows predicting the answer's tokens
+        ids = answers.to(device)
+        inside = ids < logp.shape[-1]
+        lp = torch.where(inside, logp.gather(-1, ids.clamp(max=logp.shape[-1] - 1)[..., None])[..., 0], -100.0)
+        total += float(lp.clamp(min=-100.0)[keep.to(device)].sum())
+        tokens += int(keep.sum())
+        is_eos = sum((answers == e).long() for e in eos) if eos else torch.zeros_like(answers)
+        length += int((keep & (is_eos == 0)).sum())
+    mean = total / max(tokens, 1)
+    return {"gen_teacher_logprob": mean, "gen_teacher_nll": -mean, "gen_length": length / prompts.shape[0],
+            "gen_answers": int(prompts.shape[0])}
 
 
 GATED = {"heldout_loss": 1.0, "top1_agreement": -1.0, "ece": 1.0}

@@ -28,26 +28,36 @@ def _temporary(target: Path) -> Path:
     return target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically, creating missing parent directories; returns the path."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically, creating missing parent directories; returns the path."""
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike, binary: bool = False) -> Iterator:
+    """A file (text in UTF-8, or ``binary``) to write ``path`` through, streamed: it becomes ``path`` on a clean
+    exit, atomically (parent directories created); on an exception ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary(path)
     try:
-        with open(tmp, "xb") as f:
-            f.write(data)
+        with open(tmp, "xb") if binary else open(tmp, "x", encoding="utf-8") as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())  # the bytes are on disk before the name points at them
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically, creating missing parent directories; returns the path."""
+    with atomic_writer(path) as f:
+        f.write(text)
+    return Path(path)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically, creating missing parent directories; returns the path."""
+    with atomic_writer(path, binary=True) as f:
+        f.write(data)
+    return Path(path)
 
 
 def atomic_write_json(path: str | os.PathLike, data, *, indent: int | None = 2, default=None) -> Path:

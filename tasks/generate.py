@@ -10,13 +10,15 @@ into one batch and decoded step by step with the KV cache. :class:`Engine` batch
 while others run joins the batch at the next token, and a finished one leaves it (``tasks.kvbatch``); ``complete``
 starts all its prompts together on one. ``temperature == 0`` is greedy (deterministic);
 otherwise each prompt samples from ``softmax(logits / temperature)`` with its own ``torch.Generator`` seeded by
-its ``seed``, so a prompt's sample does not depend on what else is in the batch. Generation of a prompt stops at
+its ``seed``, so a prompt's sample does not depend on what else is in the batch. ``top_p`` < 1 samples from the
+nucleus only: the most likely tokens whose probabilities (at the temperature) first sum to ``top_p`` or more,
+renormalised; ``top_p = 1`` draws exactly as without it. Generation of a prompt stops at
 an end-of-sequence token (``finish_reason: "stop"``, the EOS itself is not returned) or after ``max_tokens``
 (``"length"``).
 
 Log-probabilities are the model's own (``log_softmax`` of the logits at temperature 1), whatever temperature
 was used to pick the token: they score the text, as OpenAI's ``logprobs`` do. ``max_tokens``, ``temperature``,
-``logprobs`` and ``seed`` may be one value for all prompts or a list with one value per prompt (so one forward
+``top_p``, ``logprobs`` and ``seed`` may be one value for all prompts or a list with one value per prompt (so one forward
 batch can serve requests with different settings).
 
 Per prompt, ``stop`` lists strings that end the completion where they first appear in the generated text (the
@@ -66,13 +68,16 @@ def _per_prompt(value, n: int, name: str) -> list:
     return [value] * n
 
 
-def _check(max_tokens: list, temperature: list, logprobs: list, vocab: int) -> None:
+def _check(max_tokens: list, temperature: list, logprobs: list, vocab: int, top_p: list = ()) -> None:
     for m in max_tokens:
         if not isinstance(m, int) or isinstance(m, bool) or m < 1:
             raise ValueError(f"max_tokens must be an integer >= 1, got {m!r}")
     for t in temperature:
         if not isinstance(t, (int, float)) or isinstance(t, bool) or not t >= 0:
             raise ValueError(f"temperature must be a number >= 0, got {t!r}")
+    for p in top_p:
+        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 < p <= 1:
+            raise ValueError(f"top_p must be a number in (0, 1], got {p!r}")
     for k in logprobs:
         if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= vocab):
             raise ValueError(f"logprobs must be null or an integer in [0, {vocab}], got {k!r}")
@@ -114,12 +119,23 @@ class _Text:
         return delta
 
 
-def _choose(logits: torch.Tensor, temperature: list, generators: list) -> torch.Tensor:
-    """Next token per row: argmax at temperature 0, else a draw from ``softmax(logits / T)``."""
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``probs`` ``(..., V)`` with everything outside the top-``top_p`` nucleus set to 0 (not renormalised): the
+    most likely tokens whose mass first reaches ``top_p``; the most likely token always stays."""
+    if top_p >= 1:
+        return probs
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    outside = sorted_p.cumsum(dim=-1) - sorted_p >= top_p  # the mass before a token already reaches top_p
+    return probs.scatter(-1, order, sorted_p.masked_fill(outside, 0.0))
+
+
+def _choose(logits: torch.Tensor, temperature: list, generators: list, top_p: list | None = None) -> torch.Tensor:
+    """Next token per row: argmax at temperature 0, else a draw from ``softmax(logits / T)`` (its top-p
+    :func:`nucleus`)."""
     chosen = logits.argmax(dim=-1)
     for i, t in enumerate(temperature):
         if t > 0:
-            probs = torch.softmax(logits[i] / t, dim=-1)
+            probs = nucleus(torch.softmax(logits[i] / t, dim=-1), top_p[i] if top_p else 1.0)
             chosen[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
     return chosen
 
@@ -144,6 +160,8 @@ class Completion:
     """Called on the generating thread after each token (streaming; see the module doc)."""
     tag: object = None
     """The caller's: whatever it needs to route the result (a server's request)."""
+    top_p: float = 1.0
+    """Nucleus sampling: draw only among the most likely tokens holding this much mass (1: all of them)."""
     state: dict = field(default_factory=dict)
     """Tokens, log-probs, alternatives, text and finish reason so far (what ``_advance`` fills)."""
     next_id: int = 0
@@ -169,15 +187,15 @@ class Engine:
 
     def add(self, prompt: str, *, max_tokens: int = 16, temperature: float = 0.0, logprobs: int | None = None,
             seed: int | None = None, stop: Sequence[str] = (), cancel=None, on_token=None, tag=None,
-            ids: Sequence[int] | None = None) -> Completion:
+            ids: Sequence[int] | None = None, top_p: float = 1.0) -> Completion:
         """Queue one prompt (it joins at the next :meth:`step` with room); bad settings raise ``ValueError``.
         ``ids``: the prompt's token ids when the caller has them already (this engine's tokenizer's)."""
-        _check([max_tokens], [temperature], [logprobs], self.vocab)
+        _check([max_tokens], [temperature], [logprobs], self.vocab, [top_p])
         ids = list(ids) if ids is not None else encode_prompts(self.tokenizer, [prompt])[0]
         if not ids:
             raise ValueError("a prompt is empty (no tokens)")
         c = Completion(ids, max_tokens, temperature, logprobs, _generator(seed) if temperature > 0 else None,
-                       cancel, on_token, tag)
+                       cancel, on_token, tag, top_p)
         c.state = {"token_ids": [], "token_logprobs": [], "top": [], "finish_reason": None,
                    "text": _Text(self.tokenizer, stop) if (stop or on_token) else None}
         self.waiting.append(c)
@@ -215,7 +233,8 @@ class Engine:
 
     def _advance_all(self, logits: torch.Tensor) -> None:
         logp = torch.log_softmax(logits, dim=-1)
-        chosen = _choose(logits, [c.temperature for c in self.running], [c.generator for c in self.running])
+        chosen = _choose(logits, [c.temperature for c in self.running], [c.generator for c in self.running],
+                         [c.top_p for c in self.running])
         kmax = max((c.logprobs or 0 for c in self.running), default=0)
         top = logp.topk(kmax, dim=-1) if kmax else None
         for i, c in enumerate(self.running):
@@ -232,13 +251,14 @@ class Engine:
             self.running = [self.running[i] for i in keep]
 
 
-_SETTINGS = ("max_tokens", "temperature", "logprobs", "seed", "stop", "cancel", "on_token")
+_SETTINGS = ("max_tokens", "temperature", "logprobs", "seed", "stop", "cancel", "on_token", "top_p")
 
 
 def complete(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_tokens: int | list[int] = 16,
              temperature: float | list[float] = 0.0, logprobs: int | None | list = None,
              seed: int | None | list = None, stop: Sequence[str] | list | None = None,
-             cancel: Sequence | None = None, on_token: Sequence | None = None) -> list[dict]:
+             cancel: Sequence | None = None, on_token: Sequence | None = None,
+             top_p: float | list[float] = 1.0) -> list[dict]:
     """Complete each prompt; one dict per prompt (see the module doc for the semantics). All prompts start as
     one left-padded batch on an :class:`Engine`; each leaves it when it finishes.
 
@@ -258,9 +278,10 @@ def complete(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_tokens:
         stop = [list(stop or [])] * n
     stop, cancel, on_token = _per_prompt(list(stop), n, "stop"), _per_prompt(cancel, n, "cancel"), \
         _per_prompt(on_token, n, "on_token")
+    top_p = _per_prompt(top_p, n, "top_p")
     engine = Engine(model, tokenizer, max_rows=n)  # add() checks each prompt's settings
     completions = []
-    for i, args in enumerate(zip(prompts, max_tokens, temperature, logprobs, seed, stop, cancel, on_token)):
+    for i, args in enumerate(zip(prompts, max_tokens, temperature, logprobs, seed, stop, cancel, on_token, top_p)):
         try:
             completions.append(engine.add(args[0], **dict(zip(_SETTINGS, args[1:]))))
         except ValueError as e:

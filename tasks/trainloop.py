@@ -28,6 +28,7 @@ from raydistill.tasks.config import PipelineConfig, TrainConfig
 from raydistill.tasks.device import module_device, to_device
 from raydistill.tasks.objective import training_loss
 from raydistill.tasks.online import OnlineTeacher
+from raydistill.tasks.onpolicy import OnPolicy, is_on_policy, on_policy_batch
 
 
 def lr_at(step: int, tc: TrainConfig, total: int) -> float:
@@ -134,7 +135,7 @@ def set_lr(engine, lr: float) -> None:
 
 
 def train_steps(engine, batches: Iterator, tc: TrainConfig, *, total: int, start: int = 0,
-                online: OnlineTeacher | None = None) -> Iterator[Step]:
+                online: OnlineTeacher | None = None, on_policy: OnPolicy | None = None) -> Iterator[Step]:
     """Optimizer steps ``start+1 .. total`` of :func:`tasks.objective.training_loss` on ``engine``.
 
     Args:
@@ -143,6 +144,9 @@ def train_steps(engine, batches: Iterator, tc: TrainConfig, *, total: int, start
             position of step ``start``; ``tc.grad_accum`` micro-batches make a step.
         tc: the objective's fields, the lr schedule, ``grad_accum``, ``eval_every``/``checkpoint_every``.
         online: the teacher run inside the step (None: the batches carry cached targets).
+        on_policy: on the steps :func:`tasks.onpolicy.is_on_policy` picks, each micro-batch is replaced by the
+            student's samples after its prefix, scored by this teacher (:func:`tasks.onpolicy.on_policy_batch`);
+            the metrics then carry ``on_policy`` (1 on those steps, else 0).
     """
     hidden = online is not None and bool(online.layers)
     reports, window = set(report_steps(tc, total)), []
@@ -152,10 +156,15 @@ def train_steps(engine, batches: Iterator, tc: TrainConfig, *, total: int, start
         lr = lr_at(step, tc, total)
         set_lr(engine, lr)
         sums = StepSums()
-        for _ in range(tc.grad_accum):
+        own = on_policy is not None and is_on_policy(step, on_policy.opc)
+        for micro in range(tc.grad_accum):
             batch, position = next(batches)
             batch = to_device(batch, device)
-            losses = training_loss(engine, batch, tc, online)
+            if own:  # the student's own samples after the batch's prefixes, the teacher's targets on them
+                batch = on_policy_batch(engine, batch, on_policy, tc, step, micro)
+                losses = training_loss(engine, batch, on_policy.loss_config(tc), None)
+            else:
+                losses = training_loss(engine, batch, tc, online)
             engine.backward(losses["total"])
             engine.step()  # the optimizer runs at the accumulation boundary only
             sums.add(losses, batch.tokens)
@@ -166,6 +175,8 @@ def train_steps(engine, batches: Iterator, tc: TrainConfig, *, total: int, start
                    "tokens_per_s": sums.tokens / seconds}
         if not hidden:
             del metrics["hidden"]
+        if on_policy is not None:
+            metrics["on_policy"] = float(own)
         window.append(metrics)
         mean = None
         if step in reports:

@@ -1,9 +1,10 @@
-"""Run every stage in order: cache → tune → train → quantize → register → promote → serve (one request), then
+"""Run every stage in order: [generate →] cache → tune → train → quantize → register → promote → serve (one request), then
 draw the report (``run_dir/report/index.html``; its path is printed at the end: ``report: PATH``).
 
     raydistill pipeline                      # SmolLM2-135M → 4-layer student on Shakespeare
     raydistill pipeline --config tiny        # a tiny random teacher, a few minutes
     raydistill pipeline pipeline.tune=false serve.keep_serving=true   # no search; keep serving at the end
+    raydistill pipeline pipeline.generate=true generate.prompts=prompts.jsonl   # the teacher's answers as corpus
 
 Each stage is skipped when its outputs for the same inputs already exist in ``run_dir`` (content keys in
 ``run_dir/stages``); the cache resumes shard by shard, so a rerun performs zero teacher forward passes.
@@ -32,6 +33,8 @@ def run(cfg: PipelineConfig, action: str | None = None) -> dict:
     """Every stage in order (``pipeline.tune``: with the search first), then ``pipeline.serve``'s demo request;
     ``pipeline.generations`` times, each generation taught by the previous one's student."""
     cfg = resolve_paths(cfg)
+    if cfg.pipeline.generate:  # prompts → the teacher's answers, which become the corpus of every generation
+        cfg = _generate(cfg)
     n = cfg.pipeline.generations
     generations, summary = [], {}
     for g in range(n):
@@ -46,6 +49,15 @@ def run(cfg: PipelineConfig, action: str | None = None) -> dict:
         summary = {**summary, "generations": generations}
         atomic_write_json(Path(cfg.run_dir, "summary.json"), summary, default=str)
     return summary
+
+
+def _generate(cfg: PipelineConfig) -> PipelineConfig:
+    """Run ``generate`` (resumable: only prompts not answered yet are) and read its chat JSONL as the corpus."""
+    from raydistill.workflows import generate
+
+    print("\n=== raydistill generate ===", flush=True)
+    generate.run(cfg)
+    return dataclasses.replace(cfg, corpus=dataclasses.replace(cfg.corpus, path=str(generate.output_path(cfg))))
 
 
 def generation_config(cfg: PipelineConfig, g: int, teacher_dir: str | None) -> PipelineConfig:

@@ -213,8 +213,9 @@ def _student(config: dict, cfg: PipelineConfig, teacher_dim: int | None) -> Stud
     return student_with_heads(student, cfg.train, [tuple(p) for p in config["layer_map"]], teacher_dim)
 
 
-def _evaluate(engine, cache, tc: TrainConfig, rank: int, world: int) -> dict:
-    """Held-out metrics over all ranks. ZeRO-3 forwards are collective, so there every rank runs all shards."""
+def _evaluate(engine, cache, tc: TrainConfig, rank: int, world: int, generation=None) -> dict:
+    """Held-out metrics over all ranks. ZeRO-3 forwards are collective, so there every rank runs all shards.
+    ``generation``: ``(OnPolicy, prompts)`` adds the teacher-scored metrics of the student's greedy answers."""
     split = tc.zero_stage != 3 and world > 1
     vocab = engine.module.student.config.vocab_size
     budget = eval_window_budget(tc, world)
@@ -228,31 +229,36 @@ def _evaluate(engine, cache, tc: TrainConfig, rank: int, world: int) -> dict:
         dist.all_reduce(sums)
         sums = sums.cpu()
     rename = {"tokens": "eval_tokens", "tokens_per_s": "eval_tokens_per_s"}  # keep training's tokens_per_s
-    return {rename.get(k, k): v for k, v in finalize(sums).items()}
+    out = {rename.get(k, k): v for k, v in finalize(sums).items()}
+    if generation is not None:  # every rank the same prompts: under ZeRO-3 each forward is a collective
+        out.update(_generation_metrics(engine, *generation))
+    return out
 
 
 def _progress(s: Step, total: int, start: int, began: float) -> str:
     m = s.metrics
     eta = (time.perf_counter() - began) / (s.step - start) * (total - s.step)
     hidden = f" hidden {m['hidden']:.4f}" if "hidden" in m else ""
+    hidden += " on-policy: KD only" if m.get("on_policy") else ""
     return (f"[train] step {s.step}/{total} loss {m['loss']:.4f} (ce {m['ce']:.3f} kd {m['kd']:.4f}{hidden}) "
             f"lr {m['lr']:.2e} {m['tokens_per_s']:.0f} tok/s {s.seconds:.1f} s/step eta {int(eta // 60)}m"
             f"{int(eta % 60):02d}s")
 
 
 def _report(engine, s: Step, *, cfg: PipelineConfig, cache, rank: int, world: int, total: int, init: dict,
-            sink) -> dict:
+            sink, generation=None) -> dict:
     """At a report step: held-out eval (every report carries it: ASHA's metric), then the report to Ray Train,
     with a checkpoint at ``checkpoint_every`` and at the last step. Returns the reported metrics."""
     import ray.train
 
     tc = cfg.train
-    evaluation = _evaluate(engine, cache, tc, rank, world)
+    evaluation = _evaluate(engine, cache, tc, rank, world, generation)
     metrics = {**s.window, **evaluation, "step": s.step}
     sink.log(evaluation, s.step)
     if rank == 0:
+        gen = f" gen_teacher_nll {evaluation['gen_teacher_nll']:.4f}" if "gen_teacher_nll" in evaluation else ""
         _log(f"[train] eval step {s.step}: heldout_loss {evaluation['heldout_loss']:.4f} "
-             f"top1_agreement {evaluation['top1_agreement']:.3f}")
+             f"top1_agreement {evaluation['top1_agreement']:.3f}{gen}")
     if not checkpoint_step(tc, s.step, total):
         ray.train.report(metrics)
         return metrics
@@ -289,6 +295,31 @@ def _metric_sink(config: dict):
     return MetricSink(config["tracking_uri"], config["mlflow_run_id"])
 
 
+def _on_policy(cfg: PipelineConfig, online, cache, device, rank: int) -> tuple:
+    """``(OnPolicy, (OnPolicy, held-out prompts))`` for ``train.on_policy`` (``(None, None)`` when off): the teacher
+    is the online one, or loaded here once (frozen, outside DeepSpeed); the prompts, the same on every rank, are
+    the first ``eval_prompts`` held-out windows' prefixes (``None`` when 0)."""
+    from raydistill.tasks.generate import eos_ids
+    from raydistill.tasks.onpolicy import OnPolicy, heldout_prompts
+    from raydistill.tasks.teacher import load_teacher, load_tokenizer
+
+    opc = cfg.train.on_policy
+    if opc.fraction == 0:
+        return None, None
+    teacher = online.model if online else load_teacher(cfg.teacher, device)[0].requires_grad_(False)
+    op = OnPolicy(teacher, opc, eos_ids(teacher, load_tokenizer(cfg.teacher)), cfg.train.seed, rank)
+    if not opc.eval_prompts:
+        return op, None
+    return op, (op, heldout_prompts(heldout_shards(cache), opc.eval_prompts, opc.prompt_tokens).to(device))
+
+
+def _generation_metrics(engine, op, prompts) -> dict:
+    from raydistill.tasks.evaluate import generation_metrics
+
+    return generation_metrics(engine, op.teacher, prompts, max_new_tokens=op.opc.max_new_tokens, eos=op.eos,
+                              batch_size=prompts.shape[0])
+
+
 def train_fn_per_worker(config: dict) -> None:
     """One worker: build the student (+ heads) and teacher, resume, run the shared step loop, export."""
     if config.get("device", "cpu") == "cpu":  # DeepSpeed would pick CUDA wherever it sees a GPU
@@ -316,29 +347,31 @@ def train_fn_per_worker(config: dict) -> None:
     online = None
     if tc.teacher_mode == "online":  # loaded once per worker; frozen, outside DeepSpeed
         online = online_teacher(load_teacher(cfg.teacher, device)[0], tc, [tuple(p) for p in config["layer_map"]])
+    on_policy, generation = _on_policy(cfg, online, cache, device, rank)
     model = _student(config, cfg, online.model.config.hidden_size if online else None)
     engine, state, position = _engine(model, tc, rank, world, ray.train.get_checkpoint(), device.type)
 
     start, metrics = state["step"], state.get("metrics", {})
     sink = _metric_sink(config if rank == 0 else {})
     if start == 0:
-        state["init"] = _evaluate(engine, cache, tc, rank, world)
+        state["init"] = _evaluate(engine, cache, tc, rank, world, generation)
         sink.log({f"init_{k}": v for k, v in state["init"].items()}, step=0)
     if rank == 0:
         _log(f"[train] {'resuming at step ' + str(start) if start else 'starting'}: {total} steps, {world} workers, "
              f"ZeRO-{tc.zero_stage}, teacher {tc.teacher_mode}, loss {tc.loss}, alpha {tc.alpha}, T {tc.temperature}"
-             + (f", hidden {tc.hidden_loss} x{tc.hidden_weight} on {config['layer_map']}" if model.layers else ""))
+             + (f", hidden {tc.hidden_loss} x{tc.hidden_weight} on {config['layer_map']}" if model.layers else "")
+             + (f", on-policy {tc.on_policy.fraction:g} of steps after {tc.on_policy.start_step}" if on_policy else ""))
     stream = train_batches(cache, rank=rank, world_size=world, micro_batch_size=tc.micro_batch_size,
                            temperature=tc.temperature, seed=tc.seed, start=position, targets=online is None,
                            vocab_size=model.student.config.vocab_size)
     began = time.perf_counter()
-    for s in train_steps(engine, stream, tc, total=total, start=start, online=online):
+    for s in train_steps(engine, stream, tc, total=total, start=start, online=online, on_policy=on_policy):
         sink.log(s.metrics, s.step)
         if rank == 0:
             _log(_progress(s, total, start, began))
         if s.window is not None:
             metrics = _report(engine, s, cfg=cfg, cache=cache, rank=rank, world=world, total=total,
-                              init=state.get("init"), sink=sink)
+                              init=state.get("init"), sink=sink, generation=generation)
 
     fresh = lambda: _student(config, cfg, None).student  # noqa: E731  (the exported structure: no heads)
     nodes = [ray.get_runtime_context().get_node_id()] * world  # each rank's Ray node, for the stage record

@@ -48,9 +48,14 @@ class Verb:
 
 
 _ALL = ("run_dir", "teacher", "corpus", "cache", "student", "train", "tune", "quantize", "registry", "serve",
-        "cluster", "pipeline")
+        "cluster", "pipeline", "generate")
 
 VERBS: dict[str, Verb] = {
+    "generate": Verb(
+        "raydistill.workflows.generate", "the teacher answers prompts (a chat JSONL for the cache), resumable",
+        # its record key hashes the answers' content keys (tasks.answers.plan: prompt, sampling settings, teacher,
+        # tokenizer, chat template); batch size and actor count do not change an answer
+        reads=("teacher", "generate", "corpus.chat_template", "corpus.max_record_bytes"), uses=("cluster",)),
     "cache": Verb(
         "raydistill.workflows.cache", "run the teacher once over the corpus and store its soft targets",
         # its record key is the cache's content key (sha256 of its shard keys: tasks.cache.manifest.shard_key hashes

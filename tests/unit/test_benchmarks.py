@@ -167,3 +167,13 @@ def test_cache_scale_runs_the_real_verb_at_two_sizes_and_reports_per_shard_ratio
 def test_cache_scale_refuses_sizes_out_of_order():
     with pytest.raises(SystemExit):
         _load("cache_scale").parse_args(["--sizes", "400", "100"])
+
+
+def test_generate_throughput_compares_the_verb_with_a_bare_generate_loop_and_reruns_nothing(capsys):
+    gt = _load("generate_throughput")
+    out = gt.main(["--teacher", "tiny", "--prompts", "6", "--max-tokens", "4", "--batch-size", "3", "--threads", "1",
+                   "--rounds", "1"])
+    assert json.loads(capsys.readouterr().out) == out
+    assert out["answers"] == 6 and out["generated_tokens"] > 0 and out["rerun_generated_tokens"] == 0
+    assert out["ratio"] == pytest.approx(out["generate_tokens_per_s"] / out["bare_generate_tokens_per_s"], abs=5e-3)
+    assert out["bare_tokens"] == out["generated_tokens"]  # greedy: both sides decode the same tokens

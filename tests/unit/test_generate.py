@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from raydistill.tasks.generate import complete, encode_prompts
+from raydistill.tasks.generate import complete, encode_prompts, nucleus
 from raydistill.tasks.openai_api import RequestError, parse_completion_request
 
 PROMPTS = ["ROMEO.\nBut soft, what light", "Hi", "To be, or not to be, that is the question"]
@@ -80,6 +80,32 @@ def test_sampling_is_seeded_per_prompt(model, tiny_tokenizer):
     assert cold[0]["token_ids"] == greedy[0]["token_ids"]
 
 
+def test_the_nucleus_keeps_the_likeliest_tokens_until_their_mass_reaches_top_p():
+    p = torch.tensor([[0.15, 0.5, 0.05, 0.3]], dtype=torch.float64)
+    assert nucleus(p, 1.0) is p
+    assert nucleus(p, 0.7).tolist() == [[0.0, 0.5, 0.0, 0.3]]
+    assert nucleus(p, 0.5).tolist() == [[0.0, 0.5, 0.0, 0.0]]  # the first token alone reaches 0.5
+    assert nucleus(p, 0.51).tolist() == [[0.0, 0.5, 0.0, 0.3]]
+    assert nucleus(p, 1e-9).tolist() == [[0.0, 0.5, 0.0, 0.0]]  # the likeliest token always stays
+
+
+def test_top_p_samples_only_inside_the_nucleus_and_one_draws_as_without_it(model, tiny_tokenizer):
+    kw = dict(max_tokens=12, temperature=1.5, seed=[5, 6, 7])
+    plain = complete(model, tiny_tokenizer, PROMPTS, **kw)
+    assert complete(model, tiny_tokenizer, PROMPTS, top_p=1.0, **kw) == plain
+    greedy = complete(model, tiny_tokenizer, PROMPTS, max_tokens=12, temperature=0.0)
+    assert [o["token_ids"] for o in complete(model, tiny_tokenizer, PROMPTS, top_p=1e-6, **kw)] == \
+        [o["token_ids"] for o in greedy]
+    out = complete(model, tiny_tokenizer, PROMPTS, top_p=0.3, **kw)
+    assert [o["token_ids"] for o in out] != [o["token_ids"] for o in greedy]  # still sampling
+    for ids, o in zip(encode_prompts(tiny_tokenizer, PROMPTS), out):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids + o["token_ids"]])).logits[0]
+        for step, tok in enumerate(o["token_ids"]):
+            probs = torch.softmax(logits[len(ids) - 1 + step] / 1.5, dim=-1)
+            assert nucleus(probs, 0.3)[tok] > 0, f"token {tok} at step {step} is outside the 0.3 nucleus"
+
+
 def test_per_prompt_settings(model, tiny_tokenizer):
     out = complete(model, tiny_tokenizer, PROMPTS[:2], max_tokens=[2, 4], temperature=[0.0, 0.5],
                    logprobs=[None, 2], seed=[None, 1])
@@ -89,7 +115,8 @@ def test_per_prompt_settings(model, tiny_tokenizer):
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(max_tokens=0), "max_tokens"), (dict(temperature=-0.1), "temperature"),
-    (dict(logprobs=10**9), "logprobs"), (dict(max_tokens=[1]), "2 prompts"),
+    (dict(logprobs=10**9), "logprobs"), (dict(max_tokens=[1]), "2 prompts"), (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
 ])
 def test_complete_rejects_bad_arguments(model, tiny_tokenizer, kwargs, match):
     with pytest.raises(ValueError, match=match):

