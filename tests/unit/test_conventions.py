@@ -72,3 +72,16 @@ def test_files_are_replaced_atomically_only_through_fileio():
                  if isinstance(node, ast.Attribute) and node.attr in ("replace", "rename")
                  and isinstance(node.value, ast.Name) and node.value.id == "os"]
     assert offenders == [], "use raydistill.tasks.fileio (atomic_write_text/_json, replace_dir)"
+
+
+def test_every_test_module_has_a_name_no_other_test_module_has():
+    """The test folders have no __init__.py, so pytest imports test modules by basename: two files of one name
+    (tests/unit/test_x.py and tests/integration/test_x.py) stop the whole suite at collection."""
+    seen: dict[str, str] = {}
+    clashes = []
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        if path.name in seen:
+            clashes.append(f"{seen[path.name]} and {rel}")
+        seen.setdefault(path.name, rel)
+    assert not clashes, f"test modules share a basename (rename one): {clashes}"
