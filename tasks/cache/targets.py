@@ -128,6 +128,6 @@ def heldout_stats(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, np.nd
     """logits ``[B, L, V]``, labels ``[B, L]`` → ``teacher_top1`` int32 ``[B*L]`` (argmax id) and
     ``teacher_nll`` float32 ``[B*L]`` (teacher cross-entropy of the true next token at T=1)."""
     x = logits.float()
-    nll = torch.logsumexp(x, dim=-1) - x.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1)
-    return {"teacher_top1": x.argmax(dim=-1).reshape(-1).to(torch.int32).numpy(),
-            "teacher_nll": nll.reshape(-1).numpy().astype(np.float32)}
+    nll = torch.logsumexp(x, dim=-1) - x.gather(-1, labels.to(x.device).long().unsqueeze(-1)).squeeze(-1)
+    return {"teacher_top1": x.argmax(dim=-1).reshape(-1).to(torch.int32).cpu().numpy(),
+            "teacher_nll": nll.reshape(-1).cpu().numpy().astype(np.float32)}

@@ -42,6 +42,9 @@ def test_every_format_module_has_the_same_functions_and_is_reachable_by_its_name
 def test_every_format_takes_its_parameters_from_the_cache_config():
     cfg = CacheConfig(num_samples=20, seed=3, top_k=9, sampled_logprobs=True)
     assert format_params(cfg) == sampled.Params(num_samples=20, seed=3, logprobs=True)
+    budget = format_params(CacheConfig(bytes_per_token=30))  # no fixed N: the budget picks per row, up to 255
+    assert budget == sampled.Params(num_samples=255, seed=0, logprobs=False, bytes_per_token=30.0)
+    assert budget.sampler == "inverse_cdf_f32"
     assert format_params(CacheConfig(format="topk", top_k=9)) == topk.Params(top_k=9)
     assert format_params(CacheConfig(format="full")) == formats.full.Params()
 
