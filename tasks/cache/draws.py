@@ -17,8 +17,8 @@ are drawn with a rounded probability (never one with weight 0).
 
 Byte budget (``cache.bytes_per_token``): each row gets ``n_r`` draws from :data:`N_GRID` chosen per window to
 minimise the summed variance of the count estimates, ``Σ_r (1 − Σ_i p_ri²)/n_r``, under a byte cost modelled from
-the row's expected number of distinct ids. That expectation is estimated from a *pilot* sample drawn with other
-uniforms, independent of the stored draws, so ``n_r`` does not depend on them and ``count/n_r`` stays an unbiased
+the row's expected number of distinct ids. Both ``Σ_i p_ri²`` and that expectation are estimated from a *pilot*
+sample drawn with other uniforms (no further pass over V), independent of the stored draws, so ``n_r`` does not depend on them and ``count/n_r`` stays an unbiased
 estimate of the teacher's distribution (a stopping rule that looked at the stored draws would bias it).
 """
 
@@ -92,10 +92,28 @@ def row_weights(logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor,
 
 
 def collision(weights: torch.Tensor) -> torch.Tensor:
-    """``[B, L]``: ``Σ_i p_i²`` of each row of unnormalised ``weights`` ``[B, L, V]`` (no ``[B, L, V]`` temporary)."""
+    """``[B, L]``: ``Σ_i p_i²`` of each row of unnormalised ``weights`` ``[B, L, V]`` (exact; one pass over V)."""
     flat = weights.reshape(-1, weights.shape[-1])
     sq = torch.bmm(flat.unsqueeze(1), flat.unsqueeze(-1)).reshape(weights.shape[:-1])
     return sq / weights.sum(dim=-1).square()
+
+
+def pilot_statistics(pilot_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """From a pilot sample ``[B, L, P]`` of i.i.d. draws (in draw order): ``(collision [B, L], distinct [B, L, P])``
+    — the unbiased estimate of ``Σ_i p_i²`` (the share of equal pairs among the draws: no pass over V) and the
+    distinct ids among the first k + 1 draws, for every k."""
+    order = torch.sort(pilot_ids, dim=-1, stable=True)
+    s = order.values
+    first = torch.ones_like(s, dtype=torch.bool)
+    first[..., 1:] = s[..., 1:] != s[..., :-1]
+    distinct = torch.zeros_like(first).scatter_(-1, order.indices, first).cumsum(dim=-1)
+    # Σ over ids of c(c − 1) from the sorted draws: run lengths c, via the position of each run's start
+    P = s.shape[-1]
+    pos = torch.arange(P, device=s.device).expand_as(s)
+    start = torch.where(first, pos, 0).cummax(dim=-1).values      # start of the run each draw belongs to
+    within = pos - start                                           # 0, 1, …, c − 1 along a run
+    pairs = 2.0 * within.sum(dim=-1).float()                       # Σ_runs c(c − 1)
+    return pairs / (P * (P - 1)), distinct
 
 
 def lookup(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -107,12 +125,7 @@ def lookup(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 def distinct_prefix(ids: torch.Tensor) -> torch.Tensor:
     """``[B, L, n]``: entry k = distinct ids among draws ``0..k`` of each row of ``ids`` ``[B, L, n]``."""
-    order = torch.sort(ids, dim=-1, stable=True)
-    s = order.values
-    first = torch.ones_like(s, dtype=torch.bool)
-    first[..., 1:] = s[..., 1:] != s[..., :-1]
-    new = torch.zeros_like(first).scatter_(-1, order.indices, first)
-    return new.cumsum(dim=-1)
+    return pilot_statistics(ids)[1]
 
 
 def budget_draws(variance: torch.Tensor, distinct: torch.Tensor, entry_budget: float,

@@ -39,8 +39,9 @@ def encode_shard(model: torch.nn.Module, tokens: np.ndarray, split: str, params,
 
     tokens: int32 ``[W, L+1]``. Returns (fields: arrays over the ``W*L`` rows, stats: vocab_size,
     teacher_nll_sum, teacher_top1_correct, forwards performed). Held-out shards also get ``teacher_top1`` and
-    ``teacher_nll`` per row, so no later stage needs the teacher for evaluation. (``hidden`` computes the
-    statistics on held-out shards only: a train shard's sums are 0, and its forward skips the output head.)
+    ``teacher_nll`` per row, so no later stage needs the teacher for evaluation; the statistics are computed on
+    held-out shards only (a train shard's sums are 0: only held-out totals are reported, and an argmax over V per
+    row costs as much as the draws). ``hidden`` train shards skip the output head altogether.
     """
     fmt = get_format(params.format)  # before any teacher forward
     if params.format == "hidden":
@@ -59,12 +60,12 @@ def encode_shard(model: torch.nn.Module, tokens: np.ndarray, split: str, params,
             _check_vocab(x, vocab)
             # encoded on the teacher's device; what the encoder returns is on the host
             enc = fmt.encode(logits, params, temperature, [window_generator(key, i + b) for b in range(x.shape[0])],
-                             labels=labels)
+                             labels=labels if split == "heldout" else None)
             del logits
-        held = {k: enc.pop(k) for k in ("teacher_top1", "teacher_nll")}
-        nll_sum += float(held["teacher_nll"].astype(np.float64).sum())
-        correct += int((held["teacher_top1"] == labels.reshape(-1).numpy()).sum())
-        parts.append({**enc, **(held if split == "heldout" else {})})
+        if split == "heldout":
+            nll_sum += float(enc["teacher_nll"].astype(np.float64).sum())
+            correct += int((enc["teacher_top1"] == labels.reshape(-1).numpy()).sum())
+        parts.append(enc)
     fields = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     stats = {"vocab_size": vocab, "teacher_nll_sum": nll_sum, "teacher_top1_correct": correct}
     return fields, stats, forwards

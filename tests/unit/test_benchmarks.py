@@ -24,7 +24,7 @@ def test_kd_quality_rows_and_checks_follow_the_measurements(capsys):
     out = kdq.main(["--teacher", "tiny", "--layers", "0", "--seq-len", "32", "--tokens", "4096", "--steps", "3",
                     "--threads", "1", "--heldout-windows", "4"])
     assert json.loads(capsys.readouterr().out) == out
-    assert [r["method"] for r in out["rows"]] == ["ce", "online", "topk", "sampled"]
+    assert [r["method"] for r in out["rows"]] == ["ce", "online", "topk", "sampled", "hidden"]
     rows = {r["method"]: r for r in out["rows"]}
     for r in rows.values():
         assert set(r) >= {"heldout_loss", "top1_agreement", "ece", "wall_s"} and r["wall_s"] > 0
@@ -34,7 +34,7 @@ def test_kd_quality_rows_and_checks_follow_the_measurements(capsys):
         assert out["checks"]["sampled_recovers_92pct"] == (out["gain_recovered"]["sampled"] >= 0.92)
     elif ce - online < -1e-3:
         assert out["gain_recovered"]["sampled"] is None and out["checks"]["sampled_recovers_92pct"] is None
-    kd = [rows[m] for m in ("online", "topk", "sampled")]
+    kd = [rows[m] for m in ("online", "topk", "sampled", "hidden")]
     if all(r["heldout_loss"] != ce and r["top1_agreement"] != rows["ce"]["top1_agreement"] for r in kd):
         beats = all(r["heldout_loss"] < ce and r["top1_agreement"] > rows["ce"]["top1_agreement"] for r in kd)
         assert out["checks"]["every_kd_beats_ce"] == beats  # (a tie after rounding says nothing either way)
