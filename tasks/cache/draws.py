@@ -36,11 +36,20 @@ N_GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 255)
 """Draw counts a byte budget chooses from (a short alphabet: the per-row N costs < 4 bits on disk)."""
 PILOT = 255
 """Pilot draws per row that estimate how many distinct ids n draws keep, for every n ≤ 255."""
-ENTRY_BYTES = 1.27
-"""Modelled bytes of one stored (id, count) entry once entropy coded (measured: SmolLM2 on Shakespeare)."""
-FIXED_BYTES = 3.6
+ENTRY_BYTES = 1.328
+"""Modelled bytes of one stored (id, count) entry once entropy coded, for a window whose pilot ids have the entropy
+:data:`ID_ENTROPY_REF` (:func:`entry_bytes`)."""
+ENTRY_BYTES_PER_BIT = 0.373
+"""How much more an entry costs per bit of id entropy above :data:`ID_ENTROPY_REF`: ids the coder cannot rank
+well (a less predictable text) cost more raw gap bits."""
+ID_ENTROPY_REF = 10.40
+"""Id entropy (bits) of SmolLM2's pilot draws on Shakespeare. The three constants are fitted so that a budget of
+36 B/token lands at 36 on Shakespeare and on the Jargon File (docs/cache-format.md): a model, not a bound."""
+FIXED_BYTES = 3.3
 """Modelled bytes per token that are not entries: the token itself, the rank table, headers, held-out extras and
-the per-row N (measured likewise); the budget left for entries is ``bytes_per_token − FIXED_BYTES``."""
+the per-row N; the budget left for entries is ``bytes_per_token − FIXED_BYTES``."""
+ENTROPY_DRAWS = 64
+"""Pilot draws per row whose ids :func:`entry_bytes` measures."""
 
 
 def window_uniforms(generators: list[torch.Generator], rows: int, n: int, pilot: int = 0,
@@ -128,17 +137,35 @@ def distinct_prefix(ids: torch.Tensor) -> torch.Tensor:
     return pilot_statistics(ids)[1]
 
 
+def entry_bytes(pilot_ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    """``[B]``: modelled bytes per stored entry of each window, from the entropy (bits) of the ids among the distinct
+    (row, id) pairs of its first :data:`ENTROPY_DRAWS` pilot draws per row — how well a frequency order ranks
+    them. pilot_ids: ``[B, L, P]``."""
+    ref = pilot_ids[..., :ENTROPY_DRAWS].sort(dim=-1).values
+    first = torch.ones_like(ref, dtype=torch.bool)
+    first[..., 1:] = ref[..., 1:] != ref[..., :-1]
+    B = ref.shape[0]
+    f = torch.zeros(B, vocab + 1, device=ref.device).scatter_add_(1, ref.reshape(B, -1),
+                                                                 first.reshape(B, -1).float())
+    total = first.reshape(B, -1).sum(dim=-1).float()
+    bits = total.log2() - torch.where(f > 0, f * f.clamp(min=1.0).log2(), 0.0).sum(dim=-1) / total
+    return (ENTRY_BYTES + ENTRY_BYTES_PER_BIT * (bits - ID_ENTROPY_REF)).clamp(min=1.0, max=2.5)
+
+
 def budget_draws(variance: torch.Tensor, distinct: torch.Tensor, entry_budget: float,
-                 iterations: int = 40) -> torch.Tensor:
+                 per_entry: torch.Tensor | None = None, iterations: int = 40) -> torch.Tensor:
     """Draws per row (int64 ``[B, L]``, values in :data:`N_GRID`): per window the choice minimising
-    ``Σ_r variance_r/n_r`` with modelled bytes ``ENTRY_BYTES·Σ_r distinct_r(n_r) ≤ entry_budget·L``.
+    ``Σ_r variance_r/n_r`` with modelled bytes ``per_entry·Σ_r distinct_r(n_r) ≤ entry_budget·L``.
 
     variance: ``[B, L]`` ``1 − Σ p²`` per row; distinct: ``[B, L, PILOT]`` from :func:`distinct_prefix` of a pilot
-    sample. A Lagrange multiplier per window is bisected (in log space) until the cost fits; rows then take the grid
-    value minimising ``variance/n + λ·cost(n)``. When even one draw per row exceeds the budget, every row gets one.
+    sample; per_entry: ``[B]`` bytes per entry (:func:`entry_bytes`; default :data:`ENTRY_BYTES`). A Lagrange
+    multiplier per window is bisected (in log space) until the cost fits; rows then take the grid value minimising
+    ``variance/n + λ·cost(n)``. When even one draw per row exceeds the budget, every row gets one.
     """
     grid = torch.tensor(N_GRID, device=distinct.device)
-    cost = distinct.index_select(-1, grid - 1).float() * ENTRY_BYTES          # [B, L, G]
+    if per_entry is None:
+        per_entry = torch.full(distinct.shape[:1], ENTRY_BYTES, device=distinct.device)
+    cost = distinct.index_select(-1, grid - 1).float() * per_entry[:, None, None]   # [B, L, G]
     gain = variance.float().clamp(min=0.0).unsqueeze(-1) / grid.float()      # [B, L, G]
     limit = entry_budget * variance.shape[-1]
     lo = torch.full(variance.shape[:1], -30.0, device=distinct.device)       # log λ: every row at 255 draws

@@ -167,3 +167,19 @@ def test_cache_scale_runs_the_real_verb_at_two_sizes_and_reports_per_shard_ratio
 def test_cache_scale_refuses_sizes_out_of_order():
     with pytest.raises(SystemExit):
         _load("cache_scale").parse_args(["--sizes", "400", "100"])
+
+
+def test_gpu_teacher_runs_its_cpu_path_through_the_tasks_cache_code(capsys):
+    """The device benchmark's code path (forward, draws, coding, commit; Ray-free) on the CPU with the tiny model."""
+    gpu = _load("gpu_teacher")
+    out = gpu.main(["--device", "cpu", "--models", "tiny", "--tokens", "1024", "--batch-size", "2",
+                    "--windows-per-shard", "2", "--rounds", "1"])
+    assert json.loads(capsys.readouterr().out) == out
+    (row,) = out["rows"]
+    assert row["tokens"] == 1024 and row["bare_tokens_per_s"] > 0 and row["cache_tokens_per_s"] > 0
+    assert row["mfu"] is None and row["gflops_per_token"] > 0  # MFU only against a GPU's peak
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no CUDA device here; use --device cpu"):
+            gpu.main(["--models", "tiny"])

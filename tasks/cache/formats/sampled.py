@@ -14,8 +14,8 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from raydistill.tasks.cache.draws import (FIXED_BYTES, MAX_DRAWS, PILOT, SAMPLER, budget_draws, lookup,
-                                          pilot_statistics, row_weights, unique_counts, window_uniforms,
+from raydistill.tasks.cache.draws import (FIXED_BYTES, MAX_DRAWS, PILOT, SAMPLER, budget_draws, entry_bytes,
+                                          lookup, pilot_statistics, row_weights, unique_counts, window_uniforms,
                                           work_copy)
 from raydistill.tasks.cache.sampledpack import compact_sampled, expand_sampled
 from raydistill.tasks.cache.targets import CachedTargets, SparseTargets
@@ -73,8 +73,9 @@ def encode(logits: torch.Tensor, params: Params, temperature: float, generators:
     w, top, lse1 = row_weights(x, temperature)
     cdf = torch.cumsum(w, dim=-1) if params.logprobs else torch.cumsum(w, dim=-1, out=w)
     if budget:
-        coll, distinct = pilot_statistics(lookup(cdf, pilot))
-        n = budget_draws(1.0 - coll, distinct, params.bytes_per_token - FIXED_BYTES)
+        pilot_ids = lookup(cdf, pilot)
+        coll, distinct = pilot_statistics(pilot_ids)
+        n = budget_draws(1.0 - coll, distinct, params.bytes_per_token - FIXED_BYTES, entry_bytes(pilot_ids, V))
         u = torch.where(torch.arange(u.shape[-1], device=u.device) < n.unsqueeze(-1), u, math.inf)
     u = u.sort(dim=-1).values  # sorted draws: the ids come out ascending per row, unused slots last
     row_len, ids, counts, rows = unique_counts(lookup(cdf, u).reshape(B * L, -1), V)

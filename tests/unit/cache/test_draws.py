@@ -107,6 +107,7 @@ def test_budget_draws_meet_the_modelled_budget_per_window():
     for budget in (3.0, 10.0, 40.0):
         n = draws.budget_draws(var, distinct, budget)
         spent = (distinct.gather(-1, n.unsqueeze(-1) - 1).squeeze(-1).float() * draws.ENTRY_BYTES).sum(-1)
+        assert torch.equal(n, draws.budget_draws(var, distinct, budget, torch.full((3,), draws.ENTRY_BYTES)))
         assert torch.all(spent <= budget * 64 + 1e-3)
         assert spent.min() > 0.8 * budget * 64  # the budget is spent, not left unused
     many, few = draws.budget_draws(var, distinct, 40.0), draws.budget_draws(var, distinct, 3.0)
@@ -133,3 +134,12 @@ def test_native_bf16_cpus_are_recognised_and_only_the_teacher_gets_bf16_there(mo
     monkeypatch.setattr("raydistill.tasks.device._CPU_BF16", [False])
     assert resolve_dtype("auto", "cpu", "teacher.dtype", cpu_bf16=True) == "float32"
     assert resolve_dtype("auto", "cuda", "teacher.dtype", cpu_bf16=True) == "bfloat16"
+
+
+def test_ids_the_coder_ranks_poorly_are_modelled_as_costlier_entries():
+    """A window whose rows draw from a few shared ids codes them cheaply; one whose rows each draw other ids does
+    not: entry_bytes follows the id entropy of the pilot draws."""
+    shared = torch.randint(0, 8, (1, 32, 64), generator=torch.Generator().manual_seed(0))
+    spread = torch.arange(32 * 64).reshape(1, 32, 64)  # every draw another id
+    cheap, dear = draws.entry_bytes(shared, 4096), draws.entry_bytes(spread, 4096)
+    assert cheap.shape == (1,) and float(cheap) < float(dear) <= 2.5
