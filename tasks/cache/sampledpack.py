@@ -61,14 +61,28 @@ def rank_order(tokens: np.ndarray, vocab_size: int, table_ids: np.ndarray, table
 
 
 def _pack_bits(values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenate ``lengths[i]`` low bits of ``values[i]`` (most significant first) into bytes."""
+    """Concatenate ``lengths[i]`` (≤ 32) low bits of ``values[i]`` (most significant first) into bytes.
+
+    Word-wise, no per-bit arrays: each field lands in the big-endian 64-bit word holding its first bit (and its
+    tail, if it straddles, in the next), and the fields of a word are OR-ed together with one ``reduceat`` (their
+    bit ranges do not overlap, so OR is their sum)."""
     lengths = lengths.astype(np.int64)
-    total = int(lengths.sum())
-    owner = np.repeat(np.arange(len(values)), lengths)
-    within = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    shift = (lengths[owner] - 1 - within).astype(np.uint64)
-    bits = ((values.astype(np.uint64)[owner] >> shift) & np.uint64(1)).astype(np.uint8)
-    return np.packbits(bits)
+    keep = lengths > 0
+    v, n = values.astype(np.uint64)[keep] & ((np.uint64(1) << lengths[keep].astype(np.uint64)) - np.uint64(1)), \
+        lengths[keep]
+    total = int(n.sum())
+    words = np.zeros((total + 63) // 64 + 1, np.uint64)
+    if total:
+        start = np.cumsum(n) - n
+        word, offset = start >> 6, start & 63
+        end = offset + n  # one past the field's last bit, counted from the word's most significant bit
+        fits = end <= 64
+        head = np.where(fits, v << (64 - end).clip(0).astype(np.uint64), v >> (end - 64).clip(0).astype(np.uint64))
+        firsts = np.flatnonzero(np.r_[True, word[1:] != word[:-1]])
+        words[word[firsts]] |= np.bitwise_or.reduceat(head, firsts)
+        spill = np.flatnonzero(~fits)  # at most one field per word straddles into the next
+        words[word[spill] + 1] |= v[spill] << (128 - end[spill]).astype(np.uint64)
+    return words.astype(">u8").view(np.uint8)[: (total + 7) // 8].copy()
 
 
 class _BitReader:
