@@ -24,6 +24,7 @@ estimate of the teacher's distribution (a stopping rule that looked at the store
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import torch
@@ -71,10 +72,24 @@ def window_uniforms(generators: list[torch.Generator], rows: int, n: int, pilot:
 _SCRATCH = threading.local()
 
 
+@contextlib.contextmanager
+def owned():
+    """Within this block (this thread), :func:`work_copy` hands back float32 logits themselves: the caller owns them
+    and lets the sampler overwrite them (:func:`tasks.cache.encode.encode_shard`: the teacher's output, used once)."""
+    _SCRATCH.owned = True
+    try:
+        yield
+    finally:
+        _SCRATCH.owned = False
+
+
 def work_copy(logits: torch.Tensor) -> torch.Tensor:
-    """A float32 copy of ``logits`` the sampler may overwrite. On the CPU it lives in a per-thread buffer reused
-    from call to call: a fresh ``[B, L, V]`` allocation costs page faults that take longer than the sampler's own
-    passes over it (a GPU's caching allocator has no such cost)."""
+    """A float32 copy of ``logits`` the sampler may overwrite (inside :func:`owned`: float32 logits themselves). On
+    the CPU the copy lives in a per-thread buffer reused from call to call: a fresh ``[B, L, V]`` allocation costs
+    page faults that take longer than the sampler's own passes over it (a GPU's caching allocator has no such
+    cost)."""
+    if getattr(_SCRATCH, "owned", False) and logits.dtype == torch.float32 and logits.is_contiguous():
+        return logits
     if logits.device.type != "cpu":
         return logits.float().clone() if logits.dtype == torch.float32 else logits.float()
     buf = getattr(_SCRATCH, "buf", None)
@@ -85,17 +100,21 @@ def work_copy(logits: torch.Tensor) -> torch.Tensor:
         return buf[: logits.numel()].view(logits.shape).copy_(logits)
 
 
-def row_weights(logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def row_weights(logits: torch.Tensor, temperature: float,
+                lse: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``logits`` ``[B, L, V]`` float32, overwritten in place by the weights ``exp((x − max)/T)`` (no other
     ``[B, L, V]`` buffer is allocated at T = 1). Returns ``(weights, top [B, L], lse1 [B, L])``: the row maximum and
-    ``log Σ exp(x)`` at T = 1."""
+    ``log Σ exp(x)`` at T = 1 (None without ``lse``: one pass over V less, the draws do not need it)."""
     top = logits.amax(dim=-1, keepdim=True)
     w = logits.sub_(top)
+    lse1 = None
     if temperature == 1.0:
         w.exp_()
-        lse1 = top.squeeze(-1) + w.sum(dim=-1).log()
+        if lse:
+            lse1 = top.squeeze(-1) + w.sum(dim=-1).log()
     else:
-        lse1 = top.squeeze(-1) + torch.logsumexp(w, dim=-1)
+        if lse:
+            lse1 = top.squeeze(-1) + torch.logsumexp(w, dim=-1)
         w.mul_(1.0 / temperature).exp_()
     return w, top.squeeze(-1), lse1
 

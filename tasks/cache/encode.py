@@ -15,6 +15,7 @@ import hashlib
 import numpy as np
 import torch
 
+from raydistill.tasks.cache.draws import owned
 from raydistill.tasks.cache.formats import get_format
 from raydistill.tasks.cache.targets import CachedTargets
 from raydistill.tasks.device import module_device
@@ -59,8 +60,10 @@ def encode_shard(model: torch.nn.Module, tokens: np.ndarray, split: str, params,
             vocab = logits.shape[-1]
             _check_vocab(x, vocab)
             # encoded on the teacher's device; what the encoder returns is on the host
-            enc = fmt.encode(logits, params, temperature, [window_generator(key, i + b) for b in range(x.shape[0])],
-                             labels=labels if split == "heldout" else None)
+            with owned():  # the logits are used once: the sampler may overwrite them (no copy of [b, L, V])
+                enc = fmt.encode(logits, params, temperature,
+                                 [window_generator(key, i + b) for b in range(x.shape[0])],
+                                 labels=labels if split == "heldout" else None)
             del logits
         if split == "heldout":
             nll_sum += float(enc["teacher_nll"].astype(np.float64).sum())

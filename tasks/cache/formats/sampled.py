@@ -70,7 +70,7 @@ def encode(logits: torch.Tensor, params: Params, temperature: float, generators:
     if labels is not None:
         labels = labels.to(x.device).long()
         held = {"teacher_top1": x.argmax(dim=-1), "x_label": x.gather(-1, labels.unsqueeze(-1)).squeeze(-1)}
-    w, top, lse1 = row_weights(x, temperature)
+    w, top, lse1 = row_weights(x, temperature, lse=labels is not None or params.logprobs)
     cdf = torch.cumsum(w, dim=-1) if params.logprobs else w.cumsum_(dim=-1)  # in place: no second V-sized buffer
     if budget:
         pilot_ids = lookup(cdf, pilot)
