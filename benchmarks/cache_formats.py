@@ -241,7 +241,7 @@ class _Fixed(torch.nn.Module):
         self.logits, self.batch_size, self.i = logits, batch_size, 0
 
     def forward(self, input_ids, use_cache=False):
-        out = self.logits[self.i: self.i + input_ids.shape[0]]
+        out = self.logits[self.i: self.i + input_ids.shape[0]].clone()  # encode_shard may overwrite its model's output
         self.i += input_ids.shape[0]
         return type("Out", (), {"logits": out})()
 

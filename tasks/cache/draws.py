@@ -176,7 +176,8 @@ def budget_draws(variance: torch.Tensor, distinct: torch.Tensor, entry_budget: f
     """Draws per row (int64 ``[B, L]``, values in :data:`N_GRID`): per window the choice minimising
     ``Σ_r variance_r/n_r`` with modelled bytes ``per_entry·Σ_r distinct_r(n_r) ≤ entry_budget·L``.
 
-    variance: ``[B, L]`` ``1 − Σ p²`` per row; distinct: ``[B, L, PILOT]`` from :func:`distinct_prefix` of a pilot
+    variance: ``[B, L]`` a row's noise per draw (``1 − Σ p²`` for the squared error of the counts; the sampled
+    format uses the ids its pilot found, less one: the relative noise of the ids with non-negligible mass); distinct: ``[B, L, PILOT]`` from :func:`distinct_prefix` of a pilot
     sample; per_entry: ``[B]`` bytes per entry (:func:`entry_bytes`; default :data:`ENTRY_BYTES`). A Lagrange
     multiplier per window is bisected (in log space) until the cost fits; rows then take the grid value minimising
     ``variance/n + λ·cost(n)``. When even one draw per row exceeds the budget, every row gets one.

@@ -38,7 +38,9 @@ def encode_shard(model: torch.nn.Module, tokens: np.ndarray, split: str, params,
     """Run the teacher over one shard and encode its targets in the format of ``params`` (its ``Params``) on the
     teacher's device.
 
-    tokens: int32 ``[W, L+1]``. Returns (fields: arrays over the ``W*L`` rows, stats: vocab_size,
+    tokens: int32 ``[W, L+1]``. The model's output logits are the sampler's to overwrite (``draws.owned``): a
+    model that hands out views of a tensor it keeps must return copies. Returns (fields: arrays over the ``W*L`` rows,
+    stats: vocab_size,
     teacher_nll_sum, teacher_top1_correct, forwards performed). Held-out shards also get ``teacher_top1`` and
     ``teacher_nll`` per row, so no later stage needs the teacher for evaluation; the statistics are computed on
     held-out shards only (a train shard's sums are 0: only held-out totals are reported, and an argmax over V per

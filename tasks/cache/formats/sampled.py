@@ -74,8 +74,11 @@ def encode(logits: torch.Tensor, params: Params, temperature: float, generators:
     cdf = torch.cumsum(w, dim=-1) if params.logprobs else w.cumsum_(dim=-1)  # in place: no second V-sized buffer
     if budget:
         pilot_ids = lookup(cdf, pilot)
-        coll, distinct = pilot_statistics(pilot_ids)
-        n = budget_draws(1.0 - coll, distinct, params.bytes_per_token - FIXED_BYTES, entry_bytes(pilot_ids, V))
+        _, distinct = pilot_statistics(pilot_ids)
+        # a row's noise weight: the ids its pilot found, less one (0 for a sure row) — the expected relative noise
+        # Σ_i (p̂_i − p_i)²/p_i over the ids with non-negligible mass is (K − Σ p_i)/n (docs/cache-format.md)
+        n = budget_draws((distinct[..., -1] - 1).float(), distinct, params.bytes_per_token - FIXED_BYTES,
+                         entry_bytes(pilot_ids, V))
         u = torch.where(torch.arange(u.shape[-1], device=u.device) < n.unsqueeze(-1), u, math.inf)
     u = u.sort(dim=-1).values  # sorted draws: the ids come out ascending per row, unused slots last
     row_len, ids, counts, rows = unique_counts(lookup(cdf, u).reshape(B * L, -1), V)
