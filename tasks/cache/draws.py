@@ -16,10 +16,11 @@ probability is exact to about 2⁻²⁴ of its row's total weight (the largest w
 are drawn with a rounded probability (never one with weight 0).
 
 Byte budget (``cache.bytes_per_token``): each row gets ``n_r`` draws from :data:`N_GRID` chosen per window to
-minimise the summed variance of the count estimates, ``Σ_r (1 − Σ_i p_ri²)/n_r``, under a byte cost modelled from
-the row's expected number of distinct ids. Both ``Σ_i p_ri²`` and that expectation are estimated from a *pilot*
-sample drawn with other uniforms (no further pass over V), independent of the stored draws, so ``n_r`` does not depend on them and ``count/n_r`` stays an unbiased
-estimate of the teacher's distribution (a stopping rule that looked at the stored draws would bias it).
+minimise the summed noise of the count estimates, ``Σ_r v_r/n_r`` (``v_r``: the ids the row's pilot found, less
+one — the relative noise of the ids with non-negligible mass), under a byte cost modelled from the row's expected
+number of distinct ids. Both are estimated from a *pilot* sample drawn with other uniforms (no further pass over V),
+independent of the stored draws, so ``n_r`` does not depend on them and ``count/n_r`` stays an unbiased estimate of
+the teacher's distribution (a stopping rule that looked at the stored draws would bias it).
 """
 
 from __future__ import annotations
