@@ -56,6 +56,22 @@ def test_kd_quality_rejects_bad_input():
     assert args.num_samples == 32 and args.methods == ["ce", "sampled", "sampled_n64", "sampled_n128"]
 
 
+def test_gpu_teacher_runs_its_cpu_path_through_the_tasks_cache_code(capsys):
+    """The device benchmark's code path (forward, draws, coding, commit; Ray-free) on the CPU with the tiny model."""
+    gpu = _load("gpu_teacher")
+    out = gpu.main(["--device", "cpu", "--models", "tiny", "--tokens", "1024", "--batch-size", "2",
+                    "--windows-per-shard", "2", "--rounds", "1"])
+    assert json.loads(capsys.readouterr().out) == out
+    (row,) = out["rows"]
+    assert row["tokens"] == 1024 and row["bare_tokens_per_s"] > 0 and row["cache_tokens_per_s"] > 0
+    assert row["mfu"] is None and row["gflops_per_token"] > 0  # MFU only against a GPU's peak
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no CUDA device here; use --device cpu"):
+            gpu.main(["--models", "tiny"])
+
+
 @pytest.mark.slow
 def test_kd_quality_sweep_adds_rows_without_changing_the_sampled_row(capsys):
     kdq = _load("kd_quality")
@@ -168,18 +184,3 @@ def test_cache_scale_refuses_sizes_out_of_order():
     with pytest.raises(SystemExit):
         _load("cache_scale").parse_args(["--sizes", "400", "100"])
 
-
-def test_gpu_teacher_runs_its_cpu_path_through_the_tasks_cache_code(capsys):
-    """The device benchmark's code path (forward, draws, coding, commit; Ray-free) on the CPU with the tiny model."""
-    gpu = _load("gpu_teacher")
-    out = gpu.main(["--device", "cpu", "--models", "tiny", "--tokens", "1024", "--batch-size", "2",
-                    "--windows-per-shard", "2", "--rounds", "1"])
-    assert json.loads(capsys.readouterr().out) == out
-    (row,) = out["rows"]
-    assert row["tokens"] == 1024 and row["bare_tokens_per_s"] > 0 and row["cache_tokens_per_s"] > 0
-    assert row["mfu"] is None and row["gflops_per_token"] > 0  # MFU only against a GPU's peak
-    import torch
-
-    if not torch.cuda.is_available():
-        with pytest.raises(SystemExit, match="no CUDA device here; use --device cpu"):
-            gpu.main(["--models", "tiny"])
