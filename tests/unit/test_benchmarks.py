@@ -183,4 +183,3 @@ def test_cache_scale_runs_the_real_verb_at_two_sizes_and_reports_per_shard_ratio
 def test_cache_scale_refuses_sizes_out_of_order():
     with pytest.raises(SystemExit):
         _load("cache_scale").parse_args(["--sizes", "400", "100"])
-
