@@ -1,12 +1,18 @@
 """Bytes/token, decode time and fidelity of each cache format on a real teacher; prints one JSON object.
 
     python benchmarks/cache_formats.py --tokens 4096            # SmolLM2 GGUF teacher on Shakespeare
-    python benchmarks/cache_formats.py --tokens 4096 --formats sampled --num-samples 32,16,24,50   # N sweep
+    python benchmarks/cache_formats.py --tokens 4096 --formats sampled --num-samples budget,32,64   # fixed-N rows too
+    python benchmarks/cache_formats.py --tokens 8192 --formats sampled,hidden --corpus jargon   # a 2nd corpus (*)
+
+(*) ``--corpus jargon``: the Jargon File 4.4.7 (public domain; Debian's ``dict-jargon``: ``apt-get install
+dict-jargon``), a glossary of hacker slang with pronunciations and cross-references: text the teacher predicts less
+well than Shakespeare (more distinct ids per position at the same N).
 
 The teacher runs once per shard; the same logits are encoded in every format (and every N), committed as real
 shard files (tokens and held-out extras included, as in a real cache) and read back through the reading API.
 ``bytes_per_token`` is the whole cache (files / predicted tokens); ``components`` splits it by stored array
-(``(header)``: safetensors + JSON header). ``decode_ms``: ``Cache.read`` (checksum, decompress, decode) +
+(``(header)``: safetensors + JSON header; ``hidden``: its head file, stored once per cache dir, is counted in
+``head_bytes`` and not per token). ``decode_ms``: ``Cache.read`` (checksum, decompress, decode) +
 ``Shard.targets()`` of the largest shard, min and median of 5 reads (``decode_shard_tokens`` tokens).
 
 Fidelity per position against the teacher's exact distribution p_T (float32, from the logits):
@@ -22,6 +28,7 @@ draws — the estimator's own noise, which quantisation should not visibly add t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import statistics
@@ -37,12 +44,29 @@ from raydistill.tasks.cache.formats import format_params, get_format, sampled
 from raydistill.tasks.cache.manifest import add_entry, new_manifest, write_manifest
 from raydistill.tasks.cache.shards import commit_shard, open_cache
 from raydistill.tasks.cache.store import Store, stored_sizes
-from raydistill.tasks.cache.targets import CachedTargets, at_temperature
+from raydistill.tasks.cache.targets import CachedTargets, HiddenTargets, at_temperature
 from raydistill.tasks.config import CacheConfig, CorpusConfig, TeacherConfig
 from raydistill.tasks.plan import build_shards
 from raydistill.tasks.teacher import load_teacher, load_tokenizer, smollm2_gguf
 
 CHUNK = 2  # windows per dense [w, L, V] fidelity computation (bounded memory)
+JARGON = "/usr/share/dictd/jargon.dict.dz"
+
+
+def corpus_path(name: str) -> str:
+    """``corpus.path`` of ``--corpus``: ``jargon`` is the Jargon File from Debian's dict-jargon, unpacked once into
+    a temp dir; anything else is passed as it is."""
+    if name != "jargon":
+        return name
+    import gzip
+
+    if not Path(JARGON).is_file():
+        raise SystemExit(f"--corpus jargon needs {JARGON}: apt-get install dict-jargon")
+    out = Path(tempfile.gettempdir()) / "raydistill-jargon" / "jargon.txt"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(gzip.decompress(Path(JARGON).read_bytes()))
+    return str(out)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -53,14 +77,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--windows-per-shard", type=int, default=CorpusConfig().windows_per_shard)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--num-samples", default=str(CacheConfig().num_samples),
-                   help="N of sampled; a comma list sweeps N (the first is reported as formats.sampled)")
+    p.add_argument("--num-samples", default="budget",
+                   help="N of sampled, or 'budget' (the default: draws per position under --bytes-per-token); a "
+                        "comma list adds rows sampled_n<N> (the first entry is reported as formats.sampled)")
+    p.add_argument("--bytes-per-token", type=float, default=CacheConfig().bytes_per_token,
+                   help="the byte budget of a 'budget' sampled row")
     p.add_argument("--sampled-logprobs", action=argparse.BooleanOptionalAction,
                    default=CacheConfig().sampled_logprobs,
                    help="sampled: store the drawn ids' log-probs (needed for the T = 2 / T = 0.5 measures; default: "
                         "the cache.sampled_logprobs default)")
     p.add_argument("--top-k", type=int, default=32)
-    p.add_argument("--formats", default="sampled,topk,full")
+    p.add_argument("--formats", default="sampled,topk,full,hidden")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--keep", action="store_true", help="keep the caches written (default: delete them)")
     return p.parse_args(argv)
@@ -69,6 +96,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def dense_q(targets, T: float, vocab: int) -> torch.Tensor:
     """Reconstructed distribution [w, L, V] at temperature T (topk tail spread evenly over unstored ids)."""
     out = at_temperature(targets, T)
+    if isinstance(out, HiddenTargets):
+        return out.logprobs().exp()
     if hasattr(out, "logprobs"):
         return out.logprobs.exp()
     q = torch.zeros(*out.ids.shape[:-1], vocab).scatter_add(-1, out.ids, out.probs)
@@ -98,19 +127,20 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     teacher_cfg = TeacherConfig(source=args.teacher)
-    corpus = CorpusConfig(path=args.corpus, seq_len=args.seq_len, max_tokens=args.tokens,
+    corpus = CorpusConfig(path=corpus_path(args.corpus), seq_len=args.seq_len, max_tokens=args.tokens,
                           windows_per_shard=args.windows_per_shard)
     specs = build_shards(corpus, load_tokenizer(teacher_cfg))
     model, identity = load_teacher(teacher_cfg)
     wanted = args.formats.split(",")
-    ns = [int(n) for n in args.num_samples.split(",")]
+    ns = [None if n == "budget" else int(n) for n in args.num_samples.split(",")]
     configs = {}  # label → CacheConfig
     if "sampled" in wanted:
         configs.update({("sampled" if i == 0 else f"sampled_n{n}"): CacheConfig(
-            format="sampled", num_samples=n, sampled_logprobs=args.sampled_logprobs) for i, n in enumerate(ns)})
-    configs.update({f: CacheConfig(format=f, top_k=args.top_k) for f in ("topk", "full") if f in wanted})
+            format="sampled", num_samples=n, bytes_per_token=args.bytes_per_token,
+            sampled_logprobs=args.sampled_logprobs) for i, n in enumerate(ns)})
+    configs.update({f: CacheConfig(format=f, top_k=args.top_k) for f in ("topk", "full", "hidden") if f in wanted})
     keys = ("kl", "tv", "kl_t2", "tv_t2", "tv_quantisation_t2", "tv_redraw_t2", "tv_quantisation_t0.5",
-            "tv_redraw_t0.5", "entries")
+            "tv_redraw_t0.5", "entries", "draws")
     sums = {label: dict.fromkeys(keys, 0.0) for label in configs}
     parts = {label: {} for label in configs}
     tmp = Path(tempfile.mkdtemp(prefix="rd-formats-"))
@@ -128,7 +158,8 @@ def main(argv=None) -> dict:
             # the sampled estimator's own diagnostics (re-tempering needs stored log-probs)
             draws = isinstance(params, sampled.Params)
             retemper = not draws or params.logprobs
-            fields, stats, _ = encode_shard(_Fixed(logits, args.batch_size), spec.tokens, spec.split, params, 1.0,
+            teacher = model if params.format == "hidden" else _Fixed(logits, args.batch_size)  # hidden: its own pass
+            fields, stats, _ = encode_shard(teacher, spec.tokens, spec.split, params, 1.0,
                                             args.batch_size, spec.content_hash)
             entry = commit_shard(str(tmp / label), spec.name, spec.split, spec.content_hash, spec.tokens, fields,
                                  stats, params)
@@ -139,8 +170,9 @@ def main(argv=None) -> dict:
             shard = open_cache(str(tmp / label)).read(entry)
             s = sums[label]
             s["entries"] += get_format(params.format).entries(fields)
+            s["draws"] += float(fields["n_draws"].astype("int64").sum()) if "n_draws" in fields else 0.0
             if draws and retemper:
-                exact_params = sampled.Params(params.num_samples, params.seed, logprobs=True)
+                exact_params = dataclasses.replace(params, logprobs=True)
                 redraw = sampled.encode(logits, exact_params, 1.0, [window_generator(spec.content_hash + "/redraw", i)
                                                                     for i in range(W)])
             for a in range(0, W, CHUNK):
@@ -173,6 +205,8 @@ def main(argv=None) -> dict:
         draws = isinstance(params, sampled.Params)
         retemper = not draws or params.logprobs
         for k, v in sums[label].items():
+            if k == "draws":
+                continue
             if draws or k in ("kl", "tv", "kl_t2", "tv_t2"):
                 name = {"entries": "unique_per_position"}.get(k, k)
                 name = {"kl": "kl_to_teacher", "tv": "tv_to_teacher", "kl_t2": "kl_to_teacher_t2",
@@ -180,11 +214,17 @@ def main(argv=None) -> dict:
                 measured = retemper or k in ("kl", "tv", "entries")  # no log-probs: targets at T_c only
                 out[name] = round(v / tokens, 5 if k != "entries" else 2) if measured else None
         if draws:
-            out = {"num_samples": params.num_samples, "logprobs": params.logprobs, **out}
+            out = {"num_samples": params.num_samples, "bytes_per_token_budget": params.bytes_per_token,
+                   "logprobs": params.logprobs, **out}
+            if params.bytes_per_token is not None:
+                out["mean_draws_per_position"] = round(sums[label]["draws"] / tokens, 2)
+        if params.format == "hidden":
+            heads = list((tmp / label / "heads").iterdir())
+            out["head_bytes"] = sum(h.stat().st_size for h in heads)
         result["formats"][label] = out
     if len(ns) > 1 and "sampled" in configs:
-        result["sampled_sweep"] = {n: result["formats"]["sampled" if i == 0 else f"sampled_n{n}"]["bytes_per_token"]
-                                   for i, n in sorted(enumerate(ns), key=lambda x: x[1])}
+        result["sampled_sweep"] = {n or "budget": result["formats"]["sampled" if i == 0 else f"sampled_n{n}"][
+            "bytes_per_token"] for i, n in enumerate(ns)}
     if args.keep:
         result["dir"] = str(tmp)
     else:
@@ -201,7 +241,7 @@ class _Fixed(torch.nn.Module):
         self.logits, self.batch_size, self.i = logits, batch_size, 0
 
     def forward(self, input_ids, use_cache=False):
-        out = self.logits[self.i: self.i + input_ids.shape[0]]
+        out = self.logits[self.i: self.i + input_ids.shape[0]].clone()  # encode_shard may overwrite its model's output
         self.i += input_ids.shape[0]
         return type("Out", (), {"logits": out})()
 

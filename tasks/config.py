@@ -81,9 +81,10 @@ class TeacherConfig:
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     """Architecture of the ``tiny`` teacher."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Compute dtype of the teacher forward pass. ``auto``: ``bfloat16`` where the teacher runs on CUDA,
-    ``float32`` on CPU. Its logits are upcast to float32 before the cache encodes them, so the stored targets
-    have one format on every device; the dtype the cache stage resolved is part of the cache's key."""
+    """Compute dtype of the teacher forward pass. ``auto``: ``bfloat16`` on CUDA and on a CPU with native bf16
+    arithmetic (AVX-512 BF16 or AMX on x86, the BF16 extension on Arm: several times the fp32 speed), else
+    ``float32``. Its logits are upcast to float32 before the cache encodes them, so the stored targets have one
+    format on every device; the dtype (and device type) the cache stage resolved is part of the cache's key."""
 
 
 @dataclass
@@ -142,12 +143,19 @@ class CacheConfig:
 
     dir: str | None = None
     """Where the cache lives: a local path or an object-store URI (``s3://…``). Default: ``<run_dir>/cache``."""
-    format: Literal["sampled", "topk", "full"] = "sampled"
-    """``sampled`` (random-sampled targets, unbiased), ``topk`` (k largest + tail bucket), ``full`` (exact)."""
-    num_samples: int = 64
-    """N, draws per position for ``sampled``. Bytes/token grow with the unique ids the draws keep. The default
-    (with ``sampled_logprobs: false``) is chosen to meet the cache's size and quality targets; docs/cache-format.md
-    states them and the measured sizes and gains per N."""
+    format: Literal["sampled", "topk", "full", "hidden"] = "sampled"
+    """``sampled`` (random-sampled targets, unbiased), ``topk`` (k largest + tail bucket), ``full`` (exact, V values
+    per token), ``hidden`` (exact: the teacher's final hidden state per token, bf16, plus its output head stored
+    once; training rebuilds the logits)."""
+    bytes_per_token: float = 36.0
+    """``sampled``: byte budget per token of the whole cache (used when ``num_samples`` is ``null``). Each position
+    gets the draws (1 to 255) that spend the budget where they cut the targets' variance most (a position where the
+    teacher is sure costs one id however often it is drawn; a flat one pays for each draw); each position's draws
+    are stored with it. docs/cache-format.md has the measured bytes and quality."""
+    num_samples: int | None = None
+    """N, the same draws at every position for ``sampled`` instead of the byte budget; ``null`` (the default): the
+    budget ``bytes_per_token`` decides per position. Bytes/token grow with the unique ids the draws keep;
+    docs/cache-format.md states the measured sizes and gains per N."""
     top_k: int = 32
     """k for ``topk``."""
     temperature: float = 1.0
@@ -183,8 +191,9 @@ class CacheConfig:
     ``kd`` overstates the KL by the draws' entropy deficit."""
 
     def __post_init__(self):
-        _positive(self, "num_samples", "top_k", "batch_size", "cpus_per_actor", "num_gpus_per_actor",
-                  "shards_in_flight")
+        _positive(self, "top_k", "batch_size", "cpus_per_actor", "num_gpus_per_actor", "shards_in_flight")
+        if self.num_samples is not None and self.num_samples <= 0:
+            raise ConfigError("cache.num_samples must be > 0, or null (the byte budget cache.bytes_per_token decides)")
         if self.num_actors is not None and self.num_actors <= 0:
             raise ConfigError("cache.num_actors must be > 0 or null (as many as the cluster has room for)")
         if self.gc_grace_hours < 0:
@@ -192,10 +201,14 @@ class CacheConfig:
         if self.num_gpus_per_actor > 1 and not float(self.num_gpus_per_actor).is_integer():
             raise ConfigError(f"cache.num_gpus_per_actor={self.num_gpus_per_actor}: Ray takes a fraction <= 1 or a "
                               f"whole number of GPUs; use {int(self.num_gpus_per_actor)} or 1")
-        if self.num_samples > 255:
+        if self.num_samples is not None and self.num_samples > 255:
             raise ConfigError("cache.num_samples must be <= 255 (counts are stored in one byte)")
         if self.temperature <= 0:
             raise ConfigError("cache.temperature must be > 0")
+        if self.bytes_per_token < 6:
+            raise ConfigError(f"cache.bytes_per_token={self.bytes_per_token}: a sampled cache needs about 6 bytes per "
+                              "token besides its draws; set it >= 6 (36 is the default), or set cache.num_samples "
+                              "for a fixed number of draws per position")
 
 
 @dataclass

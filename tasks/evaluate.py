@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from raydistill.tasks.device import module_device, to_device
 from raydistill.tasks.losses import divergence, sparse_buckets
 from raydistill.tasks.students import forward_logits
-from raydistill.tasks.cache.targets import DenseTargets, at_temperature
+from raydistill.tasks.cache.targets import DenseTargets, HiddenTargets, at_temperature
 
 ECE_BINS = 15
 SUM_KEYS = ("nll", "tokens", "agree", "agree_tokens", "kl", "kl_tokens", "seconds")
@@ -59,8 +59,9 @@ def _kl_rows(logits: torch.Tensor, cached) -> torch.Tensor:
     t = cached.cache_temperature
     targets = to_device(at_temperature(cached, t), logits.device)
     log_q = F.log_softmax(logits.float().reshape(-1, logits.shape[-1]) / t, dim=-1)
-    if isinstance(targets, DenseTargets):
-        log_p = targets.logprobs.reshape(log_q.shape[0], -1)
+    if isinstance(targets, (DenseTargets, HiddenTargets)):  # hidden: the exact log-probs, rebuilt here
+        log_p = (targets.logprobs() if isinstance(targets, HiddenTargets) else targets.logprobs)
+        log_p = log_p.reshape(log_q.shape[0], -1)
         if log_p.shape[-1] < log_q.shape[-1]:
             log_p = F.pad(log_p, (0, log_q.shape[-1] - log_p.shape[-1]), value=-math.inf)
         return divergence(log_p, log_q, "forward_kl")

@@ -153,8 +153,34 @@ def _kd_chunk(logits, labels, target_parts, *, temperature, loss, beta, skew, ig
     return ce_sum, torch.where(real, kd, torch.zeros_like(kd)).sum()
 
 
+def _dense_rebuild(targets: Any, vocab: int):
+    """For ``HiddenTargets``: the function that turns a chunk of hidden states ``(n, d)`` into the dense teacher
+    log-probs ``(n, vocab)`` (padded past the teacher's rows); None for other targets."""
+    if not hasattr(targets, "hidden"):
+        return None
+    rows = targets.head.rows
+    if rows > vocab:
+        raise ValueError(f"teacher vocabulary ({rows}) is larger than the student's ({vocab}); restrict the targets "
+                         "to the student's ids first (tasks.data.restrict_vocab)")
+
+    def rebuild(hidden: torch.Tensor) -> torch.Tensor:
+        lp = targets.logprobs(hidden)
+        return lp if rows == vocab else F.pad(lp, (0, vocab - rows), value=_NEG)
+
+    return rebuild
+
+
+def _chunk(parts: tuple, sl: slice, rebuild) -> tuple:
+    """The targets of rows ``sl``: slices of ``parts``, or the dense log-probs rebuilt from hidden states."""
+    out = tuple(p[sl] for p in parts)
+    return out if rebuild is None else (rebuild(out[0]),)
+
+
 def _target_parts(targets: Any, n: int, vocab: int) -> tuple[torch.Tensor, ...]:
-    """Flatten Sparse/DenseTargets to ``(N, ·)`` tensors, checking shapes and the vocabulary."""
+    """Flatten Sparse/Dense/HiddenTargets to ``(N, ·)`` tensors, checking shapes and the vocabulary (hidden: the
+    ``(N, d)`` states, rebuilt chunk by chunk by :func:`_dense_rebuild`)."""
+    if hasattr(targets, "hidden"):
+        return (targets.hidden.reshape(n, -1),)
     if hasattr(targets, "logprobs"):
         lp = targets.logprobs.reshape(n, -1)
         if lp.shape[-1] > vocab:
@@ -277,12 +303,13 @@ class _FusedForwardKL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, labels, parts, ce_w, kd_w, temperature, ignore_index, chunk_tokens, want_grad):
+    def forward(ctx, logits, labels, parts, ce_w, kd_w, temperature, ignore_index, chunk_tokens, want_grad,
+                rebuild=None):
         grad = torch.empty(logits.shape, dtype=torch.float32, device=logits.device) if want_grad else None
         ce_sum = kd_sum = torch.zeros((), dtype=torch.float64, device=logits.device)
         for s in range(0, logits.shape[0], chunk_tokens):
             sl = slice(s, s + chunk_tokens)
-            ce, kd = _fused_chunk(logits[sl].float(), labels[sl], tuple(p[sl] for p in parts),
+            ce, kd = _fused_chunk(logits[sl].float(), labels[sl], _chunk(parts, sl, rebuild),
                                   grad[sl] if want_grad else None, ce_w=ce_w, kd_w=kd_w,
                                   temperature=temperature, ignore_index=ignore_index)
             ce_sum, kd_sum = ce_sum + ce, kd_sum + kd
@@ -297,10 +324,10 @@ class _FusedForwardKL(torch.autograd.Function):
     def backward(ctx, g_total, _g_ce, _g_kd):
         (grad,) = ctx.saved_tensors
         if grad is None:
-            return (None,) * 9
+            return (None,) * 10
         if not (g_total.numel() == 1 and float(g_total) == 1.0):
             grad = grad * g_total
-        return (grad.to(ctx.logits_dtype),) + (None,) * 8
+        return (grad.to(ctx.logits_dtype),) + (None,) * 9
 
 
 def distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor, targets: Any, *, alpha: float,
@@ -313,9 +340,10 @@ def distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor, target
         student_logits (torch.Tensor): ``(B, L, V)`` raw student logits (CE uses them as is; KD divides by T).
         labels (torch.Tensor): ``(B, L)`` next-token ids, ``ignore_index`` on padding.
         targets: the teacher distribution over ``labels`` *already at temperature T*:
-            ``SparseTargets(ids (B, L, K), probs (B, L, K), tail (B, L))`` or ``DenseTargets(logprobs (B, L, V'))``
-            with V' ≤ V (a student vocabulary padded past the teacher's gets teacher mass 0 there); None for a
-            CE-only objective (``alpha`` = 1; ``kd`` is then 0).
+            ``SparseTargets(ids (B, L, K), probs (B, L, K), tail (B, L))``, ``DenseTargets(logprobs (B, L, V'))``
+            or ``HiddenTargets(hidden (B, L, d), head)`` (dense log-probs rebuilt chunk by chunk) with V' ≤ V (a
+            student vocabulary padded past the teacher's gets teacher mass 0 there); None for a CE-only objective
+            (``alpha`` = 1; ``kd`` is then 0).
         alpha (float): CE weight α ∈ [0, 1].
         temperature (float): T > 0; KD is multiplied by T² so its gradient scale does not depend on T.
         loss (str): KD divergence, one of :data:`LOSSES`.
@@ -345,6 +373,7 @@ def distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor, target
         raise ValueError(f"no teacher targets given: only a CE-only objective (alpha=1) can do without them "
                          f"(got alpha={alpha})")
     parts = () if targets is None else _target_parts(targets, flat_labels.numel(), vocab)
+    rebuild = _dense_rebuild(targets, vocab)
     # sampled targets with stored log-probs: the forward-KL value estimates KL(p‖q), not KL(p̂‖q) (a constant per
     # token, so it enters the values only)
     offset = getattr(targets, "kl_offset", None) if loss == "forward_kl" else None
@@ -357,7 +386,7 @@ def distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor, target
         denom = float(max(int(tokens), 1))
         total, ce_sum, kd_sum = _FusedForwardKL.apply(
             logits, flat_labels, parts, alpha / denom, (1.0 - alpha) * temperature ** 2 / denom, temperature,
-            ignore_index, chunk_tokens, torch.is_grad_enabled() and logits.requires_grad)
+            ignore_index, chunk_tokens, torch.is_grad_enabled() and logits.requires_grad, rebuild)
         total = total + (1.0 - alpha) * temperature ** 2 * offset_sum / denom
         return {"total": total, "ce": ce_sum / denom, "kd": (kd_sum + offset_sum) / denom, "tokens": tokens}
     kw = dict(temperature=temperature, loss=loss, beta=beta, skew=skew, ignore_index=ignore_index)
@@ -366,11 +395,13 @@ def distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor, target
     recompute = n > chunk_tokens and torch.is_grad_enabled() and logits.requires_grad
     for s in range(0, n, chunk_tokens):
         sl = slice(s, s + chunk_tokens)
+        # hidden targets are rebuilt inside the (checkpointed) chunk: only the (n, d) states are kept for backward
         args = (logits[sl], flat_labels[sl], tuple(p[sl] for p in parts))
         if recompute:
-            ce, kd = checkpoint(lambda lg, lb, tp: _kd_chunk(lg, lb, tp, **kw), *args, use_reentrant=False)
+            ce, kd = checkpoint(lambda lg, lb, tp: _kd_chunk(lg, lb, _chunk(tp, slice(None), rebuild), **kw), *args,
+                                use_reentrant=False)
         else:
-            ce, kd = _kd_chunk(*args, **kw)
+            ce, kd = _kd_chunk(*args[:2], _chunk(args[2], slice(None), rebuild), **kw)
         ce_sum, kd_sum = ce_sum + ce, kd_sum + kd
     tokens = (flat_labels != ignore_index).sum()
     denom = tokens.clamp(min=1).float()

@@ -146,9 +146,10 @@ def _architecture(kind: str, path: Path | None, cfg: TeacherConfig) -> dict:
 
 
 def teacher_identity(cfg: TeacherConfig, device: str | torch.device = "cpu") -> dict:
-    """What the teacher *is*, without loading it: kind, weights sha256, architecture, and the dtype it runs in
-    on ``device`` (``teacher.dtype: auto`` resolved there: a cache computed on GPUs in bf16 has other keys than
-    one computed on CPUs in fp32).
+    """What the teacher *is*, without loading it: kind, weights sha256, architecture, the dtype it runs in on
+    ``device`` (``teacher.dtype: auto`` resolved there: bf16 on CUDA and on CPUs with native bf16, else fp32) and the
+    device type (``cpu``/``cuda``: kernels and reductions differ, so a cache computed on GPUs has other keys than one
+    computed on CPUs, whatever the dtype).
 
     ``source`` and ``path`` are informational; :func:`identity_key_fields` is what cache keys hash, so the
     same weights found under another path give the same cache.
@@ -160,12 +161,17 @@ def teacher_identity(cfg: TeacherConfig, device: str | torch.device = "cpu") -> 
         weights = _weights_sha256(kind, path)
     return {"source": cfg.source, "path": str(path) if path else None, "kind": kind,
             "weights_sha256": weights, "architecture": _architecture(kind, path, cfg),
-            "dtype": resolve_dtype(cfg.dtype, device, "teacher.dtype")}
+            "dtype": resolve_dtype(cfg.dtype, device, "teacher.dtype", cpu_bf16=True),
+            "device": torch.device(device).type}
+
+
+IDENTITY_KEY_FIELDS = ("kind", "weights_sha256", "architecture", "dtype", "device")
 
 
 def identity_key_fields(identity: dict) -> dict:
-    """The part of a teacher identity that determines its outputs."""
-    return {k: identity[k] for k in ("kind", "weights_sha256", "architecture", "dtype")}
+    """The part of a teacher identity that determines its outputs (an identity written before the device type was
+    recorded lacks it: None)."""
+    return {k: identity.get(k) for k in IDENTITY_KEY_FIELDS}
 
 
 def _gguf_tokenizer(gguf: Path):

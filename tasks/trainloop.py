@@ -69,7 +69,7 @@ def temperature_warning(cfg: PipelineConfig) -> str | None:
     if not cfg.retempers_sampled_cache(tc.temperature):
         return None
     return (f"train.temperature={tc.temperature} but the sampled cache drew its targets at T={c.temperature}; "
-            f"re-weighting {c.num_samples} draws per position to another temperature is biased and loses the tail "
+            f"re-weighting {c.num_samples or 'the byte budget'} draws per position to another temperature is biased and loses the tail "
             f"(docs/cache-format.md): train at T={c.temperature} for the best student")
 
 

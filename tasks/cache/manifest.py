@@ -35,7 +35,8 @@ from raydistill.tasks.config import CacheConfig, ConfigError, CorpusConfig, Teac
 from raydistill.tasks.errors import DataError, StageMissingError
 from raydistill.tasks.teacher import identity_key_fields, load_tokenizer, teacher_identity, tokenizer_hash
 
-FORMAT_VERSION = 2  # 2: sampled entries entropy-coded (tasks/cache/sampledpack.py); 1 is refused
+FORMAT_VERSION = 3  # 3: draws on the teacher's device (tasks/cache/draws.py), device type in the teacher's identity,
+#                      byte budgets, the hidden format; 2 (sampled entries entropy-coded) and 1 are refused
 LAYOUT_VERSION = 3  # 3: caches/<id>/head.json + log + index; 2 (one manifest.json per dir) is refused with a fix
 LEGACY_MANIFEST = "manifest.json"
 SHARD_DIR, PLAN_DIR, CACHES = "shards", "plans", "caches"
@@ -323,12 +324,13 @@ def _first_difference(a, b, prefix: str) -> str:
 
 
 def expected_heads(teacher: TeacherConfig, cache_cfg: CacheConfig, corpus: CorpusConfig) -> list[Manifest]:
-    """The heads the cache stage would write for this config: one per dtype ``teacher.dtype=auto`` can resolve to
-    (the device decides; a consumer does not know which device the cache ran on)."""
+    """The heads the cache stage would write for this config: one per device type and dtype ``teacher.dtype=auto``
+    can resolve to (the device decides; a consumer does not know which device the cache ran on)."""
     identity = teacher_identity(teacher)
     tok_hash = tokenizer_hash(load_tokenizer(teacher))
     dtypes = ["float32", "bfloat16", "float16"] if teacher.dtype == "auto" else [identity["dtype"]]
-    return [new_manifest({**identity, "dtype": d}, tok_hash, cache_cfg, corpus) for d in dtypes]
+    return [new_manifest({**identity, "dtype": d, "device": dev}, tok_hash, cache_cfg, corpus)
+            for dev in ("cpu", "cuda") for d in dtypes]
 
 
 def difference(head: dict, want: dict) -> str | None:
@@ -354,7 +356,8 @@ def check_compatible(cache, teacher: TeacherConfig, cache_cfg: CacheConfig, corp
     is unfinished; returns the cache's :func:`cache_key`."""
     m = cache.manifest
     wants = expected_heads(teacher, cache_cfg, corpus)
-    want = next((w for w in wants if w["teacher"]["dtype"] == m["teacher"].get("dtype")), wants[0])
+    want = next((w for w in wants if (w["teacher"]["dtype"], w["teacher"]["device"]) ==
+                 (m["teacher"].get("dtype"), m["teacher"].get("device"))), wants[0])
     diff = difference(m, want)
     if diff:
         what = "another teacher" if diff.startswith("teacher") else "another config"

@@ -3,14 +3,15 @@
     python -m pytest tests/unit/cache/test_sampledpack.py -q
 
 The encoder (:func:`tasks.cache.formats.sampled.encode`) yields per-row unique ids, counts (Σ per row = N) and
-T=1 log-probs. On disk (FORMAT_VERSION 2):
+T=1 log-probs. On disk (FORMAT_VERSION 3; 2 had no per-row N):
 
 - ids become *ranks* in a per-shard order the reader rebuilds: ids drawn ≥ ``TABLE_MIN_DRAWS`` times in the
   shard first (by the bit length of their draw count, descending — the ``rank_table`` array stores these ids
   and classes), then by frequency in the shard's own tokens, then by id. Within a row the entries are sorted
   by rank and each rank is coded as a gap from the previous one: a *bucket* symbol (bit length of the gap)
   plus the gap's bits below its leading one, stored raw in a packed bit stream (``sampled_bits``).
-- counts are byte symbols; a row ends where its counts reach N, so row lengths are not stored.
+- counts are byte symbols; a row ends where its counts reach its N, so row lengths are not stored. With a byte
+  budget each row's own N is stored too, one byte symbol per row (a group of its own).
 - log-probs become ``q = round((log p₁ − log(count/N)) / LOGP_STEP)``, a byte symbol ``q + LOGP_OFFSET``.
 
 Symbols are entropy coded by LZMA (``tasks.cache.store.pack``) after grouping each kind by a context the
@@ -60,14 +61,28 @@ def rank_order(tokens: np.ndarray, vocab_size: int, table_ids: np.ndarray, table
 
 
 def _pack_bits(values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenate ``lengths[i]`` low bits of ``values[i]`` (most significant first) into bytes."""
+    """Concatenate ``lengths[i]`` (≤ 32) low bits of ``values[i]`` (most significant first) into bytes.
+
+    Word-wise, no per-bit arrays: each field lands in the big-endian 64-bit word holding its first bit (and its
+    tail, if it straddles, in the next), and the fields of a word are OR-ed together with one ``reduceat`` (their
+    bit ranges do not overlap, so OR is their sum)."""
     lengths = lengths.astype(np.int64)
-    total = int(lengths.sum())
-    owner = np.repeat(np.arange(len(values)), lengths)
-    within = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    shift = (lengths[owner] - 1 - within).astype(np.uint64)
-    bits = ((values.astype(np.uint64)[owner] >> shift) & np.uint64(1)).astype(np.uint8)
-    return np.packbits(bits)
+    keep = lengths > 0
+    v, n = values.astype(np.uint64)[keep] & ((np.uint64(1) << lengths[keep].astype(np.uint64)) - np.uint64(1)), \
+        lengths[keep]
+    total = int(n.sum())
+    words = np.zeros((total + 63) // 64 + 1, np.uint64)
+    if total:
+        start = np.cumsum(n) - n
+        word, offset = start >> 6, start & 63
+        end = offset + n  # one past the field's last bit, counted from the word's most significant bit
+        fits = end <= 64
+        head = np.where(fits, v << (64 - end).clip(0).astype(np.uint64), v >> (end - 64).clip(0).astype(np.uint64))
+        firsts = np.flatnonzero(np.r_[True, word[1:] != word[:-1]])
+        words[word[firsts]] |= np.bitwise_or.reduceat(head, firsts)
+        spill = np.flatnonzero(~fits)  # at most one field per word straddles into the next
+        words[word[spill] + 1] |= v[spill] << (128 - end[spill]).astype(np.uint64)
+    return words.astype(">u8").view(np.uint8)[: (total + 7) // 8].copy()
 
 
 class _BitReader:
@@ -136,7 +151,8 @@ def _logp_ctx(counts: np.ndarray, rank_bits: np.ndarray) -> np.ndarray:
 
 def compact_sampled(fields: dict[str, np.ndarray], tokens: np.ndarray, vocab_size: int, num_samples: int,
                     keep_logprobs: bool = True) -> tuple[dict[str, np.ndarray], dict]:
-    """Encoder arrays (``row_len``, ``ids``, ``counts``, ``logp``) → (stored arrays, header metadata).
+    """Encoder arrays (``row_len``, ``ids``, ``counts``, ``logp``, and ``n_draws`` per row under a byte budget)
+    → (stored arrays, header metadata).
 
     Stored: ``rank_table`` uint32 (sorted table ids, delta-coded), ``sampled_symbols`` uint8 (the table ids'
     classes, then the count, bucket and log-prob groups), ``sampled_bits`` uint8 (packed gap bits). The metadata holds
@@ -145,8 +161,10 @@ def compact_sampled(fields: dict[str, np.ndarray], tokens: np.ndarray, vocab_siz
     ids, counts = fields["ids"].astype(np.int64), fields["counts"].astype(np.int64)
     R, E = len(row_len), len(ids)
     rows = np.repeat(np.arange(R), row_len)
-    if np.any(np.bincount(rows, weights=counts, minlength=R) != num_samples):
-        raise ValueError(f"sampled fields: every row's counts must sum to N = {num_samples}")
+    n_row = fields["n_draws"].astype(np.int64) if "n_draws" in fields else np.full(R, num_samples, np.int64)
+    if np.any(np.bincount(rows, weights=counts, minlength=R) != n_row):
+        raise ValueError(f"sampled fields: every row's counts must sum to N (num_samples={num_samples}, or the "
+                         "row's n_draws)")
     drawn = np.bincount(ids, weights=counts, minlength=vocab_size).astype(np.int64)
     table = np.flatnonzero(drawn >= TABLE_MIN_DRAWS)
     table_cls = _bitlen(drawn[table])
@@ -176,12 +194,15 @@ def compact_sampled(fields: dict[str, np.ndarray], tokens: np.ndarray, vocab_siz
         syms.append(s)
         meta["groups"][name] = sizes
     if keep_logprobs:
-        resid = (fields["logp"].astype(np.float64)[perm] - np.log(c / num_samples)) / LOGP_STEP
+        resid = (fields["logp"].astype(np.float64)[perm] - np.log(c / n_row[rows[perm]])) / LOGP_STEP
         q = np.clip(np.round(resid), -LOGP_OFFSET, 255 - LOGP_OFFSET).astype(np.int64) + LOGP_OFFSET
         s, sizes = _grouped(q[dec], _logp_ctx(c, _bitlen(r))[dec], LOGP_CONTEXTS)
         syms.append(s)
         meta["groups"]["logp"] = sizes
         meta.update(logp_step=LOGP_STEP, logp_offset=LOGP_OFFSET)
+    if "n_draws" in fields:
+        syms.append(n_row.astype(np.uint8))
+        meta["groups"]["n"] = [R]
     meta["bits"] = int(nbits.sum())
     out = {"rank_table": np.diff(table, prepend=0).astype(np.uint32),
            "sampled_symbols": np.concatenate(syms),
@@ -192,9 +213,9 @@ def compact_sampled(fields: dict[str, np.ndarray], tokens: np.ndarray, vocab_siz
 def expand_sampled(stored: dict[str, np.ndarray], tokens: np.ndarray, vocab_size: int, num_samples: int,
                    meta: dict) -> dict[str, np.ndarray]:
     """Inverse of :func:`compact_sampled`: ``row_len`` uint8, ``ids`` int32 (rank order within a row),
-    ``counts`` uint8, ``logp`` float32 (quantised; absent if not stored). Raises ValueError on bad data."""
+    ``counts`` uint8, ``logp`` float32 (quantised; absent if not stored), ``n_draws`` uint8 (under a byte budget).
+    Raises ValueError on bad data."""
     R = tokens.shape[0] * (tokens.shape[1] - 1)
-    N = num_samples
     table = np.cumsum(stored["rank_table"].astype(np.int64))
     syms, pos = stored["sampled_symbols"], len(table)
     if len(syms) < pos or (len(table) and table[-1] >= vocab_size):
@@ -203,7 +224,7 @@ def expand_sampled(stored: dict[str, np.ndarray], tokens: np.ndarray, vocab_size
 
     groups = meta["groups"]
     readers = {}
-    for name, n_ctx in (("count", COUNT_CONTEXTS), ("bucket", GAP_CONTEXTS), ("logp", LOGP_CONTEXTS)):
+    for name, n_ctx in (("count", COUNT_CONTEXTS), ("bucket", GAP_CONTEXTS), ("logp", LOGP_CONTEXTS), ("n", 1)):
         if name in groups:
             size = int(sum(groups[name]))
             readers[name] = _Groups(syms[pos: pos + size], groups[name], n_ctx)
@@ -212,6 +233,10 @@ def expand_sampled(stored: dict[str, np.ndarray], tokens: np.ndarray, vocab_size
         raise ValueError("sampled shard: symbol stream length does not match its groups")
     bits = _BitReader(stored["sampled_bits"], meta["bits"])
     has_logp = "logp" in readers
+    per_row = "n" in readers
+    N = readers["n"].take(np.zeros(R, np.int64)).astype(np.int64) if per_row else np.full(R, num_samples, np.int64)
+    if R and N.min() < 1:
+        raise ValueError("sampled shard: a row with no draws")
 
     total = np.zeros(R, np.int64)
     prev_r = np.zeros(R, np.int64)  # the row's previous rank, its bit length, its previous count
@@ -219,9 +244,9 @@ def expand_sampled(stored: dict[str, np.ndarray], tokens: np.ndarray, vocab_size
     prev_c = np.zeros(R, np.int64)
     cols = []  # per column: (rows, rank, count, q)
     active = np.arange(R)
-    for k in range(N):
+    for k in range(int(N.max(initial=0))):
         if k:
-            active = active[total[active] < N]
+            active = active[total[active] < N[active]]
         if not len(active):
             break
         ctx = np.zeros(len(active), np.int64) if k == 0 else 1 + prev_bits[active]
@@ -255,5 +280,8 @@ def expand_sampled(stored: dict[str, np.ndarray], tokens: np.ndarray, vocab_size
     if has_logp:
         q = np.empty(E, np.int64)
         q[dest] = np.concatenate([x[3] for x in cols]) if cols else q
-        out["logp"] = ((q - meta["logp_offset"]) * meta["logp_step"] + np.log(c / N)).astype(np.float32)
+        n_entry = np.repeat(N, row_len)
+        out["logp"] = ((q - meta["logp_offset"]) * meta["logp_step"] + np.log(c / n_entry)).astype(np.float32)
+    if per_row:
+        out["n_draws"] = N.astype(np.uint8)
     return out

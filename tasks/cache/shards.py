@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from raydistill.tasks.cache.formats import get_format
+from raydistill.tasks.cache.head import load_head, write_once
 from raydistill.tasks.cache.container import pack, unpack
 from raydistill.tasks.cache.index import Index, ShardList, local_copy
 from raydistill.tasks.cache.manifest import (CACHES, LEGACY_MANIFEST, CacheCorruptError, CacheMismatchError,
@@ -44,6 +45,8 @@ def write_shard(cache_dir: str, name: str, split: str, key: str, tokens: np.ndar
     header = {"name": name, "split": split, "key": key, "format": params.format, "windows": W, "seq_len": L1 - 1,
               "tokens": W * (L1 - 1), **stats}
     stored, extra, raw = get_format(params.format).to_disk(fields, tokens, stats["vocab_size"], params)
+    if "head" in extra:  # hidden: the teacher's output head, one content-addressed file per cache dir
+        write_once(store, extra["head"]["file"], fields["head"])
     data = pack({"tokens": tokens.astype(np.int32), **stored}, {**header, **extra}, raw=raw)
     if not store.create(rel, data):
         return entry_from_file(cache_dir, rel, key), False
@@ -146,6 +149,15 @@ class Cache:
         tokens, m = fields.pop("tokens"), self.manifest
         fmt = get_format(m["format"])
         params = fmt.Params(**m["params"])
+        if "head" in header:
+            try:
+                fields["head"] = load_head(self._store, header["head"])
+            except FileNotFoundError:
+                raise CacheCorruptError(f"shard {name}: the teacher head {header['head']['file']} is missing from "
+                                        f"{self._store.url()}; delete this cache's shard files and rerun "
+                                        "`raydistill cache`") from None
+            except ValueError as e:
+                raise CacheCorruptError(f"shard {name}: {e}") from None
         try:
             fields = fmt.from_disk(fields, tokens, header["vocab_size"], params, header)
         except (ValueError, KeyError, IndexError) as e:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,6 +43,27 @@ class CachedTargets:
     """N, draws per row (``sampled`` only)."""
     vocab_size: int | None = None
     """Teacher vocabulary the targets are over."""
+    hidden: torch.Tensor | None = None
+    """bf16 ``[w, L, d]`` the teacher's final normalised hidden states (``hidden`` only)."""
+    head: Any = None
+    """The teacher's :class:`~tasks.cache.head.OutputHead` (``hidden`` only; shared, not copied)."""
+
+
+@dataclass
+class HiddenTargets:
+    """The teacher distribution at a temperature, as the hidden states it is rebuilt from: ``log_softmax(h·Wᵀ/T)``
+    over the head's rows, computed by the loss chunk by chunk (:meth:`logprobs`)."""
+
+    hidden: torch.Tensor
+    """``[..., d]`` (bf16)."""
+    head: Any
+    """:class:`~tasks.cache.head.OutputHead`."""
+    temperature: float
+
+    def logprobs(self, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 ``[..., V]`` log-probs of ``hidden`` (default: all of this target's rows)."""
+        z = self.head.logits(self.hidden if hidden is None else hidden)
+        return torch.log_softmax(z / self.temperature if self.temperature != 1.0 else z, dim=-1)
 
 
 @dataclass
@@ -74,7 +96,7 @@ class DenseTargets:
     """float ``[..., V]``."""
 
 
-def at_temperature(targets: CachedTargets, temperature: float) -> SparseTargets | DenseTargets:
+def at_temperature(targets: CachedTargets, temperature: float) -> SparseTargets | DenseTargets | HiddenTargets:
     """The teacher distribution at ``temperature`` (T) from targets cached at T_c (the format's own method;
     docs/cache-format.md has the math of each)."""
     from raydistill.tasks.cache.formats import get_format
@@ -103,7 +125,8 @@ def select_windows(targets: CachedTargets, index) -> CachedTargets:
         return None if t is None else t[index]
 
     return CachedTargets(targets.format, targets.cache_temperature, pick(targets.ids), pick(targets.logprobs),
-                         pick(targets.counts), pick(targets.tail_logmass), targets.num_samples, targets.vocab_size)
+                         pick(targets.counts), pick(targets.tail_logmass), targets.num_samples, targets.vocab_size,
+                         pick(targets.hidden), targets.head)
 
 
 def cat_targets(parts: list[CachedTargets]) -> CachedTargets:
@@ -120,14 +143,17 @@ def cat_targets(parts: list[CachedTargets]) -> CachedTargets:
                        for t in tensors]
         return torch.cat(tensors, dim=0)
 
+    if any(p.head is not first.head and p.head.sha256 != first.head.sha256 for p in parts if first.head is not None):
+        raise ValueError("cat_targets: hidden targets of two different teacher heads")
     return CachedTargets(first.format, first.cache_temperature, cat("ids", 0), cat("logprobs", -math.inf),
-                         cat("counts", 0.0), cat("tail_logmass", 0.0), first.num_samples, first.vocab_size)
+                         cat("counts", 0.0), cat("tail_logmass", 0.0), first.num_samples, first.vocab_size,
+                         cat("hidden", 0.0), first.head)
 
 
 def heldout_stats(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, np.ndarray]:
     """logits ``[B, L, V]``, labels ``[B, L]`` → ``teacher_top1`` int32 ``[B*L]`` (argmax id) and
     ``teacher_nll`` float32 ``[B*L]`` (teacher cross-entropy of the true next token at T=1)."""
     x = logits.float()
-    nll = torch.logsumexp(x, dim=-1) - x.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1)
-    return {"teacher_top1": x.argmax(dim=-1).reshape(-1).to(torch.int32).numpy(),
-            "teacher_nll": nll.reshape(-1).numpy().astype(np.float32)}
+    nll = torch.logsumexp(x, dim=-1) - x.gather(-1, labels.to(x.device).long().unsqueeze(-1)).squeeze(-1)
+    return {"teacher_top1": x.argmax(dim=-1).reshape(-1).to(torch.int32).cpu().numpy(),
+            "teacher_nll": nll.reshape(-1).cpu().numpy().astype(np.float32)}

@@ -24,7 +24,7 @@ def test_kd_quality_rows_and_checks_follow_the_measurements(capsys):
     out = kdq.main(["--teacher", "tiny", "--layers", "0", "--seq-len", "32", "--tokens", "4096", "--steps", "3",
                     "--threads", "1", "--heldout-windows", "4"])
     assert json.loads(capsys.readouterr().out) == out
-    assert [r["method"] for r in out["rows"]] == ["ce", "online", "topk", "sampled"]
+    assert [r["method"] for r in out["rows"]] == ["ce", "online", "topk", "sampled", "hidden"]
     rows = {r["method"]: r for r in out["rows"]}
     for r in rows.values():
         assert set(r) >= {"heldout_loss", "top1_agreement", "ece", "wall_s"} and r["wall_s"] > 0
@@ -34,7 +34,7 @@ def test_kd_quality_rows_and_checks_follow_the_measurements(capsys):
         assert out["checks"]["sampled_recovers_92pct"] == (out["gain_recovered"]["sampled"] >= 0.92)
     elif ce - online < -1e-3:
         assert out["gain_recovered"]["sampled"] is None and out["checks"]["sampled_recovers_92pct"] is None
-    kd = [rows[m] for m in ("online", "topk", "sampled")]
+    kd = [rows[m] for m in ("online", "topk", "sampled", "hidden")]
     if all(r["heldout_loss"] != ce and r["top1_agreement"] != rows["ce"]["top1_agreement"] for r in kd):
         beats = all(r["heldout_loss"] < ce and r["top1_agreement"] > rows["ce"]["top1_agreement"] for r in kd)
         assert out["checks"]["every_kd_beats_ce"] == beats  # (a tie after rounding says nothing either way)
@@ -54,6 +54,22 @@ def test_kd_quality_rejects_bad_input():
         kdq.parse_args(["--num-samples", "32,64", "--methods", "ce", "online"])
     args = kdq.parse_args(["--num-samples", "32,64,128", "--methods", "sampled", "ce"])
     assert args.num_samples == 32 and args.methods == ["ce", "sampled", "sampled_n64", "sampled_n128"]
+
+
+def test_gpu_teacher_runs_its_cpu_path_through_the_tasks_cache_code(capsys):
+    """The device benchmark's code path (forward, draws, coding, commit; Ray-free) on the CPU with the tiny model."""
+    gpu = _load("gpu_teacher")
+    out = gpu.main(["--device", "cpu", "--models", "tiny", "--tokens", "1024", "--batch-size", "2",
+                    "--windows-per-shard", "2", "--rounds", "1"])
+    assert json.loads(capsys.readouterr().out) == out
+    (row,) = out["rows"]
+    assert row["tokens"] == 1024 and row["bare_tokens_per_s"] > 0 and row["cache_tokens_per_s"] > 0
+    assert row["mfu"] is None and row["gflops_per_token"] > 0  # MFU only against a GPU's peak
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no CUDA device here; use --device cpu"):
+            gpu.main(["--models", "tiny"])
 
 
 @pytest.mark.slow

@@ -100,11 +100,12 @@ def test_a_trained_students_export_teaches_the_next_generation(tmp_path, tiny_to
     from raydistill.tasks.config import PeftConfig, StudentConfig
     from raydistill.tasks.students import build_student, save_student
 
-    tiny = TeacherConfig(source="tiny", tiny=TinyModelConfig(num_layers=1, hidden_size=32, intermediate_size=64))
+    tiny = TeacherConfig(source="tiny", tiny=TinyModelConfig(num_layers=1, hidden_size=32, intermediate_size=64),
+                         dtype="float32")
     teacher, _ = load_teacher(tiny)
     student = build_student(StudentConfig(init="born_again"), teacher).eval()
     export = save_student(student, tiny_tokenizer, tmp_path / "gen0" / "student")
-    cfg = TeacherConfig(source=str(export))
+    cfg = TeacherConfig(source=str(export), dtype="float32")  # auto could be bf16 here: compared bit for bit
     identity = teacher_identity(cfg)
     assert identity["kind"] == "hf" and identity["architecture"]["num_hidden_layers"] == 1
     assert identity["weights_sha256"] != teacher_identity(tiny)["weights_sha256"]  # another cache key
@@ -118,15 +119,22 @@ def test_a_trained_students_export_teaches_the_next_generation(tmp_path, tiny_to
     with pytest.raises(ConfigError, match="student with a prefix adapter, which cannot teach"):
         teacher_identity(TeacherConfig(source=str(save_student(prefix, tiny_tokenizer, tmp_path / "prefix"))))
 
-def test_auto_dtype_is_resolved_in_the_identity_so_gpu_and_cpu_caches_never_share_shard_keys():
-    """``teacher.dtype: auto`` means bf16 where the teacher runs on CUDA and fp32 on CPU: the identity (hashed into
-    every shard key) records what it resolved to, and an explicit dtype is recorded as it is."""
+def test_auto_dtype_is_resolved_in_the_identity_so_gpu_and_cpu_caches_never_share_shard_keys(monkeypatch):
+    """``teacher.dtype: auto`` means bf16 where the teacher runs on CUDA or on a CPU with native bf16, else fp32:
+    the identity (hashed into every shard key) records what it resolved to and the device type, and an explicit
+    dtype is recorded as it is."""
+    monkeypatch.setattr("raydistill.tasks.device._CPU_BF16", [False])
     auto = TeacherConfig(source="tiny", tiny=TINY)
     on_cpu, on_gpu = teacher_identity(auto), teacher_identity(auto, "cuda")
     assert on_cpu["dtype"] == "float32" and on_gpu["dtype"] == "bfloat16"
+    assert (on_cpu["device"], on_gpu["device"]) == ("cpu", "cuda")
     assert identity_key_fields(on_cpu) != identity_key_fields(on_gpu)
-    assert on_cpu == teacher_identity(TeacherConfig(source="tiny", tiny=TINY, dtype="float32"))  # old caches keep keys
+    assert on_cpu == teacher_identity(TeacherConfig(source="tiny", tiny=TINY, dtype="float32"))
     assert teacher_identity(TeacherConfig(source="tiny", tiny=TINY, dtype="float16"), "cuda")["dtype"] == "float16"
+    bf16_cpu = teacher_identity(TeacherConfig(source="tiny", tiny=TINY, dtype="bfloat16"))
+    assert identity_key_fields(bf16_cpu) != identity_key_fields(on_gpu)  # same dtype, another device: other keys
+    monkeypatch.setattr("raydistill.tasks.device._CPU_BF16", [True])
+    assert teacher_identity(auto)["dtype"] == "bfloat16"  # a CPU with AVX-512 BF16 / AMX runs the teacher in bf16
 
 
 def test_a_teacher_loaded_in_bf16_gives_fp32_targets_of_the_same_format(tiny_tokenizer):

@@ -8,17 +8,17 @@
 - ``decode(fields, row_slice, seq_len, params, temperature, vocab_size)`` → ``CachedTargets``;
 - ``at_temperature(targets, T)`` → ``SparseTargets``/``DenseTargets``; ``restrict_vocab(targets, V)``.
 
-A fourth format is one new module here plus its entry in :data:`FORMATS`.
+A fifth format is one new module here plus its entry in :data:`FORMATS`.
 """
 
 from __future__ import annotations
 
 from types import ModuleType
 
-from raydistill.tasks.cache.formats import full, sampled, topk
+from raydistill.tasks.cache.formats import full, hidden, sampled, topk
 from raydistill.tasks.config import CacheConfig
 
-FORMATS: dict[str, ModuleType] = {"sampled": sampled, "topk": topk, "full": full}
+FORMATS: dict[str, ModuleType] = {"sampled": sampled, "topk": topk, "full": full, "hidden": hidden}
 
 
 def get_format(name: str) -> ModuleType:

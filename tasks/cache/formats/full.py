@@ -28,7 +28,7 @@ def encode(logits: torch.Tensor, params: Params, temperature: float, generators:
     """logits ``[B, L, V]`` → ``logprobs`` float16 ``[B*L, V]`` at T_c; with ``labels`` ``[B, L]`` also
     :func:`~tasks.cache.targets.heldout_stats`. ``generators`` is unused."""
     V = logits.shape[-1]
-    out = {"logprobs": torch.log_softmax(logits.float().reshape(-1, V) / temperature, dim=-1).half().numpy()}
+    out = {"logprobs": torch.log_softmax(logits.float().reshape(-1, V) / temperature, dim=-1).half().cpu().numpy()}
     return out if labels is None else {**out, **heldout_stats(logits, labels)}
 
 

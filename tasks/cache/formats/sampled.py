@@ -14,6 +14,9 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from raydistill.tasks.cache.draws import (FIXED_BYTES, MAX_DRAWS, PILOT, SAMPLER, budget_draws, entry_bytes,
+                                          lookup, pilot_statistics, row_weights, unique_counts, window_uniforms,
+                                          work_copy)
 from raydistill.tasks.cache.sampledpack import compact_sampled, expand_sampled
 from raydistill.tasks.cache.targets import CachedTargets, SparseTargets
 from raydistill.tasks.config import CacheConfig
@@ -25,62 +28,70 @@ class Params:
 
     format: ClassVar[str] = "sampled"
     num_samples: int
-    """N, draws per row (``cache.num_samples``)."""
+    """N, draws per row (``cache.num_samples``); under a byte budget 255, the most a row can get."""
     seed: int = 0
     """Seed of the draws, mixed with the shard key per window (``cache.seed``)."""
     logprobs: bool = True
     """Whether each drawn id's T=1 log-prob is stored (``cache.sampled_logprobs``): needed to re-temper."""
+    bytes_per_token: float | None = None
+    """Byte budget (``cache.bytes_per_token``, when ``cache.num_samples`` is null): each row gets the draws
+    :func:`~tasks.cache.draws.budget_draws` picks for it (stored per row); None: every row gets ``num_samples``."""
+    sampler: str = SAMPLER
+    """The sampler that drew the targets (:data:`tasks.cache.draws.SAMPLER`)."""
 
     @classmethod
     def from_config(cls, cfg: CacheConfig) -> "Params":
-        return cls(num_samples=cfg.num_samples, seed=cfg.seed, logprobs=cfg.sampled_logprobs)
+        if cfg.num_samples is not None:
+            return cls(num_samples=cfg.num_samples, seed=cfg.seed, logprobs=cfg.sampled_logprobs)
+        return cls(num_samples=MAX_DRAWS, seed=cfg.seed, logprobs=cfg.sampled_logprobs,
+                   bytes_per_token=float(cfg.bytes_per_token))
 
 
 def encode(logits: torch.Tensor, params: Params, temperature: float, generators: list[torch.Generator],
            labels: torch.Tensor | None = None) -> dict[str, np.ndarray]:
-    """Draw ``num_samples`` ids per row and keep unique ids + counts (+ T=1 log-probs).
+    """Draw ids per row on the logits' device (:mod:`tasks.cache.draws`) and keep unique ids + counts (+ T=1
+    log-probs); only these leave the device.
 
-    logits: ``[B, L, V]``; generators: one per window (seeded per window, so the draws do not depend on how
-    windows are batched). Returns flat arrays over the ``E`` stored entries, row-major, ids ascending per row:
-    ``row_len`` uint8 ``[B*L]``, ``ids`` int32 ``[E]``, ``counts`` uint8 ``[E]``, ``logp`` float32 ``[E]`` (only
-    with ``params.logprobs``). With ``labels`` ``[B, L]`` also ``teacher_top1`` and ``teacher_nll`` (as
-    :func:`~tasks.cache.targets.heldout_stats`), from the same passes over the logits (one max, one exp, one sum
-    per window at T = 1: the draws take unnormalised weights).
+    logits: ``[B, L, V]`` (left as they are: the sampler works in :func:`~tasks.cache.draws.work_copy`); generators: one per
+    window (seeded per window, so the draws do not depend on how windows are batched). Returns flat arrays over the
+    ``E`` stored entries, row-major, ids ascending per row: ``row_len`` uint8 ``[B*L]``, ``ids`` int32 ``[E]``,
+    ``counts`` uint8 ``[E]``, ``logp`` float32 ``[E]`` (only with ``params.logprobs``), ``n_draws`` uint8 ``[B*L]``
+    (only with a byte budget). With ``labels`` ``[B, L]`` also ``teacher_top1`` and ``teacher_nll`` (as
+    :func:`~tasks.cache.targets.heldout_stats`).
     """
     B, L, V = logits.shape
-    n = params.num_samples
     if generators is None or len(generators) != B:
         raise ValueError(f"the sampled format needs one generator per window: got "
                          f"{0 if generators is None else len(generators)} generators for {B} windows")
-    out = {"row_len": [], "ids": [], "counts": [], "logp": []}
+    budget = params.bytes_per_token is not None
+    u, pilot = window_uniforms(generators, L, params.num_samples, PILOT if budget else 0, logits.device)
+    x = work_copy(logits)
+    held = {}
     if labels is not None:
-        out.update(teacher_top1=[], teacher_nll=[])
-    for b in range(B):  # per window: bounded memory and batch-independent draws
-        x = logits[b].float()
-        top, top1 = x.max(dim=-1)                                            # [L]
-        weights = torch.sub(x, top.unsqueeze(-1)).exp_()                    # exp(x − max), [L, V]
-        lse1 = top + weights.sum(dim=-1).log()                              # log Σ exp(x), [L]
-        if temperature != 1.0:
-            weights = torch.sub(x, top.unsqueeze(-1)).mul_(1.0 / temperature).exp_()
-        draws = torch.multinomial(weights, n, replacement=True, generator=generators[b])
-        draws, _ = draws.sort(dim=-1)  # [L, N]
-        starts = torch.ones_like(draws, dtype=torch.bool)
-        starts[:, 1:] = draws[:, 1:] != draws[:, :-1]
-        ids = draws[starts]  # [E_b]: unique ids, ascending within each row
-        pos = starts.flatten().nonzero().squeeze(1)
-        counts = torch.diff(pos, append=torch.tensor([L * n]))
-        row_len = starts.sum(dim=1)
-        rows = torch.repeat_interleave(torch.arange(L), row_len)
-        out["row_len"].append(row_len.to(torch.uint8))
-        out["ids"].append(ids.to(torch.int32))
-        out["counts"].append(counts.to(torch.uint8))
-        out["logp"].append(x[rows, ids] - lse1[rows])
-        if labels is not None:
-            out["teacher_top1"].append(top1.to(torch.int32))
-            out["teacher_nll"].append(lse1 - x.gather(-1, labels[b].long().unsqueeze(-1)).squeeze(-1))
-    if not params.logprobs:
-        del out["logp"]
-    return {k: torch.cat(v).numpy() for k, v in out.items()}
+        labels = labels.to(x.device).long()
+        held = {"teacher_top1": x.argmax(dim=-1), "x_label": x.gather(-1, labels.unsqueeze(-1)).squeeze(-1)}
+    w, top, lse1 = row_weights(x, temperature, lse=labels is not None or params.logprobs)
+    cdf = torch.cumsum(w, dim=-1) if params.logprobs else w.cumsum_(dim=-1)  # in place: no second V-sized buffer
+    if budget:
+        pilot_ids = lookup(cdf, pilot)
+        _, distinct = pilot_statistics(pilot_ids)
+        # a row's noise weight: the ids its pilot found, less one (0 for a sure row) — the expected relative noise
+        # Σ_i (p̂_i − p_i)²/p_i over the ids with non-negligible mass is (K − Σ p_i)/n (docs/cache-format.md)
+        n = budget_draws((distinct[..., -1] - 1).float(), distinct, params.bytes_per_token - FIXED_BYTES,
+                         entry_bytes(pilot_ids, V))
+        u = torch.where(torch.arange(u.shape[-1], device=u.device) < n.unsqueeze(-1), u, math.inf)
+    u = u.sort(dim=-1).values  # sorted draws: the ids come out ascending per row, unused slots last
+    row_len, ids, counts, rows = unique_counts(lookup(cdf, u).reshape(B * L, -1), V)
+    out = {"row_len": row_len.to(torch.uint8), "ids": ids.to(torch.int32), "counts": counts.to(torch.uint8)}
+    if params.logprobs:  # log p₁ = T·log w − (lse₁ − max): w holds exp((x − max)/T)
+        lw = w.reshape(B * L, V)[rows, ids].log()
+        out["logp"] = temperature * lw - (lse1 - top).reshape(-1)[rows]
+    if budget:
+        out["n_draws"] = n.reshape(-1).to(torch.uint8)
+    if labels is not None:
+        out["teacher_top1"] = held["teacher_top1"].reshape(-1).to(torch.int32)
+        out["teacher_nll"] = (lse1 - held["x_label"]).reshape(-1)
+    return {k: v.cpu().numpy() for k, v in out.items()}
 
 
 def to_disk(fields: dict[str, np.ndarray], tokens: np.ndarray, vocab_size: int,
@@ -139,7 +150,8 @@ def log_weights(targets: CachedTargets) -> torch.Tensor:
 
 
 def at_temperature(targets: CachedTargets, temperature: float) -> SparseTargets:
-    """Self-normalised importance weights count_i · p_i^(1/T − 1/T_c) with p at T=1; exactly count/N at T = T_c.
+    """Self-normalised importance weights count_i · p_i^(1/T − 1/T_c) with p at T=1; exactly count/n_r at T = T_c
+    (n_r = the row's draws: N, or what a byte budget gave it).
 
     With stored log-probs also ``kl_offset`` (see :class:`SparseTargets`): the teacher's log-prob of each drawn id
     at T is ``lp_i/T − log Z_T``, the normaliser estimated from the same draws,
@@ -148,7 +160,7 @@ def at_temperature(targets: CachedTargets, temperature: float) -> SparseTargets:
     """
     counts = targets.counts
     if temperature == targets.cache_temperature:
-        probs = counts / float(targets.num_samples)
+        probs = counts / counts.sum(-1, keepdim=True).clamp(min=1.0)  # count/n_r: n_r = N, or the row's own
     elif targets.logprobs is None:
         raise ValueError(f"this sampled cache stores no log-probs (cache.sampled_logprobs=false): it gives "
                          f"targets only at its own temperature {targets.cache_temperature}, not {temperature}")
@@ -177,7 +189,8 @@ def _log_kept_mass(cached: CachedTargets, keep: torch.Tensor) -> torch.Tensor:
 
 
 def restrict_vocab(cached: CachedTargets, vocab_size: int) -> CachedTargets:
-    """Draws of ids ≥ ``vocab_size`` removed (id 0, count 0), the remaining counts rescaled to sum to N per row,
+    """Draws of ids ≥ ``vocab_size`` removed (id 0, count 0), the remaining counts rescaled to sum to the row's
+    draws,
     the stored log-probs conditioned on the kept ids too (so ``kl_offset`` estimates the conditioned teacher's
     KL)."""
     keep = cached.ids < vocab_size
@@ -185,7 +198,7 @@ def restrict_vocab(cached: CachedTargets, vocab_size: int) -> CachedTargets:
         return cached
     ids, lp = torch.where(keep, cached.ids, 0), cached.logprobs
     counts = torch.where(keep, cached.counts, 0.0)
-    counts = counts * (float(cached.num_samples) / counts.sum(-1, keepdim=True).clamp(min=1e-12))
+    counts = counts * (cached.counts.sum(-1, keepdim=True) / counts.sum(-1, keepdim=True).clamp(min=1e-12))
     if lp is not None:  # T=1 log-probs of the conditioned teacher: minus log(kept mass), estimated from the draws
         lp = torch.where(keep, lp, -math.inf) - _log_kept_mass(cached, keep)
     return dataclasses.replace(cached, ids=ids, logprobs=lp, counts=counts, vocab_size=vocab_size)

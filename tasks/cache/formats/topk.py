@@ -32,7 +32,7 @@ def tail_logmass(top_logprobs: torch.Tensor, vocab_size: int) -> torch.Tensor:
     top_logprobs: ``[..., k]`` normalised log-probs. Returns ``[...]``.
     """
     if top_logprobs.shape[-1] >= vocab_size:
-        return torch.full(top_logprobs.shape[:-1], -math.inf)
+        return torch.full(top_logprobs.shape[:-1], -math.inf, device=top_logprobs.device)
     lse = torch.logsumexp(top_logprobs.double(), dim=-1).clamp(max=0.0)  # rounding can push it above 0
     return torch.log(-torch.expm1(lse)).float()
 
@@ -45,7 +45,8 @@ def encode(logits: torch.Tensor, params: Params, temperature: float, generators:
     V = logits.shape[-1]
     lp = torch.log_softmax(logits.float().reshape(-1, V) / temperature, dim=-1)
     vals, ids = lp.topk(min(params.top_k, V), dim=-1)
-    out = {"ids": ids.to(torch.int32).numpy(), "logprobs": vals.half().numpy(), "tail": tail_logmass(vals, V).numpy()}
+    out = {"ids": ids.to(torch.int32).cpu().numpy(), "logprobs": vals.half().cpu().numpy(),
+           "tail": tail_logmass(vals, V).cpu().numpy()}
     return out if labels is None else {**out, **heldout_stats(logits, labels)}
 
 

@@ -22,11 +22,11 @@ FORMAT_API = ("Params", "encode", "to_disk", "from_disk", "entries", "decode", "
 
 
 def test_every_format_module_has_the_same_functions_and_is_reachable_by_its_name():
-    """A fourth format is one new module in tasks/cache/formats/: it must provide what the others provide."""
+    """A fifth format is one new module in tasks/cache/formats/: it must provide what the others provide."""
     import pkgutil
 
     modules = sorted(m.name for m in pkgutil.iter_modules(formats.__path__))
-    assert sorted(formats.FORMATS) == modules == ["full", "sampled", "topk"]
+    assert sorted(formats.FORMATS) == modules == ["full", "hidden", "sampled", "topk"]
     for name in modules:
         module = get_format(name)
         assert module.Params.format == name
@@ -35,13 +35,16 @@ def test_every_format_module_has_the_same_functions_and_is_reachable_by_its_name
         for f in FORMAT_API[1:]:
             assert inspect.signature(getattr(module, f)).parameters.keys() == \
                 inspect.signature(getattr(formats.sampled, f)).parameters.keys(), f"{name}.{f}"
-    with pytest.raises(ValueError, match="unknown cache format 'dense'.*'sampled', 'topk', 'full'"):
+    with pytest.raises(ValueError, match="unknown cache format 'dense'.*'sampled', 'topk', 'full', 'hidden'"):
         get_format("dense")
 
 
 def test_every_format_takes_its_parameters_from_the_cache_config():
     cfg = CacheConfig(num_samples=20, seed=3, top_k=9, sampled_logprobs=True)
     assert format_params(cfg) == sampled.Params(num_samples=20, seed=3, logprobs=True)
+    budget = format_params(CacheConfig(bytes_per_token=30))  # no fixed N: the budget picks per row, up to 255
+    assert budget == sampled.Params(num_samples=255, seed=0, logprobs=False, bytes_per_token=30.0)
+    assert budget.sampler == "inverse_cdf_f32"
     assert format_params(CacheConfig(format="topk", top_k=9)) == topk.Params(top_k=9)
     assert format_params(CacheConfig(format="full")) == formats.full.Params()
 

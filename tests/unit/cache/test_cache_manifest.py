@@ -16,20 +16,24 @@ from raydistill.tasks.cache.manifest import (FORMAT_VERSION, CacheCorruptError, 
 from raydistill.tasks.cache.shards import open_cache
 from raydistill.tasks.config import CacheConfig, CorpusConfig, TeacherConfig
 
-# Keys written by the code before tasks/cache/ existed (tasks/softtargets.py, FORMAT_VERSION 2): an existing
-# cache's shard files must keep their names.
+# Keys of FORMAT_VERSION 3 (draws on the teacher's device, the device type in the teacher's identity, byte budgets):
+# pinned, so that a change of what a key hashes is a deliberate FORMAT_VERSION bump (caches of version 2 are refused
+# with "rerun `raydistill cache`": their draws came from another sampler).
 IDENT = {"source": "a", "path": "/x", "kind": "gguf", "weights_sha256": "w", "architecture": {"n": 1},
-         "dtype": "float32"}
+         "dtype": "float32", "device": "cpu"}
 PINNED = [(sampled.Params(num_samples=50, seed=0, logprobs=True),
-           "9ff9bc5f0158557da5268af517a2e5c28c98970c53ca5ab0c1faf95d65f1d302"),
+           "9ba2ca27bec407834ee3dced70db297c1b8c916d84c473f2b328c45c53ee8111"),
           (sampled.Params(num_samples=64, seed=0, logprobs=False),
-           "97dab1dfa8bb64ec51f245fdacbe7357f3e59d3597811ae51337aeef6b101a4a"),
-          (topk.Params(top_k=32), "bdca8a909aa44d51e1517e453096294fe10ccf4bd5e9db5f1579f99855a08235"),
-          (full.Params(), "de29f1cb166bbc98fbc09bc4c59d58db4db643d5408a848d01b681331e799e45")]
+           "03705e6cc87371adffd4035069d3166b29580f1ece835319d2e6fceb32bee8d2"),
+          (sampled.Params(num_samples=255, logprobs=False, bytes_per_token=36.0),
+           "1952ce324016b582e40de25019f7380018e25cc96d2748277285afcfe5daadbd"),
+          (topk.Params(top_k=32), "631f037c93f0250e47853d76b39bb59a5d8e8efbb353a591eab9f9aa8895a62b"),
+          (full.Params(), "93703ea52d2f0679913ba10393b34577cb1b8b9b677708bb9457cb09f9a74f02")]
 
 
 @pytest.mark.parametrize("params,key", PINNED)
-def test_shard_keys_did_not_change_with_the_move_to_typed_parameters(params, key):
+def test_shard_keys_are_pinned_for_format_version_3(params, key):
+    assert FORMAT_VERSION == 3
     assert shard_key(IDENT, "t", "c", params, 1.0) == key
 
 
@@ -66,7 +70,7 @@ def test_shard_keys_are_stable_and_cover_every_field(monkeypatch):
 def test_mismatch_names_the_field(tmp_path, tiny_tokenizer):
     from raydistill.tasks.teacher import teacher_identity, tokenizer_hash
 
-    teacher, corpus = TeacherConfig(source="tiny"), CorpusConfig(seq_len=L)
+    teacher, corpus = TeacherConfig(source="tiny", dtype="float32"), CorpusConfig(seq_len=L)
     cache_cfg = CacheConfig(format="sampled", num_samples=50, top_k=8)
     written = new_manifest(teacher_identity(teacher), tokenizer_hash(tiny_tokenizer), cache_cfg, corpus)
     written["complete"] = True
@@ -74,7 +78,8 @@ def test_mismatch_names_the_field(tmp_path, tiny_tokenizer):
     cache = open_cache(str(tmp_path))
     check_compatible(cache, teacher, cache_cfg, corpus)
     cases = [("teacher.dtype", TeacherConfig(source="tiny", dtype="bfloat16"), cache_cfg, corpus),
-             ("teacher.weights_sha256", TeacherConfig(source="tiny", tiny={"seed": 1}), cache_cfg, corpus),
+             ("teacher.weights_sha256", TeacherConfig(source="tiny", dtype="float32", tiny={"seed": 1}), cache_cfg,
+              corpus),
              ("format", teacher, CacheConfig(format="topk"), corpus),
              ("num_samples", teacher, CacheConfig(num_samples=20), corpus),
              ("temperature", teacher, CacheConfig(num_samples=50, temperature=2.0), corpus),

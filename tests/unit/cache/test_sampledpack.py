@@ -160,3 +160,17 @@ def test_entropy_coding_beats_plain_arrays():
                                                 fields["logp"].astype(np.float16).tobytes(),
                                                 fields["row_len"].tobytes()))
     assert ours < 0.75 * plain
+
+
+def test_word_wise_bit_packing_equals_packing_bit_by_bit():
+    from raydistill.tasks.cache.sampledpack import _pack_bits
+
+    def bit_by_bit(values, lengths):
+        bits = [(int(v) >> (n - 1 - k)) & 1 for v, n in zip(values, lengths) for k in range(n)]
+        return np.packbits(np.array(bits, np.uint8)) if bits else np.zeros(0, np.uint8)
+
+    rng = np.random.default_rng(4)
+    for count in (0, 1, 5, 300):
+        lengths = rng.integers(0, 33, count)
+        values = rng.integers(0, 2 ** 32, count) & ((1 << lengths) - 1)
+        assert np.array_equal(_pack_bits(values, lengths), bit_by_bit(values, lengths))
