@@ -360,10 +360,11 @@ class QuantizeConfig:
     """Input columns sharing one scale in the group-wise int8/int4 methods (must divide every layer's width)."""
     embedding_bits: int | None = None
     """Bits of ``lm_head`` and the input embedding (8 or 4; ``null`` = the method's own bits)."""
-    int8_per_channel: bool = False
-    """``int8_weight_only`` with one scale per output row instead of per ``group_size`` columns: 12.5 % fewer
-    bytes at ``group_size`` 32 (the size of ``int8_dynamic``), a little more rounding error. ``mixed``'s int8
-    layers are always per channel, so that its plan at uniform int8's size can buy bf16 for sensitive layers."""
+    int8_per_channel: bool = True
+    """``int8_weight_only`` with one scale per output row (the layout torch's packed int8 CPU kernel runs, at
+    ``int8_dynamic``'s size); ``false``: one scale per ``group_size`` columns, a little less rounding error and
+    12.5 % more bytes at ``group_size`` 32, but no int8 kernel takes it (dequantized per call, much slower to
+    decode). ``mixed``'s int8 layers are always per channel."""
     lora: str = "merge"
     """How a LoRA student is exported: ``merge`` folds the adapter into the weights, then quantizes them (one
     plain model); ``adapter`` quantizes the base only and ships the adapter unmerged in float32 beside it in the
