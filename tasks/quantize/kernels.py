@@ -97,8 +97,8 @@ def int4_layout_known() -> bool:
 
 
 def int4_kernel_ok(out_features: int, in_features: int, group_size: int) -> bool:
-    """Whether ``_weight_int4pack_mm_for_cpu`` can run this layer."""
-    return group_size in INT4_GROUPS and in_features % group_size == 0 and in_features % 2 == 0
+    """Whether ``_weight_int4pack_mm_for_cpu`` can run this layer (its packing needs ``out`` a multiple of 16)."""
+    return group_size in INT4_GROUPS and in_features % group_size == 0 and out_features % 16 == 0
 
 
 def prepare(q: torch.Tensor, scale: torch.Tensor, bits: int) -> dict:

@@ -111,7 +111,10 @@ def load_quantized(model_dir: str | os.PathLike) -> nn.Module:
     with torch.device("meta"):  # no float copy of the weights is ever allocated: the stored tensors are assigned
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=dtype).eval()
         rebuild(model, meta["layers"])
-    tensors = load_file(str(model_dir / WEIGHTS_FILE))
+    # copies, not views of safetensors' file mapping: a model holding one stored tensor would keep every page of
+    # the mapping it ever touched resident (twice, for integers the kernels re-pack), and the mapping's offsets
+    # are not aligned for the kernels' AVX-512 loads
+    tensors = {k: v.clone() for k, v in load_file(str(model_dir / WEIGHTS_FILE)).items()}
     expected = _tensors(model).keys()
     if set(expected) != set(tensors):
         missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
@@ -151,6 +154,23 @@ def _materialize(model: nn.Module) -> None:
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise ValueError(f"load_quantized: {left[:5]} are neither stored nor computed at load time")
+
+
+def read_stored(model_dir: str | os.PathLike) -> tuple[dict, dict]:
+    """``(quantization.json, {name: tensor})`` of a directory written by :func:`save_quantized`, not built into
+    a model (the exports read the stored integers directly)."""
+    model_dir = Path(model_dir)
+    refuse_pickle(model_dir)
+    return read_quantization_info(model_dir), load_file(str(model_dir / WEIGHTS_FILE))
+
+
+def stored_integers(tensors: dict, name: str, layer: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q int8 (out, in), scale float32 (out, groups))`` of one integer layer of the layer table, as stored
+    (an untied quantized embedding is stored as ``<name>.source``)."""
+    from raydistill.tasks.quantize.qlinear import unpack
+
+    prefix = f"{layer['name']}.source" if layer.get("kind") == "rows" else name
+    return unpack(tensors[f"{prefix}.qweight"], layer["bits"]), tensors[f"{prefix}.scale"].float()
 
 
 def model_file_size(model_dir: str | os.PathLike) -> int:
