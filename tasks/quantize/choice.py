@@ -31,7 +31,8 @@ KL_TOLERANCE = 0.01
 def interleaved_speeds(models: dict, ids: torch.Tensor, rounds: int) -> dict[str, dict]:
     """``{name: {"tokens_per_s", "tokens_per_s_min", "tokens_per_s_max", "tokens_per_s_spread"}}`` of one
     forward on ``ids`` ``(batch, seq)`` per model per round, the models timed in turn each round (after one
-    warm-up each), so that a change of machine load hits them all alike. ``spread`` = (max − min) / median."""
+    warm-up each), so that a change of machine load hits them all alike. ``spread`` = (max − min) / median;
+    ``tokens_per_s_rounds``: every round's figure, in round order (round ``r`` of two models was timed together)."""
     times = {name: [] for name in models}
     with torch.inference_mode():
         for model in models.values():
@@ -45,7 +46,8 @@ def interleaved_speeds(models: dict, ids: torch.Tensor, rounds: int) -> dict[str
     for name, speeds in times.items():
         mid = statistics.median(speeds)
         out[name] = {"tokens_per_s": mid, "tokens_per_s_min": min(speeds), "tokens_per_s_max": max(speeds),
-                     "tokens_per_s_spread": (max(speeds) - min(speeds)) / mid, "speed_rounds": len(speeds)}
+                     "tokens_per_s_spread": (max(speeds) - min(speeds)) / mid, "speed_rounds": len(speeds),
+                     "tokens_per_s_rounds": speeds}
     return out
 
 
@@ -91,18 +93,19 @@ def choose(rows: dict[str, dict]) -> tuple[str, str]:
 
 def _size_words(best: dict, same_size: list, ok: list) -> str:
     others = [r["method"] for r in same_size if r is not best]
-    text = f"the smallest ({best['size_bytes'] / 2**20:.1f} MB"
+    text = f"the smallest: {best['size_bytes'] / 2**20:.2f} MB" + (f" ({', '.join(others)} the same size)"
+                                                                   if others else "")
     larger = [r for r in ok if r not in same_size]
     if larger:
         nxt = min(larger, key=lambda r: r["size_bytes"])
-        text += f"; next {nxt['method']} {nxt['size_bytes'] / 2**20:.1f} MB"
-    return text + (f"; {', '.join(others)} the same size)" if others else ")")
+        text += f", next {nxt['method']} {nxt['size_bytes'] / 2**20:.2f} MB"
+    return text
 
 
 def _kl_words(best: dict, same_size: list, same: list) -> str:
     rivals = [r for r in same_size if r is not best]
     if not rivals:
-        return f"KL to the teacher {_kl(best):.4g}"
+        return f"KL to the teacher {_kl(best):.4f}"
     nxt = min(rivals, key=_kl)
-    tie = " (within 1 %: the same quality)" if nxt in same else ""
-    return f"the lowest KL to the teacher of those ({_kl(best):.4g} vs {nxt['method']} {_kl(nxt):.4g}{tie})"
+    tie = ", within 1 %: the same quality" if nxt in same else ""
+    return f"the lowest KL to the teacher of those: {_kl(best):.4f} ({nxt['method']} {_kl(nxt):.4f}{tie})"

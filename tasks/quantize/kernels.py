@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 INT4_GROUPS = (32, 64, 128, 256)  # group sizes _weight_int4pack_mm_for_cpu takes
 KERNEL_MAX_ROWS = {8: 128, 4: 256}  # rows per call up to which the packed kernel beats dequantize + bf16 GEMM
-CHUNK_ELEMENTS = 1 << 22  # weights dequantized at once past KERNEL_MAX_ROWS (8 MiB of bf16)
+CHUNK_ELEMENTS = 1 << 23  # weights dequantized at once past KERNEL_MAX_ROWS (16 MiB of bf16)
 BLOCK_N = 64  # output rows per block of the AVX-512 int4 layout
 
 
@@ -120,8 +120,8 @@ def prepare(q: torch.Tensor, scale: torch.Tensor, bits: int) -> dict:
 def _dequant_rows(rt: dict, stored, scale, n0: int, n1: int) -> torch.Tensor:
     """bf16 weights of output rows ``n0:n1`` (``(n1-n0, in)``), from the kernel layout where possible, else
     from ``stored(n0, n1)`` (the stored integers of those rows) and ``scale``."""
-    if rt["kind"] == "int8":
-        return rt["q"][n0:n1].to(torch.bfloat16).mul_(rt["scale"][n0:n1, None])
+    if rt["kind"] == "int8":  # int8 × bf16 promotes in one pass (scaling the weights, not the larger output)
+        return rt["q"][n0:n1] * rt["scale"][n0:n1, None]
     if rt["kind"] == "int4" and not rt["keeps_integers"]:
         k, g = rt["packed"].shape[1] * 2, rt["group"]
         b0, b1 = n0 // BLOCK_N, n1 // BLOCK_N
@@ -134,9 +134,11 @@ def _dequant_rows(rt: dict, stored, scale, n0: int, n1: int) -> torch.Tensor:
     return qs.view(n1 - n0, s.shape[1], -1).mul_(s[..., None]).view(n1 - n0, -1)
 
 
-def linear(x: torch.Tensor, rt: dict, stored, scale, out_features: int) -> torch.Tensor:
-    """``x (..., in) @ Wᵀ`` bf16 ``(..., out)``. ``stored(n0, n1)``: int8 integers of rows ``n0:n1`` and
-    ``scale``: float32 ``(out, groups)``, used only by a layer that keeps its stored integers."""
+def linear(x: torch.Tensor, rt: dict, stored, scale, out_features: int, bias: torch.Tensor | None = None
+           ) -> torch.Tensor:
+    """``x (..., in) @ Wᵀ + bias`` in ``x``'s dtype ``(..., out)``, the products in bf16. ``stored(n0, n1)``:
+    int8 integers of rows ``n0:n1`` and ``scale``: float32 ``(out, groups)``, used only by a layer that keeps
+    its stored integers."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k).to(torch.bfloat16)
     rows = x2.shape[0]
@@ -145,10 +147,16 @@ def linear(x: torch.Tensor, rt: dict, stored, scale, out_features: int) -> torch
             y = torch.ops.aten._weight_int8pack_mm(aligned(x2), rt["q"], rt["scale"])
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(aligned(x2), rt["packed"], rt["group"], rt["sz"])
+        y = y.to(x.dtype) if bias is None else y.to(x.dtype) + bias.to(x.dtype)
         return y.reshape(*x.shape[:-1], out_features)
-    step = max(BLOCK_N, CHUNK_ELEMENTS // k // BLOCK_N * BLOCK_N)
-    y = torch.empty(rows, out_features, dtype=torch.bfloat16)
+    # chunks of output rows: the dequantized weights and the bf16 partial outputs stay a few MB, and each partial
+    # output is converted straight into its columns of the result in x's dtype (no full-size bf16 copy of a
+    # 49k-wide lm_head output to convert afterwards)
+    step = max(BLOCK_N, min(CHUNK_ELEMENTS // k, CHUNK_ELEMENTS // max(rows, 1)) // BLOCK_N * BLOCK_N)
+    y = torch.empty(rows, out_features, dtype=x.dtype)
     for n0 in range(0, out_features, step):
         n1 = min(out_features, n0 + step)
         y[:, n0:n1] = F.linear(x2, _dequant_rows(rt, stored, scale, n0, n1))
+    if bias is not None:
+        y += bias.to(y.dtype)
     return y.reshape(*x.shape[:-1], out_features)

@@ -168,10 +168,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.prepare()
         stored = None if self.qweight is None else (lambda n0, n1: unpack(self.qweight[n0:n1], self.bits))
-        y = kernels.linear(x, self._rt, stored, self.scale, self.out_features)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.to(x.dtype)
+        return kernels.linear(x, self._rt, stored, self.scale, self.out_features, self.bias)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         if self.qweight is None:  # prepared: the stored form, read back from the kernel form

@@ -29,8 +29,8 @@ def test_the_smallest_method_passing_the_gate_within_the_budget_wins_then_the_lo
     assert rows["int4_weight_only"]["size_ratio"] == 0.16 and rows["int4_weight_only"]["tokens_per_s_ratio"] == 1.8
     method, why = choose(rows)
     assert method == "gptq"  # as small as int4_weight_only, closer to the teacher; int8 is larger
-    assert "the smallest (160.0 MB; next int8_weight_only 250.0 MB; int4_weight_only the same size)" in why
-    assert "the lowest KL to the teacher of those (0.7 vs int4_weight_only 0.9)" in why
+    assert "the smallest: 160.00 MB (int4_weight_only the same size), next int8_weight_only 250.00 MB" in why
+    assert "the lowest KL to the teacher of those: 0.7000 (int4_weight_only 0.9000)" in why
 
 
 def test_timing_noise_cannot_change_the_choice():
