@@ -103,6 +103,7 @@ def export_gguf(model_dir: str | Path, path: str | Path, name: str) -> dict:
         _metadata(writer, config, name)
         _tokenizer(writer, AutoTokenizer.from_pretrained(model_dir))
         _weights(writer, config, meta, tensors, stats)
+        writer.add_file_type(_file_type(stats))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -110,6 +111,16 @@ def export_gguf(model_dir: str | Path, path: str | Path, name: str) -> dict:
     types = {k: v for k, v in stats.items() if k not in ("notes", "inexact_scales")}
     return {"path": str(path), "types": types, "inexact_scales": stats.get("inexact_scales", 0),
             "notes": stats["notes"], "method": meta["method"] if meta else "fp32"}
+
+
+def _file_type(stats: dict) -> int:
+    """llama.cpp's ``general.file_type``: the type of most 2-D tensors."""
+    from gguf import LlamaFileType as F
+
+    kinds = {"Q4_0": F.MOSTLY_Q4_0, "Q8_0": F.MOSTLY_Q8_0, "F16": F.MOSTLY_F16, "BF16": F.MOSTLY_BF16}
+    counted = {k: stats.get(k, 0) for k in kinds}
+    best = max(counted, key=counted.get)
+    return int(kinds[best] if counted[best] else F.ALL_F32)
 
 
 def _float_tensors(model_dir: Path) -> dict:
@@ -158,6 +169,7 @@ def _tokenizer(writer, tok) -> None:
                        ("pad", tok.pad_token_id)):
         if value is not None:
             getattr(writer, f"add_{key}_token_id")(value)
+    writer.add_add_bos_token(bool(getattr(tok, "add_bos_token", False)))
     if tok.chat_template:
         writer.add_chat_template(tok.chat_template)
 

@@ -13,12 +13,15 @@ anything else              no kernel (int8 group-wise, int4 in other groups): th
                            per call in chunks of rows
 =========================  ================================================================================
 
-Which path a call takes depends on how many rows (tokens) it multiplies. The packed kernels read each weight
-once per row: fastest for decoding (a few rows per step) and up to ~2–3× slower than fp32 at prefill sizes.
-Past :data:`KERNEL_MAX_ROWS` rows a call dequantizes :data:`CHUNK_ELEMENTS` weights at a time to bf16 and runs
-the bf16 GEMM on them (AMX/AVX-512-BF16 here), then frees them: the transient is a few MB whatever the layer.
-The crossovers were measured on this machine (``_weight_int8pack_mm`` vs dequantize + GEMM: ~150 rows; the int4
-kernel: ~400 rows, on the demo student's 576×1536 and 576×49152 layers).
+Which path a call takes depends on how many rows (tokens) it multiplies. The packed kernels are
+memory-bound: fastest for decoding (a few rows per step, reading ⅛–¼ of fp32's bytes) but per multiply-add
+slower than a GEMM, so up to ~2–3× slower than fp32 at prefill sizes. Past :data:`KERNEL_MAX_ROWS` rows a call
+dequantizes a chunk of output rows at a time (at most :data:`CHUNK_ELEMENTS` weights, and as many partial
+outputs) to bf16, runs the bf16 GEMM on it (AMX/AVX-512-BF16 here) and writes the product straight into its
+columns of the result, then frees the chunk: the transient is a few MB whatever the layer. Dequantizing costs
+per weight, the kernels per weight and row, so the crossover is a number of rows whatever the layer's shape;
+measured on this shared machine (noisy): ~90–150 rows for int8 (``_weight_int8pack_mm``), a few hundred for
+int4 (its dequantization unpacks nibbles in several passes) on the demo student's 576×1536 and 576×49152 layers.
 
 Scales are bf16 numbers (:func:`snap`, applied when quantizing), so the kernels' bf16 scales are exactly the
 stored ones, and GGUF's f16 block scales hold them exactly too (:mod:`.export_gguf`).
