@@ -156,7 +156,8 @@ def print_report(report: dict) -> None:
     for kind, e in (report.get("exports") or {}).items():
         check = (report.get("export_checks") or {}).get(kind, {})
         where = e.get("path") or f"none ({e.get('error')})"
-        loads = f"; transformers loads it, max |Δlogit| {check['max_abs_diff']:.3g}" if check.get("loads") else \
+        loads = (f"; transformers loads it: max |Δlogit| {check['max_abs_diff']:.3g} ({check['max_rel_diff']:.2%} of "
+                 f"the largest), KL {check['kl']:.2g} vs raydistill's forward") if check.get("loads") else \
             (f"; NOT loadable: {check.get('error')}" if check else "")
         print(f"export {kind}: {where}{loads}")
 
