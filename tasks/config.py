@@ -450,16 +450,18 @@ class QuantizeConfig:
     old torch.ao path (deprecated by torch; kept loadable)."""
     methods: list[str] = field(default_factory=lambda: ["bf16", "int8_dynamic", "int8_weight_only",
                                                         "int4_weight_only", "gptq", "mixed"])
-    """Methods tried in one run; the stage keeps the one the registry gate accepts with the best tokens/s within
-    ``size_budget`` (``qad`` is opt-in: it starts a Ray Train run)."""
+    """Methods tried in one run; the stage keeps the smallest the registry gate accepts within ``size_budget``,
+    then the closest to the teacher; tokens/s decides only beyond the spread of its timing rounds
+    (``tasks/quantize/choice.py``; ``qad`` is opt-in: it starts a Ray Train run)."""
     group_size: int = 32
     """Input columns sharing one scale in the group-wise int8/int4 methods (must divide every layer's width)."""
     embedding_bits: int | None = None
     """Bits of ``lm_head`` and the input embedding (8 or 4; ``null`` = the method's own bits)."""
-    int8_per_channel: bool = False
-    """``int8_weight_only`` with one scale per output row instead of per ``group_size`` columns: 12.5 % fewer
-    bytes at ``group_size`` 32 (the size of ``int8_dynamic``), a little more rounding error. ``mixed``'s int8
-    layers are always per channel, so that its plan at uniform int8's size can buy bf16 for sensitive layers."""
+    int8_per_channel: bool = True
+    """``int8_weight_only`` with one scale per output row (the layout torch's packed int8 CPU kernel runs, at
+    ``int8_dynamic``'s size); ``false``: one scale per ``group_size`` columns, a little less rounding error and
+    12.5 % more bytes at ``group_size`` 32, but no int8 kernel takes it (dequantized per call, much slower to
+    decode). ``mixed``'s int8 layers are always per channel."""
     lora: str = "merge"
     """How a LoRA student is exported: ``merge`` folds the adapter into the weights, then quantizes them (one
     plain model); ``adapter`` quantizes the base only and ships the adapter unmerged in float32 beside it in the
@@ -482,6 +484,15 @@ class QuantizeConfig:
     """Windows per forward pass in the held-out scoring."""
     bench_tokens: int = 16
     """Greedy tokens generated (batch 1) to time decoding latency of fp32 vs int8; 0 skips it."""
+    speed_rounds: int = 3
+    """Interleaved timing rounds (every candidate and fp32 once per round, one forward of ``eval_batch_size``
+    held-out windows): tokens/s is their median, and their spread is the noise speed must beat to decide."""
+    measure_rss: bool = True
+    """Measure each candidate's resident memory after load and one forward, each in a fresh Python process (a few
+    seconds per method): the ``rss_mb`` column."""
+    export: bool = True
+    """Write the chosen method's standard exports (``<run_dir>/export/hf/``: compressed-tensors for
+    transformers/vLLM; ``<run_dir>/export/<registry.model_name>.gguf``) and check that transformers loads each."""
 
     def __post_init__(self):
         _positive(self, "eval_batch_size")
@@ -489,6 +500,8 @@ class QuantizeConfig:
             raise ConfigError("quantize.eval_max_windows must be > 0 or null")
         if self.bench_tokens < 0:
             raise ConfigError("quantize.bench_tokens must be >= 0")
+        if self.speed_rounds < 1:
+            raise ConfigError(f"quantize.speed_rounds must be >= 1 (e.g. 3), got {self.speed_rounds}")
         from difflib import get_close_matches
 
         known = ("bf16", "int8_dynamic", "int8_weight_only", "int4_weight_only", "gptq", "qad", "mixed", "dynamic_int8")

@@ -66,6 +66,22 @@ def atomic_write_json(path: str | os.PathLike, data, *, indent: int | None = 2, 
 
 
 @contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary name beside ``path`` for a writer that takes a file name (GGUF's); on a clean exit the
+    file is synced and renamed to ``path``, on an exception removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary(path)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
 def replace_dir(target: str | os.PathLike, *, keep_existing: bool = False) -> Iterator[Path]:
     """Yield an empty staging directory beside ``target``; on a clean exit it becomes ``target``.
 

@@ -20,8 +20,9 @@ from matplotlib.figure import Figure
 MODEL_METRICS = (("heldout_loss", "held-out loss (nats/token)"), ("perplexity", "perplexity"),
                  ("top1_agreement", "teacher top-1 agreement"), ("ece", "ECE"),
                  ("kl_to_teacher", "KL(teacher ‖ model)"), ("size_bytes", "size (MB)"),
-                 ("tokens_per_s", "tokens/s (held-out forward)"))
-"""The per-model bars of :func:`models_figure`: the keys of ``tasks.evaluate.finalize`` plus the file size."""
+                 ("rss_mb", "resident MB (load + 1 forward)"), ("tokens_per_s", "tokens/s (held-out forward)"))
+"""The per-model bars of :func:`models_figure`: the keys of ``tasks.evaluate.finalize``, the file size and the
+resident memory."""
 
 
 @dataclass
@@ -102,7 +103,8 @@ def models_figure(rows: dict[str, dict], path: Path) -> Path:
                         va="bottom", fontsize="x-small")
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize="small")
         ax.set_title(title, fontsize="medium")
-    axes[-1].axis("off")
+    for ax in axes[len(MODEL_METRICS):]:
+        ax.axis("off")
     return _save(fig, path)
 
 

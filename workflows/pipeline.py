@@ -109,6 +109,7 @@ def _run_once(cfg: PipelineConfig, serve: bool) -> dict:
     print("\n=== raydistill report ===", flush=True)
     importlib.import_module(VERBS["report"].module).run(cfg)
     print(f"report: {summary['report']}", flush=True)
+    print_exports(summary.get("exports") or {})
     if served and cfg.serve.keep_serving:
         _block_until_interrupt()
     return summary
@@ -160,6 +161,8 @@ def build_summary(cfg: PipelineConfig, results: dict, served: dict | None, timin
     return {
         "rows": rows,
         "quantization": report.get("method"),
+        "quantization_reason": report.get("reason"),
+        "exports": {k: v.get("path") or f"none: {v.get('error')}" for k, v in (report.get("exports") or {}).items()},
         "run_dir": str(Path(cfg.run_dir).resolve()),
         "mlflow_tracking_uri": cfg.tracking_uri,
         "model": reg.get("model_uri"),  # built by register (tracking.model_uri)
@@ -194,7 +197,21 @@ def _teacher_size_speed(cfg: PipelineConfig) -> dict:
 def _row(name: str, m: dict) -> dict:
     return {"model": name, "heldout_loss": m.get("heldout_loss"), "perplexity": m.get("perplexity"),
             "top1_agreement": m.get("top1_agreement"), "size_mb": _mb(m.get("size_bytes")),
-            "tokens_per_s": m.get("tokens_per_s")}
+            "rss_mb": None if m.get("rss_mb") is None else round(m["rss_mb"], 1), "tokens_per_s": m.get("tokens_per_s")}
+
+
+def print_exports(exports: dict) -> None:
+    """Where the chosen student's standard exports are, and the plain-transformers line that loads each."""
+    if not exports:
+        return
+    print("\n=== raydistill exports (the quantized student, loadable without raydistill) ===")
+    hf, gguf = exports.get("hf"), exports.get("gguf")
+    if hf:
+        print(f"hf:   {hf}\n      AutoModelForCausalLM.from_pretrained({hf!r})   # compressed-tensors; vLLM reads it too")
+    if gguf:
+        where = Path(gguf)
+        print(f"gguf: {gguf}\n      AutoModelForCausalLM.from_pretrained({str(where.parent)!r}, gguf_file={where.name!r})"
+              "   # or llama.cpp")
 
 
 def _mb(n):
@@ -207,13 +224,15 @@ def _fmt(v, spec):
 
 def print_summary(summary: dict) -> None:
     print("\n=== raydistill summary (held-out split) ===")
-    header = f"{'model':<26}{'loss':>9}{'ppl':>10}{'top1 agree':>12}{'size MB':>10}{'tokens/s':>10}"
+    header = f"{'model':<26}{'loss':>9}{'ppl':>10}{'top1 agree':>12}{'size MB':>10}{'RSS MB':>9}{'tokens/s':>10}"
     print(header)
     print("-" * len(header))
     for r in summary["rows"]:
         print(f"{r['model']:<26}{_fmt(r['heldout_loss'], '.3f'):>9}{_fmt(r['perplexity'], '.1f'):>10}"
               f"{_fmt(r['top1_agreement'], '.1%'):>12}{_fmt(r['size_mb'], '.1f'):>10}"
-              f"{_fmt(r['tokens_per_s'], '.0f'):>10}")
+              f"{_fmt(r.get('rss_mb'), '.1f'):>9}{_fmt(r['tokens_per_s'], '.0f'):>10}")
+    if summary.get("quantization_reason"):
+        print(f"\nquantization: {summary['quantization']}: {summary['quantization_reason']}")
     c = summary["cache"]
     usage = c.get("corpus_usage") or {}
     capped = f" ({usage['share']:.1%} of the corpus' ≈ {usage['corpus_tokens_estimate']} tokens: corpus.max_tokens=" \

@@ -32,7 +32,8 @@ import time
 
 from raydistill.tasks.config import ConfigError, GateConfig, PipelineConfig
 from raydistill.tasks.errors import DataError
-from raydistill.tasks.evaluate import heldout_digest, regressions
+from raydistill.tasks.evaluate import heldout_digest
+from raydistill.tasks.gate import check as gate_check
 from raydistill.workflows import stage, tracking
 
 HISTORY_TAG = "raydistill.champion_history"
@@ -46,49 +47,10 @@ def version_metrics(mv) -> dict:
 
 
 def check_gate(metrics: dict, gate: GateConfig, champion: dict | None = None) -> tuple[bool, list[str]]:
-    """``(passed, reasons)``; each reason says which check failed or passed and with what numbers.
-
-    ``champion``: the champion's metrics *on the same held-out set* (None: no champion, absolute checks only).
-    """
-    reasons, passed = [], True
-
-    def need(name: str, ok, text: str, value=None):
-        nonlocal passed
-        value = metrics.get(name) if value is None else value
-        if value is None:
-            passed = False
-            reasons.append(f"{name} missing from the version's metrics")
-        elif ok(value):
-            reasons.append(f"{name} {value:.4g} {text}")
-        else:
-            passed = False
-            reasons.append(f"FAILED: {name} {value:.4g} not {text}")
-
-    need("heldout_loss", lambda v: v <= gate.max_heldout_loss, f"<= {gate.max_heldout_loss}")
-    need("top1_agreement", lambda v: v >= gate.min_top1_agreement, f">= {gate.min_top1_agreement}")
-    if gate.max_kl_to_teacher is not None:
-        need("kl_to_teacher", lambda v: v <= gate.max_kl_to_teacher, f"<= {gate.max_kl_to_teacher}")
-    if champion and gate.compare_to_champion:
-        margins = {"heldout_loss": gate.max_loss_regression, "top1_agreement": gate.max_agreement_regression,
-                   "ece": gate.max_ece_regression}
-        worse = regressions(metrics, champion)
-        for name, margin in margins.items():
-            if champion.get(name) is None:
-                continue
-            if name not in worse:
-                passed = False
-                reasons.append(f"{name} missing from the version's metrics (the champion has it)")
-            elif worse[name] <= margin:
-                reasons.append(f"{name} {metrics[name]:.4g} vs the champion's {champion[name]:.4g}: regression "
-                               f"{worse[name]:+.4g} within {margin}")
-            else:
-                passed = False
-                reasons.append(f"FAILED: {name} {metrics[name]:.4g} is worse than the champion's "
-                               f"{champion[name]:.4g} by {worse[name]:.4g} (more than {margin})")
-    if gate.require_better_than_champion and champion and champion.get("heldout_loss") is not None:
-        best = champion["heldout_loss"]
-        need("heldout_loss", lambda v: v < best, f"< champion's {best:.4g}")
-    return passed, reasons
+    """``(passed, reasons)`` of :func:`raydistill.tasks.gate.check` — the one gate Tune's best-trial choice and
+    the quantize stage's choice use too. ``champion``: the champion's metrics *on the same held-out set* (None:
+    no champion, absolute checks only)."""
+    return gate_check(metrics, gate, champion)
 
 
 # -------------------------------------------------------------------------------- the frozen held-out set

@@ -1,17 +1,23 @@
 """Quantize the trained student by every method in ``quantize.methods``, score each against the cached teacher on
-the held-out split, and keep the one the registry gate accepts with the best tokens/s within the size budget.
+the held-out split, keep the smallest the registry gate accepts within the size budget (then the closest to the
+teacher; speed decides only beyond its noise: ``tasks/quantize/choice.py``), and export it in standard formats.
 
     raydistill quantize --config tiny                                  # skipped when done for the same key
     raydistill quantize rerun --config tiny                            # quantize and score again anyway
     raydistill quantize --config tiny 'quantize.methods=[gptq,qad]'    # qad starts a Ray Train run
 
-In-process except ``qad`` (fake-quantized fine-tuning on Ray Train workers with ``workflows.train``'s worker).
-Reads ``<run_dir>/train/student``, writes ``<run_dir>/quantize/<method>/`` (safetensors, config, tokenizer,
-``quantization.json``) per method and ``<run_dir>/quantize/report.json``: the teacher (cache manifest), the
-fp32 student, one row per candidate (scored *as reloaded from disk*: held-out loss, perplexity, top-1 agreement,
-ECE, KL to the teacher, tokens/s, decode ms/token, bytes, ratios to fp32, gate verdict) and the choice.
-``report["quantized"]`` (alias ``int8``, read by register/promote) and ``model_dir`` (alias ``int8_dir``) are the
-chosen method's. The candidates and the choice are also logged to MLflow (one ``quantize`` run).
+In-process except ``qad`` (fake-quantized fine-tuning on Ray Train workers with ``workflows.train``'s worker) and
+the resident-memory figures (one fresh Python process per model, ``tasks/quantize/memory.py``). Reads
+``<run_dir>/train/student``, writes ``<run_dir>/quantize/<method>/`` (safetensors, config, tokenizer,
+``quantization.json``) per method, ``<run_dir>/quantize/report.json`` and the chosen method's exports
+``<run_dir>/export/hf/`` (compressed-tensors, for transformers and vLLM) and ``<run_dir>/export/<model name>.gguf``
+(``tasks/quantize/export.py``; each loaded back by transformers and compared with raydistill's forward).
+The report holds the teacher (cache manifest), the fp32 student, one row per candidate (scored *as reloaded
+from disk*: held-out loss, perplexity, top-1 agreement, ECE, KL to the teacher, tokens/s as the median of
+interleaved rounds with their spread, decode ms/token, bytes, resident MB, ratios to fp32, gate verdict), the
+choice and why, and the exports. ``report["quantized"]`` (alias ``int8``, read by register/promote) and
+``model_dir`` (alias ``int8_dir``) are the chosen method's. Candidates, choice and exports are also logged to
+MLflow (one ``quantize`` run).
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ from raydistill.tasks.fileio import atomic_write_json
 from raydistill.workflows import stage
 
 METRICS = ("heldout_loss", "perplexity", "top1_agreement", "ece", "kl_to_teacher", "tokens_per_s",
-           "decode_ms_per_token", "size_bytes")
+           "tokens_per_s_spread", "decode_ms_per_token", "size_bytes", "rss_mb")
+EXPORT_DIR = "export"
 
 
 def heldout_shards(cfg: PipelineConfig) -> tuple:
@@ -94,28 +101,22 @@ def calibration_windows(cfg: PipelineConfig) -> torch.Tensor:
 
 
 def candidate_row(method: str, m: dict, fp32: dict, gate, budget: float) -> dict:
-    from raydistill.workflows.promote import check_gate
+    from raydistill.tasks.gate import check
 
-    passed, reasons = check_gate(m, gate)
+    passed, reasons = check(m, gate)
     size = _ratio(m["size_bytes"], fp32["size_bytes"])
     return {"method": method, **m, "size_ratio": size, "tokens_per_s_ratio": _ratio(m["tokens_per_s"], fp32["tokens_per_s"]),
-            "kl_ratio": _ratio(m.get("kl_to_teacher"), fp32.get("kl_to_teacher")), "gate_passed": passed,
+            "kl_ratio": _ratio(m.get("kl_to_teacher"), fp32.get("kl_to_teacher")),
+            "rss_ratio": _ratio(m.get("rss_mb"), fp32.get("rss_mb")), "gate_passed": passed,
             "gate_reasons": reasons, "within_budget": size is not None and size <= budget}
 
 
 def choose(rows: dict[str, dict]) -> tuple[str, str]:
-    """``(method, reason)``: best tokens/s among rows that pass the gate within the budget; else the smallest
-    passing one; else the lowest KL (the gate will then refuse it at promote, as it should)."""
-    ok = [r for r in rows.values() if r["gate_passed"] and r["within_budget"]]
-    if ok:
-        best = max(ok, key=lambda r: r["tokens_per_s"] or 0.0)
-        return best["method"], "passes the gate within quantize.size_budget with the best tokens/s"
-    passing = [r for r in rows.values() if r["gate_passed"]]
-    if passing:
-        best = min(passing, key=lambda r: r["size_bytes"])
-        return best["method"], "no method passes within quantize.size_budget: the smallest that passes the gate"
-    best = min(rows.values(), key=lambda r: r.get("kl_to_teacher") or float("inf"))
-    return best["method"], "no method passes the gate: the lowest KL to the teacher"
+    """``(method, why)``: :func:`raydistill.tasks.quantize.choice.choose` (smallest passing the gate within the
+    budget, then lowest KL; speed only beyond its measured noise)."""
+    from raydistill.tasks.quantize.choice import choose as choose_method
+
+    return choose_method(rows)
 
 
 def build_report(cfg: PipelineConfig, fp32: dict, rows: dict, teacher: dict, student_dir: Path, out_dir: Path,
@@ -130,15 +131,17 @@ def build_report(cfg: PipelineConfig, fp32: dict, rows: dict, teacher: dict, stu
         "candidates": rows, "notes": notes,
         "ratios": {"size": _ratio(q["size_bytes"], fp32["size_bytes"]),
                    "tokens_per_s": _ratio(q["tokens_per_s"], fp32["tokens_per_s"]),
-                   "decode_latency": _ratio(q["decode_ms_per_token"], fp32["decode_ms_per_token"])},
+                   "decode_latency": _ratio(q["decode_ms_per_token"], fp32["decode_ms_per_token"]),
+                   "rss": _ratio(q.get("rss_mb"), fp32.get("rss_mb"))},
         "delta": {k: q[k] - fp32[k] for k in ("heldout_loss", "top1_agreement", "kl_to_teacher")
                   if q.get(k) is not None and fp32.get(k) is not None},
     }
 
 
 def print_report(report: dict) -> None:
-    cols = ("heldout_loss", "top1_agreement", "kl_to_teacher", "tokens_per_s", "decode_ms_per_token", "size_bytes")
-    heads = ("loss", "top1 agr", "KL→T", "tok/s", "ms/tok", "MB")
+    cols = ("heldout_loss", "top1_agreement", "kl_to_teacher", "tokens_per_s", "tokens_per_s_spread",
+            "decode_ms_per_token", "size_bytes", "rss_mb")
+    heads = ("loss", "top1 agr", "KL→T", "tok/s", "±spread", "ms/tok", "MB", "RSS MB")
     print(f"{'':<18}" + "".join(f"{h:>10}" for h in heads) + "  gate budget")
     named = [("teacher", report["teacher"]), ("fp32", report["fp32"]), *report["candidates"].items()]
     for name, row in named:
@@ -150,8 +153,15 @@ def print_report(report: dict) -> None:
         flags = f"  {row['gate_passed']!s:>5} {row['within_budget']!s:>6}" if "gate_passed" in row else ""
         print(f"{name:<18}" + "".join(cells) + flags)
     r = report["ratios"]
-    print(f"chosen: {report['method']} ({report['reason']}); vs fp32: "
+    print(f"chosen: {report['method']} — {report['reason']}; vs fp32: "
           + ", ".join(f"{k} {v:.2f}x" for k, v in r.items() if v is not None))
+    for kind, e in (report.get("exports") or {}).items():
+        check = (report.get("export_checks") or {}).get(kind, {})
+        where = e.get("path") or f"none ({e.get('error')})"
+        loads = (f"; transformers loads it: max |Δlogit| {check['max_abs_diff']:.3g} ({check['max_rel_diff']:.2%} of "
+                 f"the largest), KL {check['kl']:.2g} vs raydistill's forward") if check.get("loads") else \
+            (f"; NOT loadable: {check.get('error')}" if check else "")
+        print(f"export {kind}: {where}{loads}")
 
 
 def quantized_model(cfg: PipelineConfig, method: str, fp32_model, shards: list, out_dir: Path) -> tuple:
@@ -225,6 +235,36 @@ def _track(cfg: PipelineConfig, key: str, report: dict, path: Path) -> None:
         tracking.log_file(path, "quantize")
 
 
+def heldout_ids(shards: list, windows: int) -> torch.Tensor:
+    """The first ``windows`` held-out windows' inputs ``(windows, L)``: what speed is timed on."""
+    return torch.cat([torch.as_tensor(s.tokens[:, :-1]).long() for s in shards])[:windows]
+
+
+def speed_and_memory(cfg: PipelineConfig, models: dict, shards: list) -> dict[str, dict]:
+    """``{name: timing fields + rss_mb}`` for ``models`` (``{name: (model, directory)}``): tokens/s over
+    ``quantize.speed_rounds`` interleaved rounds on the same held-out batch, resident MB each in a fresh
+    process (``quantize.measure_rss``)."""
+    from raydistill.tasks.quantize.choice import interleaved_speeds
+    from raydistill.tasks.quantize.memory import resident_memory
+
+    q = cfg.quantize
+    out = interleaved_speeds({n: m for n, (m, _) in models.items()}, heldout_ids(shards, q.eval_batch_size),
+                             q.speed_rounds)
+    for name, (_, where) in models.items():
+        out[name]["rss_mb"] = resident_memory(where)["rss_mb"] if q.measure_rss else None
+    return out
+
+
+def export_chosen(cfg: PipelineConfig, model_dir: Path, model, shards: list) -> tuple[dict, dict]:
+    """``(exports, checks)``: the chosen method's standard exports under ``<run_dir>/export/`` and, for each,
+    whether transformers loads it and how far its logits are from raydistill's on two held-out windows."""
+    from raydistill.tasks.quantize.export import export_all, verify_exports
+
+    info = export_all(model_dir, Path(cfg.run_dir) / EXPORT_DIR, cfg.registry.model_name)
+    checks = verify_exports(model_dir, info, heldout_ids(shards, 2)[:, :64], model=model)
+    return info, checks
+
+
 def run(cfg: PipelineConfig, action: str | None = None) -> dict:
     """Quantize by each method and score (skipped when done for the same key); ``rerun`` does it again anyway."""
     from transformers import AutoTokenizer
@@ -244,25 +284,34 @@ def run(cfg: PipelineConfig, action: str | None = None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(student_dir)
     fp32_model = load_student(student_dir, unmerge_lora=cfg.quantize.lora == "adapter")
     fp32 = score(cfg, fp32_model, tokenizer, shards, student_dir)
-    rows, notes = {}, {}
+    scored, notes, loaded = {}, {}, {}
     for method in tried:
         t0 = time.perf_counter()
         model, notes[method] = quantized_model(cfg, method, fp32_model, shards, out_dir)
         save_quantized(model, tokenizer, out_dir / method, recipe={"source": str(student_dir), "method": method,
                                                                    "train_stage_key": train.get("key")})
-        loaded = load_quantized(out_dir / method)
-        m = score(cfg, loaded, tokenizer, shards, out_dir / method)
-        rows[method] = {**candidate_row(method, m, fp32, cfg.registry.gate, cfg.quantize.size_budget),
-                        "quantize_seconds": time.perf_counter() - t0,
-                        "higher_precision": (getattr(loaded, "_raydistill_quant", None) or {}).get("higher_precision")}
-        print(f"[quantize] {method}: size {rows[method]['size_ratio']:.3f}x, KL {m.get('kl_to_teacher')}, "
-              f"{m['tokens_per_s']:.0f} tok/s", flush=True)
+        loaded[method] = load_quantized(out_dir / method)
+        scored[method] = {**score(cfg, loaded[method], tokenizer, shards, out_dir / method),
+                          "quantize_seconds": time.perf_counter() - t0,
+                          "higher_precision": (getattr(loaded[method], "_raydistill_quant", None) or {})
+                          .get("higher_precision")}
+        print(f"[quantize] {method}: size {scored[method]['size_bytes'] / fp32['size_bytes']:.3f}x, "
+              f"KL {scored[method].get('kl_to_teacher')}", flush=True)
+    measured = speed_and_memory(cfg, {"fp32": (fp32_model, student_dir),
+                                      **{m: (loaded[m], out_dir / m) for m in tried}}, shards)
+    fp32.update(measured["fp32"])
+    rows = {m: candidate_row(m, {**scored[m], **measured[m]}, fp32, cfg.registry.gate, cfg.quantize.size_budget)
+            for m in tried}
     chosen, reason = choose(rows)
     report = build_report(cfg, fp32, rows, teacher_metrics(totals), student_dir, out_dir, chosen, reason, notes)
+    paths = [out_dir / m for m in tried]
+    if cfg.quantize.export:
+        report["exports"], report["export_checks"] = export_chosen(cfg, out_dir / chosen, loaded[chosen], shards)
+        paths.append(Path(cfg.run_dir) / EXPORT_DIR)
     path = out_dir / "report.json"
     atomic_write_json(path, report)
     print_report(report)
     _track(cfg, key, report, path)
     outputs = {**report, "report": str(path)}
-    stage.record(cfg, "quantize", key, outputs, paths=[out_dir / m for m in tried] + [path])
+    stage.record(cfg, "quantize", key, outputs, paths=paths + [path])
     return outputs

@@ -13,6 +13,9 @@ the alias ``@challenger``; ``raydistill lineage models:/NAME/VERSION`` prints th
 - ``cache.key`` (the cache manifest digest), ``cache.shards_sha256`` (sorted shard keys) and
   ``cache.heldout_digest`` (the held-out set, as the gate names it); the run's artifact ``lineage/shards.json``
   lists every shard (split, name, key, file, sha256) the student was trained and scored on;
+- ``export.hf.format``, ``export.gguf.types``, ``export.notes`` (what a standard format could not hold exactly),
+  ``export.<kind>.loads``: the quantize stage's standard exports, logged as the model's ``export_hf`` and
+  ``export_gguf`` artifacts beside the raydistill directory;
 - ``corpus.sha256`` (corpus settings + every shard's name, split and size: the corpus as tokenized and windowed;
   the tokens themselves are pinned by the shard keys, which hash each shard's content),
   ``teacher.weights_sha256``, ``raydistill.quantization``, ``code.version`` (git commit, ``+dirty`` with
@@ -140,6 +143,10 @@ def lineage_tags(cfg: PipelineConfig, key: str, report: dict) -> dict:
             **{k: str(v or "none") for k, v in runs.items()}}
     tags.update({f"{s}.stage_key": str(k) for s, k in stages.items()})
     tags["lineage.init_from"] = _init_from_tag(((stage.read(cfg, "train") or {}).get("outputs") or {}).get("init_from"))
+    if report.get("exports"):  # what each standard export holds, could not hold, and whether it loaded
+        from raydistill.tasks.quantize.export import export_tags
+
+        tags.update(export_tags(report["exports"], report.get("export_checks")))
     for group in METRIC_GROUPS:
         for name, value in (report.get(group) or {}).items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -181,17 +188,28 @@ def _log_run(cfg: PipelineConfig, key: str, report: dict, int8_dir: Path) -> tup
             tracking.log_file(train_metrics, "train")
         with warnings.catch_warnings():  # no input example on purpose: it would run the model at log time
             warnings.filterwarnings("ignore", message=".*input example", category=UserWarning)
-            info = _log_model(int8_dir)
+            info = _log_model(int8_dir, export_artifacts(report))
         return run.info.run_id, info
 
 
-def _log_model(int8_dir: Path):
-    """The int8 student as a pyfunc from code (``mlflow_model.py``); its params are the generation settings."""
+def export_artifacts(report: dict) -> dict[str, str]:
+    """The quantize stage's standard exports that exist, as pyfunc artifacts: ``export_hf`` (the compressed-
+    tensors checkpoint directory) and ``export_gguf`` (the GGUF file)."""
+    out = {}
+    for kind, entry in (report.get("exports") or {}).items():
+        if entry.get("path") and Path(entry["path"]).exists():
+            out[f"export_{kind}"] = entry["path"]
+    return out
+
+
+def _log_model(int8_dir: Path, exports: dict[str, str] | None = None):
+    """The int8 student as a pyfunc from code (``mlflow_model.py``); its params are the generation settings. The
+    standard exports travel as further artifacts of the same model version."""
     from raydistill.workflows.mlflow_model import PARAM_DEFAULTS
 
     with tempfile.TemporaryDirectory(prefix="raydistill-code-") as tmp:
         return tracking.log_pyfunc_model(MODEL_ARTIFACT, Path(__file__).with_name("mlflow_model.py"),
-                                         artifacts={"model": str(int8_dir)},
+                                         artifacts={"model": str(int8_dir), **(exports or {})},
                                          code_paths=[str(copy_package(Path(tmp) / "raydistill", ("tasks",)))],
                                          pip_requirements=_requirements(), params_example=PARAM_DEFAULTS)
 

@@ -83,14 +83,17 @@ def build_sections(cfg: PipelineConfig, records: dict, out: Path) -> list[fig.Se
 
 
 def model_rows(cfg: PipelineConfig, quantize: dict) -> dict[str, dict]:
-    """``{model: metrics}`` from the quantize report: every entry holding a held-out loss (teacher, fp32 and
-    each quantized variant, whatever methods the report has), the teacher with its size on disk."""
+    """``{model: metrics}`` from the quantize report: the teacher (with its size on disk), the fp32 student and
+    each quantized candidate once, named by its method, the chosen one marked ``(chosen)`` (the report's
+    ``quantized``/``int8`` entries are aliases of the chosen row, not other models)."""
     path = Path((quantize.get("outputs") or {}).get("report") or cfg.stage_dir("quantize") / "report.json")
     report = json.loads(path.read_text())
-    rows = {}
-    for name, value in report.items():  # a model's row is a full evaluation (deltas and ratios are not)
-        if isinstance(value, dict) and {"heldout_loss", "perplexity"} <= set(value):
-            rows[name if name == "teacher" else f"student {name}"] = dict(value)
+    rows = {name: dict(report[key]) for name, key in (("teacher", "teacher"), ("student fp32", "fp32"))
+            if isinstance(report.get(key), dict)}
+    candidates = report.get("candidates") or {report.get("method"): report.get("quantized") or report.get("int8")}
+    for method, row in candidates.items():
+        if isinstance(row, dict) and row.get("heldout_loss") is not None:
+            rows[f"student {method}" + (" (chosen)" if method == report.get("method") else "")] = dict(row)
     if "teacher" in rows:
         for k, v in _teacher_size_speed(cfg).items():
             rows["teacher"][k] = v if rows["teacher"].get(k) is None else rows["teacher"][k]

@@ -21,6 +21,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from raydistill.tasks.config import PipelineConfig, from_dict, resolve_paths, to_dict
 from raydistill.tasks.fileio import atomic_write_json
+from raydistill.tasks.gate import violations
 from raydistill.tasks.trainloop import report_steps
 from raydistill.workflows import stage, tracking
 
@@ -139,7 +140,8 @@ def tune_trial(config: dict, base: dict, parent_run_id: str) -> None:
 
 def choose_best(trials: list[dict], gate) -> tuple[dict | None, str]:
     """The trial with the lowest held-out loss among those passing the gate's absolute thresholds
-    (``registry.gate``: max held-out loss, min top-1 agreement, max KL), and a sentence saying how it was chosen.
+    (``registry.gate``: max held-out loss, min top-1 agreement, max KL; a trial missing a metric the gate needs
+    does not pass, as at promote), and a sentence saying how it was chosen.
 
     When no trial passes, the lowest held-out loss of all is best and the sentence says so. Failed trials
     (no metric) are never best.
@@ -157,16 +159,10 @@ def choose_best(trials: list[dict], gate) -> tuple[dict | None, str]:
 
 
 def gate_violations(metrics: dict, gate) -> list[str]:
-    """The gate's absolute thresholds that ``metrics`` break (the champion comparison is promote's)."""
-    out = []
-    loss, agree, kl = metrics.get(METRIC), metrics.get("top1_agreement"), metrics.get("kl_to_teacher")
-    if loss is not None and loss > gate.max_heldout_loss:
-        out.append(f"{METRIC} {loss:.4f} > {gate.max_heldout_loss}")
-    if agree is not None and agree < gate.min_top1_agreement:
-        out.append(f"top1_agreement {agree:.4f} < {gate.min_top1_agreement}")
-    if kl is not None and gate.max_kl_to_teacher is not None and kl > gate.max_kl_to_teacher:
-        out.append(f"kl_to_teacher {kl:.4f} > {gate.max_kl_to_teacher}")
-    return out
+    """The gate's absolute checks ``metrics`` fail, a missing metric included
+    (:func:`raydistill.tasks.gate.violations`: promotion judges with the same function, so the best trial is one
+    promotion would accept on the same numbers; the champion comparison is promote's)."""
+    return violations(metrics, gate)
 
 
 def trial_rows(grid, steps: int) -> list[dict]:

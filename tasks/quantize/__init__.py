@@ -34,13 +34,14 @@ __all__ = ["METHODS", "META_FILE", "quantize", "save_quantized", "load_quantized
 
 def quantize(model: nn.Module, method: str, *, group_size: int | None = 32, embedding_bits: int | None = None,
              plan: dict | None = None, calibration: torch.Tensor | None = None,
-             int8_per_channel: bool = False, lora: str = "merge") -> nn.Module:
+             int8_per_channel: bool = True, lora: str = "merge") -> nn.Module:
     """A quantized copy of ``model`` (plain or PEFT), float32 outside the quantized layers, eval mode, CPU.
 
     ``plan`` (``mixed``): ``{layer: 16|8|4}`` from :func:`.mixed.plan_for_budget`. ``calibration`` (``gptq``):
     token ids ``(N, L)``. ``qad``: pass the QAD-trained student; it is rounded like ``int4_weight_only``.
-    ``int8_per_channel``: ``int8_weight_only`` (and int8 embeddings) with one scale per output row instead of
-    per ``group_size`` columns (``mixed``'s int8 layers always are; ``int8_dynamic``'s too).
+    ``int8_per_channel``: ``int8_weight_only`` (and int8 embeddings) with one scale per output row (the layout of
+    torch's int8 kernel, :mod:`.kernels`) instead of per ``group_size`` columns (``mixed``'s int8 layers always
+    are per row; ``int8_dynamic``'s too).
     ``lora``: ``merge`` folds a LoRA adapter into the weights first; ``adapter`` quantizes the LoRA student's base
     and keeps the adapter (float32) around it, saved beside it (:mod:`.lora`).
     """

@@ -6,9 +6,9 @@ Every method is a plan plus how the integers are chosen:
 ``bf16``            the whole model cast to bfloat16 (norms included); no integer layers
 ``int8_dynamic``    int8 per-channel weights; activations quantized per token at run time by torchao's
                     ``Int8DynamicActivationInt8WeightConfig`` (maintained; replaces the deprecated torch.ao path)
-``int8_weight_only`` int8 group-wise weights (or per channel: ``int8_group_size=None``), bf16 matmul
-                    (dequantized once)
-``int4_weight_only`` int4 group-wise weights (two per byte), bf16 matmul (dequantized once)
+``int8_weight_only`` int8 weights per channel (the stage's default, ``quantize.int8_per_channel``) or
+                    group-wise; per channel they run on torch's packed int8 kernel (:mod:`.kernels`)
+``int4_weight_only`` int4 group-wise weights (two per byte), torch's packed int4 CPU kernel
 ``gptq``            int4 group-wise, integers chosen by GPTQ on calibration windows (:mod:`.gptq`)
 ``qad``             int4 group-wise round-to-nearest of a student fine-tuned with fake-quantized weights
 ``mixed``           per layer 16/8/4 bits chosen by KL sensitivity under a size budget (:mod:`.mixed`); its
@@ -144,7 +144,7 @@ def apply_plan(model: nn.Module, plan: dict[str, int], *, group_size: int | None
         _set(model, name, new)
     emb_name = _embedding_name(model)
     if tied and head in plan and plan[head] != 16:
-        _set(model, emb_name, QuantEmbedding(model.get_submodule(head)))
+        _set(model, emb_name, QuantEmbedding(model.get_submodule(head), tied=True))
         table[EMBEDDING] = {"kind": "tied", "name": emb_name, "bits": plan[head], "head": head}
     elif EMBEDDING in plan and plan[EMBEDDING] != 16:
         w = model.get_submodule(emb_name).weight.data
@@ -163,7 +163,7 @@ def rebuild(model: nn.Module, table: dict) -> None:
             _set(model, name, build_layer(t["kind"], t["bits"], t["in"], t["out"], t["group_size"], t["bias"]))
     emb = table.get(EMBEDDING)
     if emb and emb["kind"] == "tied":
-        _set(model, emb["name"], QuantEmbedding(model.get_submodule(emb["head"])))
+        _set(model, emb["name"], QuantEmbedding(model.get_submodule(emb["head"]), tied=True))
     elif emb:
         _set(model, emb["name"], QuantEmbedding(QuantLinear(emb["in"], emb["out"], emb["bits"], emb["group_size"],
                                                             False)))

@@ -37,9 +37,10 @@ class UnsafeCheckpointError(PickleRefusedError, ValueError):
 def _tensors(model: nn.Module) -> dict:
     """The state dict with each shared tensor once (a tied embedding is stored as the ``lm_head`` entries)."""
     seen, out = set(), {}
-    for k, v in reversed(list(model.state_dict().items())):  # lm_head comes last: its names win
-        if v.data_ptr() not in seen:
-            seen.add(v.data_ptr())
+    for k, v in reversed(list(model.state_dict(keep_vars=True).items())):  # lm_head comes last: its names win
+        key = id(v) if v.is_meta else v.data_ptr()  # a model built on the meta device has no storage to compare
+        if key not in seen:
+            seen.add(key)
             out[k] = v.detach().contiguous()
     return dict(reversed(out.items()))
 
@@ -107,21 +108,23 @@ def load_quantized(model_dir: str | os.PathLike) -> nn.Module:
     if meta["method"] in legacy.METHODS:
         return legacy.load_quantized(model_dir)
     dtype = getattr(torch, meta["dtype"])
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=dtype).eval()
-    rebuild(model, meta["layers"])
-    tensors = load_file(str(model_dir / WEIGHTS_FILE))
+    with torch.device("meta"):  # no float copy of the weights is ever allocated: the stored tensors are assigned
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=dtype).eval()
+        rebuild(model, meta["layers"])
+    # copies, not views of safetensors' file mapping: a model holding one stored tensor would keep every page of
+    # the mapping it ever touched resident (twice, for integers the kernels re-pack), and the mapping's offsets
+    # are not aligned for the kernels' AVX-512 loads
+    tensors = {k: v.clone() for k, v in load_file(str(model_dir / WEIGHTS_FILE)).items()}
     expected = _tensors(model).keys()
     if set(expected) != set(tensors):
         missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
         raise ValueError(f"{model_dir / WEIGHTS_FILE} does not match the architecture in config.json: "
                          f"missing {missing[:5]}, unexpected {extra[:5]}")
     try:
-        model.load_state_dict(tensors, strict=False)
+        model.load_state_dict(tensors, strict=False, assign=True)
     except RuntimeError as e:
         raise ValueError(f"{model_dir / WEIGHTS_FILE} does not fit config.json: {str(e)[:500]}") from None
-    for m in model.modules():
-        if hasattr(m, "_w"):
-            m._w = None  # drop any dequantized cache built before the integers were loaded
+    _materialize(model)
     model._raydistill_quant = {**meta, "base": model, "adapter": None}
     if meta.get("adapter_kind") == lora_export.KIND:
         peft = lora_export.load(model, model_dir / meta["adapter"])
@@ -135,6 +138,39 @@ def load_quantized(model_dir: str | os.PathLike) -> nn.Module:
         peft._raydistill_quant = {**meta, "base": model, "adapter": peft}
         return peft
     return model
+
+
+def _materialize(model: nn.Module) -> None:
+    """After assigning the stored tensors to a model built on the meta device: a tied input embedding shares
+    the loaded head; buffers that are computed, not stored (rotary ``inv_freq``), are computed on the CPU."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if getattr(emb, "weight", None) is not None and emb.weight.is_meta and getattr(model.config, "tie_word_embeddings",
+                                                                                   False):
+        emb.weight = head.weight
+    for module in model.modules():
+        if any(b.is_meta for b in module.buffers(recurse=False)):
+            module.to_empty(device="cpu", recurse=False)
+            model._init_weights(module)  # transformers' own init: recomputes rotary frequencies
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise ValueError(f"load_quantized: {left[:5]} are neither stored nor computed at load time")
+
+
+def read_stored(model_dir: str | os.PathLike) -> tuple[dict, dict]:
+    """``(quantization.json, {name: tensor})`` of a directory written by :func:`save_quantized`, not built into
+    a model (the exports read the stored integers directly)."""
+    model_dir = Path(model_dir)
+    refuse_pickle(model_dir)
+    return read_quantization_info(model_dir), load_file(str(model_dir / WEIGHTS_FILE))
+
+
+def stored_integers(tensors: dict, name: str, layer: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q int8 (out, in), scale float32 (out, groups))`` of one integer layer of the layer table, as stored
+    (an untied quantized embedding is stored as ``<name>.source``)."""
+    from raydistill.tasks.quantize.qlinear import unpack
+
+    prefix = f"{layer['name']}.source" if layer.get("kind") == "rows" else name
+    return unpack(tensors[f"{prefix}.qweight"], layer["bits"]), tensors[f"{prefix}.scale"].float()
 
 
 def model_file_size(model_dir: str | os.PathLike) -> int:

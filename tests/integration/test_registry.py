@@ -21,7 +21,8 @@ def cfg(tiny_cached, tmp_path_factory):
     from raydistill.tasks.teacher import load_teacher, load_tokenizer
 
     run_dir = tmp_path_factory.mktemp("registry") / "run"
-    cfg = load_config("tiny", [f"run_dir={run_dir}", f"cache.dir={tiny_cached.cache_dir}"])
+    cfg = load_config("tiny", [f"run_dir={run_dir}", f"cache.dir={tiny_cached.cache_dir}",
+                               "quantize.measure_rss=true"])  # the preset skips it (a process per method)
     teacher, _ = load_teacher(cfg.teacher)
     student_dir = cfg.stage_dir("train") / "student"
     save_student(build_student(cfg.student, teacher), load_tokenizer(cfg.teacher), student_dir)
@@ -48,6 +49,17 @@ def test_quantize_report_and_resume(cfg, registered):
     assert teacher["heldout_loss"] > 0 and teacher["top1_agreement"] == 1.0
     assert report["ratios"]["size"] < 0.6
     assert abs(int8["heldout_loss"] - fp32["heldout_loss"]) < 0.1
+    for row in [fp32, *report["candidates"].values()]:  # measured, each in a fresh process
+        assert row["rss_mb"] > 0 and row["tokens_per_s_spread"] >= 0 and row["speed_rounds"] == 3
+    assert report["candidates"]["int4_weight_only"]["rss_mb"] < report["candidates"]["bf16"]["rss_mb"]
+    from raydistill.tasks.quantize.choice import choose
+    assert choose(report["candidates"]) == (report["method"], report["reason"])  # the same rows, the same choice
+    assert "the smallest" in report["reason"] and "passes the gate" in report["reason"]
+    # the chosen method's standard exports, each loaded back by plain transformers
+    exports, checks = report["exports"], report["export_checks"]
+    assert Path(exports["hf"]["path"]) == Path(cfg.run_dir, "export", "hf")
+    assert Path(exports["gguf"]["path"]) == Path(cfg.run_dir, "export", f"{cfg.registry.model_name}.gguf")
+    assert checks["hf"]["loads"] and checks["gguf"]["loads"] and checks["gguf"]["max_rel_diff"] < 0.02
     before = stage.read(cfg, "quantize")["finished_at"]
     assert quantize.run(cfg, None)["int8"] == report["int8"]  # same inputs: not redone
     assert stage.read(cfg, "quantize")["finished_at"] == before
@@ -72,6 +84,13 @@ def test_register_lineage_and_idempotence(cfg, registered, tiny_cached):
     assert run.data.params["train.lr"] == str(cfg.train.lr)
     assert run.data.metrics["int8.kl_to_teacher"] == pytest.approx(report["int8"]["kl_to_teacher"])
     assert json.loads(Path(cfg.run_dir, "register", "version.json").read_text())["version"] == reg["version"]
+    # the standard exports are artifacts of the version, and its tags say what they hold
+    assert tags["export.hf.loads"] == tags["export.gguf.loads"] == "true" and tags["export.notes"]
+    assert tags["export.gguf.types"].startswith(("Q4_0", "Q8_0", "BF16", "F32"))
+    local, _ = tracking.download_version(cfg.tracking_uri, tracking.model_uri(name, version=mv.version),
+                                         Path(cfg.run_dir) / "downloaded")
+    assert [p.name for p in local.rglob("*.gguf")] == [f"{cfg.registry.model_name}.gguf"]
+    assert any(p.name == "config.json" and "compressed-tensors" in p.read_text() for p in local.rglob("config.json"))
     again = register.run(cfg, None)
     assert again["version"] == reg["version"]
     assert len(client.search_model_versions(f"name = '{name}'")) == 1

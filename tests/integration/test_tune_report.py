@@ -180,8 +180,10 @@ def test_the_report_renders_every_figure_in_a_headless_browser_and_is_logged_to_
     assert {i["alt"] for i in images} == {"curves", "models", "trials", "cache"}
     assert all(i["complete"] and i["w"] > 300 and i["h"] > 200 for i in images), images
     assert (tmp_path / "report.png").stat().st_size > 10_000
-    for row in ("student fp32", "student int8", "teacher"):
+    for row in ("student fp32", f"student {summary['quantization']} (chosen)", "teacher"):
         assert f"<td>{row}</td>" in page
+    assert page.count("<td>student ") == 1 + len(json.loads(Path(cfg.run_dir, "quantize", "report.json")
+                                                            .read_text())["candidates"])  # each model once
     reg = json.loads(Path(cfg.run_dir, "register", "version.json").read_text())
     assert f"Lineage of {reg['name']} version {reg['version']}" in page
     logged = {a.path for a in MlflowClient(cfg.tracking_uri).list_artifacts(reg["run_id"], "report")}
