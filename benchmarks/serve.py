@@ -394,7 +394,7 @@ def measure(args) -> dict:
     torch.set_num_threads(1)  # as the replica (serve.num_cpus=1)
     loader = serve.DirectoryLoader(args.model_dir) if args.model_dir else None
     if loader:
-        model, tok, info = loader(None)
+        model, tok, info = loader()
         shape = {"model": info["model_uri"], "quantization": info["quantization"]}
     else:
         model, tok, _ = register.load_registered(cfg.tracking_uri, tracking.model_uri(name, version=v1))

@@ -56,7 +56,8 @@ class SwapCoordinator:
         self._maybe_commit()
 
     def report(self, replica: str, serving, prepared, since: float | None = None, error: str | None = None) -> dict:
-        """A replica's state (``since``: wall time it started serving ``serving``); returns :meth:`view`."""
+        """A replica's state (``since``: the wall time it switched to ``serving``, ``None`` if it started on
+        it); returns :meth:`view`."""
         self.replicas[replica] = {"serving": serving, "prepared": prepared, "since": since, "error": error,
                                   "seen": self.clock()}
         self._maybe_commit()
@@ -74,11 +75,12 @@ class SwapCoordinator:
         return {r: s for r, s in self.replicas.items() if now - s["seen"] <= self.lease_s}
 
     def status(self) -> dict:
-        """The view, the live replicas and ``mixed_s``: how long the live replicas' switches to the committed
-        version lay apart (``None`` until all of them serve it)."""
+        """The view, the live replicas and ``mixed_s``: how far apart in time the live replicas switched to the
+        committed version (``None`` until all of them serve it, or when none switched: they started on it)."""
         live = self.live()
         since = [s["since"] for s in live.values() if s["serving"] == self.committed and s["since"] is not None]
-        mixed = max(since) - min(since) if live and len(since) == len(live) else None
+        serve_it = all(s["serving"] == self.committed for s in live.values())
+        mixed = max(since) - min(since) if live and serve_it and since else None
         replicas = {r: {k: s[k] for k in ("serving", "prepared", "since", "error")} for r, s in live.items()}
         return {**self.view(), "replicas": replicas, "mixed_s": mixed, "note": self.note}
 

@@ -156,11 +156,9 @@ class CompletionServer:
 
         header = request.headers.get("authorization")
         if self._digests and not authorized(header, self._digests):
-            message = ("invalid API key" if bearer_key(header) else "no API key: send the header "
-                       "'Authorization: Bearer <key>'") + " (the server's keys: RAYDISTILL_API_KEYS or " \
-                "serve.api_keys_file)"
-            raise ApiError(401, message, kind="invalid_request_error", code="invalid_api_key",
-                           headers={"WWW-Authenticate": "Bearer"})
+            why = "invalid API key" if bearer_key(header) else "no API key: send 'Authorization: Bearer <key>'"
+            raise ApiError(401, f"{why} (the server's keys: RAYDISTILL_API_KEYS or serve.api_keys_file)",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
     # ---- routes -----------------------------------------------------------------------------------------------
 

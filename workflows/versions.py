@@ -85,7 +85,7 @@ class DirectoryLoader:
 
 
 @serve.deployment(name=WATCHER, num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0},
-                  health_check_period_s=5)
+                  health_check_period_s=5, logging_config={"enable_access_log": False})  # no line per long poll
 class VersionWatcher:
     """One per app: reads the version the loader's alias names every ``alias_poll_s`` seconds and tells the
     replicas (long polls: :meth:`poll` answers as soon as the view changes) what to load and when to switch."""
@@ -146,7 +146,7 @@ class Follower:
 
     def __init__(self, watcher, loader, sched, replica: str):
         self.watcher, self.loader, self.sched, self.replica = watcher, loader, sched, replica
-        self.serving = self.prepared_key = self.error = None
+        self.serving = self.prepared_key = self.error = self.switched_at = None
         self._prepared = self._loading = self._task = None
 
     async def first(self):
@@ -160,8 +160,8 @@ class Follower:
         self._task = asyncio.get_running_loop().create_task(self._follow())
 
     async def _report(self, epoch=None, wait_s: float = 0.0) -> dict:
-        view = await self.watcher.poll.remote(self.replica, self.serving, self.prepared_key,
-                                              self.sched.serving_since, self.error, epoch, wait_s)
+        view = await self.watcher.poll.remote(self.replica, self.serving, self.prepared_key, self.switched_at,
+                                              self.error, epoch, wait_s)
         self._apply(view)
         return view
 
@@ -184,6 +184,7 @@ class Follower:
             old = self.serving
             self.sched.swap(self._prepared)
             self.serving, self._prepared, self.prepared_key, self.error = action[1], None, None, None
+            self.switched_at = self.sched.serving_since
             logger.info(f"alias moved: now serving version {self.serving} (was {old})")
         elif action and self._loading is None:
             self._loading = asyncio.get_running_loop().create_task(self._prepare(action[1]))

@@ -92,6 +92,21 @@ def test_a_replica_that_starts_later_loads_the_committed_version_first(coord):
     assert replica_action(coord.view(), serving=None, prepared=1) == ("switch", 1)
 
 
+def test_replicas_that_started_on_a_version_were_never_mixed():
+    c = SwapCoordinator(lease_s=10, prepare_timeout_s=60)
+    c.observe(1)
+    c.report("a", serving=1, prepared=None, since=None)
+    c.report("b", serving=1, prepared=None, since=None)
+    assert c.status()["mixed_s"] is None  # nothing switched: no swap to measure
+    c.observe(2)
+    c.report("a", serving=1, prepared=2)
+    c.report("b", serving=1, prepared=2)
+    c.report("a", serving=2, prepared=None, since=50.0)
+    c.report("b", serving=2, prepared=None, since=50.5)
+    c.report("c", serving=2, prepared=None, since=None)  # started later, on 2
+    assert c.status()["mixed_s"] == pytest.approx(0.5)
+
+
 def test_without_live_replicas_a_new_version_is_committed_at_once(clock):
     c = SwapCoordinator(lease_s=10, prepare_timeout_s=60, clock=clock)
     c.observe(1)
