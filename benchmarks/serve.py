@@ -17,7 +17,8 @@ do) and serves ``models:/<name>@champion`` with the real registry loader. Everyt
   prompts through ``tasks.generate.complete`` in this process, in batches of ``min(c, max_batch_size)`` (target
   >= 0.8), timed in ``--rounds`` interleaved rounds (all rounds' tokens ÷ all rounds' seconds, each side);
   ``http_over_inprocess_rounds`` (each round's ratio) and ``http_over_inprocess_spread`` (their min, median,
-  max); ``rows_per_forward`` (the replica's mean batch rows),
+  max); ``rows_per_forward`` (the replica's mean batch rows), ``decode_steps`` and ``joins`` (the replica's
+  forwards: one per generated token of the batch, and one prefill per group of requests joining it),
   ``replica_busy_share`` (the share of the HTTP time the replica spent generating), and the cores the load
   generator (``client_cores``: this process's client threads), the Serve proxy (``proxy_cores``) and the replica
   (``replica_cores``: its generating thread is at most 1 with ``serve.num_cpus=1``) used meanwhile
@@ -164,7 +165,8 @@ def level(url, c, args, model, tokenizer) -> dict:
             "inprocess_tokens_per_s": inproc, "http_over_inprocess": tps / inproc,
             "http_over_inprocess_rounds": ratios, "http_over_inprocess_spread": {
                 "min": min(ratios), "median": statistics.median(ratios), "max": max(ratios)},
-            "rows_per_forward": rows,
+            "rows_per_forward": rows, "decode_steps": after["steps"] - before["steps"],
+            "joins": after["batches"] - before["batches"],
             "replica_busy_share": busy, "client_cores": client_cpu / wall, "proxy_cores": proxy_cpu / wall,
             "replica_cores": replica_cpu / wall}
 
