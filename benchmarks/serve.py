@@ -1,36 +1,48 @@
 """Serve over real HTTP on 127.0.0.1: throughput/latency at several concurrencies, streaming time to first token,
-HTTP vs the same batched ``complete()`` in-process, the official ``openai`` client, an alias swap under load and a
-replica killed under load.
+HTTP vs the same batched ``complete()`` in-process, API keys, the official ``openai`` client, an alias swap under
+load across two replicas and a replica killed under load.
 
     python benchmarks/serve.py                        # two tiny random int8 students in a throw-away registry
     python benchmarks/serve.py --concurrency 1 8 --requests 32 --max-tokens 16 --skip-kill
     python benchmarks/serve.py --model-dir runs/smollm2-shakespeare/quantize/gptq   # the demo's served student
 
-Starts a local Ray cluster and Serve on a free 127.0.0.1 port; registers two random int8 students (``workflows
-.register``, as the integration tests do) and serves ``models:/<name>@champion`` with the real registry loader.
-Everything is bounded in count (``--requests`` per level) and in time (``--level-timeout-s``). Prints one JSON
-object:
+Starts a local Ray cluster and Serve on a free 127.0.0.1 port with an API key (``serve.api_keys_file``: every
+request below sends it); registers two random int8 students (``workflows.register``, as the integration tests
+do) and serves ``models:/<name>@champion`` with the real registry loader. Everything is bounded in count
+(``--requests`` per level) and in time (``--level-timeout-s``). Prints one JSON object:
 
+- ``unauthenticated_status``: the status of a request without a key (target 401).
 - ``levels[c]``: requests/s, generated tokens/s, latency p50/p99 (ms) with ``c`` concurrent clients, the
   streaming time to first token p50/p99, and ``http_over_inprocess``: HTTP tokens/s ÷ the tokens/s of the same
   prompts through ``tasks.generate.complete`` in this process, in batches of ``min(c, max_batch_size)`` (target
-  >= 0.8), timed in ``--rounds`` interleaved rounds; ``rows_per_forward`` (the replica's mean batch rows),
+  >= 0.8), timed in ``--rounds`` interleaved rounds (all rounds' tokens ÷ all rounds' seconds, each side);
+  ``http_over_inprocess_rounds`` (each round's ratio) and ``http_over_inprocess_spread`` (their min, median,
+  max); ``rows_per_forward`` (the replica's mean batch rows), ``decode_steps`` and ``joins`` (the replica's
+  forwards: one per generated token of the batch, and one prefill per group of requests joining it),
   ``replica_busy_share`` (the share of the HTTP time the replica spent generating), and the cores the load
   generator (``client_cores``: this process's client threads), the Serve proxy (``proxy_cores``) and the replica
   (``replica_cores``: its generating thread is at most 1 with ``serve.num_cpus=1``) used meanwhile
   — on a small machine they compete with the replica, which the in-process figure does not.
 - ``openai_client_ok``: completions, chat and a stream through the ``openai`` client all answered.
-- ``swap_failed_requests``: failed requests while ``@champion`` moves v1 → v2 under load (target 0).
-- ``replica_kill_success_rate``: 2 replicas, 8 clients, one replica's process SIGKILLed: successful/all requests
-  (target >= 0.97), with ``replica_kill_recovery_s`` (kill → 2 running replicas again).
+- the swap (2 replicas × 0.5 CPU, 8 clients, ``@champion`` moved v1 → v2 under load): ``swap_failed_requests``
+  (target 0); ``swap_mixed_seconds``: how long the two replicas served different versions (their switch times
+  as the app's version watcher recorded them, target <= 2 s); ``swap_seconds``: alias move → the last replica
+  switched (``serve.alias_poll_s`` = 0.5 here + loading + reporting); ``swap_old_answers_after_switch``:
+  requests sent after the last switch but answered by v1 (target 0); ``swap_mixed_seconds_seen_by_clients``:
+  the clients' own lower bound (the last request answered by v1 was sent this long after the first answer from
+  v2 arrived; 0 when none).
+- ``replica_kill_success_rate``: the same 2 replicas, 8 clients, one replica's process SIGKILLed:
+  successful/all requests (target >= 0.97), with ``replica_kill_recovery_s`` (kill → 2 running replicas again).
 """
 
 import argparse
 import contextlib
 import json
 import os
+import secrets
 import signal
 import socket
+import statistics
 import sys
 import tempfile
 import threading
@@ -66,6 +78,9 @@ def percentile(values: list, q: float):
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
+AUTH = {}  # {"Authorization": "Bearer <the benchmark's key>"}, set by measure()
+
+
 def run_clients(url: str, clients: int, total: int, max_tokens: int, timeout_s: float, stream: bool = False):
     """``clients`` threads share ``total`` requests (one at a time each, stopping at ``timeout_s``); returns
     ``(wall_s, [(latency_s, tokens, ttft_s or None, ok)])``."""
@@ -77,7 +92,7 @@ def run_clients(url: str, clients: int, total: int, max_tokens: int, timeout_s: 
         body = {"prompt": f"Request {i}: ROMEO.", "max_tokens": max_tokens, "temperature": 0, "stream": stream}
         t0 = time.perf_counter()
         try:
-            r = session.post(f"{url}/v1/completions", json=body, timeout=120, stream=stream)
+            r = session.post(f"{url}/v1/completions", json=body, timeout=120, stream=stream, headers=AUTH)
             if not stream:
                 ok = r.status_code == 200
                 return time.perf_counter() - t0, r.json()["usage"]["completion_tokens"] if ok else 0, None, ok
@@ -126,6 +141,7 @@ def level(url, c, args, model, tokenizer) -> dict:
     n = max(args.requests // args.rounds, c)
     before = requests.get(f"{url}/healthz", timeout=30).json()
     wall, res, in_s, in_tokens, client_cpu, proxy_cpu, replica_cpu = 0.0, [], 0.0, 0, 0.0, 0.0, 0.0
+    ratios = []
     for _ in range(args.rounds):
         s, t = inprocess(model, tokenizer, n, min(c, args.max_batch_size), args.max_tokens)
         in_s, in_tokens = in_s + s, in_tokens + t
@@ -135,6 +151,7 @@ def level(url, c, args, model, tokenizer) -> dict:
         proxy_cpu += actor_cpu_s("ProxyActor") - proxy
         replica_cpu += actor_cpu_s(replica_class()) - replica
         wall, res = wall + w, res + r
+        ratios.append((sum(x[1] for x in r if x[3]) / w) / (t / s))
     after = requests.get(f"{url}/healthz", timeout=30).json()
     rows = (after["rows_stepped"] - before["rows_stepped"]) / max(1, after["steps"] - before["steps"])
     busy = (after["busy_s"] - before["busy_s"]) / wall  # share of the HTTP time the replica was generating
@@ -145,7 +162,11 @@ def level(url, c, args, model, tokenizer) -> dict:
     return {"requests": len(res), "failed": len(res) - len(ok), "requests_per_s": len(ok) / wall,
             "generated_tokens_per_s": tps, "latency_ms": {"p50": percentile(lat, 0.5), "p99": percentile(lat, 0.99)},
             "stream_ttft_ms": {"p50": percentile(ttft, 0.5), "p99": percentile(ttft, 0.99)},
-            "inprocess_tokens_per_s": inproc, "http_over_inprocess": tps / inproc, "rows_per_forward": rows,
+            "inprocess_tokens_per_s": inproc, "http_over_inprocess": tps / inproc,
+            "http_over_inprocess_rounds": ratios, "http_over_inprocess_spread": {
+                "min": min(ratios), "median": statistics.median(ratios), "max": max(ratios)},
+            "rows_per_forward": rows, "decode_steps": after["steps"] - before["steps"],
+            "joins": after["batches"] - before["batches"],
             "replica_busy_share": busy, "client_cores": client_cpu / wall, "proxy_cores": proxy_cpu / wall,
             "replica_cores": replica_cpu / wall}
 
@@ -176,7 +197,8 @@ def actor_cpu_s(class_name: str) -> float:
 def openai_ok(url: str, name: str) -> bool:
     import openai
 
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+    key = AUTH["Authorization"].removeprefix("Bearer ")
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
     try:
         c = client.completions.create(model=name, prompt="ROMEO.", max_tokens=4, temperature=0)
         chat = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}],
@@ -190,7 +212,8 @@ def openai_ok(url: str, name: str) -> bool:
 
 
 class Load:
-    """Bounded constant load: ``clients`` threads, one request at a time, until ``stop()`` (or ``limit`` each)."""
+    """Bounded constant load: ``clients`` threads, one request at a time, until ``stop()`` (or ``limit`` each);
+    ``results``: ``(sent, status or None, model or error, answered)``."""
 
     def __init__(self, url: str, clients: int, max_tokens: int, limit: int = 2000):
         import requests
@@ -204,11 +227,12 @@ class Load:
                         return
                     t0 = time.time()
                     try:
-                        r = s.post(f"{url}/v1/completions", timeout=120, json={
+                        r = s.post(f"{url}/v1/completions", timeout=120, headers=AUTH, json={
                             "prompt": f"Client {c} line {i}", "max_tokens": max_tokens, "temperature": 0})
-                        self.results.append((t0, r.status_code, r.json().get("model") if r.ok else r.text[:200]))
+                        self.results.append((t0, r.status_code, r.json().get("model") if r.ok else r.text[:200],
+                                             time.time()))
                     except requests.RequestException as e:
-                        self.results.append((t0, None, repr(e)[:200]))
+                        self.results.append((t0, None, repr(e)[:200], time.time()))
 
         self._pool = ThreadPoolExecutor(clients)
         self._futures = [self._pool.submit(client, c) for c in range(clients)]
@@ -230,33 +254,61 @@ def wait_for(condition, timeout: float) -> bool:
     return False
 
 
-def swap_under_load(url, cfg, name, v2, args) -> dict:
-    from raydistill.workflows import tracking
+def unauthenticated(url: str) -> int:
+    import requests
 
-    load = Load(url, 8, args.max_tokens)
-    time.sleep(2)
-    tracking.client(cfg).set_registered_model_alias(cfg.registry.model_name, "champion", str(v2))
-    seen = wait_for(lambda: any(m == f"{name}/{v2}" for _, _, m in list(load.results)), 120)
-    time.sleep(2)
-    results = load.stop()
-    return {"swap_requests": len(results), "swap_failed_requests": sum(1 for r in results if r[1] != 200),
-            "swap_seen": seen}
+    return requests.post(f"{url}/v1/completions", json={"prompt": "ROMEO.", "max_tokens": 1}, timeout=60).status_code
 
 
-def kill_under_load(url, cfg, loader_cfg, args) -> dict:
+def two_replicas(cfg) -> None:
+    """Deploy the registry app with 2 replicas × 0.5 CPU (and its version watcher); wait until both report."""
     from ray import serve as ray_serve
 
     from raydistill.workflows import serve
 
+    ray_serve.run(serve.build_app(cfg), name=serve.APP_NAME, route_prefix="/")
+    wait_for(lambda: running() == 2 and len(actor_pids(replica_class())) == 2
+             and len(serve.watcher_status()["replicas"]) == 2, 180)
+
+
+def running() -> int:
+    from ray import serve as ray_serve
+
+    from raydistill.workflows import serve
+
+    d = ray_serve.status().applications[serve.APP_NAME].deployments[serve.DEPLOYMENT]
+    return d.replica_states.get("RUNNING", 0)
+
+
+def swap_under_load(url, cfg, name, v1, v2, args) -> dict:
+    """``@champion`` v1 → v2 under 8 clients; how long the replicas served different versions (see the doc)."""
+    from raydistill.workflows import serve, tracking
+
+    load = Load(url, 8, args.max_tokens)
+    time.sleep(2)
+    moved = time.time()
+    tracking.client(cfg).set_registered_model_alias(cfg.registry.model_name, "champion", str(v2))
+    seen = wait_for(lambda: (x := serve.watcher_status())["committed"] == v2 and x["mixed_s"] is not None, 120)
+    status = serve.watcher_status()
+    time.sleep(2)
+    results = load.stop()
+    switched = max((r["since"] for r in status["replicas"].values() if r["serving"] == v2), default=None)
+    old = [r for r in results if r[2] == f"{name}/{v1}"]
+    new = [r for r in results if r[2] == f"{name}/{v2}"]
+    clients = max(0.0, max(r[0] for r in old) - min(r[3] for r in new)) if old and new else None
+    return {"swap_replicas": len(status["replicas"]), "swap_requests": len(results),
+            "swap_failed_requests": sum(1 for r in results if r[1] != 200), "swap_seen": seen,
+            "swap_mixed_seconds": status["mixed_s"], "swap_mixed_seconds_seen_by_clients": clients,
+            "swap_seconds": None if switched is None else switched - moved,
+            "swap_old_answers_after_switch": None if switched is None else
+            sum(1 for r in old if r[0] > switched)}
+
+
+def kill_under_load(url, args) -> dict:
+    """Kill one of the 2 running replicas' processes under 8 clients."""
     def pids():
         return actor_pids(replica_class())
 
-    def running():
-        d = ray_serve.status().applications[serve.APP_NAME].deployments[serve.DEPLOYMENT]
-        return d.replica_states.get("RUNNING", 0)
-
-    ray_serve.run(serve.build_app(loader_cfg), name=serve.APP_NAME, route_prefix="/")
-    wait_for(lambda: running() == 2 and len(pids()) == 2, 180)
     load = Load(url, 8, args.max_tokens)
     time.sleep(3)
     victim = sorted(pids())[0]
@@ -277,9 +329,13 @@ def kill_under_load(url, cfg, loader_cfg, args) -> dict:
 def checks(out: dict) -> dict:
     """The issue's targets against what was measured (``None``: not measured in this run)."""
     kill, recovery = out.get("replica_kill_success_rate"), out.get("replica_kill_recovery_s")
+    mixed = out["swap_mixed_seconds"]
     return {"http_over_inprocess_ge_0.8": {c: lv["http_over_inprocess"] >= 0.8 for c, lv in out["levels"].items()},
             "no_failed_requests": all(lv["failed"] == 0 for lv in out["levels"].values()),
+            "unauthenticated_status_eq_401": out["unauthenticated_status"] == 401,
             "swap_failed_requests_eq_0": out["swap_failed_requests"] == 0,
+            "swap_mixed_seconds_le_2": mixed is not None and mixed <= 2,
+            "swap_old_answers_after_switch_eq_0": out["swap_old_answers_after_switch"] == 0,
             "replica_kill_success_rate_ge_0.97": None if kill is None else kill >= 0.97,
             "replica_kill_recovery_le_30s": None if "replica_kill_requests" not in out else
             recovery is not None and recovery <= 30}
@@ -319,7 +375,12 @@ def measure(args) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    base = [f"run_dir={tempfile.mkdtemp(prefix='bench-serve-')}/run", f"serve.port={port}",
+    tmp = tempfile.mkdtemp(prefix="bench-serve-")
+    key = secrets.token_urlsafe(32)
+    with open(os.path.join(tmp, "api-keys"), "w") as f:
+        f.write(key + "\n")
+    AUTH["Authorization"] = f"Bearer {key}"
+    base = [f"run_dir={tmp}/run", f"serve.port={port}", f"serve.api_keys_file={tmp}/api-keys",
             f"serve.max_batch_size={args.max_batch_size}", f"serve.batch_wait_timeout_s={args.batch_wait_timeout_s}",
             "serve.alias_poll_s=0.5", f"serve.max_tokens_limit={args.max_tokens}", "serve.max_ongoing_requests=64",
             "serve.max_queued_requests=256", "serve.num_cpus=1"]
@@ -335,7 +396,7 @@ def measure(args) -> dict:
     torch.set_num_threads(1)  # as the replica (serve.num_cpus=1)
     loader = serve.DirectoryLoader(args.model_dir) if args.model_dir else None
     if loader:
-        model, tok, info = loader(None)
+        model, tok, info = loader()
         shape = {"model": info["model_uri"], "quantization": info["quantization"]}
     else:
         model, tok, _ = register.load_registered(cfg.tracking_uri, tracking.model_uri(name, version=v1))
@@ -345,19 +406,17 @@ def measure(args) -> dict:
            "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s, "levels": {}}
     url = serve.start_app(cfg, loader)
     try:
+        out["unauthenticated_status"] = unauthenticated(url)
         run_clients(url, 2, 4, args.max_tokens, 60)  # warm-up, both sides
         inprocess(model, tok, 2, 2, 2)
         for c in args.concurrency:
             out["levels"][str(c)] = level(url, c, args, model, tok)
         out["openai_client_ok"] = openai_ok(url, out["model"] if not loader else info["name"])
-        if loader:  # the swap and the kill: the tiny registered versions behind the registry loader
-            from ray import serve as ray_serve
-
-            ray_serve.run(serve.build_app(cfg), name=serve.APP_NAME, route_prefix="/")
-        out.update(swap_under_load(url, cfg, name, v2, args))
+        # the swap and the kill: the tiny registered versions behind the registry loader, 2 replicas
+        two_replicas(load_config("tiny", base + ["serve.num_replicas=2", "serve.num_cpus=0.5"]))
+        out.update(swap_under_load(url, cfg, name, v1, v2, args))
         if not args.skip_kill:
-            two = load_config("tiny", base + ["serve.num_replicas=2", "serve.num_cpus=0.5"])
-            out.update(kill_under_load(url, cfg, two, args))
+            out.update(kill_under_load(url, args))
     finally:
         serve.shutdown_app()
         ray.shutdown()

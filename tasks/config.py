@@ -617,7 +617,13 @@ class ServeConfig:
     num_cpus: float = 1.0
     """CPUs reserved for the Serve replica (= torch threads, at least 1)."""
     alias_poll_s: float = 10.0
-    """How often the deployment checks whether the alias moved (and swaps models)."""
+    """How often the app's version watcher (one per app, not one per replica) checks whether the alias moved;
+    every replica then loads the new version beside the old one and all switch together once all have it
+    (0: never check)."""
+    swap_timeout_s: float = 300.0
+    """How long the switch to a new version waits for every replica to load it; past it, the replicas that
+    loaded it switch and the others follow as soon as they have (a version no replica can load is never
+    switched to). An alias move reaches every replica within about ``alias_poll_s`` + this + 1 s."""
     keep_serving: bool = False
     """``pipeline``: keep the app running after the demo request (until Ctrl-C)."""
     prompt: str = "ROMEO.\nBut soft, what light"
@@ -642,11 +648,18 @@ class ServeConfig:
     max_body_bytes: int = 1 << 20
     """Largest request body; a larger one gets HTTP 413 before it is read (``Content-Length`` or while
     reading a chunked body)."""
+    api_keys_file: str | None = None
+    """A file with one API key per line (``#`` comments allowed). With it, or with the environment variable
+    ``RAYDISTILL_API_KEYS`` (comma-separated keys) set where the app is built, every route but ``/healthz``
+    needs ``Authorization: Bearer <key>`` and answers 401 without one. Keys never go in the config itself."""
+    require_api_keys: bool = False
+    """Refuse to start when neither ``api_keys_file`` nor ``RAYDISTILL_API_KEYS`` gives a key (a server that
+    faces a network sets it: ``cluster/serve/champion.yaml`` does)."""
 
     def __post_init__(self):
         _positive(self, "port", "max_batch_size", "max_tokens_limit", "max_prompt_tokens", "num_cpus",
                   "num_replicas", "max_ongoing_requests", "max_queued_requests", "request_timeout_s",
-                  "max_body_bytes")
+                  "max_body_bytes", "swap_timeout_s")
         if self.batch_wait_timeout_s < 0 or self.alias_poll_s < 0 or self.max_logprobs < 0:
             raise ConfigError("serve.batch_wait_timeout_s, serve.alias_poll_s and serve.max_logprobs must be >= 0")
 

@@ -9,8 +9,9 @@ they are written. It replaces, in any string (nested in dicts, lists and tuples)
   ``postgresql://user:pass@…``, ``https://token@host`` → ``https://***@host``);
 - the value of a secret-looking query parameter (``?token=…``, ``&X-Amz-Signature=…``, ``password=…``);
 - every occurrence of the value of a secret environment variable (a name ending in TOKEN, SECRET, PASSWORD,
-  PASSWD, CREDENTIAL(S), API_KEY, ACCESS_KEY, SECRET_KEY or SIGNATURE; values shorter than
-  :data:`MIN_SECRET_LEN` are left alone: redacting "1" everywhere would wreck every number);
+  PASSWD, CREDENTIAL(S), API_KEY(S), ACCESS_KEY, SECRET_KEY or SIGNATURE), and of each comma-separated part
+  of one (values shorter than :data:`MIN_SECRET_LEN` are left alone: redacting "1" everywhere would wreck
+  every number);
 
 and the whole value of a dict entry whose key looks secret (``password``, ``*_token``, ``secret_key``…).
 Pure: it reads ``os.environ`` only when ``env`` is not given, and returns a new object.
@@ -34,7 +35,7 @@ MASK = "***"
 MIN_SECRET_LEN = 6
 # a name *ending* in one of these words: ``RAY_AUTH_TOKEN``, ``AWS_SECRET_ACCESS_KEY``, ``password``, ``hf_token``
 # (``tokens``, ``max_tokens``, ``tokenizer``, ``AWS_ACCESS_KEY_ID`` are not secrets)
-SECRET_NAME = re.compile(r"(^|[^a-z])(token|secret|password|passwd|credentials?|api_?key|access_?key|secret_?key|"
+SECRET_NAME = re.compile(r"(^|[^a-z])(token|secret|password|passwd|credentials?|api_?keys?|access_?key|secret_?key|"
                          r"signature)$", re.IGNORECASE)
 # scheme://user:password@  or  scheme://token@  (user info ends at the first @ before the host)
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@:\s]*)(?::(?P<pw>[^/@\s]*))?@")
@@ -43,9 +44,11 @@ _QUERY = re.compile(r"(?P<key>[?&;][^=&\s]*(?:token|secret|password|passwd|signa
 
 
 def secret_env_values(env: Mapping[str, str] | None = None) -> list[str]:
-    """Values of secret-named environment variables, longest first (so one never hides part of another)."""
+    """Values of secret-named environment variables and each of their comma-separated parts (a list of keys,
+    ``RAYDISTILL_API_KEYS``), longest first (so one never hides part of another)."""
     env = os.environ if env is None else env
-    values = {v for k, v in env.items() if SECRET_NAME.search(k) and v and len(v) >= MIN_SECRET_LEN}
+    values = {part.strip() for k, v in env.items() if SECRET_NAME.search(k) and v
+              for part in [v, *v.split(",")] if len(part.strip()) >= MIN_SECRET_LEN}
     return sorted(values, key=len, reverse=True)
 
 

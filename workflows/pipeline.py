@@ -125,7 +125,7 @@ def _serve_demo(cfg: PipelineConfig, keep: bool) -> dict:
     body = {"prompt": cfg.serve.prompt, "max_tokens": min(24, cfg.serve.max_tokens_limit),
             "temperature": 0.7, "seed": 0, "logprobs": 1}
     try:
-        resp = requests.post(f"{base_url}/v1/completions", json=body, timeout=120)
+        resp = requests.post(f"{base_url}/v1/completions", json=body, headers=serve.auth_headers(cfg), timeout=120)
         resp.raise_for_status()
         answer = resp.json()
         choice = answer["choices"][0]

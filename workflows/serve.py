@@ -8,21 +8,21 @@
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (the tokenizer's chat template), both with ``stream:
 true`` (server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``), ``stop``, ``logprobs``; ``GET
-/v1/models``, ``GET /healthz``. Requests from all clients are batched continuously: one generating thread per
-replica runs ``tasks.generate.Engine``, where a request joins the running decode batch at the next token (up to
-``serve.max_batch_size`` prompts) and leaves it when it finishes, so nobody waits for a batch to drain; an idle
-replica waits at most ``serve.batch_wait_timeout_s`` for company before its first forward. Bad requests get HTTP 400
-with an OpenAI-style ``{"error": {"message", "type", "param"}}`` body; a body over ``serve.max_body_bytes`` gets 413
-before it is read. Ray Serve itself answers 503 + ``Retry-After`` when more than ``serve.max_queued_requests`` wait,
-and 408 past ``serve.request_timeout_s``; a timed-out or disconnected request's generation stops at its next token
-(a cancel event per request, checked between tokens).
+/v1/models``, ``GET /healthz``. With API keys (``RAYDISTILL_API_KEYS`` or ``serve.api_keys_file`` where the app is
+built: ``tasks.apikeys``) every route but ``/healthz`` needs ``Authorization: Bearer <key>`` and answers 401 in
+OpenAI's error shape without one, before reading the body. Bad requests get HTTP 400 with an OpenAI-style
+``{"error": {"message", "type", "param", "code"}}`` body; a body over ``serve.max_body_bytes`` gets 413 before it
+is read. Ray Serve itself answers 503 + ``Retry-After`` when more than ``serve.max_queued_requests`` wait, and 408
+past ``serve.request_timeout_s``; a timed-out or disconnected request's generation stops at its next token.
 
-The deployment takes its ``loader`` as an argument: ``loader(current_info) -> (model, tokenizer, info) | None``.
-It is called once with ``None`` at start-up, then every ``serve.alias_poll_s`` seconds with the loaded version's
-info; returning a new triple swaps the model (in-flight batches finish on the old one), ``None`` keeps it. The
-default, :class:`RegistryLoader`, reloads when the alias moves to another version; :class:`DirectoryLoader`
-serves a model directory (fp32 or quantized). Until a model is loaded, ``check_health`` fails (Serve restarts
-the replica) and ``/healthz`` answers 503.
+This module is the Ray shell of serving: the routes, the app and the driver. A replica's generation (one thread,
+continuous batching, cancellation, failures, swaps) is ``tasks.scheduler``; what it serves and how all replicas
+move to a new version together is ``workflows.versions`` (over ``tasks.swap``). The deployment takes its
+``loader`` as an argument (``loader() -> (model, tokenizer, info) | None``); with :class:`RegistryLoader` on an
+alias the app also runs a :class:`VersionWatcher` that checks the alias every ``serve.alias_poll_s`` seconds:
+every replica loads the new version beside the one it serves, and all switch together once all have it (rows
+already running finish on the old model). :class:`DirectoryLoader` serves a model directory (fp32 or quantized).
+Until a model is loaded, ``check_health`` fails (Serve restarts the replica) and ``/healthz`` answers 503.
 """
 
 
@@ -30,10 +30,9 @@ import asyncio
 import json
 import logging
 import os
-import queue
-import threading
+import socket
 import time
-from dataclasses import dataclass, field
+import uuid
 
 from fastapi import FastAPI
 from ray import serve
@@ -41,81 +40,29 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
-from raydistill.tasks.config import PipelineConfig, to_dict
+from raydistill.tasks.config import ConfigError, PipelineConfig, to_dict
 from raydistill.tasks.errors import StageMissingError
+from raydistill.workflows.versions import WATCHER, DirectoryLoader, Follower, RegistryLoader, VersionWatcher
 
 APP_NAME = "raydistill"
 DEPLOYMENT = "CompletionServer"
 logger = logging.getLogger("ray.serve")
 
 
-class RegistryLoader:
-    """Loads ``models:/name@alias`` (or a pinned ``version``) from the registry; ``None`` while the alias still
-    names the loaded version (a pinned version never reloads)."""
-
-    def __init__(self, tracking_uri: str, name: str, alias: str | None = None, version: int | None = None):
-        self.tracking_uri, self.name, self.alias, self.version = tracking_uri, name, alias, version
-
-    def __call__(self, current: dict | None):
-        from raydistill.workflows import tracking
-        from raydistill.workflows.register import load_registered
-
-        if self.version is not None:
-            if current is not None:
-                return None
-            uri = tracking.model_uri(self.name, version=self.version)
-        else:
-            uri = tracking.model_uri(self.name, alias=self.alias)
-        if current is not None:
-            version = int(tracking.resolve_version(self.tracking_uri, uri).version)
-            if version == current.get("version"):
-                return None
-            uri = tracking.model_uri(self.name, version=version)  # exactly the version just seen
-        model, tokenizer, info = load_registered(self.tracking_uri, uri)  # always the quantized loader
-        method = info.get("tags", {}).get("raydistill.quantization") or "int8"
-        return model, tokenizer, {**info, "alias": self.alias, "quantized": True, "quantization": method}
-
-
-class DirectoryLoader:
-    """Loads a model directory once: quantized (``tasks.quantize.load_quantized``) when it holds quantization
-    metadata, else a Hugging Face fp32 model (e.g. ``<run_dir>/train/student``)."""
-
-    def __init__(self, model_dir: str):
-        self.model_dir = model_dir
-
-    def __call__(self, current: dict | None):
-        if current is not None:
-            return None
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from raydistill.tasks import quantize
-
-        method = None
-        if os.path.exists(os.path.join(self.model_dir, quantize.META_FILE)):
-            method = quantize.read_quantization_info(self.model_dir)["method"]
-            model = quantize.load_quantized(self.model_dir)
-        else:
-            from raydistill.tasks.guard import refuse_pickle
-
-            model = AutoModelForCausalLM.from_pretrained(refuse_pickle(self.model_dir), dtype="float32",
-                                                         use_safetensors=True).eval()
-        info = {"name": os.path.basename(os.path.normpath(self.model_dir)), "version": None,
-                "model_uri": os.path.abspath(self.model_dir), "quantized": method is not None,
-                "quantization": method}
-        return model, AutoTokenizer.from_pretrained(self.model_dir), info
-
-
 class ApiError(Exception):
     """An HTTP error answered with an OpenAI-style body."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                 code: str | None = None, headers: dict | None = None):
         super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
+        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
+        self.headers = headers
 
 
-def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}},
-                        status_code=status)
+def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+           code: str | None = None, headers: dict | None = None):
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
+                        status_code=status, headers=headers)
 
 
 api = FastAPI(title="raydistill", docs_url=None, redoc_url=None, openapi_url=None)
@@ -123,7 +70,7 @@ api = FastAPI(title="raydistill", docs_url=None, redoc_url=None, openapi_url=Non
 
 @api.exception_handler(ApiError)
 async def _api_error(request: Request, e: ApiError):
-    return _error(e.status, e.message, e.param, e.kind)
+    return _error(e.status, e.message, e.param, e.kind, e.code, e.headers)
 
 
 @api.exception_handler(HTTPException)
@@ -138,63 +85,59 @@ def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-@dataclass
-class _Job:
-    """One request's prompts and settings, its cancel event, its token callback, and where its answer goes: the
-    asyncio future (on the replica's event loop) that the generating thread resolves."""
+def _failure(e: Exception) -> ApiError:
+    """The HTTP error for a job the scheduler failed: its settings (400) or the forward (500)."""
+    from raydistill.tasks.openai_api import RequestError
 
-    req: object
-    prompts: tuple
-    ids: list = field(default_factory=list)  # the prompts' token ids, from the length check
-    tokenizer: object = None  # ... made by this tokenizer (a swapped-in model re-tokenizes)
-    cancel: threading.Event = field(default_factory=threading.Event)
-    on_token: object = None
-    future: object = None
-    loop: object = None
-    outs: list = field(default_factory=list)
-    done: bool = False
-
-    def resolve(self, value, error: Exception | None = None) -> None:
-        """Answer the waiting request (from any thread); a request that went away is left alone."""
-        def settle():
-            if not self.future.done():
-                self.future.set_exception(error) if error is not None else self.future.set_result(value)
-        self.loop.call_soon_threadsafe(settle)
+    if isinstance(e, RequestError):
+        return ApiError(400, str(e), e.param)
+    return ApiError(500, str(e), kind="server_error")
 
 
 @serve.deployment(name=DEPLOYMENT, health_check_period_s=5, health_check_timeout_s=30)
 @serve.ingress(api)
 class CompletionServer:
-    def __init__(self, loader, settings: dict):
+    async def __init__(self, loader, settings: dict, watcher=None, key_digests: tuple = ()):
         import torch
 
-        torch.set_num_threads(max(1, int(settings["num_cpus"])))
-        self._loader, self._s = loader, settings
-        self._swaps, self._poll_error, self._batches, self._prompts = 0, None, 0, 0
-        self._counts = {"cancelled": 0, "generated_tokens": 0, "active": 0, "steps": 0, "rows_stepped": 0,
-                        "busy_s": 0.0}
-        self._current = None
-        try:
-            loaded = loader(None)
-            self._current = self._check(loaded) if loaded is not None else None
-        except Exception as e:  # keep the replica up without a model: check_health says why, the poll retries
-            self._poll_error = f"{type(e).__name__}: {e}"
-            logger.exception("no model loaded")
-        self._stop, self._jobs, self._lock = threading.Event(), queue.SimpleQueue(), threading.Lock()
-        self._generator = threading.Thread(target=self._generate_loop, name="generate", daemon=True)
-        self._generator.start()
-        if settings["alias_poll_s"] > 0:
-            threading.Thread(target=self._poll, name="alias-poll", daemon=True).start()
-        logger.info(f"serving {self._model_id() if self._current else 'nothing yet'}")
+        from raydistill.tasks.scheduler import Scheduler
 
-    @staticmethod
-    def _check(loaded):
-        if not (isinstance(loaded, tuple) and len(loaded) == 3 and isinstance(loaded[2], dict)):
-            raise TypeError("loader must return (model, tokenizer, info: dict)")
-        return loaded
+        torch.set_num_threads(max(1, int(settings["num_cpus"])))
+        self._s, self._digests = settings, tuple(key_digests)
+        self._sched = Scheduler(settings["max_batch_size"], settings["batch_wait_timeout_s"])
+        self._id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self._follower = None if watcher is None else Follower(watcher, loader, self._sched, self._id)
+        self._error = None
+        try:  # with a watcher: the version every other replica serves
+            loaded = await (self._follower.first() if self._follower else asyncio.to_thread(loader))
+            if loaded is not None:
+                self._sched.swap(loaded)
+        except Exception as e:  # keep the replica up without a model: check_health says why (the follower retries)
+            self._error = f"{type(e).__name__}: {e}"
+            logger.exception("no model loaded")
+        self._sched.start()
+        if self._follower:
+            self._follower.start()
+        logger.info(f"serving {self._model_id() if self._sched.current else 'nothing yet'}")
+
+    def __del__(self):
+        if hasattr(self, "_sched"):
+            self._sched.stop(timeout=0)
+
+    @property
+    def _last_error(self) -> str | None:
+        return (self._follower.error if self._follower else None) or \
+            (self._error if self._sched.current is None else None)
+
+    def check_health(self) -> None:
+        """Ray Serve's health check: fails (and Serve replaces the replica) while no model is loaded."""
+        if self._sched.current is None:
+            raise RuntimeError(f"no model loaded (last error: {self._last_error})")
+        if not self._sched.alive:
+            raise RuntimeError("the generating thread has stopped")
 
     def _model_id(self, info: dict | None = None) -> str:
-        info = info or self._current[2]
+        info = info or self._sched.current[2]
         name = info.get("name", "model")  # a model directory has no version
         return name if info.get("version") is None else f"{name}/{info['version']}"
 
@@ -202,38 +145,26 @@ class CompletionServer:
     def _identity(info: dict) -> dict:
         return {k: info.get(k) for k in ("name", "version", "alias", "quantized", "quantization")}
 
-    def _poll(self) -> None:
-        while not self._stop.wait(self._s["alias_poll_s"]):
-            try:
-                new = self._loader(self._current[2] if self._current else None)
-                if new is not None:
-                    old = self._model_id() if self._current else "nothing"
-                    self._current = self._check(new)
-                    self._swaps += 1
-                    logger.info(f"alias moved: now serving {self._model_id()} (was {old})")
-                self._poll_error = None
-            except Exception as e:  # keep serving the loaded model; report the problem on /healthz
-                self._poll_error = f"{type(e).__name__}: {e}"
-                logger.warning(f"alias poll failed: {self._poll_error}")
-
-    def __del__(self):
-        if hasattr(self, "_stop"):
-            self._stop.set()
-
-    def check_health(self) -> None:
-        """Ray Serve's health check: fails (and Serve replaces the replica) while no model is loaded."""
-        if self._current is None:
-            raise RuntimeError(f"no model loaded (last error: {self._poll_error})")
-        if not self._generator.is_alive():
-            raise RuntimeError("the generating thread has stopped")
-
     def _loaded(self):
-        if self._current is None:
-            raise ApiError(503, f"no model loaded yet (last error: {self._poll_error})", kind="server_error")
-        return self._current
+        if self._sched.current is None:
+            raise ApiError(503, f"no model loaded yet (last error: {self._last_error})", kind="server_error")
+        return self._sched.current
+
+    def _authorize(self, request: Request) -> None:
+        """401 unless the request carries one of the API keys (when the app has any)."""
+        from raydistill.tasks.apikeys import authorized, bearer_key
+
+        header = request.headers.get("authorization")
+        if self._digests and not authorized(header, self._digests):
+            why = "invalid API key" if bearer_key(header) else "no API key: send 'Authorization: Bearer <key>'"
+            raise ApiError(401, f"{why} (the server's keys: RAYDISTILL_API_KEYS or serve.api_keys_file)",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    # ---- routes -----------------------------------------------------------------------------------------------
 
     @api.get("/v1/models")
-    async def models(self):
+    async def models(self, request: Request):
+        self._authorize(request)
         info = self._loaded()[2]
         return {"object": "list", "data": [{
             "id": self._model_id(), "object": "model", "owned_by": "raydistill", "version": info.get("version"),
@@ -242,13 +173,13 @@ class CompletionServer:
 
     @api.get("/healthz")
     async def health(self):
-        body = {"status": "ok" if self._current else "no model", "swaps": self._swaps,
-                "last_poll_error": self._poll_error, "batches": self._batches, "prompts": self._prompts,
-                "pid": os.getpid(), **self._counts}
-        if self._current is not None:
-            body.update(model=self._model_id(), **{k: v for k, v in self._identity(self._current[2]).items()
+        current = self._sched.current
+        body = {"status": "ok" if current else "no model", "last_error": self._last_error, "pid": os.getpid(),
+                "replica": self._id, "serving_since": self._sched.serving_since, **self._sched.stats()}
+        if current is not None:
+            body.update(model=self._model_id(), **{k: v for k, v in self._identity(current[2]).items()
                                                    if k not in ("name",)})
-        return JSONResponse(body, status_code=200 if self._current else 503)
+        return JSONResponse(body, status_code=200 if current else 503)
 
     async def _read_json(self, request: Request):
         """The JSON body, refused with 413 past ``max_body_bytes``: by its Content-Length before reading
@@ -273,6 +204,7 @@ class CompletionServer:
     async def completions(self, request: Request):
         from raydistill.tasks.openai_api import RequestError, parse_completion_request
 
+        self._authorize(request)
         body, s = await self._read_json(request), self._s
         try:
             req = parse_completion_request(body, max_tokens_limit=s["max_tokens_limit"],
@@ -287,6 +219,7 @@ class CompletionServer:
     async def chat_completions(self, request: Request):
         from raydistill.tasks.openai_api import RequestError, chat_prompt, parse_chat_request
 
+        self._authorize(request)
         body, s = await self._read_json(request), self._s
         try:
             req = parse_chat_request(body, max_tokens_limit=s["max_tokens_limit"],
@@ -314,163 +247,53 @@ class CompletionServer:
 
     async def _answer(self, req, prompts: tuple):
         from raydistill.tasks.openai_api import chat_response, completion_response
+        from raydistill.tasks.scheduler import Job
 
         ids, tokenizer = self._check_lengths(req, prompts)
         if req.stream:
             return StreamingResponse(self._stream(req, prompts, ids, tokenizer), media_type="text/event-stream")
-        job = _Job(req, prompts, ids, tokenizer)
+        job = self._sched.submit(Job(req, prompts, ids, tokenizer))
         try:
-            outs, info = await self._run(job)
+            outs, info = await asyncio.wrap_future(job.future)
         except asyncio.CancelledError:  # timed out (408) or the client went away: stop its generation
-            job.cancel.set()
-            self._counts["cancelled"] += 1
+            self._sched.cancel(job)
             raise
+        except Exception as e:
+            raise _failure(e) from None
         if req.messages:
             return chat_response(req, outs[0], self._model_id(info), self._identity(info))
         return completion_response(req, outs, self._model_id(info), self._identity(info))
 
-    async def _run(self, job: _Job):
-        """Hand the job to the generating thread and wait for its ``(outs, info)``."""
-        loop = asyncio.get_running_loop()
-        job.future, job.loop = loop.create_future(), loop
-        with self._lock:
-            self._counts["active"] += 1  # until the generating thread is done with it (cancelled ones too)
-        self._jobs.put(job)
-        return await job.future
-
     async def _stream(self, req, prompts: tuple, ids: list, tokenizer):
-        """Server-sent events: one chunk per generated token (fed by ``complete``'s ``on_token`` on the
+        """Server-sent events: one chunk per generated token (the scheduler's ``on_token``, called on the
         generating thread), a last chunk with ``finish_reason``, then ``data: [DONE]``."""
         from raydistill.tasks.openai_api import stream_chunk, stream_head, usage_chunk
+        from raydistill.tasks.scheduler import Job
 
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        job = _Job(req, prompts, ids, tokenizer, on_token=lambda e: loop.call_soon_threadsafe(queue.put_nowait, e))
-        task = asyncio.ensure_future(self._run(job))
-        task.add_done_callback(lambda _: queue.put_nowait(None))
-        head = stream_head(req, self._model_id(), self._identity(self._current[2]))
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        job = Job(req, prompts, ids, tokenizer, on_token=lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+        done = asyncio.wrap_future(self._sched.submit(job).future)
+        done.add_done_callback(lambda _: events.put_nowait(None))
+        head = stream_head(req, self._model_id(), self._identity(self._sched.current[2]))
         try:
             if req.messages:
                 yield _sse(stream_chunk(req, head, None))
-            while (event := await queue.get()) is not None:
+            while (event := await events.get()) is not None:
                 if event["token"] is not None or event["delta"]:
                     yield _sse(stream_chunk(req, head, event))
             try:
-                outs, _ = task.result()
-            except ApiError as e:
-                yield _sse({"error": {"message": e.message, "type": e.kind, "param": None, "code": None}})
+                outs, _ = done.result()
+            except Exception as e:
+                e = _failure(e)
+                yield _sse({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": None}})
                 return
             yield _sse(stream_chunk(req, head, {"delta": "", "token": None}, outs[0]["finish_reason"]))
             if req.include_usage:
                 yield _sse(usage_chunk(req, head, outs[0]))
             yield "data: [DONE]\n\n"
         finally:
-            if not task.done():  # the client disconnected (or timed out) mid-stream
-                job.cancel.set()
-                self._counts["cancelled"] += 1
-
-    def _generate_loop(self) -> None:
-        """The generating thread: continuous batching (``tasks.generate.Engine``) of the model loaded now. Jobs
-        join the running batch at token boundaries (up to ``max_batch_size`` prompts); an idle engine waits at
-        most ``batch_wait_timeout_s`` for more before its first forward. When the alias moves, the rows running
-        finish on the old model and the next jobs start on the new one. An error fails the requests it touched
-        (HTTP 500), never the thread."""
-        state = {"engine": None, "backlog": [], "owners": {}}
-        while not self._stop.is_set():
-            try:
-                self._generate_once(state)
-            except Exception as e:  # e.g. out of memory: fail the requests it held, keep the replica serving
-                logger.exception("generation failed")
-                held = {id(j): j for j in [*state["owners"].values(), *state["backlog"]]}
-                self._fail(held.values(), e)
-                state.update(engine=None, owners={}, backlog=[])
-                self._stop.wait(0.1)  # an error that repeats (a broken model) must not spin
-
-    def _generate_once(self, state: dict) -> None:
-        engine = state["engine"]
-        idle = engine is None or engine.idle
-        state["backlog"] += self._take(block=idle and not state["backlog"])
-        if not state["backlog"] and idle:
-            return
-        if idle and self._current is not None and (engine is None or engine.model is not self._current[0]):
-            engine = state["engine"] = self._new_engine()
-        if engine is None:  # jobs but no model yet: they wait (new requests get 503 meanwhile)
-            self._stop.wait(0.1)
-            return
-        if engine.model is self._current[0]:  # else the alias moved: let the old model's rows drain first
-            state["backlog"] = self._admit(engine, state["backlog"], state["owners"])
-        joins, steps, rows = engine.joins, engine.steps, engine.row_steps
-        t0 = time.perf_counter()
-        finished = engine.step()
-        self._counts["busy_s"] += time.perf_counter() - t0  # seconds spent generating (the rest is idle)
-        self._batches += engine.joins - joins
-        self._counts["steps"] += engine.steps - steps  # forwards; rows per forward = rows_stepped / steps
-        self._counts["rows_stepped"] += engine.row_steps - rows
-        self._finish(engine, finished, state["owners"])
-
-    def _take(self, block: bool) -> list:
-        """The jobs waiting in the queue: blocking (at most 0.5 s) for the first one when asked, then up to
-        ``batch_wait_timeout_s`` for a fuller first batch."""
-        jobs = []
-        try:
-            jobs.append(self._jobs.get(timeout=0.5) if block else self._jobs.get_nowait())
-        except queue.Empty:
-            return jobs
-        deadline = time.monotonic() + (self._s["batch_wait_timeout_s"] if block else 0)
-        while sum(len(j.prompts) for j in jobs) < self._s["max_batch_size"]:
-            try:
-                jobs.append(self._jobs.get(timeout=max(0.0, deadline - time.monotonic()))
-                            if deadline > time.monotonic() else self._jobs.get_nowait())
-            except queue.Empty:
-                break
-        return jobs
-
-    def _new_engine(self):
-        from raydistill.tasks.generate import Engine
-
-        model, tokenizer, info = self._current
-        engine = Engine(model, tokenizer, max_rows=self._s["max_batch_size"])
-        engine.info = info
-        return engine
-
-    def _admit(self, engine, backlog: list, owners: dict) -> list:
-        """Add whole jobs from ``backlog`` while the engine has rows for them; returns the jobs left."""
-        while backlog and (engine.idle or len(engine.running) + len(engine.waiting) + len(backlog[0].prompts)
-                           <= engine.max_rows):
-            job = backlog.pop(0)
-            job.outs = [None] * len(job.prompts)
-            try:
-                same = job.tokenizer is engine.tokenizer  # else the alias moved since: tokenize again
-                for i, prompt in enumerate(job.prompts):
-                    r = job.req
-                    c = engine.add(prompt, max_tokens=r.max_tokens, temperature=r.temperature, logprobs=r.logprobs,
-                                   seed=r.seed, stop=list(r.stop), cancel=job.cancel, on_token=job.on_token,
-                                   tag=(job, i), ids=job.ids[i] if same else None)
-                    owners[id(c)] = job
-            except ValueError as e:  # settings the model cannot take (e.g. logprobs over its vocabulary)
-                job.cancel.set()  # its prompts already added leave at the next step
-                self._fail([job], ApiError(400, str(e)))
-            self._prompts += len(job.prompts)
-        return backlog
-
-    def _finish(self, engine, finished: list, owners: dict) -> None:
-        for c in finished:
-            job, i = c.tag
-            owners.pop(id(c), None)
-            job.outs[i] = c.result
-            self._counts["generated_tokens"] += c.result["usage"]["completion_tokens"]
-            if not job.done and all(o is not None for o in job.outs):
-                job.done = True
-                job.resolve((job.outs, engine.info))
-                with self._lock:
-                    self._counts["active"] -= 1
-
-    def _fail(self, jobs, error: Exception) -> None:
-        for job in [j for j in jobs if not j.done]:
-            job.done = True
-            job.resolve(None, error if isinstance(error, ApiError) else
-                        ApiError(500, f"generation failed: {type(error).__name__}: {error}", kind="server_error"))
-            with self._lock:
-                self._counts["active"] -= 1
+            if not done.done():  # the client disconnected (or timed out) mid-stream
+                self._sched.cancel(job)
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -487,17 +310,46 @@ def default_loader(cfg: PipelineConfig):
     return RegistryLoader(cfg.tracking_uri, cfg.registry.model_name, alias=s.alias)
 
 
+def api_keys(cfg: PipelineConfig) -> tuple[str, ...]:
+    """The API keys this process sees (``RAYDISTILL_API_KEYS``, ``serve.api_keys_file``); never logged."""
+    from raydistill.tasks.apikeys import read_api_keys
+
+    return read_api_keys(os.environ, cfg.serve.api_keys_file)
+
+
+def auth_headers(cfg: PipelineConfig) -> dict:
+    """``{"Authorization": "Bearer <the first key>"}`` for this process's own requests, ``{}`` without keys."""
+    keys = api_keys(cfg)
+    return {"Authorization": f"Bearer {keys[0]}"} if keys else {}
+
+
 def build_app(cfg: PipelineConfig, loader=None):
-    """The Serve application (:func:`default_loader` unless ``loader``); a Serve config file's ``deployments:``
-    entry for ``CompletionServer`` overrides these options."""
+    """The Serve application (:func:`default_loader` unless ``loader``), with a :class:`VersionWatcher` when the
+    loader follows an alias; a Serve config file's ``deployments:`` entries override these options. The API keys
+    are read here (where the app is built) and only their digests go to the replicas."""
     from ray.serve.config import BackpressureConfig
 
-    s = cfg.serve
+    from raydistill.tasks.apikeys import ENV, key_digests
+
+    s, loader = cfg.serve, loader or default_loader(cfg)
+    digests = key_digests(api_keys(cfg))
+    if s.require_api_keys and not digests:
+        raise ConfigError(f"serve.require_api_keys is true but no API key is set: set {ENV} (comma-separated keys) "
+                          "or serve.api_keys_file where the app is built (in Kubernetes, from a Secret)")
+    settings = to_dict(s)
+    watcher = None
+    if getattr(loader, "follows_alias", False) and s.alias_poll_s > 0:
+        watcher = VersionWatcher.bind(loader, settings)
     return CompletionServer.options(
         num_replicas=s.num_replicas, ray_actor_options={"num_cpus": s.num_cpus},
         max_ongoing_requests=s.max_ongoing_requests, max_queued_requests=s.max_queued_requests,
         backpressure_config=BackpressureConfig(retry_after_s=s.retry_after_s),
-    ).bind(loader or default_loader(cfg), to_dict(s))
+    ).bind(loader, settings, watcher, digests)
+
+
+def watcher_status(app_name: str = APP_NAME) -> dict:
+    """The app's :class:`VersionWatcher` state: target and committed versions, each live replica's, ``mixed_s``."""
+    return serve.get_deployment_handle(WATCHER, app_name=app_name).status.remote().result(timeout_s=60)
 
 
 APP_ARGS = ("model_uri", "tracking_uri", "preset", "overrides")
@@ -509,11 +361,12 @@ def application(args: dict | None = None):
 
     ``args``: ``model_uri`` (``models:/<name>@<alias>`` or ``models:/<name>/<version>``), ``tracking_uri``,
     ``preset`` and dotted ``overrides`` (``["serve.max_batch_size=16"]``). The environment fills what they leave
-    out: ``MLFLOW_TRACKING_URI``, ``RAYDISTILL_MODEL_NAME``, ``RAYDISTILL_MODEL_ALIAS``.
+    out: ``MLFLOW_TRACKING_URI``, ``RAYDISTILL_MODEL_NAME``, ``RAYDISTILL_MODEL_ALIAS`` (and the API keys:
+    ``RAYDISTILL_API_KEYS``).
     """
     import difflib
 
-    from raydistill.tasks.config import ConfigError, load_config
+    from raydistill.tasks.config import load_config
     from raydistill.workflows import tracking
 
     args = dict(args or {})
@@ -559,10 +412,11 @@ def start_app(cfg: PipelineConfig, loader=None) -> str:
         except LookupError as e:
             raise StageMissingError(f"{e}; register and promote a model first "
                                     "(`raydistill register`, `raydistill promote`)") from None
+    app = build_app(cfg, loader)  # before Ray starts: a missing key file is a config error, not a dead replica
     stage.start(cfg, "serve", skip=False, ray=True)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port,
                               "request_timeout_s": cfg.serve.request_timeout_s})
-    serve.run(build_app(cfg, loader), name=APP_NAME, route_prefix="/")
+    serve.run(app, name=APP_NAME, route_prefix="/")
     url = base_url(cfg)
     deadline = time.time() + 60
     while True:  # the proxy can lag the replica by a moment
@@ -586,8 +440,6 @@ def shutdown_app() -> None:
 
 def run(cfg: PipelineConfig, action: str | None = None) -> dict:
     """Serve until Ctrl-C; ``once``: answer one demo request, then stop."""
-    import json
-
     import requests
 
     url = start_app(cfg)
@@ -597,11 +449,13 @@ def run(cfg: PipelineConfig, action: str | None = None) -> dict:
 
     source = cfg.serve.model_dir or model_uri(cfg.registry.model_name, alias=None if cfg.serve.version else
                                               cfg.serve.alias, version=cfg.serve.version)
-    print(f"[serve] {source} at {url}/v1/completions\n"
-          f"  curl -s {url}/v1/completions -H 'Content-Type: application/json' -d '{json.dumps(body)}'")
+    headers = auth_headers(cfg)
+    auth = " -H 'Authorization: Bearer <one of your API keys>'" if headers else ""
+    print(f"[serve] {source} at {url}/v1/completions{' (API keys required)' if headers else ''}\n"
+          f"  curl -s {url}/v1/completions{auth} -H 'Content-Type: application/json' -d '{json.dumps(body)}'")
     if action == "once":
         try:
-            answer = requests.post(f"{url}/v1/completions", json=body, timeout=120).json()
+            answer = requests.post(f"{url}/v1/completions", json=body, headers=headers, timeout=120).json()
             print(f"[serve] {answer.get('model')}: {cfg.serve.prompt!r} → {answer['choices'][0]['text']!r}")
             return {"url": url, "response": answer}
         finally:

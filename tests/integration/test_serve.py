@@ -1,16 +1,19 @@
-"""Serve over real HTTP on 127.0.0.1: OpenAI-style completions and chat (the official ``openai`` client), streaming,
-stop strings, 4xx on bad input, the limits (413 body, 400 context, 408 timeout, 503 full queue, disconnect),
-health, batching, and a model swap under load when the registry alias moves.
+"""Serve over real HTTP on 127.0.0.1: OpenAI-style completions and chat (the official ``openai`` client with a real
+API key), 401 without one, streaming, stop strings, 4xx on bad input, the limits (413 body, 400 context, 408
+timeout, 503 full queue, disconnect), health, batching, and a model swap under load when the registry alias moves.
 
-One Serve instance per module: the registered app at ``/``, a deliberately slow model at ``/slow`` (50 ms per
-forward, no chat template: the refusals that need long requests) and, for one test, an app that has no model."""
+One Serve instance per module: the registered app at ``/`` (API keys from ``serve.api_keys_file``), a deliberately
+slow model at ``/slow`` (50 ms per forward, no chat template, no keys: the refusals that need long requests) and,
+for one test, an app that has no model."""
 
 import http.client
 import json
+import secrets
 import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import requests
@@ -42,10 +45,17 @@ def register_tiny_version(cfg, tokenizer, seed: int, loss: float) -> int:
     return register.run(cfg, None)["version"]
 
 
+KEY = secrets.token_urlsafe(32)  # the app's API key (a second one in the file is never used by a client)
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
 @pytest.fixture(scope="module")
 def app(tmp_path_factory, ray_cluster, tiny_tokenizer):
     run_dir = tmp_path_factory.mktemp("serve") / "run"
+    keys = run_dir.parent / "api-keys"
+    keys.write_text(f"# test keys\n{secrets.token_urlsafe(32)}\n{KEY}\n")
     cfg = load_config("tiny", [f"run_dir={run_dir}", f"serve.port={free_ports(1)[0]}", "serve.alias_poll_s=0.3",
+                               f"serve.api_keys_file={keys}", "serve.require_api_keys=true",
                                "serve.max_prompt_tokens=64", "serve.max_batch_size=4",
                                "serve.batch_wait_timeout_s=0.2", "serve.num_cpus=1", "serve.max_body_bytes=4096", "serve.max_tokens_limit=256",
                                f"serve.request_timeout_s={REQUEST_TIMEOUT_S}"])
@@ -66,9 +76,7 @@ def slow_loader():
     """A tiny random Llama whose every forward takes 50 ms, and a tokenizer without a chat template (a closure:
     Ray pickles it by value, so the replica need not import this test module)."""
 
-    def load(current):
-        if current is not None:
-            return None
+    def load():
         import time as _time
 
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -133,7 +141,8 @@ def wait_idle(url: str, timeout: float = 60) -> dict:
 
 
 def post(url, body, path="/v1/completions", **kw):
-    return requests.post(f"{url}{path}", json=body, timeout=60, **kw)
+    """POST with the app's API key (the keyless ``/slow`` app ignores it)."""
+    return requests.post(f"{url}{path}", json=body, timeout=60, headers=AUTH, **kw)
 
 
 def test_completion_with_logprobs_matches_the_registered_model(app):
@@ -172,26 +181,86 @@ def test_completion_with_logprobs_matches_the_registered_model(app):
 ])
 def test_bad_requests_get_400_with_a_message(app, kwargs, param):
     _, url, _ = app
-    r = requests.post(f"{url}/v1/completions", timeout=30, **kwargs)
+    r = requests.post(f"{url}/v1/completions", timeout=30, headers={**AUTH, **kwargs.pop("headers", {})}, **kwargs)
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == param and err["message"] and err["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize("method,path", [("GET", "/v1/models"), ("POST", "/v1/completions"),
+                                         ("POST", "/v1/chat/completions")])
+@pytest.mark.parametrize("header,why", [(None, "no API key"), (f"Basic {KEY}", "no API key"),
+                                        ("Bearer not-the-key-0123456789abcdef", "invalid API key"),
+                                        (f"Bearer {KEY}x", "invalid API key")])
+def test_requests_without_a_valid_key_get_401_in_openais_shape(app, method, path, header, why):
+    _, url, _ = app
+    r = requests.request(method, f"{url}{path}", timeout=30, headers={"Authorization": header} if header else {},
+                         json={"prompt": "ROMEO.", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 401, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["code"] == "invalid_api_key" and err["param"] is None
+    assert err["message"].startswith(why)
+    assert r.headers["www-authenticate"] == "Bearer" and KEY not in r.text
+
+
+def test_health_stays_open_and_a_keyless_request_is_refused_before_its_body_is_read(app):
+    _, url, _ = app
+    assert requests.get(f"{url}/healthz", timeout=30).status_code == 200
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:  # announce 20 MB without a key
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 20000000\r\n\r\n" + b"x" * 1024)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        assert response.status == 401
+
+
+def test_the_openai_client_with_a_wrong_key_gets_an_authentication_error(app):
+    import openai
+
+    _, url, _ = app
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="sk-wrong-0123456789abcdef", max_retries=0, timeout=60)
+    with pytest.raises(openai.AuthenticationError) as e:
+        client.completions.create(model="any", prompt="ROMEO.", max_tokens=2)
+    assert e.value.status_code == 401 and e.value.code == "invalid_api_key"
+
+
+def test_the_api_key_appears_in_no_log_no_deployment_config_and_no_run_file(app):
+    """After requests with the right key and wrong ones: the Ray session's logs, Serve's deployment details and
+    every file of the run directory (MLflow's database, stage records) hold neither."""
+    import ray
+
+    cfg, url, _ = app
+    wrong = "sk-wrong-key-" + secrets.token_urlsafe(16)
+    assert post(url, {"prompt": "ROMEO.", "max_tokens": 2}).status_code == 200
+    assert requests.post(f"{url}/v1/completions", json={"prompt": "x"}, timeout=30,
+                         headers={"Authorization": f"Bearer {wrong}"}).status_code == 401
+    time.sleep(2)  # let the replicas' and the proxy's log lines reach their files
+    logs = ray._private.worker._global_node.get_logs_dir_path()
+    texts = {p: p.read_bytes() for p in Path(logs).rglob("*") if p.is_file()}
+    assert any(b"/v1/completions" in t for t in texts.values())  # the scan sees the requests' log lines
+    for secret in (KEY, wrong):
+        assert [str(p) for p, t in texts.items() if secret.encode() in t] == []
+    details = json.dumps(serve.serve.context._get_global_client().get_serve_details(), default=str)
+    assert serve.DEPLOYMENT in details and KEY not in details
+    files = [p for p in Path(cfg.run_dir).rglob("*") if p.is_file()]
+    assert files and [str(p) for p in files if KEY.encode() in p.read_bytes()] == []
+
+
 def test_routes_models_health_and_unknown(app):
     cfg, url, (v1, _) = app
-    models = requests.get(f"{url}/v1/models", timeout=30).json()
+    models = requests.get(f"{url}/v1/models", timeout=30, headers=AUTH).json()
     assert models["data"][0]["id"] == f"{cfg.registry.model_name}/{v1}"
     assert requests.get(f"{url}/healthz", timeout=30).json()["status"] == "ok"
     assert requests.get(f"{url}/v2/nothing", timeout=30).status_code == 404
-    assert requests.get(f"{url}/v1/completions", timeout=30).status_code == 405
+    assert requests.get(f"{url}/v1/completions", timeout=30, headers=AUTH).status_code == 405
 
 
 def test_the_openai_client_gets_completions_chat_and_streams(app):
     import openai
 
     cfg, url, (v1, _) = app
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
     model, tokenizer, _ = register.load_registered(cfg.tracking_uri,
                                                    tracking.model_uri(cfg.registry.model_name, version=v1))
     name = f"{cfg.registry.model_name}/{v1}"
@@ -225,7 +294,7 @@ def test_the_openai_client_gets_completions_chat_and_streams(app):
 
 def test_stream_is_server_sent_events_ending_with_done(app):
     _, url, _ = app
-    with requests.post(f"{url}/v1/completions", stream=True, timeout=60,
+    with requests.post(f"{url}/v1/completions", stream=True, timeout=60, headers=AUTH,
                        json={"prompt": "JULIET.", "max_tokens": 4, "temperature": 0, "stream": True}) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in r.iter_lines(decode_unicode=True) if line]
@@ -260,7 +329,7 @@ def test_a_body_over_max_body_bytes_gets_413_before_it_is_read(app):
     host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=30) as sock:  # announce 20 MB, send 1 KB
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 20000000\r\n\r\n" + b"x" * 1024)
+                     + f"Authorization: Bearer {KEY}\r\n".encode() + b"Content-Length: 20000000\r\n\r\n" + b"x" * 1024)
         response = http.client.HTTPResponse(sock)
         response.begin()  # answered without waiting for the other 19.99 MB
         assert response.status == 413 and "max_body_bytes" in json.loads(response.read())["error"]["message"]
@@ -270,7 +339,7 @@ def test_a_body_over_max_body_bytes_gets_413_before_it_is_read(app):
             yield b"x" * 1024
 
     r = requests.post(f"{url}/v1/completions", data=chunked(), timeout=30,
-                      headers={"Content-Type": "application/json"})
+                      headers={"Content-Type": "application/json", **AUTH})
     assert r.status_code == 413 and "4096 bytes" in r.json()["error"]["message"]
     assert post(url, {"prompt": "ok", "max_tokens": 1}).status_code == 200
 
@@ -341,7 +410,7 @@ def test_a_failing_forward_gets_500_and_the_replica_keeps_serving(slow):
 def test_check_health_fails_while_no_model_is_loaded(app):
     cfg, url, _ = app
     empty_cfg = load_config("tiny", [f"run_dir={cfg.run_dir}", "serve.alias_poll_s=0", "serve.num_cpus=0.1"])
-    serve.serve._run(serve.build_app(empty_cfg, loader=lambda current: None), name="empty",
+    serve.serve._run(serve.build_app(empty_cfg, loader=lambda: None), name="empty",
                      route_prefix="/empty", _blocking=False)
     try:
         deadline = time.time() + 90
@@ -380,7 +449,7 @@ def test_alias_move_swaps_the_served_version_under_load_without_a_failed_request
                 if stop.is_set():
                     return
                 try:
-                    r = session.post(f"{url}/v1/completions", timeout=60,
+                    r = session.post(f"{url}/v1/completions", timeout=60, headers=AUTH,
                                      json={"prompt": f"Client {c}, line {i}", "max_tokens": 2, "temperature": 0})
                     results.append((r.status_code, r.json().get("model") if r.status_code == 200 else r.text))
                 except requests.RequestException as e:
@@ -406,6 +475,9 @@ def test_alias_move_swaps_the_served_version_under_load_without_a_failed_request
     body = post(url, {"prompt": "ROMEO.", "max_tokens": 2, "temperature": 0}).json()
     assert body["model"] == f"{cfg.registry.model_name}/{v2}" and body["raydistill"]["version"] == v2
     assert requests.get(f"{url}/healthz", timeout=30).json()["swaps"] == 1
+    status = serve.watcher_status()  # the app's one version watcher moved its one replica
+    assert status["target"] == status["committed"] == v2 and status["last_error"] is None
+    assert [r["serving"] for r in status["replicas"].values()] == [v2] and status["mixed_s"] == 0
 
 
 def test_directory_loader_serves_fp32_and_quantized_students_and_says_which(tmp_path, tiny_tokenizer):
@@ -418,11 +490,11 @@ def test_directory_loader_serves_fp32_and_quantized_students_and_says_which(tmp_
     tiny_tokenizer.save_pretrained(tmp_path / "student")
     save_quantized(quantize_dynamic_int8(fp32), tiny_tokenizer, tmp_path / "int8")
     for name, quantized, method in [("student", False, None), ("int8", True, "dynamic_int8")]:
-        model, tokenizer, info = serve.DirectoryLoader(str(tmp_path / name))(None)
+        model, tokenizer, info = serve.DirectoryLoader(str(tmp_path / name))()
         assert (info["name"], info["quantized"], info["quantization"]) == (name, quantized, method)
         out = complete(model, tokenizer, ["ROMEO."], max_tokens=3, temperature=0.0)[0]
         assert len(out["token_ids"]) == 3 or out["finish_reason"] == "stop"
-        assert serve.DirectoryLoader(str(tmp_path / name))(info) is None  # a directory never swaps
+        assert not getattr(serve.DirectoryLoader(str(tmp_path / name)), "follows_alias", False)  # never swaps
 
 
 def test_directory_loader_serves_a_quantized_base_with_its_lora_adapter(tmp_path, tiny_tokenizer):
@@ -443,7 +515,7 @@ def test_directory_loader_serves_a_quantized_base_with_its_lora_adapter(tmp_path
                 p.add_(0.1 * torch.randn_like(p))
     q = quantize(student.eval(), "int4_weight_only", group_size=16, lora="adapter")
     save_quantized(q, tiny_tokenizer, tmp_path / "qlora")
-    model, tokenizer, info = serve.DirectoryLoader(str(tmp_path / "qlora"))(None)
+    model, tokenizer, info = serve.DirectoryLoader(str(tmp_path / "qlora"))()
     assert (info["quantized"], info["quantization"]) == (True, "int4_weight_only")
     assert model._raydistill_quant["adapter_kind"] == "lora"
     (a,), (b,) = (complete(m, tokenizer, ["ROMEO."], max_tokens=4, temperature=0.0) for m in (q, model))

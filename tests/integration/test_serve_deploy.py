@@ -1,5 +1,7 @@
-"""Deploying like Ray users do: ``cluster/serve/champion.yaml`` through the ``serve run`` command on a local cluster,
-the RayService manifest embedding the same file, and a replica's process killed under load (2 replicas)."""
+"""Deploying like Ray users do: ``cluster/serve/champion.yaml`` through the ``serve run`` command on a local cluster
+(API keys required), the RayService manifest embedding the same file, a replica's process killed under load, and
+an alias move under load with 2 replicas: they switch together, and no request sent after the switch gets the old
+version."""
 
 import os
 import signal
@@ -11,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-from test_serve import register_tiny_version
+from test_serve import AUTH, KEY, register_tiny_version
 
 from raydistill.cluster.local_cluster import free_ports
 from raydistill.tasks.config import load_config
@@ -44,7 +46,10 @@ def local_copy(cfg, path: Path, port: int, replicas: int | None = None) -> Path:
     config["http_options"].update(host="127.0.0.1", port=port)
     (app,) = config["applications"]
     app["args"].update(tracking_uri=cfg.tracking_uri, model_uri=tracking.model_uri(cfg.registry.model_name, alias="champion"))
-    app["args"]["overrides"] = [*app["args"]["overrides"], "serve.num_cpus=0.5", "serve.alias_poll_s=0.5"]
+    keys = path.parent / "api-keys"  # the file holds the key a Secret would give (require_api_keys is on)
+    keys.write_text(f"{KEY}\n")
+    app["args"]["overrides"] = [*app["args"]["overrides"], "serve.num_cpus=0.5", "serve.alias_poll_s=0.5",
+                                f"serve.api_keys_file={keys}"]
     (deployment,) = app["deployments"]
     deployment["ray_actor_options"]["num_cpus"] = 0.5
     if replicas:
@@ -102,7 +107,8 @@ def test_serve_run_accepts_the_config_file_and_serves_the_champion(deployed):
     serve_run(local_copy(cfg, tmp / "champion.yaml", port))
     wait(lambda: running_replicas() >= 1, 180, "the app from the config file never ran")
     url = f"http://127.0.0.1:{port}"
-    r = wait(lambda: (x := requests.post(f"{url}/v1/completions", timeout=60,
+    assert requests.post(f"{url}/v1/completions", timeout=60, json={"prompt": "ROMEO."}).status_code == 401
+    r = wait(lambda: (x := requests.post(f"{url}/v1/completions", timeout=60, headers=AUTH,
                                          json={"prompt": "ROMEO.", "max_tokens": 3, "temperature": 0}))
              .status_code == 200 and x, 60, "no answer")
     assert r.json()["model"] == f"{cfg.registry.model_name}/{version}"
@@ -121,7 +127,7 @@ def load(url: str, clients: int, stop: threading.Event, results: list, max_reque
                     return
                 t0 = time.time()
                 try:
-                    status = session.post(f"{url}/v1/completions", timeout=60, json={
+                    status = session.post(f"{url}/v1/completions", timeout=60, headers=AUTH, json={
                         "prompt": f"Client {c}, line {i}", "max_tokens": 4, "temperature": 0}).status_code
                 except requests.RequestException:
                     status = None
@@ -158,3 +164,59 @@ def test_killing_one_of_two_replicas_loses_at_most_its_in_flight_requests(deploy
     assert sum(1 for r in results if r[0] > killed_at) > 0  # load went on after the kill
     assert all(started < killed_at for started, _, _ in failed), failed  # only requests already in flight
     assert len(failed) <= 8
+
+
+@pytest.mark.slow
+def test_two_replicas_under_load_switch_together_when_the_alias_moves(deployed, tiny_tokenizer):
+    """The app's version watcher moves both replicas: each loads v2 beside v1, both switch when both have it.
+    Under load from 6 clients: no failed request, and no request sent after the last replica switched is
+    answered by v1 (requests already running then may finish on v1: that is the design)."""
+    cfg, v1, port, tmp = deployed
+    v2 = register_tiny_version(cfg, tiny_tokenizer, seed=2, loss=4.0)
+    keys = tmp / "api-keys-swap"
+    keys.write_text(f"{KEY}\n")
+    two = load_config("tiny", [f"run_dir={cfg.run_dir}", f"serve.port={port}", "serve.num_replicas=2",
+                               "serve.num_cpus=0.5", "serve.alias_poll_s=0.5", f"serve.api_keys_file={keys}"])
+    tracking.client(cfg).set_registered_model_alias(cfg.registry.model_name, "champion", str(v1))
+    url = serve.start_app(two)
+    wait(lambda: running_replicas() == 2 and len(serve.watcher_status()["replicas"]) == 2, 180,
+         "2 replicas never reported to the version watcher")
+    stop, results, name = threading.Event(), [], cfg.registry.model_name
+
+    def client(c: int):  # bounded in count; records (sent, answered, status, model)
+        with requests.Session() as session:
+            for i in range(400):
+                if stop.is_set():
+                    return
+                sent = time.time()
+                try:
+                    r = session.post(f"{url}/v1/completions", timeout=60, headers=AUTH, json={
+                        "prompt": f"Client {c}, line {i}", "max_tokens": 4, "temperature": 0})
+                    results.append((sent, time.time(), r.status_code, r.json().get("model") if r.ok else r.text))
+                except requests.RequestException as e:
+                    results.append((sent, time.time(), None, repr(e)))
+
+    pool = ThreadPoolExecutor(6)
+    futures = [pool.submit(client, c) for c in range(6)]
+    try:
+        time.sleep(2)
+        moved = time.time()
+        tracking.client(cfg).set_registered_model_alias(cfg.registry.model_name, "champion", str(v2))
+        status = wait(lambda: (x := serve.watcher_status())["mixed_s"] is not None and x["committed"] == v2 and x,
+                      120, "the replicas did not both switch to v2 within 120 s")
+        time.sleep(2)  # load goes on after the switch
+    finally:
+        stop.set()
+        for f in futures:
+            f.result()
+        pool.shutdown()
+    switched = [r["since"] for r in status["replicas"].values()]
+    assert len(switched) == 2 and all(r["serving"] == v2 for r in status["replicas"].values())
+    assert status["mixed_s"] == pytest.approx(max(switched) - min(switched))
+    assert moved < min(switched) <= max(switched) < moved + 60  # bounded: poll + load + report, not 10 s timers
+    failed = [r for r in results if r[2] != 200]
+    assert not failed, failed[:3]
+    late_old = [r for r in results if r[0] > max(switched) and r[3] == f"{name}/{v1}"]
+    assert late_old == [], late_old[:3]
+    assert any(r[3] == f"{name}/{v1}" for r in results) and any(r[0] > max(switched) for r in results)
+    assert {r[3] for r in results if r[0] > max(switched)} == {f"{name}/{v2}"}

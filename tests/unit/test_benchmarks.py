@@ -144,7 +144,7 @@ def test_cluster_benchmarks_take_teacher_and_corpus_like_the_others():
 
 
 @pytest.mark.slow
-def test_serve_benchmark_measures_http_against_in_process_and_a_swap_without_failures():
+def test_serve_benchmark_measures_http_against_in_process_with_spread_keys_and_a_two_replica_swap():
     import subprocess
     import sys
 
@@ -161,7 +161,13 @@ def test_serve_benchmark_measures_http_against_in_process_and_a_swap_without_fai
         assert 1 <= level["rows_per_forward"] <= min(int(c), 8) and 0 < level["replica_busy_share"] <= 1
         assert level["client_cores"] > 0 and level["proxy_cores"] > 0 and level["replica_cores"] > 0
         assert level["stream_ttft_ms"]["p50"] > 0
+        spread = level["http_over_inprocess_spread"]
+        assert len(level["http_over_inprocess_rounds"]) == 2
+        assert spread["min"] <= spread["median"] <= spread["max"] and spread["min"] > 0
+    assert out["unauthenticated_status"] == 401 and out["checks"]["unauthenticated_status_eq_401"]
     assert out["openai_client_ok"] and out["swap_seen"] and out["swap_failed_requests"] == 0
+    assert out["swap_replicas"] == 2 and out["swap_mixed_seconds"] >= 0 and out["swap_seconds"] > 0
+    assert out["swap_old_answers_after_switch"] == 0
     assert out["checks"]["swap_failed_requests_eq_0"] and out["checks"]["replica_kill_success_rate_ge_0.97"] is None
 
 

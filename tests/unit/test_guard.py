@@ -36,6 +36,12 @@ def test_secret_env_values_are_masked_wherever_they_appear_and_nothing_else_is()
     assert record["hf_token"] == "hf_abcdef"  # a copy: the input is untouched
 
 
+def test_each_key_of_a_comma_separated_key_list_is_masked_on_its_own():
+    env = {"RAYDISTILL_API_KEYS": "first-key-0123456789,second-key-0123456789"}
+    assert redact("sent second-key-0123456789; all first-key-0123456789,second-key-0123456789", env=env) == \
+        f"sent {MASK}; all {MASK}"
+
+
 def test_a_model_directory_with_a_pickle_file_is_refused_by_every_loader(tmp_path, tiny_cfg):
     from raydistill.tasks.students import build_student, load_student, save_student
     from raydistill.tasks.teacher import load_teacher, load_tokenizer
