@@ -16,7 +16,7 @@ token itself is the answer's, so the student learns to stop). A token is the ass
 characters lies in such a span (as in Hugging Face's own mask: a token merging the template's last newline with
 the answer's first characters carries answer text). Every partial rendering must be a prefix of the whole one; a template for which that fails
 (one that rewrites earlier turns) must mark the answers with ``{% generation %}`` instead, and then Hugging Face's
-``return_assistant_tokens_mask`` gives the mask. ``mask="last"`` keeps the last assistant turn only.
+``return_assistant_tokens_mask`` gives the mask. ``mask="last"`` keeps the last assistant turn only; ``mask="none"`` puts every token in (the unmasked control).
 
 Length (:func:`fit`). A rendered conversation of more than ``seq_len + 1`` tokens is split (``split``) at
 exchange boundaries — before a non-assistant turn that follows an assistant turn, so a question and its answer
@@ -35,7 +35,7 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Iterable, Iterator, Literal
 
 import numpy as np
 
@@ -145,7 +145,7 @@ def _assistant_spans(tokenizer, template: str, messages: list[dict], full: str, 
     return spans, bounds
 
 
-def render(tokenizer, messages: list[dict], *, template: str, mask: Literal["all", "last"] = "all",
+def render(tokenizer, messages: list[dict], *, template: str, mask: Literal["all", "last", "none"] = "all",
            where: str = "record") -> Rendered:
     """Token ids of the conversation rendered with ``template`` and the loss mask on its assistant tokens."""
     roles = [m["role"] for m in messages]
@@ -177,6 +177,8 @@ def render(tokenizer, messages: list[dict], *, template: str, mask: Literal["all
         flags = np.zeros(len(ids), dtype=np.uint8)
         for a, b in spans[-1:] if mask == "last" else spans:
             flags[(starts < b) & (ends > a)] = 1
+    if mask == "none":  # the unmasked control: every token carries loss, as in a text corpus
+        flags = np.ones(len(ids), dtype=np.uint8)
     previous = [None, *roles[:-1]]
     cuts = [int(np.searchsorted(starts, b)) for b, prev in zip(bounds, previous) if b is not None and prev == ASSISTANT]
     return Rendered(ids, flags, [c for c in cuts if 0 < c < len(ids)])
@@ -216,6 +218,35 @@ def fit(conv: Rendered, max_tokens: int, overflow: Literal["split", "skip", "ref
     return pieces
 
 
+def pack_iter(pieces: Iterable[Rendered], seq_len: int, pad_id: int,
+              chunk_tokens: int = 1 << 16) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """:func:`pack` as ``(ids, mask)`` chunks of about ``chunk_tokens`` tokens, consuming ``pieces`` lazily (the
+    planner streams a corpus through it); the chunks concatenate to :func:`pack` of the same pieces."""
+    L = seq_len
+    ids, mask, pos, held, any_piece = [], [], 0, 0, False
+    for p in pieces:
+        any_piece, n = True, len(p.ids)
+        if n > L + 1:
+            raise ValueError(f"a piece of {n} tokens does not fit in a window of {L + 1} (use fit() first)")
+        if pos % L and (pos // L) * L + L < pos + n - 1:  # its last token would fall past this window's end
+            gap = (pos // L + 1) * L - pos
+            ids.append(np.full(gap, pad_id, dtype=np.int32))
+            mask.append(np.zeros(gap, dtype=np.uint8))
+            pos, held = pos + gap, held + gap
+        ids.append(p.ids.astype(np.int32))
+        mask.append(p.mask.astype(np.uint8))
+        pos, held = pos + n, held + n
+        if held >= chunk_tokens:
+            yield np.concatenate(ids), np.concatenate(mask)
+            ids, mask, held = [], [], 0
+    if any_piece:
+        tail = (1 - pos) % L  # complete the last window: T = W*L + 1
+        ids.append(np.full(tail, pad_id, dtype=np.int32))
+        mask.append(np.zeros(tail, dtype=np.uint8))
+    if ids:
+        yield np.concatenate(ids), np.concatenate(mask)
+
+
 def pack(pieces: list[Rendered], seq_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """``(ids int32 [T], mask uint8 [T])``: the pieces in order in one stream, none crossing a window of
     :func:`windows` (a piece that does not fit in the rest of the current window starts the next one, the gap
@@ -224,26 +255,10 @@ def pack(pieces: list[Rendered], seq_len: int, pad_id: int) -> tuple[np.ndarray,
     A piece may share its first token with the window before (windows overlap by one token), but that token is
     only ever a label there, never context the piece needs.
     """
-    L = seq_len
-    ids, mask, pos = [], [], 0
-    if not pieces:
+    chunks = list(pack_iter(pieces, seq_len, pad_id))
+    if not chunks:
         return np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.uint8)
-    for p in pieces:
-        n = len(p.ids)
-        if n > L + 1:
-            raise ValueError(f"a piece of {n} tokens does not fit in a window of {L + 1} (use fit() first)")
-        if pos % L and (pos // L) * L + L < pos + n - 1:  # its last token would fall past this window's end
-            gap = (pos // L + 1) * L - pos
-            ids.append(np.full(gap, pad_id, dtype=np.int32))
-            mask.append(np.zeros(gap, dtype=np.uint8))
-            pos += gap
-        ids.append(p.ids.astype(np.int32))
-        mask.append(p.mask.astype(np.uint8))
-        pos += n
-    tail = (1 - pos) % L  # complete the last window: T = W*L + 1
-    ids.append(np.full(tail, pad_id, dtype=np.int32))
-    mask.append(np.zeros(tail, dtype=np.uint8))
-    return np.concatenate(ids), np.concatenate(mask)
+    return np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
 
 
 def windows(ids: np.ndarray, mask: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:

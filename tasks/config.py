@@ -116,9 +116,11 @@ class CorpusConfig:
     max_record_bytes: int = 16_000_000
     """Longest line of a text file, JSONL record or Parquet value read (bytes). Files are read line by line, so a
     longer one is refused (naming the file and line) without ever being held whole; raise it for longer records."""
-    chat_mask: Literal["all", "last"] = "all"
+    chat_mask: Literal["all", "last", "none"] = "all"
     """Chat records (a ``messages`` list, or ``prompt``/``completion``): which assistant turns carry loss — ``all``
-    of them, or only the ``last`` (``tasks/chat.py``). User, system and template tokens never do."""
+    of them, or only the ``last`` (``tasks/chat.py``). User, system and template tokens never do. ``none``: every
+    token of the rendered conversations does (an unmasked control; the cache then stores no mask). The mask is
+    stored in the cache's shards, and these settings are part of the cache's id."""
     chat_template: str | None = None
     """A Jinja chat template file to render chat records with; ``null`` = the teacher tokenizer's own (a chat
     corpus with a tokenizer that has none is an error naming this field)."""

@@ -290,10 +290,14 @@ def read_documents(cfg: CorpusConfig) -> Iterator[tuple[str, str]]:
                     text_parts, n = [], n + 1
 
 
-def content_hash(tokens: np.ndarray) -> str:
-    """sha256 of a shard's token bytes (int32, little-endian) and shape."""
+def content_hash(tokens: np.ndarray, mask: np.ndarray | None = None) -> str:
+    """sha256 of a shard's token bytes (int32, little-endian) and shape, and of its loss mask (uint8 ``[W, L]``,
+    chat corpora) when it has one: a masked and an unmasked shard of the same tokens never share a key."""
     arr = np.ascontiguousarray(tokens, dtype="<i4")
-    return hashlib.sha256(f"{arr.shape}".encode() + arr.tobytes()).hexdigest()
+    h = hashlib.sha256(f"{arr.shape}".encode() + arr.tobytes())
+    if mask is not None:
+        h.update(b"\0mask" + np.ascontiguousarray(mask, dtype=np.uint8).tobytes())
+    return h.hexdigest()
 
 
 def window_draw(window: np.ndarray) -> float:

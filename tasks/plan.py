@@ -38,6 +38,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from raydistill.tasks.chatstream import chat_chunks, chat_settings, is_chat_file
 from raydistill.tasks.config import CorpusConfig
 from raydistill.tasks.corpus import (CorpusError, CorpusFile, Stream, content_hash, list_files, streams, token_chunks,
                                      window_draw)
@@ -55,6 +56,8 @@ class ShardSpec:
     tokens: np.ndarray
     content_hash: str
     doc_id: str
+    mask: np.ndarray | None = None
+    """uint8 ``[W, L]``, a chat stream's loss mask (``mask[w, j]``: the label of row j carries loss); None: all do."""
 
 
 def estimated_tokens(files: Iterable[CorpusFile], max_tokens: int | None) -> int:
@@ -84,39 +87,54 @@ class _Packer:
     def __init__(self, split: str, stream_id: str, per_shard: int):
         self.split, self.stream_id, self.per_shard = split, stream_id, per_shard
         self.windows: list[np.ndarray] = []
+        self.masks: list[np.ndarray] = []
         self.count = 0
 
-    def add(self, window: np.ndarray) -> ShardSpec | None:
+    def add(self, window: np.ndarray, mask: np.ndarray | None = None) -> ShardSpec | None:
         self.windows.append(window)
+        if mask is not None:
+            self.masks.append(mask)
         return self.emit() if len(self.windows) == self.per_shard else None
 
     def emit(self) -> ShardSpec | None:
         if not self.windows:
             return None
         tokens = np.stack(self.windows).astype(np.int32)
-        self.windows = []
+        mask = np.stack(self.masks).astype(np.uint8) if self.masks else None
+        self.windows, self.masks = [], []
         name = f"{self.split}-{slug(self.stream_id)}-{self.count:05d}"
         self.count += 1
-        return ShardSpec(name, self.split, tokens, content_hash(tokens), self.stream_id)
+        return ShardSpec(name, self.split, tokens, content_hash(tokens, mask), self.stream_id, mask)
 
 
 def pack(chunks: Iterable[np.ndarray], cfg: CorpusConfig, stream_id: str, threshold: float,
          max_windows: int | None = None) -> Iterator[ShardSpec]:
     """The shards of one stream's token ``chunks`` (see the module doc), at most ``max_windows`` windows; holds
-    one chunk and one shard per split."""
+    one chunk and one shard per split. A chunk is int32 ids, or ``(ids, mask)`` (a chat stream,
+    :mod:`tasks.chatstream`): then each window keeps the mask of its labels, and a window with no masked-in label
+    is left out (nothing to learn there)."""
     L = cfg.seq_len
     packers = {s: _Packer(s, stream_id, cfg.windows_per_shard) for s in ("train", "heldout")}
-    buf, n = np.zeros(0, np.int32), 0
+    buf, mbuf, n = np.zeros(0, np.int32), None, 0
     for chunk in chunks:
+        if isinstance(chunk, tuple):
+            mbuf = np.concatenate([np.zeros(0, np.uint8) if mbuf is None else mbuf, chunk[1]])
+            chunk = chunk[0]
         buf = np.concatenate([buf, chunk])
         start = 0
         while len(buf) - start >= L + 1 and (max_windows is None or n < max_windows):
             window = buf[start: start + L + 1]
-            spec = packers["heldout" if window_draw(window) < threshold else "train"].add(window.copy())
-            start, n = start + L, n + 1
+            rows = None if mbuf is None else mbuf[start + 1: start + L + 1]
+            start = start + L
+            if rows is not None and not rows.any():
+                continue
+            spec = packers["heldout" if window_draw(window) < threshold else "train"].add(
+                window.copy(), None if rows is None else rows.copy())
+            n += 1
             if spec is not None:
                 yield spec
         buf = buf[start:]
+        mbuf = None if mbuf is None else mbuf[start:]
         if max_windows is not None and n >= max_windows:
             break
     for packer in packers.values():
@@ -128,14 +146,21 @@ def pack(chunks: Iterable[np.ndarray], cfg: CorpusConfig, stream_id: str, thresh
 def plan_stream(stream: Stream, cfg: CorpusConfig, tokenizer, threshold: float,
                 max_windows: int | None = None) -> list[ShardSpec]:
     """Tokenize and pack one stream: its shards, in emission order (memory: the stream's tokens, bounded by
-    ``corpus.segment_bytes``)."""
-    return list(pack(token_chunks(stream, cfg, tokenizer), cfg, stream.id, threshold, max_windows))
+    ``corpus.segment_bytes``). A chat file's stream (:func:`tasks.chatstream.is_chat_file`) is rendered with the
+    chat template and its shards carry the loss mask (none with ``corpus.chat_mask=none``)."""
+    if not is_chat_file(stream.file, cfg):
+        chunks = token_chunks(stream, cfg, tokenizer)
+    elif cfg.chat_mask == "none":
+        chunks = (ids for ids, _ in chat_chunks(stream, cfg, tokenizer))
+    else:
+        chunks = chat_chunks(stream, cfg, tokenizer)
+    return list(pack(chunks, cfg, stream.id, threshold, max_windows))
 
 
 def _settings(cfg: CorpusConfig, tok_hash: str, threshold: float, max_windows: int | None) -> dict:
     return {"v": PLAN_VERSION, "tokenizer": tok_hash, "seq_len": cfg.seq_len, "per_shard": cfg.windows_per_shard,
             "threshold": threshold, "text_field": cfg.text_field, "max_windows": max_windows,
-            "max_record_bytes": cfg.max_record_bytes}
+            "max_record_bytes": cfg.max_record_bytes, **chat_settings(cfg)}
 
 
 def stat_key(stream: Stream, cfg: CorpusConfig, tok_hash: str, threshold: float, max_windows: int | None) -> str:
