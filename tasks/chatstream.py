@@ -108,9 +108,9 @@ def chat_chunks(stream: Stream, cfg: CorpusConfig, tokenizer) -> Iterator[tuple[
         for where, record in _records(stream, cfg):
             messages = chat_messages(record, where)
             if messages is None:
-                raise CorpusError(f"{where}: not a chat record (no 'messages' list, no 'prompt'/'completion' pair) "
-                                  f"in the chat file {stream.file.rel!r}; keep text and chat records in separate "
-                                  "files")
+                raise ChatError(f"{where}: not a chat record (no 'messages' list, no 'prompt'/'completion' pair) "
+                                f"in the chat file {stream.file.rel!r}; keep text and chat records in separate "
+                                "files")
             conv = render(tokenizer, messages, template=template, mask=cfg.chat_mask, where=where)
             yield from fit(conv, cfg.seq_len + 1, cfg.chat_overflow, where)
 

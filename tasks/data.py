@@ -14,6 +14,9 @@ After each micro-batch the stream reports a :class:`DataPosition` (epoch, shard 
 window offset) of the next unread window; starting a new stream at that position continues exactly there.
 With ``targets=False`` (online teacher) the same windows come without cached targets.
 
+Chat shards. A shard with a loss mask (a chat corpus, :mod:`tasks.cache.masked`) gives the labels outside the mask
+as ``-100``, so CE and KD (and the online teacher's KD) are taken on the assistant's tokens only.
+
 Vocabulary. A student with fewer embedding rows than the teacher (the teacher's extra rows are padding: the
 tokenizers agree on every shared id, :func:`tasks.students.check_vocab`) gets the teacher distribution
 *conditioned on the ids it has*: :func:`tasks.cache.targets.restrict_vocab` drops the teacher's mass on ids ≥ the
@@ -36,6 +39,8 @@ import torch
 
 from raydistill.tasks.cache.targets import CachedTargets, at_temperature, cat_targets, restrict_vocab
 
+IGNORE_INDEX = -100  # the losses' ignore_index (tasks.losses.distillation_loss)
+
 
 @dataclass(frozen=True)
 class DataPosition:
@@ -56,7 +61,8 @@ class DataPosition:
 @dataclass
 class Batch:
     """One micro-batch: ``input_ids``/``labels`` Long ``[B, L]``; ``targets`` the teacher distribution over
-    ``labels`` at the training temperature (``SparseTargets`` ``[B, L, K]`` or ``DenseTargets`` ``[B, L, V]``)."""
+    ``labels`` at the training temperature (``SparseTargets`` ``[B, L, K]`` or ``DenseTargets`` ``[B, L, V]``).
+    A label outside a chat shard's loss mask is ``IGNORE_INDEX`` (-100): the losses skip it."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
@@ -64,7 +70,8 @@ class Batch:
 
     @property
     def tokens(self) -> int:
-        return self.labels.numel()
+        """Labels that carry loss."""
+        return int((self.labels != IGNORE_INDEX).sum())
 
 
 def epoch_shards(entries, epoch: int, rank: int, world_size: int, seed: int):
@@ -121,12 +128,17 @@ class Prefetch:
 def _make_batch(pieces: list[tuple[Any, int, int]], temperature: float, targets: bool,
                 vocab_size: int | None) -> Batch:
     tokens = torch.cat([shard.tokens[a:b] for shard, a, b in pieces])
+    labels = tokens[:, 1:].clone()
+    for (shard, a, b), rows in zip(pieces, torch.split(labels, [b - a for _, a, b in pieces])):
+        mask = getattr(shard, "mask", None)
+        if mask is not None:  # a chat shard: no loss (CE or KD) where the label is not the assistant's
+            rows.masked_fill_(~mask[a:b], IGNORE_INDEX)
     out = None
     if targets:
         cached = [shard.targets(slice(a, b)) for shard, a, b in pieces]
         cached = cached[0] if len(cached) == 1 else cat_targets(cached)
         out = at_temperature(cached if vocab_size is None else restrict_vocab(cached, vocab_size), temperature)
-    return Batch(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), out)
+    return Batch(tokens[:, :-1].contiguous(), labels, out)
 
 
 def train_batches(cache, *, rank: int, world_size: int, micro_batch_size: int, temperature: float,

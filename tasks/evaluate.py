@@ -16,6 +16,7 @@ with the same fields) and returns plain floats:
 A shard-like item needs ``tokens`` (``[W, L+1]`` ids; the model reads ``tokens[:, :-1]``, labels are
 ``tokens[:, 1:]``); optional ``teacher_top1`` (``[W, L]``) and ``targets(window_slice)`` (cached targets of
 those windows, ``tasks.cache.targets.CachedTargets``). A metric whose teacher field is missing is ``None``.
+A chat shard's ``mask`` (bool ``[W, L]``) limits every metric to the positions it holds (the assistant's tokens).
 
 The promotion gate compares two models on one *frozen* held-out set: :func:`heldout_digest` names it (the
 sorted held-out shard keys and the window cap) and :func:`regressions` says how much worse a candidate is than
@@ -85,6 +86,7 @@ def evaluate_sums(model, shards: Iterable, *, max_windows: int | None = None, te
         for shard in shards:
             tokens = torch.as_tensor(shard.tokens).long().to(device)
             top1 = getattr(shard, "teacher_top1", None)
+            mask = getattr(shard, "mask", None)  # a chat shard: only the assistant's tokens are scored
             for a in range(0, tokens.shape[0], batch_size):
                 if max_windows is not None and seen >= max_windows:
                     return sums
@@ -97,14 +99,20 @@ def evaluate_sums(model, shards: Iterable, *, max_windows: int | None = None, te
                 logits = forward_logits(model, x).float()
                 sums[SUM_KEYS.index("seconds")] += time.perf_counter() - t0
                 flat, labels = logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
+                keep = None if mask is None else torch.as_tensor(mask[a:b]).reshape(-1).bool()
+                if keep is not None:
+                    flat, labels = flat[keep.to(device)], labels[keep.to(device)]
                 sums[0] += F.cross_entropy(flat, labels, reduction="sum").item()
                 sums[1] += labels.numel()
                 conf, pred = F.softmax(flat, dim=-1).max(dim=-1)
                 if top1 is not None:
-                    sums[2] += (pred == torch.as_tensor(top1[a:b]).reshape(-1).long().to(device)).sum().item()
+                    t1 = torch.as_tensor(top1[a:b]).reshape(-1)
+                    t1 = t1 if keep is None else t1[keep]
+                    sums[2] += (pred == t1.long().to(device)).sum().item()
                     sums[3] += labels.numel()
                 if teacher_targets and hasattr(shard, "targets"):
-                    sums[4] += _kl_rows(logits, shard.targets(slice(a, b))).double().sum().item()
+                    kl = _kl_rows(logits, shard.targets(slice(a, b)))
+                    sums[4] += (kl if keep is None else kl[keep.to(kl.device)]).double().sum().item()
                     sums[5] += labels.numel()
                 which = (conf.double() * ECE_BINS).long().clamp(max=ECE_BINS - 1)
                 bins[0] += torch.bincount(which, minlength=ECE_BINS).double().cpu()

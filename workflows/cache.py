@@ -59,7 +59,7 @@ MAX_STORE_FAILURES = 3  # shards in a row whose commit failed past the store's o
 @ray.remote(num_cpus=0, num_returns=2, max_retries=2)
 def plan_task(stream, corpus_cfg, teacher_cfg, threshold: float, max_windows, cache_dir: str, want_tokens: bool):
     """Plan one stream: ``(record, tokens)`` — ``record`` is ``[[name, split, content hash, windows], …]``;
-    ``tokens`` the shards' int32 ``[W, L+1]`` arrays, or None when ``want_tokens`` is false and the stream's plan
+    ``tokens`` the shards' ``(int32 [W, L+1] tokens, uint8 [W, L] loss mask or None)``, or None when ``want_tokens`` is false and the stream's plan
     record was stored by an earlier run (then nothing is tokenized). Requests no CPU: it runs beside the teacher
     actors (tokenizing is ~10³× faster than the teacher forward)."""
     import json
@@ -77,7 +77,7 @@ def plan_task(stream, corpus_cfg, teacher_cfg, threshold: float, max_windows, ca
     specs = plan_stream(stream, corpus_cfg, tok, threshold, max_windows)
     record = plan_record(specs)
     store.create(rel, json.dumps(record).encode())
-    return record, [s.tokens for s in specs]
+    return record, [(s.tokens, s.mask) for s in specs]
 
 
 _TOKENIZERS: dict = {}
@@ -141,11 +141,11 @@ class TeacherActor:
         rel = shard_file(name, key)
         if Store(cache_dir).exists(rel):
             return entry_from_file(cache_dir, rel, key), 0, time.perf_counter() - t0, False
-        params, shard = format_params(cache_cfg), tokens[index]
+        params, (shard, mask) = format_params(cache_cfg), tokens[index]
         with self.lock:
             fields, stats, forwards = encode_shard(self.model, shard, split, params, cache_cfg.temperature,
-                                                   cache_cfg.batch_size, key)
-        entry, created = write_shard(cache_dir, name, split, key, shard, fields, stats, params)
+                                                   cache_cfg.batch_size, key, mask)
+        entry, created = write_shard(cache_dir, name, split, key, shard, fields, stats, params, mask)
         return entry, forwards, time.perf_counter() - t0, created
 
 

@@ -17,6 +17,7 @@ import torch
 
 from raydistill.tasks.cache.draws import owned
 from raydistill.tasks.cache.formats import get_format
+from raydistill.tasks.cache.masked import select
 from raydistill.tasks.cache.targets import CachedTargets
 from raydistill.tasks.device import module_device
 
@@ -34,7 +35,7 @@ def _check_vocab(x: torch.Tensor, vocab: int) -> None:
 
 
 def encode_shard(model: torch.nn.Module, tokens: np.ndarray, split: str, params, temperature: float,
-                 batch_size: int, key: str) -> tuple[dict[str, np.ndarray], dict, int]:
+                 batch_size: int, key: str, mask: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], dict, int]:
     """Run the teacher over one shard and encode its targets in the format of ``params`` (its ``Params``) on the
     teacher's device.
 
@@ -45,12 +46,15 @@ def encode_shard(model: torch.nn.Module, tokens: np.ndarray, split: str, params,
     ``teacher_nll`` per row, so no later stage needs the teacher for evaluation; the statistics are computed on
     held-out shards only (a train shard's sums are 0: only held-out totals are reported, and an argmax over V per
     row costs as much as the draws). ``hidden`` train shards skip the output head altogether.
+
+    mask: uint8 ``[W, L]`` (a chat shard, :mod:`tasks.cache.masked`): every window is read whole, but only the
+    masked-in rows are encoded (each window's rows with its own generator), so the arrays cover those rows only.
     """
     fmt = get_format(params.format)  # before any teacher forward
     if params.format == "hidden":
         from raydistill.tasks.cache.formats.hidden import encode_hidden_shard
 
-        return encode_hidden_shard(model, tokens, split, params, batch_size)
+        return encode_hidden_shard(model, tokens, split, params, batch_size, mask)
     device = module_device(model)
     parts, nll_sum, correct, forwards, vocab = [], 0.0, 0, 0, None
     for i in range(0, tokens.shape[0], batch_size):
@@ -62,15 +66,28 @@ def encode_shard(model: torch.nn.Module, tokens: np.ndarray, split: str, params,
             vocab = logits.shape[-1]
             _check_vocab(x, vocab)
             # encoded on the teacher's device; what the encoder returns is on the host
-            with owned():  # the logits are used once: the sampler may overwrite them (no copy of [b, L, V])
-                enc = fmt.encode(logits, params, temperature,
-                                 [window_generator(key, i + b) for b in range(x.shape[0])],
-                                 labels=labels if split == "heldout" else None)
+            if mask is None:
+                with owned():  # the logits are used once: the sampler may overwrite them (no copy of [b, L, V])
+                    enc = [fmt.encode(logits, params, temperature,
+                                      [window_generator(key, i + b) for b in range(x.shape[0])],
+                                      labels=labels if split == "heldout" else None)]
+                kept = [labels.reshape(-1)]
+            else:  # only the masked-in rows, one window at a time (each with its own generator)
+                keep = torch.as_tensor(mask[i: i + batch_size], dtype=torch.bool)
+                enc, kept = [], []
+                for b in range(x.shape[0]):
+                    if keep[b].any():
+                        rows = keep[b:b + 1]
+                        enc.append(fmt.encode(select(logits[b:b + 1], rows), params, temperature,
+                                              [window_generator(key, i + b)],
+                                              labels=select(labels[b:b + 1], rows) if split == "heldout" else None))
+                        kept.append(labels[b][keep[b]])
             del logits
-        if split == "heldout":
-            nll_sum += float(enc["teacher_nll"].astype(np.float64).sum())
-            correct += int((enc["teacher_top1"] == labels.reshape(-1).numpy()).sum())
-        parts.append(enc)
+        for e, y in zip(enc, kept):
+            if split == "heldout":
+                nll_sum += float(e["teacher_nll"].astype(np.float64).sum())
+                correct += int((e["teacher_top1"] == y.numpy()).sum())
+            parts.append(e)
     fields = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     stats = {"vocab_size": vocab, "teacher_nll_sum": nll_sum, "teacher_top1_correct": correct}
     return fields, stats, forwards

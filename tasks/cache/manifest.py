@@ -31,6 +31,7 @@ from typing import Any, Iterator, TypedDict
 from raydistill.tasks.cache.formats import format_params
 from raydistill.tasks.cache.index import Index, IndexWriter, local_copy, multiset_key, shard_file  # noqa: F401
 from raydistill.tasks.cache.store import Store
+from raydistill.tasks.chatstream import chat_settings
 from raydistill.tasks.config import CacheConfig, ConfigError, CorpusConfig, TeacherConfig
 from raydistill.tasks.errors import DataError, StageMissingError
 from raydistill.tasks.teacher import identity_key_fields, load_tokenizer, teacher_identity, tokenizer_hash
@@ -137,7 +138,8 @@ def new_manifest(teacher: dict, tok_hash: str, cache: CacheConfig, corpus: Corpu
     head: Manifest = {"format_version": FORMAT_VERSION, "layout_version": LAYOUT_VERSION, "format": cache.format,
                       "params": dataclasses.asdict(format_params(cache)), "temperature": cache.temperature,
                       "teacher": teacher, "tokenizer_hash": tok_hash, "vocab_size": None, "seq_len": corpus.seq_len,
-                      "corpus": {k: getattr(corpus, k) for k in CORPUS_FIELDS}, "planned_shards": None,
+                      "corpus": {**{k: getattr(corpus, k) for k in CORPUS_FIELDS}, **chat_settings(corpus)},
+                      "planned_shards": None,
                       "complete": False, "totals": Totals().as_dict(), "key": None, "index": None,
                       "index_sha256": None, "fingerprint": None, "corpus_usage": {}}
     head["id"] = cache_id(head)
@@ -344,7 +346,7 @@ def difference(head: dict, want: dict) -> str | None:
     for k in sorted(set(head["params"]) | set(want["params"])):
         if head["params"].get(k) != want["params"].get(k):
             return f"cache.{k} (cache: {head['params'].get(k)!r}, config: {want['params'].get(k)!r})"
-    for k in CORPUS_FIELDS:
+    for k in (*CORPUS_FIELDS, "chat_mask", "chat_overflow", "chat_template"):
         if head["corpus"].get(k) != want["corpus"].get(k):
             return f"corpus.{k} (cache: {head['corpus'].get(k)!r}, config: {want['corpus'].get(k)!r})"
     return None

@@ -19,6 +19,7 @@ from raydistill.tasks.cache.formats import get_format
 from raydistill.tasks.cache.head import load_head, write_once
 from raydistill.tasks.cache.container import pack, unpack
 from raydistill.tasks.cache.index import Index, ShardList, local_copy
+from raydistill.tasks.cache.masked import expand, expand_rows, format_tokens
 from raydistill.tasks.cache.manifest import (CACHES, LEGACY_MANIFEST, CacheCorruptError, CacheMismatchError,
                                              CacheMissingError, Manifest, ShardEntry, difference, expected_heads,
                                              list_cache_ids, read_head, shard_file)
@@ -27,27 +28,33 @@ from raydistill.tasks.cache.targets import CachedTargets
 
 
 def commit_shard(cache_dir: str, name: str, split: str, key: str, tokens: np.ndarray,
-                 fields: dict[str, np.ndarray], stats: dict, params) -> ShardEntry:
+                 fields: dict[str, np.ndarray], stats: dict, params, mask: np.ndarray | None = None) -> ShardEntry:
     """Write one shard file atomically (never replacing a committed one) and return its index entry.
 
     tokens: int32 ``[W, L+1]``; fields: the encoder arrays of the format of ``params`` (its ``Params``; the
     format's ``to_disk`` lays them out); stats: vocab_size, teacher_nll_sum, teacher_top1_correct. If another
-    writer committed the same shard first, its file is kept and its entry returned.
+    writer committed the same shard first, its file is kept and its entry returned. mask: uint8 ``[W, L]`` of a
+    chat shard (``fields`` then cover its masked-in rows only, :mod:`tasks.cache.masked`): stored as the shard's
+    ``mask`` array; the entry's ``tokens`` counts the masked-in rows.
     """
-    return write_shard(cache_dir, name, split, key, tokens, fields, stats, params)[0]
+    return write_shard(cache_dir, name, split, key, tokens, fields, stats, params, mask)[0]
 
 
 def write_shard(cache_dir: str, name: str, split: str, key: str, tokens: np.ndarray,
-                fields: dict[str, np.ndarray], stats: dict, params) -> tuple[ShardEntry, bool]:
+                fields: dict[str, np.ndarray], stats: dict, params,
+                mask: np.ndarray | None = None) -> tuple[ShardEntry, bool]:
     """:func:`commit_shard`, and whether this call created the file (False: another writer's was adopted)."""
     store, rel = Store(cache_dir), shard_file(name, key)
     W, L1 = tokens.shape
+    rows = W * (L1 - 1) if mask is None else int(np.count_nonzero(mask))
     header = {"name": name, "split": split, "key": key, "format": params.format, "windows": W, "seq_len": L1 - 1,
-              "tokens": W * (L1 - 1), **stats}
-    stored, extra, raw = get_format(params.format).to_disk(fields, tokens, stats["vocab_size"], params)
+              "tokens": rows, "masked": mask is not None, **stats}
+    stored, extra, raw = get_format(params.format).to_disk(fields, format_tokens(tokens, mask), stats["vocab_size"],
+                                                           params)
     if "head" in extra:  # hidden: the teacher's output head, one content-addressed file per cache dir
         write_once(store, extra["head"]["file"], fields["head"])
-    data = pack({"tokens": tokens.astype(np.int32), **stored}, {**header, **extra}, raw=raw)
+    masks = {} if mask is None else {"mask": np.asarray(mask, dtype=np.uint8)}
+    data = pack({"tokens": tokens.astype(np.int32), **masks, **stored}, {**header, **extra}, raw=raw)
     if not store.create(rel, data):
         return entry_from_file(cache_dir, rel, key), False
     return _entry(header, rel, data), True
@@ -92,15 +99,26 @@ class Shard:
     """float ``[W, L]`` on held-out shards (None on train shards)."""
     _fields: dict
     vocab_size: int | None = None
+    mask: torch.Tensor | None = None
+    """Bool ``[W, L]``: the rows whose label carries loss (a chat shard); None: every row does."""
 
     def targets(self, window_slice: slice = slice(None)) -> CachedTargets:
-        """The stored targets of windows ``window_slice`` (contiguous), ``[w, L, ...]``."""
+        """The stored targets of windows ``window_slice`` (contiguous), ``[w, L, ...]`` (a masked shard: the
+        masked-out rows hold filler, :func:`tasks.cache.masked.expand`)."""
         start, stop, step = window_slice.indices(self.tokens.shape[0])
         if step != 1:
             raise ValueError("Shard.targets: window_slice must be contiguous (step 1)")
-        L = self.tokens.shape[1] - 1
-        return get_format(self.format).decode(self._fields, slice(start * L, max(start, stop) * L), L, self.params,
-                                              self.cache_temperature, self.vocab_size)
+        L, fmt = self.tokens.shape[1] - 1, get_format(self.format)
+        if self.mask is None:
+            return fmt.decode(self._fields, slice(start * L, max(start, stop) * L), L, self.params,
+                              self.cache_temperature, self.vocab_size)
+        before, rows = int(self.mask[:start].sum()), self.mask[start:max(start, stop)]
+        n = int(rows.sum())
+        if n == 0:  # no row of these windows carries loss: filler from the shard's first row
+            before, n = 0, 1
+        compact = fmt.decode(self._fields, slice(before, before + n), n, self.params, self.cache_temperature,
+                             self.vocab_size)
+        return expand(compact, rows)
 
 
 class Cache:
@@ -144,9 +162,11 @@ class Cache:
         fields, header = unpack(data)
         if header["key"] != entry["key"]:
             raise CacheCorruptError(f"shard {name}: file key {header['key']} != index key {entry['key']}")
-        held = {k: torch.from_numpy(fields.pop(k)).reshape(header["windows"], header["seq_len"])
-                for k in ("teacher_top1", "teacher_nll") if k in fields}
         tokens, m = fields.pop("tokens"), self.manifest
+        mask = torch.from_numpy(np.array(fields.pop("mask"), dtype=bool)) if "mask" in fields else None
+        held = {k: torch.from_numpy(fields.pop(k)) for k in ("teacher_top1", "teacher_nll") if k in fields}
+        held = {k: v.reshape(header["windows"], header["seq_len"]) if mask is None else expand_rows(v, mask)
+                for k, v in held.items()}
         fmt = get_format(m["format"])
         params = fmt.Params(**m["params"])
         if "head" in header:
@@ -159,13 +179,14 @@ class Cache:
             except ValueError as e:
                 raise CacheCorruptError(f"shard {name}: {e}") from None
         try:
-            fields = fmt.from_disk(fields, tokens, header["vocab_size"], params, header)
+            fields = fmt.from_disk(fields, format_tokens(tokens, None if mask is None else mask.numpy()),
+                                   header["vocab_size"], params, header)
         except (ValueError, KeyError, IndexError) as e:
             raise CacheCorruptError(f"shard {name}: {m['format']} targets do not decode ({e})") from None
         top1 = held.get("teacher_top1")
         return Shard(name, header["split"], m["format"], m["temperature"], params,
                      torch.from_numpy(tokens).long(), None if top1 is None else top1.long(),
-                     held.get("teacher_nll"), fields, header["vocab_size"])
+                     held.get("teacher_nll"), fields, header["vocab_size"], mask)
 
     def verify(self) -> list[str]:
         """Read every shard (checksums, keys, decode); returns the names checked, raises on the first bad one."""

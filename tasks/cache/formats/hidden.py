@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from raydistill.tasks.cache.head import OutputHead, head_bytes, head_file
+from raydistill.tasks.cache.masked import select
 from raydistill.tasks.cache.targets import CachedTargets, HiddenTargets
 from raydistill.tasks.config import CacheConfig
 from raydistill.tasks.device import module_device
@@ -68,11 +69,12 @@ def check_head(model: torch.nn.Module, device: torch.device) -> None:
 
 
 def encode_hidden_shard(model: torch.nn.Module, tokens: np.ndarray, split: str, params: Params,
-                        batch_size: int) -> tuple[dict[str, np.ndarray], dict, int]:
+                        batch_size: int, mask: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], dict, int]:
     """The ``hidden`` branch of :func:`tasks.cache.encode.encode_shard`: the base model's forward (no output head on
     a train shard), bf16 hidden states to the host; on a held-out shard the head too, for the teacher statistics.
     ``fields`` also carry the head's safetensors bytes (``head``) and sha256 (``head_sha256``, ASCII), which
-    :func:`tasks.cache.shards.commit_shard` writes once per cache dir."""
+    :func:`tasks.cache.shards.commit_shard` writes once per cache dir. With ``mask`` (a chat shard) only the
+    masked-in rows' states are kept (:mod:`tasks.cache.masked`)."""
     device = module_device(model)
     check_head(model, device)
     base, lm_head = _base(model), model.get_output_embeddings()
@@ -87,10 +89,12 @@ def encode_hidden_shard(model: torch.nn.Module, tokens: np.ndarray, split: str, 
         with torch.inference_mode():
             h = base(input_ids=x[:, :-1].to(device), use_cache=False).last_hidden_state
             forwards += 1
+            rows = None if mask is None else torch.as_tensor(mask[i: i + batch_size], dtype=torch.bool)
+            h = select(h, rows)
             part = encode(h, params, 1.0)
             if split == "heldout":
                 logits = lm_head(h).float()
-                labels = x[:, 1:].to(device)
+                labels = select(x[:, 1:], rows).to(device)
                 lse = torch.logsumexp(logits, dim=-1)
                 nll = lse - logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
                 top1 = logits.argmax(dim=-1)
