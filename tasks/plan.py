@@ -9,6 +9,11 @@ Windows. Window ``k`` of a stream ``S`` (:class:`tasks.corpus.Stream`'s tokens) 
 stream token after the first is predicted once. A stream's incomplete last window is dropped. Windows cross
 document boundaries freely (a JSONL of short records packs like one long text).
 
+Chat files. A ``.jsonl``/``.parquet`` file of chat records (:mod:`tasks.chatstream`) is a stream of rendered
+conversations with a loss mask on the assistant's tokens: its windows are cut the same way, each keeps the mask of
+its labels (:attr:`ShardSpec.mask`, part of the shard's content hash), and a window with no masked-in label is
+left out. The chat settings are part of the plan key.
+
 Split. A window is held out when its :func:`tasks.corpus.window_draw` is below the held-out threshold
 (:func:`heldout_threshold`): ``corpus.heldout_fraction``, halved as often as needed to keep the estimated held-out
 tokens under ``corpus.heldout_max_tokens``. The threshold moves only in powers of two as the corpus grows, so the

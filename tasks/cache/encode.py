@@ -66,31 +66,41 @@ def encode_shard(model: torch.nn.Module, tokens: np.ndarray, split: str, params,
             vocab = logits.shape[-1]
             _check_vocab(x, vocab)
             # encoded on the teacher's device; what the encoder returns is on the host
-            if mask is None:
-                with owned():  # the logits are used once: the sampler may overwrite them (no copy of [b, L, V])
-                    enc = [fmt.encode(logits, params, temperature,
-                                      [window_generator(key, i + b) for b in range(x.shape[0])],
-                                      labels=labels if split == "heldout" else None)]
-                kept = [labels.reshape(-1)]
-            else:  # only the masked-in rows, one window at a time (each with its own generator)
-                keep = torch.as_tensor(mask[i: i + batch_size], dtype=torch.bool)
-                enc, kept = [], []
-                for b in range(x.shape[0]):
-                    if keep[b].any():
-                        rows = keep[b:b + 1]
-                        enc.append(fmt.encode(select(logits[b:b + 1], rows), params, temperature,
-                                              [window_generator(key, i + b)],
-                                              labels=select(labels[b:b + 1], rows) if split == "heldout" else None))
-                        kept.append(labels[b][keep[b]])
+            enc, kept = _encode_batch(fmt, logits, labels if split == "heldout" else None, params, temperature, key,
+                                      i, None if mask is None else mask[i: i + batch_size])
             del logits
         for e, y in zip(enc, kept):
-            if split == "heldout":
+            if y is not None:
                 nll_sum += float(e["teacher_nll"].astype(np.float64).sum())
                 correct += int((e["teacher_top1"] == y.numpy()).sum())
             parts.append(e)
     fields = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     stats = {"vocab_size": vocab, "teacher_nll_sum": nll_sum, "teacher_top1_correct": correct}
     return fields, stats, forwards
+
+
+def _encode_batch(fmt, logits: torch.Tensor, labels: torch.Tensor | None, params, temperature: float, key: str,
+                  start: int, mask: np.ndarray | None) -> tuple[list[dict], list]:
+    """The format's encoding of one batch's logits ``[b, L, V]`` (windows ``start …``): one part for the whole
+    batch, or with ``mask`` one per window of its masked-in rows; and the labels each part's held-out statistics
+    are over (None without ``labels``)."""
+    if mask is None:
+        with owned():  # the logits are used once: the sampler may overwrite them (no copy of [b, L, V])
+            enc = fmt.encode(logits, params, temperature,
+                             [window_generator(key, start + b) for b in range(logits.shape[0])], labels=labels)
+        return [enc], [None if labels is None else labels.reshape(-1)]
+    keep = torch.as_tensor(mask, dtype=torch.bool)
+    parts, kept = [], []
+    for b in range(logits.shape[0]):
+        rows = keep[b:b + 1]
+        if not rows.any():
+            continue
+        with owned():  # the selected rows are a copy of their own
+            parts.append(fmt.encode(select(logits[b:b + 1], rows), params, temperature,
+                                    [window_generator(key, start + b)],
+                                    labels=None if labels is None else select(labels[b:b + 1], rows)))
+        kept.append(None if labels is None else labels[b][keep[b]])
+    return parts, kept
 
 
 def encode_targets(logits: torch.Tensor, params, *, temperature: float = 1.0,
