@@ -89,7 +89,7 @@ def _encode_batch(fmt, logits: torch.Tensor, labels: torch.Tensor | None, params
             enc = fmt.encode(logits, params, temperature,
                              [window_generator(key, start + b) for b in range(logits.shape[0])], labels=labels)
         return [enc], [None if labels is None else labels.reshape(-1)]
-    keep = torch.as_tensor(mask, dtype=torch.bool)
+    keep = torch.from_numpy(np.array(mask, dtype=bool))  # a copy: Ray hands read-only arrays
     parts, kept = [], []
     for b in range(logits.shape[0]):
         rows = keep[b:b + 1]

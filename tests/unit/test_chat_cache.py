@@ -168,6 +168,20 @@ def test_the_mask_and_the_chat_settings_are_part_of_the_shard_and_cache_keys(tin
 
 # ------------------------------------------------------------------------------------------ masked encoding
 
+def test_kept_rows_go_back_to_their_places_and_the_others_hold_a_copy_of_the_first():
+    from raydistill.tasks.cache.masked import expand_rows, format_tokens
+
+    mask = torch.tensor([[False, True, False], [True, False, True]])
+    rows = torch.tensor([[1.0, 10.0], [2.0, 20.0], [3.0, 30.0]])
+    out = expand_rows(rows, mask)
+    assert out.shape == (2, 3, 2) and torch.equal(out[mask], rows)
+    assert (out[~mask] == rows[0]).all()
+    assert expand_rows(rows[:1], torch.zeros(2, 3, dtype=torch.bool)).shape == (2, 3, 2)  # no row kept: filler
+    tokens = np.arange(8, dtype=np.int32).reshape(2, 4)
+    assert format_tokens(tokens, mask.numpy()).tolist() == [[0, 2, 5, 7]]  # the kept rows' labels
+    assert format_tokens(tokens, None) is tokens
+
+
 @pytest.mark.parametrize("fmt", ["sampled", "topk", "full", "hidden"])
 def test_a_masked_shard_stores_targets_only_for_the_assistant_rows_in_every_format(fmt, tiny_tokenizer,
                                                                                     tiny_teacher, tmp_path):

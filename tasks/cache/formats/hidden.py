@@ -89,7 +89,7 @@ def encode_hidden_shard(model: torch.nn.Module, tokens: np.ndarray, split: str, 
         with torch.inference_mode():
             h = base(input_ids=x[:, :-1].to(device), use_cache=False).last_hidden_state
             forwards += 1
-            rows = None if mask is None else torch.as_tensor(mask[i: i + batch_size], dtype=torch.bool)
+            rows = None if mask is None else torch.from_numpy(np.array(mask[i: i + batch_size], dtype=bool))
             h = select(h, rows)
             part = encode(h, params, 1.0)
             if split == "heldout":
