@@ -14,19 +14,21 @@ turns before it *with the generation prompt* (``…<|im_start|>assistant\\n``) a
 less trailing whitespace (the template's newline after the end-of-turn token is scaffolding; the end-of-turn
 token itself is the answer's, so the student learns to stop). A token is the assistant's when any of its
 characters lies in such a span (as in Hugging Face's own mask: a token merging the template's last newline with
-the answer's first characters carries answer text). Every partial rendering must be a prefix of the whole one; a template for which that fails
-(one that rewrites earlier turns) must mark the answers with ``{% generation %}`` instead, and then Hugging Face's
-``return_assistant_tokens_mask`` gives the mask. ``mask="last"`` keeps the last assistant turn only; ``mask="none"`` puts every token in (the unmasked control).
+the answer's first characters carries answer text). Every partial rendering must be a prefix of the whole one; a
+template for which that fails (one that rewrites earlier turns) must mark the answers with ``{% generation %}``
+instead, and then Hugging Face's ``return_assistant_tokens_mask`` gives the mask. ``mask="last"`` keeps the last
+assistant turn only; ``mask="none"`` puts every token in (the unmasked control).
 
 Length (:func:`fit`). A rendered conversation of more than ``seq_len + 1`` tokens is split (``split``) at
 exchange boundaries — before a non-assistant turn that follows an assistant turn, so a question and its answer
 stay together — left out with a warning (``skip``) or refused (``refuse``); pieces with no assistant token are
 dropped. Nothing is ever cut inside a turn.
 
-Windows. :func:`pack` lays pieces into one stream so that no piece crosses a window (window k is
-``stream[k*L : k*L + L + 1]``, as in :mod:`tasks.corpus`), padding with mask 0; :func:`windows` cuts any masked
-stream into ``tokens [W, L+1]`` and ``mask [W, L]`` with ``mask[w, j]`` the mask of token ``j + 1`` (the label of
-row ``j``: the cache's alignment, row j ↔ token j+1).
+Windows. :func:`pack` (streamed in chunks: :func:`pack_iter`) lays pieces into one stream so that no piece
+crosses a window (window k is ``stream[k*L : k*L + L + 1]``, as in :mod:`tasks.corpus`), padding with mask 0;
+:func:`windows` cuts any masked stream into ``tokens [W, L+1]`` and ``mask [W, L]`` with ``mask[w, j]`` the mask
+of token ``j + 1`` (the label of row ``j``: the cache's alignment, row j ↔ token j+1). The cache planner reads chat
+files through :mod:`tasks.chatstream`.
 """
 
 from __future__ import annotations

@@ -59,8 +59,9 @@ MAX_STORE_FAILURES = 3  # shards in a row whose commit failed past the store's o
 @ray.remote(num_cpus=0, num_returns=2, max_retries=2)
 def plan_task(stream, corpus_cfg, teacher_cfg, threshold: float, max_windows, cache_dir: str, want_tokens: bool):
     """Plan one stream: ``(record, tokens)`` — ``record`` is ``[[name, split, content hash, windows], …]``;
-    ``tokens`` the shards' ``(int32 [W, L+1] tokens, uint8 [W, L] loss mask or None)``, or None when ``want_tokens`` is false and the stream's plan
-    record was stored by an earlier run (then nothing is tokenized). Requests no CPU: it runs beside the teacher
+    ``tokens`` the shards' ``(int32 [W, L+1] tokens, uint8 [W, L] loss mask or None)`` pairs, or None when
+    ``want_tokens`` is false and the stream's plan record was stored by an earlier run (then nothing is
+    tokenized). Requests no CPU: it runs beside the teacher
     actors (tokenizing is ~10³× faster than the teacher forward)."""
     import json
 
