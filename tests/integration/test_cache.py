@@ -111,7 +111,8 @@ def test_an_exception_in_the_teacher_code_fails_the_cache_at_once_and_is_not_ret
                      "cpu")
     pool = cache._Pool(cfg, "cpu")
     L1 = cfg.corpus.seq_len + 1
-    tokens = ray.put([np.full((2, L1), 10 ** 6, np.int32), np.ones((2, L1), np.int32)])  # ids beyond the vocab
+    # (tokens, mask) per shard, as plan_task gives them; ids beyond the vocab in the first
+    tokens = ray.put([(np.full((2, L1), 10 ** 6, np.int32), None), (np.ones((2, L1), np.int32), None)])
     run.queue.extend([("train-bad-00000", "train", "a" * 64, tokens, 0), ("train-ok-00000", "train", "b" * 64,
                                                                            tokens, 1)])
     pool.grow(len(run.queue))
