@@ -40,6 +40,8 @@ def init_ray(cluster: ClusterConfig | None = None) -> None:
                                            "OMP_NUM_THREADS", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
                 if k in os.environ}
     env_vars.setdefault("HF_HUB_OFFLINE", "1")
+    # the stores a cache actor or Train worker opens retry as long as the driver's (cluster.store_retry_s)
+    env_vars.setdefault("RAYDISTILL_STORE_RETRY_S", str(cluster.store_retry_s))
     for k in _job_env_vars():  # Ray refuses a ray.init that sets a variable the job's runtime env sets too
         env_vars.pop(k, None)
     if address:

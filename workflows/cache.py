@@ -130,9 +130,11 @@ class TeacherActor:
         return ray.get_runtime_context().get_node_id()
 
     def compute(self, cache_dir: str, name: str, split: str, key: str, tokens, index: int,
-                cache_cfg) -> tuple[dict, int, float, bool]:
-        """Encode and commit shard ``tokens[index]``; returns (entry, teacher forwards, seconds, created). A shard
-        another run committed meanwhile is adopted, not computed."""
+                cache_cfg) -> tuple[dict, int, tuple[float, float], bool]:
+        """Encode and commit shard ``tokens[index]``; returns (entry, teacher forwards, (start, end) on this
+        process's clock, created). A shard another run committed meanwhile is adopted, not computed. The span, not
+        its length: with ``cache.shards_in_flight`` > 1 the spans of one actor overlap (a shard waits for the
+        forward lock while another is in it), and the driver counts their union as the actor's busy time."""
         from raydistill.tasks.cache.encode import encode_shard
         from raydistill.tasks.cache.shards import write_shard
 
@@ -141,13 +143,13 @@ class TeacherActor:
         t0 = time.perf_counter()
         rel = shard_file(name, key)
         if Store(cache_dir).exists(rel):
-            return entry_from_file(cache_dir, rel, key), 0, time.perf_counter() - t0, False
+            return entry_from_file(cache_dir, rel, key), 0, (t0, time.perf_counter()), False
         params, (shard, mask) = format_params(cache_cfg), tokens[index]
         with self.lock:
             fields, stats, forwards = encode_shard(self.model, shard, split, params, cache_cfg.temperature,
                                                    cache_cfg.batch_size, key, mask)
         entry, created = write_shard(cache_dir, name, split, key, shard, fields, stats, params, mask)
-        return entry, forwards, time.perf_counter() - t0, created
+        return entry, forwards, (t0, time.perf_counter()), created
 
 
 def actor_options(cache_cfg: CacheConfig, device: str) -> dict:
@@ -283,6 +285,7 @@ class _Run:
         self.short: list[str] = []
         self.splits: set = set()
         self.nodes: set = set()
+        self.busy_until: dict = {}  # actor -> the end of its last counted span (see _busy_seconds)
         self.out = {"teacher_forwards": 0, "actor_s": 0.0, "actors_replaced": 0, "shards_requeued": 0,
                     "computed_tokens": 0, "shards_computed": 0, "shards_committed": 0, "shards_adopted": 0,
                     "shards_reused": 0, "streams_tokenized": 0}
@@ -426,12 +429,21 @@ def _step(run: _Run, pool: _Pool, bar, extra: list = ()) -> None:
     _dispatch(run, pool)
 
 
+def _busy_seconds(busy_until: dict, actor, span: tuple[float, float]) -> float:
+    """The part of ``span`` (one shard's start and end on ``actor``'s clock) not already counted for that actor:
+    summed over its shards, the union of their spans — its busy time however many shards it held at once."""
+    start, end = span
+    last = busy_until.get(actor, start)
+    busy_until[actor] = max(last, end)
+    return max(0.0, end - max(start, last))
+
+
 def _finished(run: _Run, pool: _Pool, ref, bar) -> None:
     actor, shard = run.pending.pop(ref)
     pool.load[actor] -= 1
     name, split, key, tokens_ref, i = shard
     try:
-        entry, forwards, seconds, created = ray.get(ref)
+        entry, forwards, span, created = ray.get(ref)
     except Exception as e:
         cause = _cause(e)
         if isinstance(cause, StoreUnavailableError):
@@ -452,7 +464,7 @@ def _finished(run: _Run, pool: _Pool, ref, bar) -> None:
     if node:
         run.nodes.add(node)
     run.out["teacher_forwards"] += forwards
-    run.out["actor_s"] += seconds
+    run.out["actor_s"] += _busy_seconds(run.busy_until, actor, span)
     run.out["shards_computed"] += 1 if forwards else 0
     run.out["computed_tokens"] += entry["tokens"] if forwards else 0
     run.out["shards_committed" if created else "shards_adopted"] += 1

@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import importlib
 import json
+import os
 import sys
 import textwrap
 import traceback
@@ -151,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         print(redact_text(dump_yaml(cfg), secret_env_values()))
         return 0
     module = importlib.import_module(verb.module)
+    # every store this command opens (the cache's driver-side reads too) retries for cluster.store_retry_s
+    before = os.environ.get("RAYDISTILL_STORE_RETRY_S")
+    os.environ["RAYDISTILL_STORE_RETRY_S"] = str(cfg.cluster.store_retry_s)
     try:
         module.run(cfg, action) if verb.actions else module.run(cfg)
     except RaydistillError as e:  # messages may quote a cache.dir or address: masked like every log line
@@ -162,6 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:  # a bug: its traceback, masked too (a message may quote s3://key:secret@…)
         print(redact_text(traceback.format_exc(), secret_env_values()), file=sys.stderr, end="")
         return 1
+    finally:  # main() is called in-process too (tests, notebooks): leave the environment as it was
+        if before is None:
+            os.environ.pop("RAYDISTILL_STORE_RETRY_S", None)
+        else:
+            os.environ["RAYDISTILL_STORE_RETRY_S"] = before
     return 0
 
 

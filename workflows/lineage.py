@@ -5,32 +5,56 @@
     raydistill lineage --config tiny                               # @champion of registry.model_name
 
 Reads only the registry (the version's lineage tags, written by ``register``; its registering run; the run's
-``lineage/shards.json`` artifact), so it works from any machine that reaches the tracking server. The shard
-list is checked against the version's ``cache.shards_sha256`` tag: a version's files trace back to exactly
-these cache shards (each named by its content key and the sha256 of its file).
+``lineage/shards.arrow`` artifact: the cache's index, a row per shard), so it works from any machine that reaches
+the tracking server. The shard list is checked against the version's ``cache.shards_sha256`` tag, streamed over
+the index: a version's files trace back to exactly these cache shards (each named by its content key and the
+sha256 of its file). Versions registered before the index was logged carry ``lineage/shards.json`` instead.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 
 from raydistill.tasks.config import PipelineConfig, check_name
 from raydistill.workflows import tracking
 
-SHARDS_ARTIFACT = "lineage/shards.json"
+SHARDS_ARTIFACT = "lineage/shards.arrow"  # the cache's index as register logged it
+LEGACY_SHARDS_ARTIFACT = "lineage/shards.json"  # versions registered before: a JSON list of every shard
 
 
 def _shards(tracking_uri: str, run_id: str, tags: dict) -> dict:
-    """The run's shard list, and whether it matches the version's ``cache.shards_sha256`` tag."""
+    """The shard counts of the run's shard list, and whether its keys match the version's ``cache.shards_sha256``
+    tag (recomputed from the logged index, streamed: ``tasks.cache.lineage``)."""
+    from raydistill.tasks.cache.index import Index
+    from raydistill.tasks.cache.lineage import index_digests
+
+    with tempfile.TemporaryDirectory(prefix="raydistill-lineage-") as tmp:
+        try:
+            path = tracking.download_run_artifact(tracking_uri, run_id, SHARDS_ARTIFACT, tmp)
+        except LookupError:
+            return _legacy_shards(tracking_uri, run_id, tags)
+        got = index_digests(Index(str(path)), {})
+    return _verdict({"shards": got["shards"], "train": got["train"], "heldout": got["heldout"]},
+                    got["shards_sha256"], tags)
+
+
+def _legacy_shards(tracking_uri: str, run_id: str, tags: dict) -> dict:
     try:
-        doc = tracking.load_run_dict(tracking_uri, run_id, SHARDS_ARTIFACT)
+        doc = tracking.load_run_dict(tracking_uri, run_id, LEGACY_SHARDS_ARTIFACT)
     except LookupError:
-        return {"shards": [], "verified": False, "why": f"run {run_id} has no {SHARDS_ARTIFACT}"}
-    keys = sorted(e["key"] for e in doc.get("shards", []))
-    digest = hashlib.sha256(json.dumps(keys).encode()).hexdigest()
+        return {"shards": 0, "train": 0, "heldout": 0, "verified": False,
+                "why": f"run {run_id} has no {SHARDS_ARTIFACT}"}
+    entries = doc.get("shards", [])
+    counts = {"shards": len(entries), **{s: sum(1 for e in entries if e["split"] == s) for s in ("train", "heldout")}}
+    digest = hashlib.sha256(json.dumps(sorted(e["key"] for e in entries)).encode()).hexdigest()
+    return _verdict(counts, digest, tags)
+
+
+def _verdict(counts: dict, digest: str, tags: dict) -> dict:
     ok = digest == tags.get("cache.shards_sha256")
-    return {**doc, "verified": ok,
+    return {**counts, "verified": ok,
             "why": "sha256 of the shard keys matches cache.shards_sha256" if ok else
             f"sha256 of the listed shard keys {digest[:16]} != the version's cache.shards_sha256"}
 
@@ -61,7 +85,7 @@ def chain(cfg: PipelineConfig, uri: str) -> dict:
 def render(c: dict) -> str:
     """The chain as text, from the version back to the teacher."""
     s = c["shards"]
-    split = {k: sum(1 for e in s.get("shards", []) if e["split"] == k) for k in ("train", "heldout")}
+    split = {k: s.get(k, 0) for k in ("train", "heldout")}
     lines = [f"{c['model_uri']}" + (f"  (@{', @'.join(c['aliases'])})" if c["aliases"] else ""),
              f"  registered by run   {c['register_run_id']}   code {c['code_version']}",
              f"  quantized           {c['quantization']}   (quantize stage {str(c['quantize_stage_key'])[:16]})",

@@ -11,12 +11,13 @@ the alias ``@challenger``; ``raydistill lineage models:/NAME/VERSION`` prints th
 - ``lineage.train_run_id`` / ``lineage.tune_parent_run_id``: the MLflow runs of the train and tune stages;
   ``lineage.init_from``: the version (or directory) a warm-started student began from (``train.init_from``);
 - ``cache.key`` (the cache manifest digest), ``cache.shards_sha256`` (sorted shard keys) and
-  ``cache.heldout_digest`` (the held-out set, as the gate names it); the run's artifact ``lineage/shards.json``
-  lists every shard (split, name, key, file, sha256) the student was trained and scored on;
+  ``cache.heldout_digest`` (the held-out set, as the gate names it); the run's artifact ``lineage/shards.arrow``
+  is the cache's index: one row per shard (split, name, key, file sha256, size) the student was trained and scored
+  on, logged as the file it is (digests streamed over it: ``tasks.cache.lineage``, bounded memory at any size);
 - ``export.hf.format``, ``export.gguf.types``, ``export.notes`` (what a standard format could not hold exactly),
   ``export.<kind>.loads``: the quantize stage's standard exports, logged as the model's ``export_hf`` and
   ``export_gguf`` artifacts beside the raydistill directory;
-- ``corpus.sha256`` (corpus settings + every shard's name, split and size: the corpus as tokenized and windowed;
+- ``corpus.sha256`` (corpus settings + every shard's name, split and size in key order: the corpus as tokenized and windowed;
   the tokens themselves are pinned by the shard keys, which hash each shard's content),
   ``teacher.weights_sha256``, ``raydistill.quantization``, ``code.version`` (git commit, ``+dirty`` with
   uncommitted changes, else the package version), config hash, stage keys and metrics;
@@ -45,7 +46,7 @@ from raydistill.workflows import stage, tracking
 
 KEY_TAG = "raydistill.stage_key"
 MODEL_ARTIFACT = "student"
-SHARDS_ARTIFACT = "lineage/shards.json"
+SHARDS_ARTIFACT = "lineage/shards.arrow"
 REQUIREMENTS = ("torch", "transformers", "tokenizers", "safetensors", "mlflow", "torchao", "peft")
 METRIC_GROUPS = ("teacher", "fp32", "int8")
 
@@ -82,22 +83,27 @@ def code_version() -> str:
 
 
 def shard_lineage(cache, gate_windows: int | None) -> dict:
-    """What the student was trained and scored on: every shard of the cache (an opened
-    :class:`~tasks.cache.shards.Cache`), with the digests that name them; ``heldout_digest`` names the held-out
-    set a gate of ``gate_windows`` windows evaluates (``registry.gate.max_windows``)."""
+    """The digests naming what the student was trained and scored on (an opened
+    :class:`~tasks.cache.shards.Cache`; :func:`tasks.cache.lineage.index_digests`, streamed over its index);
+    ``heldout_digest`` names the held-out set a gate of ``gate_windows`` windows evaluates
+    (``registry.gate.max_windows``)."""
+    from raydistill.tasks.cache.lineage import corpus_settings, index_digests
     from raydistill.tasks.data import heldout_entries
     from raydistill.tasks.evaluate import heldout_digest
 
-    manifest = cache.manifest
-    shards = [{k: e.get(k) for k in ("split", "name", "key", "file", "sha256", "windows", "tokens")}
-              for e in cache.shards()]
-    corpus = {"corpus": manifest.get("corpus"), "seq_len": manifest.get("seq_len"),
-              "tokenizer_hash": manifest.get("tokenizer_hash"),
-              "shards": sorted((e["name"], e["split"], e["windows"], e["tokens"]) for e in shards)}
-    return {"cache_key": cache.key, "shards": shards,
-            "shards_sha256": hashlib.sha256(json.dumps(sorted(e["key"] for e in shards)).encode()).hexdigest(),
-            "heldout_digest": heldout_digest(heldout_entries(cache, gate_windows).keys(), gate_windows),
-            "corpus_sha256": hashlib.sha256(json.dumps(corpus, sort_keys=True, default=str).encode()).hexdigest()}
+    return {"cache_key": cache.key, **index_digests(cache.index, corpus_settings(cache.manifest)),
+            "heldout_digest": heldout_digest(heldout_entries(cache, gate_windows).keys(), gate_windows)}
+
+
+def log_shard_index(cache) -> None:
+    """The cache's index file as the run's :data:`SHARDS_ARTIFACT` (the file itself, streamed to the artifact
+    store: no per-shard object is built)."""
+    if cache.index.path is None:
+        return
+    with tempfile.TemporaryDirectory(prefix="raydistill-lineage-") as tmp:
+        named = Path(tmp, Path(SHARDS_ARTIFACT).name)
+        shutil.copyfile(cache.index.path, named)
+        tracking.log_file(named, str(Path(SHARDS_ARTIFACT).parent))
 
 
 def _cache_lineage(cfg: PipelineConfig) -> dict:
@@ -129,7 +135,7 @@ def _shard_tags(cache, gate_windows: int | None) -> dict:
         return {}
     lin = shard_lineage(cache, gate_windows)
     return {"cache.shards_sha256": lin["shards_sha256"], "cache.heldout_digest": lin["heldout_digest"],
-            "cache.shards": str(len(lin["shards"])), "corpus.sha256": lin["corpus_sha256"],
+            "cache.shards": str(lin["shards"]), "corpus.sha256": lin["corpus_sha256"],
             "lineage.shards_artifact": SHARDS_ARTIFACT}
 
 
@@ -180,7 +186,7 @@ def _log_run(cfg: PipelineConfig, key: str, report: dict, int8_dir: Path) -> tup
         try:
             from raydistill.tasks.cache.shards import config_cache
 
-            tracking.log_dict(shard_lineage(config_cache(cfg), cfg.registry.gate.max_windows), SHARDS_ARTIFACT)
+            log_shard_index(config_cache(cfg))
         except FileNotFoundError:  # no cache here (registering elsewhere): the tags still name it
             pass
         train_metrics = Path(cfg.stage_dir("train"), "metrics.json")

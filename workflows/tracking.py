@@ -333,18 +333,23 @@ def resolve_version(tracking_uri: str, uri: str):
         raise LookupError(f"{uri} not found in {tracking_uri}: {e.message}") from None
 
 
+def download_run_artifact(tracking_uri: str, run_id: str, artifact_file: str, dst: str | os.PathLike) -> Path:
+    """The artifact ``artifact_file`` of run ``run_id``, downloaded under ``dst``; ``LookupError`` if it is not
+    there."""
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"runs:/{run_id}/{artifact_file}",
+                                                        dst_path=str(dst), tracking_uri=tracking_uri))
+    except (MlflowException, OSError) as e:
+        raise LookupError(f"run {run_id} has no artifact {artifact_file}: {e}") from None
+
+
 def load_run_dict(tracking_uri: str, run_id: str, artifact_file: str) -> dict:
     """The JSON artifact ``artifact_file`` of run ``run_id``; ``LookupError`` if it is not there."""
     import json
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="raydistill-artifact-") as tmp:
-        try:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=f"runs:/{run_id}/{artifact_file}",
-                                                        dst_path=tmp, tracking_uri=tracking_uri)
-        except (MlflowException, OSError) as e:
-            raise LookupError(f"run {run_id} has no artifact {artifact_file}: {e}") from None
-        return json.loads(Path(local).read_text())
+        return json.loads(download_run_artifact(tracking_uri, run_id, artifact_file, tmp).read_text())
 
 
 def download_version(tracking_uri: str, uri: str, dst: str | os.PathLike) -> tuple[Path, object]:

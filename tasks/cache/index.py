@@ -143,6 +143,7 @@ class Index:
     """A memory-mapped index file: columns as (zero-copy where possible) numpy arrays."""
 
     def __init__(self, path: str | None):
+        self.path = path
         if path is None:
             self.table = SCHEMA.empty_table()
         else:

@@ -335,6 +335,13 @@ def expected_heads(teacher: TeacherConfig, cache_cfg: CacheConfig, corpus: Corpu
             for dev in ("cpu", "cuda") for d in dtypes]
 
 
+def matching_want(head: dict, wants: list[Manifest]) -> Manifest:
+    """The head of ``wants`` (:func:`expected_heads`) computed on the device type and dtype ``head`` was: the one to
+    compare it with, so that ``teacher.dtype=auto`` is never reported as the difference."""
+    have = (head["teacher"].get("dtype"), head["teacher"].get("device"))
+    return next((w for w in wants if (w["teacher"]["dtype"], w["teacher"]["device"]) == have), wants[0])
+
+
 def difference(head: dict, want: dict) -> str | None:
     """The first field where ``head`` differs from ``want`` (another head), or None."""
     have_t, want_t = identity_key_fields(head["teacher"]), identity_key_fields(want["teacher"])
@@ -358,9 +365,7 @@ def check_compatible(cache, teacher: TeacherConfig, cache_cfg: CacheConfig, corp
     is unfinished; returns the cache's :func:`cache_key`."""
     m = cache.manifest
     wants = expected_heads(teacher, cache_cfg, corpus)
-    want = next((w for w in wants if (w["teacher"]["dtype"], w["teacher"]["device"]) ==
-                 (m["teacher"].get("dtype"), m["teacher"].get("device"))), wants[0])
-    diff = difference(m, want)
+    diff = difference(m, matching_want(m, wants))
     if diff:
         what = "another teacher" if diff.startswith("teacher") else "another config"
         raise CacheMismatchError(f"cache {cache.where} was built for {what}: {diff}; rerun `raydistill cache`")

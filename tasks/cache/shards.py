@@ -22,7 +22,7 @@ from raydistill.tasks.cache.index import Index, ShardList, local_copy
 from raydistill.tasks.cache.masked import expand, expand_rows, format_tokens
 from raydistill.tasks.cache.manifest import (CACHES, LEGACY_MANIFEST, CacheCorruptError, CacheMismatchError,
                                              CacheMissingError, Manifest, ShardEntry, difference, expected_heads,
-                                             list_cache_ids, read_head, shard_file)
+                                             list_cache_ids, matching_want, read_head, shard_file)
 from raydistill.tasks.cache.store import Store
 from raydistill.tasks.cache.targets import CachedTargets
 
@@ -258,7 +258,7 @@ def find_cache(cache_dir: str, teacher, cache_cfg, corpus) -> Cache:
     for cid in list_cache_ids(store)[:20]:
         head = read_head(store, cid)
         if head is not None:
-            others.append((cid, difference(head, wants[0])))
+            others.append((cid, difference(head, matching_want(head, wants))))
     closest = "".join(f"; cache {cid} there differs in {diff}" for cid, diff in others[:3] if diff)
     raise _missing(store, wants[0]["id"], closest)
 

@@ -121,7 +121,7 @@ def test_a_version_registered_on_the_server_is_stored_in_postgres_and_s3(base, s
     s3 = boto3.client("s3", endpoint_url=stack["s3_endpoint"], aws_access_key_id="x", aws_secret_access_key="x",
                       region_name="us-east-1")
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="raydistill-artifacts")["Contents"]]
-    assert any(k.endswith("model.safetensors") for k in keys) and any(k.endswith("lineage/shards.json") for k in keys)
+    assert any(k.endswith("model.safetensors") for k in keys) and any(k.endswith("lineage/shards.arrow") for k in keys)
 
 
 def test_the_gate_compares_challenger_and_champion_on_one_frozen_heldout_set(base):
@@ -244,7 +244,14 @@ def test_lineage_prints_the_chain_back_to_the_exact_cache_shards(base, capsys):
     cache = config_cache(cfg)
     assert chain["cache_key"] == cache.key and chain["train_run_id"] == train
     assert chain["init_from"] == "none" and "warm-started from   none" in out  # built from the teacher
-    listed = chain["shards"]["shards"]
+    from raydistill.tasks.cache.index import Index, ShardList
+
+    assert (chain["shards"]["train"], chain["shards"]["heldout"]) == (len(cache.shards("train")),
+                                                                      len(cache.shards("heldout")))
+    with tempfile.TemporaryDirectory() as tmp:  # the logged shard list: the cache's index, a row per shard
+        logged = Index(str(tracking.download_run_artifact(cfg.tracking_uri, chain["register_run_id"],
+                                                          lineage.SHARDS_ARTIFACT, tmp)))
+        listed = list(ShardList(logged, logged.rows(None)))
     assert sorted(e["key"] for e in listed) == sorted(cache.shards().keys())
     for e in listed:  # every listed file is the very file in the cache
         assert hashlib.sha256(Path(cfg.cache_dir, e["file"]).read_bytes()).hexdigest() == e["sha256"]

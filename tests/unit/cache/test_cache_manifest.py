@@ -101,6 +101,23 @@ def test_mismatch_names_the_field(tmp_path, tiny_tokenizer):
         check_compatible(cache, teacher, cache_cfg, corpus)
 
 
+def test_a_missing_cache_names_the_field_that_differs_not_the_dtype_auto_resolved_to(tmp_path, tiny_tokenizer):
+    """``teacher.dtype=auto`` may resolve to bf16 where the cache ran and to fp32 where it is read: the cache of
+    another config in the dir is compared with the expected head of its own dtype and device."""
+    from raydistill.tasks.cache.shards import find_cache
+    from raydistill.tasks.teacher import teacher_identity, tokenizer_hash
+
+    teacher, corpus = TeacherConfig(source="tiny", dtype="auto"), CorpusConfig(seq_len=L)
+    written = new_manifest({**teacher_identity(teacher), "dtype": "bfloat16"}, tokenizer_hash(tiny_tokenizer),
+                           CacheConfig(num_samples=16), corpus)
+    written["complete"] = True
+    write_manifest(str(tmp_path), written)
+    with pytest.raises(CacheMissingError, match=r"differs in cache.num_samples \(cache: 16, config: 8\)"):
+        find_cache(str(tmp_path), teacher, CacheConfig(num_samples=8), corpus)
+    assert find_cache(str(tmp_path), teacher, CacheConfig(num_samples=16), corpus).manifest["teacher"]["dtype"] == \
+        "bfloat16"
+
+
 def test_caches_of_another_format_version_are_refused(tmp_path):
     cache, *_ = make_cache(tmp_path)
     head = tmp_path / "caches" / cache.manifest["id"] / "head.json"
