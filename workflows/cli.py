@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                            usage=f"raydistill {name}{actions} [--config NAME] [a.b=c ...]",
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--config", "-c", default=None,
-                       help="preset name (smollm2-shakespeare [default], tiny) or a YAML file")
+                       help="preset name (smollm2-shakespeare [default], smollm2-chat, tiny) or a YAML file")
         p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
         p.add_argument("--help-config", nargs="?", const="", default=None, metavar="SECTION",
                        help="list the config fields of SECTION (e.g. train, registry.gate; default: the ones "

