@@ -36,8 +36,8 @@ def _shards(tracking_uri: str, run_id: str, tags: dict) -> dict:
         except LookupError:
             return _legacy_shards(tracking_uri, run_id, tags)
         got = index_digests(Index(str(path)), {})
-    return _verdict({"shards": got["shards"], "train": got["train"], "heldout": got["heldout"]},
-                    got["shards_sha256"], tags)
+    return _verdict({"shards": got["shards"], "train": got["train"], "heldout": got["heldout"],
+                     "artifact": SHARDS_ARTIFACT}, got["shards_sha256"], tags)
 
 
 def _legacy_shards(tracking_uri: str, run_id: str, tags: dict) -> dict:
@@ -47,7 +47,8 @@ def _legacy_shards(tracking_uri: str, run_id: str, tags: dict) -> dict:
         return {"shards": 0, "train": 0, "heldout": 0, "verified": False,
                 "why": f"run {run_id} has no {SHARDS_ARTIFACT}"}
     entries = doc.get("shards", [])
-    counts = {"shards": len(entries), **{s: sum(1 for e in entries if e["split"] == s) for s in ("train", "heldout")}}
+    counts = {"shards": len(entries), **{s: sum(1 for e in entries if e["split"] == s) for s in ("train", "heldout")},
+              "artifact": LEGACY_SHARDS_ARTIFACT}
     digest = hashlib.sha256(json.dumps(sorted(e["key"] for e in entries)).encode()).hexdigest()
     return _verdict(counts, digest, tags)
 
@@ -102,8 +103,9 @@ def render(c: dict) -> str:
     if g:
         lines.append(f"  gate                {g.get('decision', g.get('passed'))} vs champion version "
                      f"{g.get('champion_version')} on held-out set {str(g.get('heldout_digest'))[:16]}")
-    for e in s.get("shards", []):
-        lines.append(f"    {e['split']:<8} {e['name']:<40} key {e['key'][:16]}  {e['file']}")
+    if s.get("verified"):  # the list itself stays an artifact: one line per shard would not scale
+        lines.append(f"    shard list        {s.get('artifact')} of run {c['register_run_id']} "
+                     f"({s.get('shards')} rows: split, name, key, file sha256)")
     return "\n".join(lines)
 
 

@@ -38,7 +38,9 @@ def _registered_weights(cfg, version: int, tmp: Path) -> str:
 
     local, _ = tracking.download_version(cfg.tracking_uri, tracking.model_uri(cfg.registry.model_name,
                                                                                version=version), tmp)
-    (weights,) = [p for p in local.rglob("model.safetensors")]
+    # raydistill's own model directory (the version also holds the standard HF export, marked by its
+    # raydistill_export.json)
+    (weights,) = [p for p in local.rglob("model.safetensors") if not (p.parent / "raydistill_export.json").exists()]
     return _sha(weights)
 
 

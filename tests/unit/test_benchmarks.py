@@ -183,7 +183,10 @@ def test_cache_scale_runs_the_real_verb_at_two_sizes_and_reports_per_shard_ratio
     s = out["local_summary"]
     want = (second["first_wall_s"] - first["first_wall_s"]) / 40
     assert s["marginal_s_per_shard_large"] == s["marginal_s_per_shard_small"] == pytest.approx(want, abs=1e-4)
-    assert s["per_shard_flatness"] == pytest.approx(1.0, abs=1e-3) and out["checks"]["rerun_reads_no_shard_bytes"]
+    # two sizes: the same pair of runs on both sides of the ratio (1.0), or no ratio when the larger run was not
+    # slower (40 shards apart, the machine's load can make it so)
+    assert s["per_shard_flatness"] == (pytest.approx(1.0, abs=1e-3) if s["marginal_s_per_shard_small"] > 0 else None)
+    assert out["checks"]["rerun_reads_no_shard_bytes"]
 
 
 def test_cache_scale_refuses_sizes_out_of_order():
