@@ -35,7 +35,7 @@ def _shards(tracking_uri: str, run_id: str, tags: dict) -> dict:
             path = tracking.download_run_artifact(tracking_uri, run_id, SHARDS_ARTIFACT, tmp)
         except LookupError:
             return _legacy_shards(tracking_uri, run_id, tags)
-        got = index_digests(Index(str(path)), {})
+        got = index_digests(Index(str(path)), None)  # the keys are what the tag pins
     return _verdict({"shards": got["shards"], "train": got["train"], "heldout": got["heldout"],
                      "artifact": SHARDS_ARTIFACT}, got["shards_sha256"], tags)
 

@@ -33,18 +33,21 @@ def corpus_settings(head: dict) -> dict:
     return {"corpus": head.get("corpus"), "seq_len": head.get("seq_len"), "tokenizer_hash": head.get("tokenizer_hash")}
 
 
-def index_digests(index: Index, corpus: dict) -> dict:
+def index_digests(index: Index, corpus: dict | None) -> dict:
     """The lineage digests of every shard of ``index`` (see the module doc); ``corpus``: the cache's corpus
-    settings (its head's ``corpus``, ``seq_len`` and ``tokenizer_hash``)."""
+    settings (its head's ``corpus``, ``seq_len`` and ``tokenizer_hash``), or None to skip ``corpus_sha256`` (a
+    reader checking only the shard keys reads no name column)."""
     order = _key_order(index)
     keys_h = hashlib.sha256(b"[")
-    corpus_h = hashlib.sha256(json.dumps(corpus, sort_keys=True, default=str).encode())
+    corpus_h = None if corpus is None else hashlib.sha256(json.dumps(corpus, sort_keys=True, default=str).encode())
     split_col = index.column("split") if len(index) else np.zeros(0, np.int8)
     for start in range(0, len(order), CHUNK_ROWS):
         rows = order[start:start + CHUNK_ROWS]
         keys = index.column("key")[rows]
         text = ", ".join(f'"{bytes(k).hex()}"' for k in keys)
         keys_h.update(((", " if start else "") + text).encode())
+        if corpus_h is None:
+            continue
         names = index.table.column("name").take(pa.array(rows)).to_pylist()
         sizes = zip(names, split_col[rows].tolist(), index.column("windows")[rows].tolist(),
                     index.column("tokens")[rows].tolist())
@@ -52,7 +55,7 @@ def index_digests(index: Index, corpus: dict) -> dict:
     keys_h.update(b"]")
     counts = {s: int(np.count_nonzero(split_col == i)) for i, s in enumerate(SPLITS)}
     return {"shards": len(order), **counts, "shards_sha256": keys_h.hexdigest(),
-            "corpus_sha256": corpus_h.hexdigest()}
+            "corpus_sha256": None if corpus_h is None else corpus_h.hexdigest()}
 
 
 def _key_order(index: Index) -> np.ndarray:

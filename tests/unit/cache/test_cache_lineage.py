@@ -38,6 +38,8 @@ def test_streamed_digests_match_the_sorted_key_list_in_chunks_with_tied_and_repe
         other.add(e)
     assert lineage.index_digests(Index(other.close()[0]), {"seq_len": 64})["corpus_sha256"] != got["corpus_sha256"]
     assert lineage.index_digests(Index(path), {"seq_len": 65})["corpus_sha256"] != got["corpus_sha256"]
+    keys_only = lineage.index_digests(Index(path), None)  # what `raydistill lineage` checks: no corpus digest
+    assert keys_only["shards_sha256"] == got["shards_sha256"] and keys_only["corpus_sha256"] is None
 
 
 def test_an_empty_index_has_the_digest_of_an_empty_list():
