@@ -9,8 +9,8 @@
 # The JSON lands in $OUT/gpu_teacher.json (and on stdout); docs/benchmarks.md records the figures.
 set -euo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || \
-  python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/rd . 
+python3 -m pip install -q --no-deps --no-build-isolation --ignore-requires-python -e . >/dev/null 2>&1 || \
+  python3 -m pip install -q --no-deps --no-build-isolation --ignore-requires-python --target /tmp/rd . && export PYTHONPATH=/tmp/rd
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 out="${OUT:-/tmp}/gpu_teacher.json"
 timeout 480 python3 benchmarks/gpu_teacher.py --tokens 1048576 --batch-size 64 --rounds 3 | tee "$out"

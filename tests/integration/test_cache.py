@@ -81,7 +81,9 @@ def test_killed_actor_process_is_replaced_its_shard_requeued_and_every_shard_ver
     os.kill(pid, signal.SIGKILL)  # really kill the process, mid-run
     thread.join(timeout=300)
     assert not errors, errors
-    assert result["shards_computed"] == result["shards_total"] == 40
+    # an actor killed after its atomic commit but before it answered leaves the file: the replacement adopts it
+    assert result["shards_computed"] + result["shards_adopted"] == result["shards_total"] == 40
+    assert result["shards_adopted"] <= 1, result
     # the driver replaced the lost actor and computed its in-flight shard again (recorded in the stage record)
     assert result["actors_replaced"] >= 1 and result["shards_requeued"] >= 1
     assert read_stage(cfg, "cache")["outputs"]["actors_replaced"] == result["actors_replaced"]

@@ -24,13 +24,15 @@ def saved(tmp_path_factory):
 
 
 WEIGHTS_MB = 10.36e6 / 2**20  # parameters, the tied embedding once
+BUFFERS_MB = 16.0
 
 
 def test_an_int4_model_holds_less_resident_memory_than_a_bf16_one(saved):
     rss = {name: resident_memory(saved / name)["rss_mb"] for name in ("bf16", "int4_weight_only")}
-    # each holds its weights once (no dequantized copy) plus a few MB of run-time buffers
+    # each holds its weights once plus run-time buffers (11-13 MB seen, varying by machine); a dequantized or
+    # second bf16 copy of the weights would add 2 * WEIGHTS_MB (19.8 MB), more than the 16 MB allowed for buffers
     assert rss["int4_weight_only"] < 0.6 * rss["bf16"], rss
-    assert rss["bf16"] < 2 * WEIGHTS_MB + 12 and rss["int4_weight_only"] < 0.7 * WEIGHTS_MB + 12, rss
+    assert rss["bf16"] < 2 * WEIGHTS_MB + BUFFERS_MB and rss["int4_weight_only"] < 0.7 * WEIGHTS_MB + BUFFERS_MB, rss
 
 
 @pytest.mark.slow
