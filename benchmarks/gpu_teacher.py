@@ -79,17 +79,22 @@ def bare(model, shards: list[np.ndarray], batch: int, device: torch.device) -> f
     return time.perf_counter() - t0
 
 
-def cache(model, shards: list[np.ndarray], batch: int, params, out_dir: str) -> float:
+def cache(model, shards: list[np.ndarray], batch: int, params, out_dir: str, threads: int = 1) -> float:
+    """The actor's path: each shard's forward + draws here, its coding and commit on one of ``threads`` workers
+    (as ``cache.shards_in_flight`` - 1 shards code while the next one runs forward); at most ``threads``
+    shards wait on the host."""
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(1) as pool:
-        pending = None
+    with ThreadPoolExecutor(threads) as pool:
+        pending: list = []
         for k, tokens in enumerate(shards):
             split = "heldout" if k % 10 == 9 else "train"
             fields, stats, _ = encode_shard(model, tokens, split, params, 1.0, batch, f"{k:064x}")
-            if pending is not None:
-                pending.result()
-            pending = pool.submit(commit_shard, out_dir, f"s{k}", split, f"{k:064x}", tokens, fields, stats, params)
-        pending.result()
+            if len(pending) >= threads:
+                pending.pop(0).result()
+            pending.append(pool.submit(commit_shard, out_dir, f"s{k}", split, f"{k:064x}", tokens, fields, stats,
+                                       params))
+        for f in pending:
+            f.result()
     return time.perf_counter() - t0
 
 
@@ -102,11 +107,12 @@ def measure(name: str, args, device: torch.device) -> dict:
     n = windows * args.seq_len
     params = format_params(CacheConfig(num_samples=args.num_samples))
     bare(model, shards[:1], args.batch_size, device)  # warm-up: kernels, allocator
-    cache(model, shards[:1], args.batch_size, params, tempfile.mkdtemp())
+    cache(model, shards[:1], args.batch_size, params, tempfile.mkdtemp(), args.pack_threads)
     rates = {"bare": [], "cache": []}
     for _ in range(args.rounds):
         rates["bare"].append(n / bare(model, shards, args.batch_size, device))
-        rates["cache"].append(n / cache(model, shards, args.batch_size, params, tempfile.mkdtemp()))
+        rates["cache"].append(n / cache(model, shards, args.batch_size, params, tempfile.mkdtemp(),
+                                        args.pack_threads))
     bare_tps, cache_tps = statistics.median(rates["bare"]), statistics.median(rates["cache"])
     fpt = flops_per_token(model, args.seq_len)
     return {"model": name, "architecture": architecture(name), "tokens": n, "dtype": args.dtype,
@@ -129,13 +135,15 @@ def main(argv=None) -> dict:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--peak-tflops", type=float, default=989.0)
+    p.add_argument("--pack-threads", type=int, default=1,
+                   help="host threads coding and committing shards (an actor's cache.shards_in_flight - 1)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu_teacher: no CUDA device here; use --device cpu for the CPU path")
     device = torch.device(args.device)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "batch_size": args.batch_size, "seq_len": args.seq_len,
-              "peak_tflops": args.peak_tflops, "rows": []}
+              "peak_tflops": args.peak_tflops, "pack_threads": args.pack_threads, "rows": []}
     for name in args.models:
         print(f"[gpu_teacher] {name} …", file=sys.stderr, flush=True)
         result["rows"].append(measure(name, args, device))
