@@ -713,7 +713,8 @@ class PipelineStagesConfig:
     keeps the app up after it)."""
     generate: bool = False
     """Start with ``generate``: the teacher answers ``generate.prompts`` and the cache reads its answers (a chat
-    JSONL) as the corpus (``corpus.path`` is set to ``generate.output``)."""
+    JSONL) as the corpus: ``corpus.path`` is set to ``generate.output`` for every verb but ``generate`` (so
+    ``raydistill cache inspect`` or ``train`` run alone with this config use the pipeline's cache)."""
     generations: int = 1
     """Self-distillation: run the stages this many times; generation k+1's teacher is generation k's trained
     student (its float32 ``train/student`` export). Generation 0 runs in ``run_dir``, generation k in
@@ -1082,6 +1083,20 @@ def resolve_paths(cfg: PipelineConfig) -> PipelineConfig:
     data["generate"]["prompts"] = absolute(data["generate"]["prompts"], _BUILTIN_SOURCES["generate.prompts"])
     data["generate"]["output"] = absolute(data["generate"]["output"])
     return from_dict(data)
+
+
+def generate_output(cfg: PipelineConfig) -> Path:
+    """The chat JSONL ``generate`` writes: ``generate.output``, default ``<run_dir>/generate/answers.jsonl``."""
+    return Path(cfg.generate.output or Path(cfg.run_dir, "generate", "answers.jsonl"))
+
+
+def generated_corpus(cfg: PipelineConfig) -> PipelineConfig:
+    """``cfg`` as every stage after ``generate`` sees it: with ``pipeline.generate=true`` the corpus is the
+    teacher's answers (:func:`generate_output`), so a verb run on its own (``raydistill cache inspect``,
+    ``train``, ``quantize`` …) finds the cache and data the pipeline made; unchanged otherwise."""
+    if not cfg.pipeline.generate:
+        return cfg
+    return dataclasses.replace(cfg, corpus=dataclasses.replace(cfg.corpus, path=str(generate_output(cfg))))
 
 
 def get_path(cfg: PipelineConfig, path: str) -> Any:

@@ -23,7 +23,7 @@ import textwrap
 import traceback
 
 from raydistill.tasks.config import (ConfigError, PipelineConfig, dump_yaml, field_docs, load_config,
-                                     resolve_paths)
+                                     generated_corpus, resolve_paths)
 from raydistill.tasks.errors import RaydistillError
 from raydistill.tasks.guard import redact_text, secret_env_values
 from raydistill.workflows.verbs import VERBS, Verb
@@ -145,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides)
         if args.verb not in ("submit", "job"):  # a submitted job resolves its paths on the cluster
             cfg = resolve_paths(cfg)
+        if args.verb not in ("pipeline", "generate", "submit", "job"):  # the pipeline swaps after generate runs
+            cfg = generated_corpus(cfg)
     except ConfigError as e:
         print(redact_text(f"raydistill: config error: {e}", secret_env_values()), file=sys.stderr)
         return e.exit_code

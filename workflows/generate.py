@@ -23,7 +23,7 @@ from pathlib import Path
 import ray
 
 from raydistill.tasks import answers
-from raydistill.tasks.config import ConfigError, PipelineConfig
+from raydistill.tasks.config import ConfigError, PipelineConfig, generate_output
 from raydistill.tasks.errors import DataError
 from raydistill.tasks.fileio import atomic_writer
 from raydistill.workflows import stage
@@ -54,7 +54,7 @@ class AnswerActor:
 
 def output_path(cfg: PipelineConfig) -> Path:
     """The chat JSONL ``generate`` writes (``generate.output``, default ``<run_dir>/generate/answers.jsonl``)."""
-    return Path(cfg.generate.output or Path(cfg.run_dir, "generate", "answers.jsonl"))
+    return generate_output(cfg)
 
 
 def prompts_path(cfg: PipelineConfig) -> Path:

