@@ -559,11 +559,36 @@ class GateConfig:
     original teacher, not against its own teacher (the champion it would replace)."""
     lock_timeout_s: float = 60.0
     """How long ``promote`` waits for another promotion of the same model to release the registry lock."""
+    gen_prompts: int = 0
+    """Held-out prompts on which the quantize stage (its report: every candidate, the fp32 student and the
+    teacher) and promote (the candidate and the champion) score each model's greedy answers by the teacher's
+    per-token NLL (``gen_teacher_nll``) and length (``gen_length``): with a chat corpus each held-out
+    conversation up to its first answer, else the first ``gen_prompt_tokens`` tokens of held-out windows;
+    0 = not measured."""
+    gen_prompt_tokens: int = 16
+    """Prompt length taken from a text (not chat) corpus's held-out windows for ``gen_prompts``."""
+    gen_max_tokens: int = 32
+    """Greedy tokens per answer for ``gen_prompts`` (an answer ends at the teacher's EOS)."""
+    max_gen_teacher_nll: float | None = None
+    """Highest allowed ``gen_teacher_nll`` (needs ``gen_prompts``); ``null`` = not checked."""
+    max_gen_nll_regression: float | None = None
+    """Largest allowed increase of ``gen_teacher_nll`` over the champion's on the same prompts (needs
+    ``gen_prompts`` and ``compare_to_champion``); ``null`` = not compared."""
 
     def __post_init__(self):
         for name in ("max_loss_regression", "max_agreement_regression", "max_ece_regression"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"registry.gate.{name} must be >= 0 (a margin), got {getattr(self, name)}")
+        if self.gen_prompts < 0 or self.gen_prompt_tokens < 1 or self.gen_max_tokens < 1:
+            raise ConfigError("registry.gate.gen_prompts must be >= 0 (0 = off), gen_prompt_tokens and "
+                              "gen_max_tokens >= 1")
+        for name in ("max_gen_teacher_nll", "max_gen_nll_regression"):
+            if getattr(self, name) is not None and not self.gen_prompts:
+                raise ConfigError(f"registry.gate.{name} is measured on registry.gate.gen_prompts held-out "
+                                  f"prompts, which is 0: set e.g. registry.gate.gen_prompts=8, or {name}=null")
+        if self.max_gen_nll_regression is not None and self.max_gen_nll_regression < 0:
+            raise ConfigError(f"registry.gate.max_gen_nll_regression must be >= 0 (a margin), got "
+                              f"{self.max_gen_nll_regression}")
         if self.max_windows is not None and self.max_windows <= 0:
             raise ConfigError(f"registry.gate.max_windows must be >= 1 or null, got {self.max_windows}")
 

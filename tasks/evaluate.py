@@ -196,10 +196,29 @@ def generation_metrics(student, teacher, prompts: torch.Tensor, *, max_new_token
         length += int((keep & (is_eos == 0)).sum())
     mean = total / max(tokens, 1)
     return {"gen_teacher_logprob": mean, "gen_teacher_nll": -mean, "gen_length": length / prompts.shape[0],
-            "gen_answers": int(prompts.shape[0])}
+            "gen_answers": int(prompts.shape[0]), "gen_tokens": tokens}
 
 
-GATED = {"heldout_loss": 1.0, "top1_agreement": -1.0, "ece": 1.0}
+def generation_scores(student, teacher, prompts: list[torch.Tensor], *, max_new_tokens: int, eos: set[int],
+                      batch_size: int = 8) -> dict:
+    """:func:`generation_metrics` over prompts of different lengths (a chat set: each conversation up to its
+    answer): prompts of one length are batched together; the NLL is the mean over all answer tokens, the length
+    the mean over all answers. ``prompts``: 1-D token-id tensors on the student's device."""
+    by_length: dict[int, list[torch.Tensor]] = {}
+    for p in prompts:
+        by_length.setdefault(int(p.shape[0]), []).append(p)
+    logprob, tokens, length = 0.0, 0, 0.0
+    for group in by_length.values():
+        m = generation_metrics(student, teacher, torch.stack(group), max_new_tokens=max_new_tokens, eos=eos,
+                               batch_size=batch_size)
+        logprob += m["gen_teacher_logprob"] * m["gen_tokens"]
+        tokens += m["gen_tokens"]
+        length += m["gen_length"] * len(group)
+    mean = logprob / max(tokens, 1)
+    return {"gen_teacher_nll": -mean, "gen_length": length / max(len(prompts), 1), "gen_answers": len(prompts)}
+
+
+GATED = {"heldout_loss": 1.0, "top1_agreement": -1.0, "ece": 1.0, "gen_teacher_nll": 1.0}
 """Metrics the promotion gate compares with the champion, and the sign of "worse" (+1: higher is worse)."""
 
 

@@ -10,10 +10,11 @@ and the model lacks (missing or ``None``) fails it, everywhere: a trial whose ev
 agreement is not "passing by default" in Tune and then refused at promote.
 
 Absolute thresholds: held-out loss ≤ ``max_heldout_loss``, top-1 agreement with the teacher ≥
-``min_top1_agreement``, KL to the teacher ≤ ``max_kl_to_teacher`` (when set). Against a champion (its metrics on
-the *same* held-out set, only promote has them): no regression beyond ``max_loss_regression`` /
-``max_agreement_regression`` / ``max_ece_regression`` (when ``compare_to_champion``), and a strictly lower
-loss with ``require_better_than_champion``.
+``min_top1_agreement``, KL to the teacher ≤ ``max_kl_to_teacher`` and the teacher's NLL of the model's greedy
+answers ≤ ``max_gen_teacher_nll`` (each when set). Against a champion (its metrics on the *same* held-out set,
+only promote has them): no regression beyond ``max_loss_regression`` / ``max_agreement_regression`` /
+``max_ece_regression`` / ``max_gen_nll_regression`` (when ``compare_to_champion``; the last when set), and a
+strictly lower loss with ``require_better_than_champion``.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def check(metrics: dict, gate: GateConfig, champion: dict | None = None) -> tupl
     need("top1_agreement", lambda v: v >= gate.min_top1_agreement, f">= {gate.min_top1_agreement}")
     if gate.max_kl_to_teacher is not None:
         need("kl_to_teacher", lambda v: v <= gate.max_kl_to_teacher, f"<= {gate.max_kl_to_teacher}")
+    if gate.max_gen_teacher_nll is not None:
+        need("gen_teacher_nll", lambda v: v <= gate.max_gen_teacher_nll, f"<= {gate.max_gen_teacher_nll}")
     if champion and gate.compare_to_champion:
         passed = _against_champion(metrics, gate, champion, reasons) and passed
     if gate.require_better_than_champion and champion and champion.get("heldout_loss") is not None:
@@ -58,6 +61,8 @@ def _against_champion(metrics: dict, gate: GateConfig, champion: dict, reasons: 
     passed = True
     margins = {"heldout_loss": gate.max_loss_regression, "top1_agreement": gate.max_agreement_regression,
                "ece": gate.max_ece_regression}
+    if gate.max_gen_nll_regression is not None:
+        margins["gen_teacher_nll"] = gate.max_gen_nll_regression
     worse = regressions(metrics, champion)
     for name, margin in margins.items():
         if champion.get(name) is None:

@@ -97,6 +97,33 @@ def heldout_prompts(shards, n: int, prompt_tokens: int) -> torch.Tensor:
     return torch.cat(rows)
 
 
+def generation_prompts(shards, n: int, prompt_tokens: int) -> list[torch.Tensor]:
+    """Up to ``n`` prompts (1-D token ids) from held-out ``shards`` (read in order) for
+    :func:`tasks.evaluate.generation_scores`: in a chat shard (a loss mask), each window's text up to the first
+    assistant answer that starts inside it (the template's assistant header included: row ``j`` predicts the
+    answer's first token ``j + 1``); a window holding no answer start gives none. In a text shard, each window's
+    first ``prompt_tokens`` tokens."""
+    out: list[torch.Tensor] = []
+    for shard in shards:
+        tokens, mask = torch.as_tensor(shard.tokens).long(), getattr(shard, "mask", None)
+        for w in range(tokens.shape[0]):
+            if len(out) >= n:
+                return out
+            if mask is None:
+                out.append(tokens[w, :prompt_tokens])
+                continue
+            m = torch.as_tensor(mask[w]).bool()
+            starts = torch.nonzero(m[1:] & ~m[:-1])[:, 0] + 1  # rows where an answer begins (not the window's 0)
+            if len(starts):
+                out.append(tokens[w, : int(starts[0]) + 1])
+        if len(out) >= n:
+            break
+    if not out:
+        raise ValueError("no held-out prompts: the held-out windows hold no assistant answer start "
+                         "(corpus.heldout_fraction, corpus.seq_len)")
+    return out
+
+
 def answer_mask(answers: torch.Tensor, eos: set[int]) -> torch.Tensor:
     """``(B, N)`` bool: True on each answer's tokens up to and including its first EOS (the stop decision is part
     of the answer), False after it."""

@@ -20,9 +20,10 @@ from matplotlib.figure import Figure
 MODEL_METRICS = (("heldout_loss", "held-out loss (nats/token)"), ("perplexity", "perplexity"),
                  ("top1_agreement", "teacher top-1 agreement"), ("ece", "ECE"),
                  ("kl_to_teacher", "KL(teacher ‖ model)"), ("size_bytes", "size (MB)"),
-                 ("rss_mb", "resident MB (load + 1 forward)"), ("tokens_per_s", "tokens/s (held-out forward)"))
-"""The per-model bars of :func:`models_figure`: the keys of ``tasks.evaluate.finalize``, the file size and the
-resident memory."""
+                 ("rss_mb", "resident MB (load + 1 forward)"), ("tokens_per_s", "tokens/s (held-out forward)"),
+                 ("gen_teacher_nll", "teacher NLL of greedy answers"), ("gen_length", "greedy answer tokens"))
+"""The per-model bars of :func:`models_figure`: the keys of ``tasks.evaluate.finalize``, the file size, the
+resident memory and the generation metric (``registry.gate.gen_prompts``; a panel only when measured)."""
 
 
 @dataclass
@@ -92,8 +93,10 @@ def curves_figure(runs: list[Curves], path: Path, panels=(("loss", "training los
 def models_figure(rows: dict[str, dict], path: Path) -> Path:
     """One bar panel per :data:`MODEL_METRICS` entry, one bar per model (teacher, fp32, each quantized row)."""
     names = list(rows)
-    fig, axes = _new(4, 2, w=3.6, h=2.9)
-    for ax, (metric, title) in zip(axes, MODEL_METRICS):
+    metrics = [(m, t) for m, t in MODEL_METRICS if not m.startswith("gen_") or any(r.get(m) is not None
+                                                                                   for r in rows.values())]
+    fig, axes = _new(4, -(-len(metrics) // 4), w=3.6, h=2.9)
+    for ax, (metric, title) in zip(axes, metrics):
         values = [_number(rows[n].get(metric)) for n in names]
         if metric == "size_bytes":
             values = [None if v is None else v / 2**20 for v in values]
@@ -103,7 +106,7 @@ def models_figure(rows: dict[str, dict], path: Path) -> Path:
                         va="bottom", fontsize="x-small")
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize="small")
         ax.set_title(title, fontsize="medium")
-    for ax in axes[len(MODEL_METRICS):]:
+    for ax in axes[len(metrics):]:
         ax.axis("off")
     return _save(fig, path)
 

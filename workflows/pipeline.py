@@ -197,7 +197,8 @@ def _teacher_size_speed(cfg: PipelineConfig) -> dict:
 def _row(name: str, m: dict) -> dict:
     return {"model": name, "heldout_loss": m.get("heldout_loss"), "perplexity": m.get("perplexity"),
             "top1_agreement": m.get("top1_agreement"), "size_mb": _mb(m.get("size_bytes")),
-            "rss_mb": None if m.get("rss_mb") is None else round(m["rss_mb"], 1), "tokens_per_s": m.get("tokens_per_s")}
+            "rss_mb": None if m.get("rss_mb") is None else round(m["rss_mb"], 1), "tokens_per_s": m.get("tokens_per_s"),
+            "gen_teacher_nll": m.get("gen_teacher_nll"), "gen_length": m.get("gen_length")}
 
 
 def print_exports(exports: dict) -> None:
@@ -224,13 +225,16 @@ def _fmt(v, spec):
 
 def print_summary(summary: dict) -> None:
     print("\n=== raydistill summary (held-out split) ===")
+    gen = any(r.get("gen_teacher_nll") is not None for r in summary["rows"])  # registry.gate.gen_prompts
     header = f"{'model':<26}{'loss':>9}{'ppl':>10}{'top1 agree':>12}{'size MB':>10}{'RSS MB':>9}{'tokens/s':>10}"
+    header += f"{'gen NLL':>9}{'gen len':>9}" if gen else ""
     print(header)
     print("-" * len(header))
     for r in summary["rows"]:
         print(f"{r['model']:<26}{_fmt(r['heldout_loss'], '.3f'):>9}{_fmt(r['perplexity'], '.1f'):>10}"
               f"{_fmt(r['top1_agreement'], '.1%'):>12}{_fmt(r['size_mb'], '.1f'):>10}"
-              f"{_fmt(r.get('rss_mb'), '.1f'):>9}{_fmt(r['tokens_per_s'], '.0f'):>10}")
+              f"{_fmt(r.get('rss_mb'), '.1f'):>9}{_fmt(r['tokens_per_s'], '.0f'):>10}"
+              + (f"{_fmt(r.get('gen_teacher_nll'), '.3f'):>9}{_fmt(r.get('gen_length'), '.1f'):>9}" if gen else ""))
     if summary.get("quantization_reason"):
         print(f"\nquantization: {summary['quantization']}: {summary['quantization_reason']}")
     c = summary["cache"]

@@ -10,8 +10,11 @@ key, the first ``gate.max_windows`` windows — named by :func:`~raydistill.task
 The candidate must pass the absolute thresholds (held-out loss ≤ ``max_heldout_loss``, top-1 agreement with
 the teacher ≥ ``min_top1_agreement``, optionally KL ≤ ``max_kl_to_teacher``) **and** be no worse than the
 champion beyond ``max_loss_regression`` / ``max_agreement_regression`` / ``max_ece_regression`` (optionally
-strictly better on loss: ``require_better_than_champion``). A version's numbers on a set are cached in its tag
-``gate.eval.<digest16>``, so a champion is evaluated once per held-out set. With
+strictly better on loss: ``require_better_than_champion``). With ``gate.gen_prompts`` both are also scored on
+the teacher's NLL of their greedy answers to held-out prompts (``gen_teacher_nll``; gated by
+``max_gen_teacher_nll`` / ``max_gen_nll_regression`` when set). A version's numbers on a set are cached in its
+tag ``gate.eval.<digest16>`` (``….gen.<settings8>`` with the generation metric), so a champion is evaluated once
+per held-out set. With
 ``gate.compare_to_champion=false`` the gate reads the ``metric.int8.*`` tags ``register`` wrote instead (each
 version's own held-out split: not comparable across runs, so no champion comparison is made then).
 
@@ -27,6 +30,7 @@ current champion; ``rollback`` pops the history and says which version it restor
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 
@@ -74,18 +78,30 @@ class FrozenHeldout:
             raise DataError(f"promote: the cache at {self.cache.where} has no held-out shards to gate on; rebuild "
                             "it with corpus.heldout_fraction > 0, or set registry.gate.compare_to_champion=false")
         self.digest = heldout_digest(self._shards.entries.keys(), self.max_windows)
+        g = cfg.registry.gate
+        # the generation metric's settings name the tag too: a champion scored on other prompts is scored again
+        self.generation = (None if not g.gen_prompts else
+                           json.dumps([g.gen_prompts, g.gen_prompt_tokens, g.gen_max_tokens, cfg.teacher.source]))
+        self._scorer = None
 
     def metrics(self, client, mv) -> dict:
         """The version's metrics on this set (from its ``gate.eval.<digest16>`` tag when evaluated before)."""
         tag = f"gate.eval.{self.digest[:16]}"
+        if self.generation:
+            tag += ".gen." + hashlib.sha256(self.generation.encode()).hexdigest()[:8]
         if tag in mv.tags:
             return json.loads(mv.tags[tag])
         from raydistill.tasks.evaluate import evaluate
+        from raydistill.workflows.quantize import generation_scorer
         from raydistill.workflows.register import load_registered
 
         model, _, _ = load_registered(self.cfg.tracking_uri, tracking.model_uri(mv.name, version=mv.version))
         found = evaluate(model, self._shards, max_windows=self.max_windows)
         found = {k: found[k] for k in EVAL_KEYS}
+        if self.generation:
+            self._scorer = self._scorer or generation_scorer(self.cfg, self._shards)
+            scored = self._scorer(model)
+            found.update({k: scored[k] for k in ("gen_teacher_nll", "gen_length")})
         client.set_model_version_tag(mv.name, str(mv.version), tag, json.dumps(found, sort_keys=True))
         return found
 

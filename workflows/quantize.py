@@ -23,6 +23,7 @@ MLflow (one ``quantize`` run).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from pathlib import Path
@@ -72,12 +73,39 @@ def decode_ms_per_token(model, tokenizer, prompt: str, tokens: int) -> float | N
     return 1000 * (time.perf_counter() - t0) / max(1, len(out["token_ids"]))
 
 
-def score(cfg: PipelineConfig, model, tokenizer, shards: list, model_dir: Path) -> dict:
+def generation_scorer(cfg: PipelineConfig, shards):
+    """``student -> {"gen_teacher_nll", "gen_length", "gen_answers"}`` (a partial of
+    :func:`tasks.evaluate.generation_scores`, its ``teacher`` in ``.keywords``) on ``registry.gate.gen_prompts``
+    held-out prompts of ``shards`` (the teacher loaded once, on the CPU, here), or None when that is 0."""
+    g = cfg.registry.gate
+    if not g.gen_prompts:
+        return None
+    from raydistill.tasks.evaluate import generation_scores
+    from raydistill.tasks.generate import eos_ids
+    from raydistill.tasks.onpolicy import generation_prompts
+    from raydistill.tasks.teacher import load_teacher, load_tokenizer
+
+    try:
+        prompts = generation_prompts(shards, g.gen_prompts, g.gen_prompt_tokens)
+    except ValueError as e:
+        raise DataError(f"registry.gate.gen_prompts={g.gen_prompts}: {e}; or set registry.gate.gen_prompts=0"
+                        ) from None
+    teacher = load_teacher(cfg.teacher, "cpu")[0].requires_grad_(False)
+    eos = eos_ids(teacher, load_tokenizer(cfg.teacher))
+    return functools.partial(generation_scores, teacher=teacher, prompts=prompts, max_new_tokens=g.gen_max_tokens,
+                             eos=eos)
+
+
+def score(cfg: PipelineConfig, model, tokenizer, shards: list, model_dir: Path, generation=None) -> dict:
+    """Held-out metrics, batch-1 decode speed and size of one model; ``generation``: a
+    :func:`generation_scorer` (adds the teacher's verdict on the model's greedy answers)."""
     from raydistill.tasks.evaluate import evaluate
     from raydistill.tasks.quantize import model_file_size
 
     q = cfg.quantize
     metrics = evaluate(model, shards, max_windows=q.eval_max_windows, batch_size=q.eval_batch_size)
+    if generation is not None:
+        metrics.update(generation(model))
     metrics["decode_ms_per_token"] = decode_ms_per_token(model, tokenizer, cfg.serve.prompt, q.bench_tokens)
     metrics["size_bytes"] = model_file_size(model_dir)
     return metrics
@@ -122,7 +150,8 @@ def choose(rows: dict[str, dict]) -> tuple[str, str]:
 def build_report(cfg: PipelineConfig, fp32: dict, rows: dict, teacher: dict, student_dir: Path, out_dir: Path,
                  chosen: str, reason: str, notes: dict) -> dict:
     q = rows[chosen]
-    metrics = {k: q.get(k) for k in METRICS + ("perplexity", "top1_accuracy", "tokens") if k in q}
+    metrics = {k: q.get(k) for k in METRICS + ("perplexity", "top1_accuracy", "tokens", "gen_teacher_nll", "gen_length")
+               if k in q}
     model_dir = str(out_dir / chosen)
     return {
         "method": chosen, "reason": reason, "methods": list(rows), "torch_version": torch.__version__,
@@ -142,8 +171,10 @@ def print_report(report: dict) -> None:
     cols = ("heldout_loss", "top1_agreement", "kl_to_teacher", "tokens_per_s", "tokens_per_s_spread",
             "decode_ms_per_token", "size_bytes", "rss_mb")
     heads = ("loss", "top1 agr", "KL→T", "tok/s", "±spread", "ms/tok", "MB", "RSS MB")
-    print(f"{'':<18}" + "".join(f"{h:>10}" for h in heads) + "  gate budget")
     named = [("teacher", report["teacher"]), ("fp32", report["fp32"]), *report["candidates"].items()]
+    if any(row.get("gen_teacher_nll") is not None for _, row in named):  # registry.gate.gen_prompts
+        cols, heads = cols + ("gen_teacher_nll", "gen_length"), heads + ("gen NLL", "gen len")
+    print(f"{'':<18}" + "".join(f"{h:>10}" for h in heads) + "  gate budget")
     for name, row in named:
         cells = []
         for c in cols:
@@ -283,7 +314,8 @@ def run(cfg: PipelineConfig, action: str | None = None) -> dict:
     shards, totals = heldout_shards(cfg)
     tokenizer = AutoTokenizer.from_pretrained(student_dir)
     fp32_model = load_student(student_dir, unmerge_lora=cfg.quantize.lora == "adapter")
-    fp32 = score(cfg, fp32_model, tokenizer, shards, student_dir)
+    generation = generation_scorer(cfg, shards)
+    fp32 = score(cfg, fp32_model, tokenizer, shards, student_dir, generation)
     scored, notes, loaded = {}, {}, {}
     for method in tried:
         t0 = time.perf_counter()
@@ -291,7 +323,7 @@ def run(cfg: PipelineConfig, action: str | None = None) -> dict:
         save_quantized(model, tokenizer, out_dir / method, recipe={"source": str(student_dir), "method": method,
                                                                    "train_stage_key": train.get("key")})
         loaded[method] = load_quantized(out_dir / method)
-        scored[method] = {**score(cfg, loaded[method], tokenizer, shards, out_dir / method),
+        scored[method] = {**score(cfg, loaded[method], tokenizer, shards, out_dir / method, generation),
                           "quantize_seconds": time.perf_counter() - t0,
                           "higher_precision": (getattr(loaded[method], "_raydistill_quant", None) or {})
                           .get("higher_precision")}
@@ -303,7 +335,10 @@ def run(cfg: PipelineConfig, action: str | None = None) -> dict:
     rows = {m: candidate_row(m, {**scored[m], **measured[m]}, fp32, cfg.registry.gate, cfg.quantize.size_budget)
             for m in tried}
     chosen, reason = choose(rows)
-    report = build_report(cfg, fp32, rows, teacher_metrics(totals), student_dir, out_dir, chosen, reason, notes)
+    teacher = teacher_metrics(totals)
+    if generation is not None:  # the teacher on its own greedy answers: the floor the students are read against
+        teacher.update(generation(generation.keywords["teacher"]))
+    report = build_report(cfg, fp32, rows, teacher, student_dir, out_dir, chosen, reason, notes)
     paths = [out_dir / m for m in tried]
     if cfg.quantize.export:
         report["exports"], report["export_checks"] = export_chosen(cfg, out_dir / chosen, loaded[chosen], shards)

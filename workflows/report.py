@@ -55,10 +55,9 @@ def build_sections(cfg: PipelineConfig, records: dict, out: Path) -> list[fig.Se
     if "quantize" in records:
         rows = model_rows(cfg, records["quantize"])
         g = cfg.registry.gate
-        note = (f"Held-out split. Gate: heldout_loss <= {g.max_heldout_loss}, top1_agreement >= "
-                f"{g.min_top1_agreement}" + (f", kl_to_teacher <= {g.max_kl_to_teacher}" if g.max_kl_to_teacher
-                                             is not None else "") + ".")
-        table = [{"model": name, **{k: r.get(k) for k, _ in fig.MODEL_METRICS}} for name, r in rows.items()]
+        note = _gate_note(g)
+        keys = [k for k, _ in fig.MODEL_METRICS if not k.startswith("gen_") or g.gen_prompts]
+        table = [{"model": name, **{k: r.get(k) for k in keys}} for name, r in rows.items()]
         sections.append(fig.Section("Teacher, student and quantized students",
                                     [fig.models_figure(rows, out / "models.png")], table, note))
     tune = (records.get("tune") or {}).get("outputs")
@@ -80,6 +79,17 @@ def build_sections(cfg: PipelineConfig, records: dict, out: Path) -> list[fig.Se
         rows += [{"field": k, "value": v} for k, v in sorted((reg.get("tags") or {}).items())]
         sections.append(fig.Section(f"Lineage of {reg.get('name')} version {reg.get('version')}", rows=rows))
     return sections
+
+
+def _gate_note(g) -> str:
+    checks = [f"heldout_loss <= {g.max_heldout_loss}", f"top1_agreement >= {g.min_top1_agreement}"]
+    checks += [f"{k} <= {v}" for k, v in (("kl_to_teacher", g.max_kl_to_teacher),
+                                          ("gen_teacher_nll", g.max_gen_teacher_nll)) if v is not None]
+    note = "Held-out split. Gate: " + ", ".join(checks) + "."
+    if g.gen_prompts:
+        note += (f" Generation: the teacher's NLL of each model's greedy answers (at most {g.gen_max_tokens} "
+                 f"tokens) to {g.gen_prompts} held-out prompts, and their length.")
+    return note
 
 
 def model_rows(cfg: PipelineConfig, quantize: dict) -> dict[str, dict]:

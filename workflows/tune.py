@@ -13,6 +13,7 @@ goes to ``<run_dir>/tune/best.json`` with every trial; ``pipeline`` trains the f
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import ray
@@ -161,7 +162,10 @@ def choose_best(trials: list[dict], gate) -> tuple[dict | None, str]:
 def gate_violations(metrics: dict, gate) -> list[str]:
     """The gate's absolute checks ``metrics`` fail, a missing metric included
     (:func:`raydistill.tasks.gate.violations`: promotion judges with the same function, so the best trial is one
-    promotion would accept on the same numbers; the champion comparison is promote's)."""
+    promotion would accept on the same numbers; the champion comparison is promote's). The generation check
+    (``max_gen_teacher_nll``) is left to quantize and promote: trials do not score the gate's prompts."""
+    if gate.max_gen_teacher_nll is not None:
+        gate = dataclasses.replace(gate, max_gen_teacher_nll=None)
     return violations(metrics, gate)
 
 

@@ -194,6 +194,32 @@ def test_promote_gate_then_rollback(cfg, registered):
         promote.run(load_config("tiny", [f"run_dir={cfg.run_dir}", "registry.promote_version=99"]))
 
 
+def test_the_generation_metric_reaches_the_quantize_report_the_versions_tags_and_the_gate(cfg, registered):
+    """registry.gate.gen_prompts: quantize scores every model's greedy answers by the teacher, register tags the
+    chosen one's, and promote scores the candidate and the champion on the same prompts and gates on it."""
+    over = [f"run_dir={cfg.run_dir}", f"cache.dir={cfg.cache_dir}", "registry.gate.gen_prompts=3",
+            "registry.gate.gen_max_tokens=4", "quantize.methods=[int8_weight_only]", "quantize.export=false"]
+    gcfg = load_config("tiny", over)
+    report = quantize.run(gcfg, None)
+    for row in (report["teacher"], report["fp32"], report["candidates"]["int8_weight_only"]):
+        assert row["gen_teacher_nll"] > 0 and 0 <= row["gen_length"] <= 4 and row["gen_answers"] == 3, row
+    v = register.run(gcfg, None)["version"]
+    client, name = tracking.client(cfg), cfg.registry.model_name
+    nll = float(client.get_model_version(name, str(v)).tags["metric.int8.gen_teacher_nll"])
+    assert nll == pytest.approx(report["int8"]["gen_teacher_nll"])
+
+    strict = load_config("tiny", over + [f"registry.promote_version={v}", f"registry.gate.max_gen_teacher_nll={nll / 2}"])
+    failed = promote.run(strict, None)
+    assert not failed["promoted"] and "gen_teacher_nll" in failed["reason"], failed
+    assert failed["candidate"]["gen_teacher_nll"] == pytest.approx(nll, rel=1e-4)  # the same prompts as quantize
+    assert failed["champion"]["gen_teacher_nll"] > 0  # the champion, registered without it, scored now
+    lenient = load_config("tiny", over + [f"registry.promote_version={v}", "registry.gate.max_gen_teacher_nll=1000",
+                                          "registry.gate.max_gen_nll_regression=1000"])
+    done = promote.run(lenient, None)
+    assert done["promoted"], done
+    assert any(r.startswith("gen_teacher_nll") and "champion" in r for r in done["reasons"]), done["reasons"]
+
+
 def test_a_lora_student_registers_and_loads_as_quantized_base_plus_adapter(tiny_cached, tmp_path):
     """``quantize.lora: adapter``: the version holds the int4 base and the float32 LoRA adapter in one directory;
     the registry loader and the logged pyfunc rebuild both and give the quantize stage's logits."""

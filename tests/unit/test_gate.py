@@ -5,7 +5,7 @@ import itertools
 
 import pytest
 
-from raydistill.tasks.config import GateConfig
+from raydistill.tasks.config import ConfigError, GateConfig
 from raydistill.tasks.gate import check, violations
 from raydistill.workflows import promote
 from raydistill.workflows import tune as tune_mod  # imports ray.tune, starts nothing
@@ -58,3 +58,22 @@ def test_violations_are_the_failed_reasons_without_the_prefix():
     gate = GateConfig(max_heldout_loss=4.0)
     assert violations({"heldout_loss": 3.0, "top1_agreement": 0.5}, gate) == []
     assert violations({"heldout_loss": 9.0, "top1_agreement": 0.5}, gate) == ["heldout_loss 9 not <= 4.0"]
+
+
+def test_the_generation_metric_is_gated_at_quantize_and_promote_and_needs_its_prompts():
+    gate = GateConfig(gen_prompts=8, max_gen_teacher_nll=3.0, max_gen_nll_regression=0.1)
+    good = {"heldout_loss": 3.0, "top1_agreement": 0.5, "gen_teacher_nll": 2.5}
+    assert check(good, gate)[0] and "gen_teacher_nll 2.5 <= 3.0" in check(good, gate)[1]
+    assert violations({**good, "gen_teacher_nll": 3.5}, gate) == ["gen_teacher_nll 3.5 not <= 3.0"]
+    assert violations({k: v for k, v in good.items() if k != "gen_teacher_nll"}, gate) == [
+        "gen_teacher_nll missing from the version's metrics"]
+    champion = {**good, "gen_teacher_nll": 2.0}
+    passed, reasons = check(good, gate, champion)
+    assert not passed and any(r.startswith("FAILED: gen_teacher_nll 2.5 is worse than the champion's 2")
+                              for r in reasons)
+    assert check(good, gate, {**good, "gen_teacher_nll": 2.45})[0]  # within the 0.1 margin
+    assert check(good, GateConfig(), champion)[0]  # not compared unless asked
+    # Tune's trials do not score the gate's prompts: the generation check is quantize's and promote's
+    assert tune_mod.gate_violations({"heldout_loss": 3.0, "top1_agreement": 0.5}, gate) == []
+    with pytest.raises(ConfigError, match="registry.gate.gen_prompts=8, or max_gen_teacher_nll=null"):
+        GateConfig(max_gen_teacher_nll=3.0)

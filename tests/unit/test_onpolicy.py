@@ -142,3 +142,41 @@ def test_on_policy_settings_are_checked_before_any_stage_runs():
     with pytest.raises(ConfigError, match=r"fraction must be in \[0, 1\]"):
         load_config("tiny", ["train.on_policy.fraction=1.5"])
     assert load_config("tiny", ["train.on_policy.prompt_tokens=64"]).train.on_policy.fraction == 0  # off: unchecked
+
+
+def test_generation_prompts_end_where_an_answer_starts_in_a_chat_window_and_are_prefixes_in_text():
+    from types import SimpleNamespace
+
+    from raydistill.tasks.onpolicy import generation_prompts
+
+    tokens = torch.arange(40).reshape(4, 10)
+    mask = torch.zeros(4, 10, dtype=torch.bool)
+    mask[0, 3:6] = True   # row 3 predicts token 4: the prompt is tokens 0..3
+    mask[1, :2] = True    # starts mid-answer (row 0): the next answer, at row 7, gives the prompt
+    mask[1, 7:9] = True
+    # window 2: no answer at all; window 3: an answer only at row 0 (the window starts inside it): no prompt
+    mask[3, 0] = True
+    chat = [SimpleNamespace(tokens=tokens[:2], mask=mask[:2]), SimpleNamespace(tokens=tokens[2:], mask=mask[2:])]
+    got = generation_prompts(chat, 5, prompt_tokens=4)
+    assert [p.tolist() for p in got] == [[0, 1, 2, 3], list(range(10, 18))]
+    assert [p.tolist() for p in generation_prompts(chat, 1, prompt_tokens=4)] == [[0, 1, 2, 3]]
+    text = [SimpleNamespace(tokens=tokens)]
+    assert [p.tolist() for p in generation_prompts(text, 3, prompt_tokens=4)] == [[0, 1, 2, 3], [10, 11, 12, 13],
+                                                                                  [20, 21, 22, 23]]
+    with pytest.raises(ValueError, match="no assistant answer start"):
+        generation_prompts([SimpleNamespace(tokens=tokens[2:], mask=mask[2:])], 3, prompt_tokens=4)
+
+
+def test_generation_scores_over_prompts_of_two_lengths_weigh_every_answer_token_once(teacher, windows):
+    from raydistill.tasks.evaluate import generation_scores
+
+    student = _fresh_student(teacher.config.vocab_size).eval()
+    heldout = windows[1]
+    short, long = heldout[:3, :5], heldout[3:7, :9]
+    metric = dict(max_new_tokens=6, eos=set())  # no EOS: every answer 6 tokens
+    a, b = (generation_metrics(student, teacher, p, **metric) for p in (short, long))
+    mixed = generation_scores(student, teacher, [*short, *long], **metric)
+    assert a["gen_tokens"] == 18 and b["gen_tokens"] == 24
+    expected = (a["gen_teacher_nll"] * 18 + b["gen_teacher_nll"] * 24) / 42
+    assert mixed["gen_teacher_nll"] == pytest.approx(expected, rel=1e-5)
+    assert mixed["gen_length"] == 6 and mixed["gen_answers"] == 7

@@ -48,3 +48,12 @@ def test_the_page_embeds_every_figure_and_needs_no_network_or_javascript(tmp_pat
     assert base64.b64decode(srcs[0].split(",", 1)[1]) == png.read_bytes()
     assert "<script" not in page.lower() and "http://" not in page and "https://" not in page
     assert "run &lt;1&gt;" in page and "&lt;b&gt;" in page and "0.123" in page  # escaped, numbers shortened
+
+
+def test_the_models_figure_adds_the_generation_panels_only_when_measured(tmp_path):
+    plain = {"student fp32": {"heldout_loss": 7.0, "top1_agreement": 0.2}}
+    scored = {"teacher": {"heldout_loss": 5.0, "gen_teacher_nll": 1.2, "gen_length": 30.0},
+              "student fp32": {"heldout_loss": 7.0, "gen_teacher_nll": 3.4, "gen_length": 12.0}}
+    w, h = _png_size(fig.models_figure(plain, tmp_path / "plain.png"))
+    w2, h2 = _png_size(fig.models_figure(scored, tmp_path / "scored.png"))
+    assert w2 == w and h2 > 1.4 * h  # 8 panels on 2 rows, 10 on 3
