@@ -35,15 +35,18 @@ Metrics (the shared held-out conversations): ``heldout_loss`` (CE on the referen
 ``top1_agreement`` with the teacher, ``ece``, ``kl_to_teacher`` (exact teacher distribution), via
 :func:`tasks.evaluate.evaluate`; and the generation metric :func:`tasks.evaluate.generation_metrics` on the
 held-out prompts (the conversation up to the first assistant token): ``gen_teacher_nll`` (the teacher's mean
-per-token NLL of the student's greedy answer, averaged over prompts) and ``gen_length``; ``wall_s`` (the
-training loop; the on-policy row's includes its sampling and teacher forwards).
+per-token NLL of the student's greedy answer, averaged over prompts), ``gen_length``, ``gen_distinct_2``
+(distinct bigrams ÷ bigrams per answer: a looping answer can be one the teacher finds very likely) and
+``gen_example`` (the first held-out answer, as text); ``wall_s`` (the training loop; the on-policy row's
+includes its sampling and teacher forwards).
 
 Cache (``cache``): the training conversations cached twice through the cache stage's own encoder and commit
 (:func:`tasks.cache.encode.encode_shard`, :func:`tasks.cache.shards.commit_shard`, ``sampled``): masked vs
 unmasked — shard bytes, teacher forwards, stored target rows, against the assistant tokens.
 
 Prints one JSON object ``{"rows": [...], "init", "teacher", "cache", "checks", "setup"}``. ``checks``: every KD
-row beats CE-only on held-out loss (and, separately, on agreement), the winner by held-out loss and by
+row beats CE-only on held-out loss (and, separately, on agreement; and each KD row beats the CE row trained on
+its own data: ``seq_kd*`` vs ``seq_ce``), the winner by held-out loss and by
 ``gen_teacher_nll``, whether the on-policy phase lowers ``gen_teacher_nll``, whether the masked cache stores
 targets only for assistant tokens and costs fewer bytes. Checks are computed from the measured numbers (null
 when a row they need was not run); a failed check is reported, never raised. docs/benchmarks.md has the
@@ -86,7 +89,9 @@ METHODS = ("ce", "masked_kd", "unmasked_kd", "seq_ce", "seq_kd", "seq_kd_onpolic
 KD_METHODS = ("masked_kd", "unmasked_kd", "seq_kd", "seq_kd_onpolicy")
 DATA = {"ce": "reference", "masked_kd": "reference", "unmasked_kd": "unmasked", "seq_ce": "teacher",
         "seq_kd": "teacher", "seq_kd_onpolicy": "teacher"}  # which training windows (and cache) each row uses
-METRICS = ("heldout_loss", "top1_agreement", "ece", "kl_to_teacher", "gen_teacher_nll", "gen_length")
+METRICS = ("heldout_loss", "top1_agreement", "ece", "kl_to_teacher", "gen_teacher_nll", "gen_length",
+           "gen_distinct_2")
+OWN_CE = {"masked_kd": "ce", "unmasked_kd": "ce", "seq_kd": "seq_ce", "seq_kd_onpolicy": "seq_ce"}
 CONTINUE = INSTRUCTIONS[1]  # "Continue this speech by {speaker} from {play} …": the one with a real reference
 WARMUP_FRACTION = 5 / 60  # kd_quality's schedule
 
@@ -237,13 +242,27 @@ def heldout_item(teacher, tokens, mask, batch: int):
                            targets=lambda sl: CachedTargets("full", 1.0, None, logprobs[sl].float(), vocab_size=V))
 
 
-def generation(model, teacher, prompts: list[torch.Tensor], args, eos: set[int]) -> dict:
+def distinct_bigrams(answer: list[int]) -> float:
+    """Distinct token bigrams ÷ bigrams of one answer (1: no bigram repeats; near 0: a loop)."""
+    pairs = list(zip(answer, answer[1:]))
+    return len(set(pairs)) / len(pairs) if pairs else 1.0
+
+
+def generation(model, teacher, prompts: list[torch.Tensor], args, eos: set[int], tokenizer) -> dict:
     """:func:`generation_metrics` per held-out prompt (one at a time: prompts differ in length and the sampler
-    takes no padding), averaged over prompts."""
+    takes no padding), averaged over prompts; and, from the same greedy answers, ``gen_distinct_2`` (the mean
+    :func:`distinct_bigrams`: a low teacher NLL can come from a loop the teacher finds predictable) and the first
+    prompt's answer as text (``gen_example``)."""
     per = [generation_metrics(model, teacher, p[None], max_new_tokens=args.gen_tokens, eos=eos, batch_size=1)
            for p in prompts]
+    answers = []
+    for p in prompts:
+        a = sample(causal_lm(model), p[None], args.gen_tokens, temperature=0.0)
+        answers.append(a[0][answer_mask(a, eos)[0]].tolist())
     return {"gen_teacher_nll": sum(m["gen_teacher_nll"] for m in per) / len(per),
-            "gen_length": sum(m["gen_length"] for m in per) / len(per)}
+            "gen_length": sum(m["gen_length"] for m in per) / len(per),
+            "gen_distinct_2": sum(map(distinct_bigrams, answers)) / len(answers),
+            "gen_example": tokenizer.decode(answers[0])}
 
 
 def on_policy_batch(engine, prompts: list[torch.Tensor], op: OnPolicy, tc: TrainConfig, step: int,
@@ -270,7 +289,8 @@ def on_policy_batch(engine, prompts: list[torch.Tensor], op: OnPolicy, tc: Train
 
 
 def _round(m: dict) -> dict:
-    return {k: None if m.get(k) is None else round(m[k], 4) + 0.0 for k in METRICS}
+    return {**{k: None if m.get(k) is None else round(m[k], 4) + 0.0 for k in METRICS},
+            "gen_example": m.get("gen_example")}
 
 
 def _checks(measured: dict, cache: dict) -> dict:
@@ -284,6 +304,9 @@ def _checks(measured: dict, cache: dict) -> dict:
                               for k in kd}
         checks["every_kd_beats_ce"] = all(v["heldout_loss"] for v in checks["beats_ce"].values())
         checks["every_kd_beats_ce_agreement"] = all(v["top1_agreement"] for v in checks["beats_ce"].values())
+    own = {k: c for k, c in OWN_CE.items() if k in measured and c in measured}
+    checks["every_kd_beats_its_data_ce"] = None if not own else all(
+        measured[k]["heldout_loss"] < measured[c]["heldout_loss"] for k, c in own.items())
     if measured:
         checks["winner_heldout_loss"] = min(measured, key=lambda k: measured[k]["heldout_loss"])
         checks["winner_gen_teacher_nll"] = min(measured, key=lambda k: measured[k]["gen_teacher_nll"])
@@ -395,7 +418,7 @@ def main(argv=None) -> dict:
 
     def measure(model) -> dict:
         return {**evaluate(model, [heldout], batch_size=args.micro_batch),
-                **generation(model, teacher, held_prompts, args, eos)}
+                **generation(model, teacher, held_prompts, args, eos, tokenizer)}
 
     init, teacher_m = measure(init_student), measure(teacher)
     del init_student
