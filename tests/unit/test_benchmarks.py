@@ -40,6 +40,47 @@ def test_kd_quality_rows_and_checks_follow_the_measurements(capsys):
         assert out["checks"]["every_kd_beats_ce"] == beats  # (a tie after rounding says nothing either way)
 
 
+def test_chat_quality_compares_the_six_rows_and_the_masked_cache_stores_only_assistant_rows(capsys):
+    cq = _load("chat_quality")
+    out = cq.main(["--teacher", "tiny", "--layers", "0", "--prompts", "12", "--heldout-every", "4",
+                   "--heldout-prompts", "3", "--prompt-lines", "2", "--answer-lines", "2", "--seq-len", "128",
+                   "--steps", "3", "--on-policy-steps", "1", "--answer-tokens", "8", "--gen-tokens", "4",
+                   "--threads", "1"])
+    assert json.loads(capsys.readouterr().out) == out
+    assert [r["method"] for r in out["rows"]] == list(cq.METHODS)
+    rows = {r["method"]: r for r in out["rows"]}
+    for r in rows.values():
+        assert None not in (r["heldout_loss"], r["top1_agreement"], r["ece"], r["gen_teacher_nll"])
+        assert 0 <= r["gen_length"] <= 4 and 0 < r["gen_distinct_2"] <= 1 and r["wall_s"] > 0
+        assert isinstance(r["gen_example"], str)
+    cache = out["cache"]
+    masked, unmasked = cache["masked"], cache["unmasked"]
+    assert cache["same_windows"] and masked["windows"] == unmasked["windows"]  # the same conversations
+    assert masked["teacher_forwards"] == unmasked["teacher_forwards"] == -(-masked["windows"] // 4)  # batches of 4
+    # one target row per assistant token, none for the system or user tokens
+    assert masked["stored_rows"] == cache["assistant_tokens"] > 0 and out["checks"]["masked_stores_assistant_rows_only"]
+    assert unmasked["stored_rows"] == cache["conversation_tokens"] > masked["stored_rows"]
+    assert masked["bytes"] < unmasked["bytes"] and out["checks"]["masked_fewer_bytes"]
+    checks, ce = out["checks"], rows["ce"]["heldout_loss"]
+    assert checks["winner_heldout_loss"] in rows and checks["winner_gen_teacher_nll"] in rows
+    kd = [rows[m] for m in cq.KD_METHODS]
+    if all(r["heldout_loss"] != ce for r in kd):  # (a tie after rounding says nothing either way)
+        assert checks["every_kd_beats_ce"] == all(r["heldout_loss"] < ce for r in kd)
+    on, off = rows["seq_kd_onpolicy"]["gen_teacher_nll"], rows["seq_kd"]["gen_teacher_nll"]
+    if on != off:
+        assert checks["on_policy_helps"] == (on < off)
+    assert out["setup"]["heldout_conversations"] == 3 and out["setup"]["train_conversations"] == 9
+
+
+def test_chat_quality_rejects_bad_input():
+    cq = _load("chat_quality")
+    with pytest.raises(SystemExit, match="--on-policy-steps must be < --steps"):
+        cq.parse_args(["--steps", "4", "--on-policy-steps", "4"])
+    with pytest.raises(SystemExit, match="--heldout-every must be >= 2"):
+        cq.parse_args(["--heldout-every", "1"])
+    assert cq.parse_args(["--steps", "40"]).on_policy_steps == 10
+
+
 def test_kd_quality_rejects_bad_input():
     kdq = _load("kd_quality")
     with pytest.raises(SystemExit, match="--steps must be >= 1"):
