@@ -241,4 +241,5 @@ def run(cfg: PipelineConfig, action: str | None = None) -> dict:
 
 
 def _fmt(m: dict) -> str:
-    return ", ".join(f"{k} {m[k]:.4g}" for k in ("heldout_loss", "top1_agreement", "ece") if m.get(k) is not None)
+    return ", ".join(f"{k} {m[k]:.4g}" for k in ("heldout_loss", "top1_agreement", "ece", "gen_teacher_nll")
+                     if m.get(k) is not None)
