@@ -264,7 +264,8 @@ class OnPolicyConfig:
     start_step: int = 0
     """Steps trained off-policy first (the warm start); on-policy steps come only after it."""
     prompt_tokens: int = 16
-    """Prompt length: the first tokens of each train window (must be shorter than ``corpus.seq_len``)."""
+    """Prompt length: the first tokens of each train window, or in a chat window the tokens just before its
+    first answer (must be shorter than ``corpus.seq_len``)."""
     max_new_tokens: int = 16
     """Tokens the student samples per prompt (always this many, EOS or not: under ZeRO-3 every rank must run the
     same forwards; tokens after an EOS carry no loss)."""
@@ -274,8 +275,9 @@ class OnPolicyConfig:
     top_p: float = 1.0
     """Nucleus of the student's samples (1: all tokens)."""
     eval_prompts: int = 8
-    """Held-out window prefixes on which each report measures the teacher's per-token log-likelihood of the
-    student's greedy answers (``gen_teacher_nll``, ``gen_length``); 0 = not measured."""
+    """Held-out prompts on which each report measures the teacher's per-token NLL of the student's greedy
+    answers (``gen_teacher_nll``, ``gen_length``): the first ``prompt_tokens`` tokens of held-out windows, or with
+    a chat corpus each held-out conversation up to its first answer; 0 = not measured."""
 
     def __post_init__(self):
         if not 0.0 <= self.fraction <= 1.0:

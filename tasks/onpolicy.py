@@ -5,7 +5,8 @@
 ``train.on_policy.fraction`` λ of the optimizer steps after ``start_step`` are on-policy (:func:`is_on_policy`:
 spread evenly, the same steps on every rank, decided by the step number alone, so a resumed run takes the same
 ones). On such a step each micro-batch of cached windows still comes from the stream (the data position moves as
-on any step), but only its first ``prompt_tokens`` tokens are used: the student samples ``max_new_tokens``
+on any step), but only ``prompt_tokens`` of its tokens are used (:func:`window_prompts`: the first ones, or in a
+chat window the ones just before its first answer): the student samples ``max_new_tokens``
 tokens after them (:func:`sample`, KV-cached, always exactly that many forwards: under ZeRO-3 each is a
 collective every rank must join), the teacher runs once over prompt + sample for its distribution at T
 (:func:`tasks.online.teacher_outputs`), and :func:`on_policy_batch` returns a batch whose labels are the sampled
@@ -82,21 +83,6 @@ def sample(model: torch.nn.Module, prompts: torch.Tensor, new_tokens: int, *, te
         model.train(was_training)
 
 
-def heldout_prompts(shards, n: int, prompt_tokens: int) -> torch.Tensor:
-    """``(n', P)``: the first ``prompt_tokens`` tokens of the first ``n`` windows of ``shards`` (read shards, in
-    order; fewer when they hold fewer windows) — prompts for :func:`tasks.evaluate.generation_metrics`."""
-    rows, have = [], 0
-    for shard in shards:
-        tokens = torch.as_tensor(shard.tokens[: n - have, :prompt_tokens]).long()
-        rows.append(tokens)
-        have += tokens.shape[0]
-        if have >= n:
-            break
-    if not have:
-        raise ValueError("no held-out windows to take prompts from (corpus.heldout_fraction)")
-    return torch.cat(rows)
-
-
 def generation_prompts(shards, n: int, prompt_tokens: int) -> list[torch.Tensor]:
     """Up to ``n`` prompts (1-D token ids) from held-out ``shards`` (read in order) for
     :func:`tasks.evaluate.generation_scores`: in a chat shard (a loss mask), each window's text up to the first
@@ -154,15 +140,36 @@ class OnPolicy:
         return dataclasses.replace(tc, alpha=0.0)
 
 
+def window_prompts(input_ids: torch.Tensor, labels: torch.Tensor, P: int) -> torch.Tensor:
+    """``(B, P)`` prompts of an on-policy micro-batch: a text window's first ``P`` tokens; a chat window's (its
+    labels ``-100`` outside the answers) ``P`` tokens that end where its first answer begins whose start leaves
+    room for them (the tail of the conversation so far, the template's assistant header last), so the student
+    samples an answer, not a continuation of the system prompt; its first ``P`` tokens when no answer starts
+    that late. One shape for every row and rank (ZeRO-3's collective forwards)."""
+    prompts = input_ids[:, :P].clone()
+    answer = labels != -100
+    if bool(answer.all()):
+        return prompts
+    starts = answer[:, 1:] & ~answer[:, :-1]  # [w, j - 1]: label row j (input j, predicting j + 1) starts an answer
+    for w in range(input_ids.shape[0]):
+        js = torch.nonzero(starts[w])[:, 0] + 1
+        js = js[js + 1 >= P]
+        if len(js):
+            j = int(js[0])
+            prompts[w] = input_ids[w, j + 1 - P: j + 1]
+    return prompts
+
+
 def on_policy_batch(student: torch.nn.Module, batch: Batch, op: OnPolicy, tc: TrainConfig, step: int,
                     micro: int) -> Batch:
-    """The on-policy version of a cached micro-batch (module doc): prompt = its first ``prompt_tokens`` tokens,
-    the student's sample after it, labels only on the sample, targets the teacher's distribution at T."""
+    """The on-policy version of a cached micro-batch (module doc): prompts of ``prompt_tokens`` tokens
+    (:func:`window_prompts`: a chat window's end where its answer begins), the student's sample after them,
+    labels only on the sample, targets the teacher's distribution at T."""
     P, N = op.opc.prompt_tokens, op.opc.max_new_tokens
     if batch.input_ids.shape[1] <= P:
         raise ValueError(f"train.on_policy.prompt_tokens={P} leaves nothing of windows of "
                          f"{batch.input_ids.shape[1]} tokens; use fewer prompt tokens or a longer corpus.seq_len")
-    prompts = batch.input_ids[:, :P]
+    prompts = window_prompts(batch.input_ids, batch.labels, P)
     answers = sample(causal_lm(student), prompts, N, temperature=op.opc.temperature, top_p=op.opc.top_p,
                      generator=generator(op.seed, step, op.rank, micro))
     x = torch.cat([prompts, answers], dim=1)

@@ -300,7 +300,7 @@ def _on_policy(cfg: PipelineConfig, online, cache, device, rank: int) -> tuple:
     is the online one, or loaded here once (frozen, outside DeepSpeed); the prompts, the same on every rank, are
     the first ``eval_prompts`` held-out windows' prefixes (``None`` when 0)."""
     from raydistill.tasks.generate import eos_ids
-    from raydistill.tasks.onpolicy import OnPolicy, heldout_prompts
+    from raydistill.tasks.onpolicy import OnPolicy, generation_prompts
     from raydistill.tasks.teacher import load_teacher, load_tokenizer
 
     opc = cfg.train.on_policy
@@ -310,14 +310,15 @@ def _on_policy(cfg: PipelineConfig, online, cache, device, rank: int) -> tuple:
     op = OnPolicy(teacher, opc, eos_ids(teacher, load_tokenizer(cfg.teacher)), cfg.train.seed, rank)
     if not opc.eval_prompts:
         return op, None
-    return op, (op, heldout_prompts(heldout_shards(cache), opc.eval_prompts, opc.prompt_tokens).to(device))
+    prompts = generation_prompts(heldout_shards(cache), opc.eval_prompts, opc.prompt_tokens)
+    return op, (op, [p.to(device) for p in prompts])
 
 
-def _generation_metrics(engine, op, prompts) -> dict:
-    from raydistill.tasks.evaluate import generation_metrics
+def _generation_metrics(engine, op, prompts: list) -> dict:
+    from raydistill.tasks.evaluate import generation_scores
 
-    return generation_metrics(engine, op.teacher, prompts, max_new_tokens=op.opc.max_new_tokens, eos=op.eos,
-                              batch_size=prompts.shape[0])
+    return generation_scores(engine, op.teacher, prompts, max_new_tokens=op.opc.max_new_tokens, eos=op.eos,
+                             batch_size=len(prompts))
 
 
 def train_fn_per_worker(config: dict) -> None:

@@ -180,3 +180,34 @@ def test_generation_scores_over_prompts_of_two_lengths_weigh_every_answer_token_
     expected = (a["gen_teacher_nll"] * 18 + b["gen_teacher_nll"] * 24) / 42
     assert mixed["gen_teacher_nll"] == pytest.approx(expected, rel=1e-5)
     assert mixed["gen_length"] == 6 and mixed["gen_answers"] == 7
+
+
+def test_a_chat_windows_on_policy_prompt_ends_where_its_answer_begins_and_a_text_windows_is_its_start():
+    from raydistill.tasks.onpolicy import window_prompts
+
+    ids = torch.arange(100, 130).reshape(3, 10)
+    labels = ids.clone()
+    assert window_prompts(ids, labels, 4).tolist() == ids[:, :4].tolist()  # text: every label carries loss
+    labels[:] = -100
+    labels[0, 6:8] = 1   # answer starts at label row 6 (predicting input token 7): prompt = inputs 3..6
+    labels[1, 1:3] = 1   # too early for 4 tokens of prompt ...
+    labels[1, 5:9] = 1   # ... the next answer start, row 5, fits: inputs 2..5
+    labels[2, 2:4] = 1   # only an early answer: the window's first tokens
+    got = window_prompts(ids, labels, 4)
+    assert got.tolist() == [[103, 104, 105, 106], [112, 113, 114, 115], [120, 121, 122, 123]]
+
+
+def test_on_policy_steps_on_chat_windows_sample_answers_after_the_assistant_header(teacher):
+    """The micro-batch a chat window gives: its prompt is the conversation's tail up to the answer, and the labels
+    are the student's sample only."""
+    from raydistill.tasks.onpolicy import OnPolicy, on_policy_batch
+
+    ids = torch.randint(3, 200, (2, 24))
+    labels = torch.full_like(ids, -100)
+    labels[:, 12:20] = ids[:, 13:21]  # the answer: label rows 12.. (input 13 onwards)
+    opc = OnPolicyConfig(fraction=1.0, prompt_tokens=6, max_new_tokens=5, temperature=0.0)
+    tc = TrainConfig(alpha=0.0, loss="reverse_kl")
+    student = _fresh_student(teacher.config.vocab_size).eval()
+    out = on_policy_batch(student, Batch(ids, labels, None), OnPolicy(teacher, opc, set()), tc, step=1, micro=0)
+    assert out.input_ids[:, :6].tolist() == ids[:, 7:13].tolist()  # inputs 7..12, the last before the answer
+    assert (out.labels[:, :5] == -100).all() and (out.labels[:, 5:] != -100).all()
