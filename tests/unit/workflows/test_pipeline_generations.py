@@ -31,7 +31,7 @@ def test_the_summary_table_shows_the_generation_metric_only_when_it_was_measured
     base = {"heldout_loss": 5.0, "perplexity": 148.4, "top1_agreement": 0.3, "size_bytes": 2**20, "tokens_per_s": 99.0}
     summary = {"rows": [_row("teacher", base), _row("student fp32", base)], "cache": {
         "shards_total": 1, "tokens": 10, "bytes_per_token": 35.0, "teacher_forwards": 0}, "promoted": True,
-        "model": "models:/x/1", "promotion_reason": "gate passed", "run_dir": "r", "mlflow_tracking_uri": "sqlite:///m",
+        "model": "x version 1", "promotion_reason": "gate passed", "run_dir": "r", "mlflow_tracking_uri": "sqlite:///m",
         "stage_seconds": {}}
     print_summary(summary)
     assert "gen NLL" not in capsys.readouterr().out
