@@ -84,6 +84,7 @@ VERBS: dict[str, Verb] = {
     "promote": Verb(
         "raydistill.workflows.promote", "move @champion to a model version if it passes the quality gate",
         reads=("registry.model_name", "registry.gate", "registry.promote_version", "registry.tracking_uri"),
+        uses=("teacher",),  # registry.gate.gen_prompts: the teacher scores the candidate's and champion's answers
         actions=("run", "rollback")),  # rollback: @champion back to the champion before it (no gate)
     "lineage": Verb(
         "raydistill.workflows.lineage", "print a model version's lineage: runs, cache shards, corpus, teacher, code",
