@@ -61,17 +61,20 @@ import json
 import sys
 import tempfile
 import time
-from types import SimpleNamespace
+from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark, when loaded by path
+import kd_quality  # noqa: E402
 
 from raydistill.tasks.answers import answer_batch
 from raydistill.tasks.cache.encode import encode_shard
 from raydistill.tasks.cache.formats import get_format, sampled
 from raydistill.tasks.cache.masked import expand
 from raydistill.tasks.cache.shards import commit_shard
-from raydistill.tasks.cache.targets import CachedTargets, at_temperature, cat_targets, restrict_vocab
+from raydistill.tasks.cache.targets import at_temperature, cat_targets, restrict_vocab
 from raydistill.tasks.chat import ASSISTANT, chat_template, masked_stream, prompt_text, windows
 from raydistill.tasks.config import (CacheConfig, ConfigError, CorpusConfig, GenerateConfig, OnPolicyConfig,
                                      StudentConfig, TeacherConfig, TrainConfig)
@@ -225,21 +228,6 @@ def cache_targets(teacher, tokens, mask, params, args, label: str, vocab: int, d
     return targets, {"bytes": int(entry["bytes"]), "teacher_forwards": int(forwards),
                      "stored_rows": int(entry["tokens"]), "windows": int(tokens.shape[0]),
                      "seconds": round(time.perf_counter() - t0, 1)}
-
-
-def heldout_item(teacher, tokens, mask, batch: int):
-    """A shard-like held-out item for :func:`evaluate`: tokens, the chat mask, the teacher's argmax and its exact
-    distribution (float16 log-probs, decoded per slice)."""
-    logprobs, top1 = [], []
-    with torch.inference_mode():
-        for a in range(0, tokens.shape[0], batch):
-            logits = teacher(input_ids=tokens[a:a + batch, :-1], use_cache=False).logits.float()
-            top1.append(logits.argmax(-1))
-            logprobs.append(torch.log_softmax(logits, dim=-1).half())
-    logprobs = torch.cat(logprobs)
-    V = logprobs.shape[-1]
-    return SimpleNamespace(tokens=tokens, mask=mask, teacher_top1=torch.cat(top1),
-                           targets=lambda sl: CachedTargets("full", 1.0, None, logprobs[sl].float(), vocab_size=V))
 
 
 def distinct_bigrams(answer: list[int]) -> float:
@@ -414,7 +402,7 @@ def main(argv=None) -> dict:
          + (f"teacher answers {windows_of['teacher'][0].shape[0]}; " if answers else "")
          + f"cache masked {cache['masked']['bytes']} B vs unmasked {cache['unmasked']['bytes']} B")
     held_tokens, held_mask = pack(held, tokenizer, L, "all")
-    heldout = heldout_item(teacher, held_tokens, held_mask, args.micro_batch)
+    heldout = kd_quality.heldout_item(teacher, held_tokens, args.micro_batch, held_mask)
 
     def measure(model) -> dict:
         return {**evaluate(model, [heldout], batch_size=args.micro_batch),

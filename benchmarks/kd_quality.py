@@ -221,9 +221,10 @@ def _encode_cached(teacher, train: torch.Tensor, used: int, args, vocab_size: in
     return out
 
 
-def _heldout(teacher, held: torch.Tensor, batch: int):
-    """A shard-like held-out item for :func:`evaluate`: tokens, the teacher's argmax and its exact distribution
-    (float16 log-probs at T=1, as a ``full`` cache stores them; decoded per slice)."""
+def heldout_item(teacher, held: torch.Tensor, batch: int, mask: torch.Tensor | None = None):
+    """A shard-like held-out item for :func:`evaluate`: tokens, the chat loss ``mask`` (None: every token), the
+    teacher's argmax and its exact distribution (float16 log-probs at T=1, as a ``full`` cache stores them;
+    decoded per slice). ``chat_quality.py`` uses it too."""
     logprobs, top1 = [], []
     with torch.inference_mode():
         for a in range(0, held.shape[0], batch):
@@ -232,7 +233,7 @@ def _heldout(teacher, held: torch.Tensor, batch: int):
             logprobs.append(torch.log_softmax(logits, dim=-1).half())
     logprobs = torch.cat(logprobs)
     V = logprobs.shape[-1]
-    return SimpleNamespace(tokens=held, teacher_top1=torch.cat(top1),
+    return SimpleNamespace(tokens=held, mask=mask, teacher_top1=torch.cat(top1),
                            targets=lambda sl: CachedTargets("full", 1.0, None, logprobs[sl].float(), vocab_size=V))
 
 
@@ -270,7 +271,7 @@ def main(argv=None) -> dict:
     cached = _encode_cached(teacher, train, used, args, vocab)
     cache_teacher_s = time.perf_counter() - t0 if cached else None
     t0 = time.perf_counter()
-    heldout = _heldout(teacher, held, mb)
+    heldout = heldout_item(teacher, held, mb)
     heldout_teacher_s = time.perf_counter() - t0
     _log(f"{n_train} train windows ({used} used, {epochs:.2f} epochs), {held.shape[0]} held-out; teacher pre-pass "
          + (f"{cache_teacher_s:.1f} s (cached targets), " if cached else "") + f"{heldout_teacher_s:.1f} s (held-out)")
